@@ -1,0 +1,81 @@
+"""The ``llmkit`` command: a Typer app whose errors a user can cause become one line and exit 1.
+
+Command modules import core inside their function bodies, so ``llmkit --help`` never imports
+torch. ``LLMKIT_DEBUG=1`` shows the full traceback of any error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from typer.core import TyperGroup
+
+from llmkit import __version__
+from llmkit.core.errors import LlmkitError
+
+
+def _fail(message: str, code: int = 1):
+    from llmkit.cli.render import err_console
+
+    err_console().print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+class LlmkitGroup(TyperGroup):
+    """Turns LlmkitError (and OS errors on user paths) into one red line on stderr, exit code 1."""
+
+    def invoke(self, ctx):
+        if os.environ.get("LLMKIT_DEBUG"):
+            return super().invoke(ctx)
+        try:
+            return super().invoke(ctx)
+        except LlmkitError as e:
+            _fail(_escape(str(e)))
+        except OSError as e:
+            _fail(_escape(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)))
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+app = typer.Typer(cls=LlmkitGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
+                  help="llmkit: from raw text to a working small language model.\n\n"
+                       "Train a tokenizer, pretrain a decoder-only transformer, generate text.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """llmkit: from raw text to a working small language model."""
+
+
+def _register() -> None:
+    from llmkit.cli import generate, pretrain, tokenize
+
+    app.add_typer(tokenize.app, name="tokenize", help="Train a SentencePiece tokenizer; encode and decode text.")
+    app.command("pretrain", help=pretrain.__doc__)(pretrain.pretrain)
+    app.command("generate", help=generate.__doc__)(generate.generate)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover - outside a command
+        sys.exit(130)

@@ -1,0 +1,77 @@
+"""Pretrain a decoder-only transformer by next-token prediction.
+
+CORPUS is files, directories or globs of UTF-8 text; without one, llmkit trains on its bundled
+French sample. A tokenizer is trained into the run directory unless --tokenizer is given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmkit.cli.options import ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, SetOpt
+from llmkit.core.errors import ConfigError
+
+
+def pretrain(
+    corpus: Annotated[Optional[list[str]], typer.Argument(help="Files, directories or globs (default: the bundled sample).", show_default=False)] = None,
+    out: OutOpt = None,
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Model preset: tiny, small or base.")] = "tiny",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Use this tokenizer instead of training one.", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Stop after this many optimizer steps.", show_default=False)] = None,
+    tokens: Annotated[Optional[str], typer.Option("--tokens", help="Stop after this many training tokens (e.g. 5M).", show_default=False)] = None,
+    time: Annotated[Optional[str], typer.Option("--time", help="Stop after this much time (e.g. 90s, 10m, 1h).", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per micro-batch.", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.", show_default=False)] = None,
+    device: DeviceOpt = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16.", show_default=False)] = None,
+    seed: SeedOpt = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="'auto' (the newest checkpoint in --out) or a checkpoint path.", show_default=False)] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    from llmkit.cli.render import PretrainView
+    from llmkit.core.config import resolve_run_config
+    from llmkit.core.pretrain import plan
+
+    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--lr", lr)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name} must be positive, not {value}")
+    flags = {"train": {"steps": steps, "tokens": tokens, "time": time, "batch_size": batch_size,
+                       "device": device, "dtype": dtype, "seed": seed},
+             "optim": {"lr": lr}}
+    out = out or Path("runs") / preset
+    if print_config:
+        cfg = resolve_run_config(preset=preset, config_file=config, sets=set_ or [], flags=flags)
+        typer.echo(cfg.to_yaml(), nl=False)
+        return
+    cfg, resume_from = plan(out, resume=resume, preset=preset, config_file=config, sets=set_ or [], flags=flags)
+
+    from llmkit.core.pretrain import pretrain as run_pretrain
+
+    view = PretrainView(quiet=quiet, json_lines=json_out)
+    result = run_pretrain(corpus, out, cfg, resume_from=resume_from, tokenizer_dir=tokenizer, on_event=view)
+    if result.stop_reason == "interrupted":
+        view.log(f"[yellow]interrupted[/] at step {result.state.step}: continue with --resume auto")
+        raise typer.Exit(130)
+    if not quiet and result.samples:
+        view.log("[bold]samples[/] (from best/):")
+        for prompt, text in result.samples:
+            view.log(f"  [dim]{_escape(prompt)}[/]{_escape(text)}".replace("\n", " ⏎ "))
+    if not quiet:
+        best = f"best val loss {result.state.best_val_loss:.4f} at step {result.state.best_step}"
+        view.log(f"{result.params:,} parameters, {result.state.step} steps, {best}; "
+                 f"loss curve: {out / 'loss.svg'}")
+    if not json_out:
+        typer.echo(str(result.best or result.last or out))
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

@@ -1,0 +1,128 @@
+"""``llmkit tokenize``: train a SentencePiece tokenizer, encode and decode text."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmkit.cli.options import ConfigOpt, JsonOpt, QuietOpt, SetOpt
+from llmkit.core.errors import ConfigError, DataError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+TokArg = Annotated[Path, typer.Argument(help="A tokenizer directory, a checkpoint or a run directory.", show_default=False)]
+
+
+def _load_tokenizer(path: Path):
+    from llmkit.core.checkpoint import read_checkpoint
+    from llmkit.core.tokenizer import Tokenizer
+
+    if (path / "tokenizer.model").is_file():
+        return Tokenizer.load(path)
+    if (path / "tokenizer" / "tokenizer.model").is_file():
+        return Tokenizer.load(path / "tokenizer")
+    return read_checkpoint(path).tokenizer
+
+
+def _read_stdin(what: str) -> str:
+    if sys.stdin is None or (sys.stdin.isatty() if hasattr(sys.stdin, "isatty") else False):
+        raise DataError(f"no {what} given: pass it as an argument or pipe it on stdin")
+    return sys.stdin.read()
+
+
+@app.command("train")
+def train(
+    corpus: Annotated[list[str], typer.Argument(help="Files, directories or globs of UTF-8 text.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for tokenizer.model and tokenizer.yaml.")],
+    vocab_size: Annotated[Optional[int], typer.Option(help="Vocabulary size (reduced with a warning if too large).", show_default=False)] = None,
+    model_type: Annotated[Optional[str], typer.Option(help="bpe, unigram or char.", show_default=False)] = None,
+    character_coverage: Annotated[Optional[float], typer.Option(help="Share of characters in the vocabulary.", show_default=False)] = None,
+    user_symbols: Annotated[Optional[list[str]], typer.Option("--user-symbols", help="Symbols kept whole (repeatable or comma-separated).", show_default=False)] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a SentencePiece tokenizer on CORPUS and print its quality report."""
+    from llmkit.cli.render import err_console, tokenizer_report_table
+    from llmkit.core.config import resolve_run_config
+    from llmkit.core.corpus import corpus_hash, read_corpus, resolve_corpus
+    from llmkit.core.tokenizer import train_tokenizer
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    symbols = tuple(s for item in (user_symbols or []) for s in item.split(",") if s)
+    cfg = resolve_run_config(config_file=config, sets=set_ or [], flags={"tokenizer": {
+        "vocab_size": vocab_size, "model_type": model_type, "character_coverage": character_coverage,
+        "user_symbols": symbols or None}}).tokenizer
+    files = resolve_corpus(corpus)
+    docs = read_corpus(files)
+    console = err_console()
+    with console.status("training tokenizer …") if console.is_terminal and not quiet else _null():
+        tok, report = train_tokenizer(docs, cfg, corpus_sha256=corpus_hash(files))
+    tok.save(out)
+    if json_out:
+        typer.echo(json.dumps({"path": str(out), **report.as_dict()}))
+        return
+    if not quiet:
+        for w in report.warnings:
+            console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(tokenizer_report_table(report.as_dict()))
+    typer.echo(str(out))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@app.command("encode")
+def encode(
+    tokenizer: TokArg,
+    text: Annotated[Optional[str], typer.Argument(help="Text to encode; '-' or nothing reads stdin.", show_default=False)] = None,
+    pieces: Annotated[bool, typer.Option("--pieces", help="Show the pieces (coloured) instead of ids.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Encode text into token ids (or show its pieces)."""
+    tok = _load_tokenizer(tokenizer)
+    if text is None or text == "-":
+        text = _read_stdin("text")
+    ids = tok.encode(text)
+    if json_out:
+        typer.echo(json.dumps({"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]}, ensure_ascii=False))
+    elif pieces:
+        from rich.console import Console
+        from rich.text import Text
+
+        shown = Text()
+        for n, i in enumerate(ids):
+            piece = tok.id_to_piece(i).replace("\n", "\\n").replace("\t", "\\t")
+            shown.append(piece, style="black on " + ("cyan" if n % 2 else "yellow"))
+        Console(highlight=False).print(shown)
+        Console(stderr=True).print(f"{len(ids)} tokens, {len(text)} characters", highlight=False)
+    else:
+        typer.echo(" ".join(map(str, ids)))
+
+
+@app.command("decode")
+def decode(
+    tokenizer: TokArg,
+    ids: Annotated[Optional[list[str]], typer.Argument(help="Token ids; nothing reads them from stdin.", show_default=False)] = None,
+) -> None:
+    """Decode token ids (arguments or stdin, separated by spaces or commas) back into text."""
+    tok = _load_tokenizer(tokenizer)
+    raw = " ".join(ids) if ids else _read_stdin("ids")
+    values = []
+    for item in raw.replace(",", " ").replace("[", " ").replace("]", " ").split():
+        if not item.lstrip("-").isdigit() or not 0 <= int(item) < tok.vocab_size:
+            raise DataError(f"not a token id of this tokenizer (0..{tok.vocab_size - 1}): {item!r}")
+        values.append(int(item))
+    sys.stdout.write(tok.decode(values))
+    sys.stdout.write("\n")

@@ -1,0 +1,254 @@
+"""Checkpoints: one directory, safetensors and JSON/YAML only, written atomically.
+
+Layout (docs/checkpoint-format.md is the specification):
+    model.safetensors      weights of the unwrapped module (tied lm_head stored once, as embed)
+    config.yaml            the resolved run config; its model section rebuilds the network
+    tokenizer.model/.yaml  the tokenizer and its contract
+    optimizer.safetensors  AdamW state as tensors, param groups as JSON metadata (training only)
+    trainer_state.json     step, tokens, best loss, elapsed time, versions: written last
+
+A directory is written as NAME.tmp, every file fsynced, trainer_state.json last, then renamed into
+place. A directory without trainer_state.json is never loaded. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import llmkit
+from llmkit.core.config import ModelConfig, build_section
+from llmkit.core.errors import CheckpointError, LlmkitError
+from llmkit.core.model import Transformer
+from llmkit.core.tokenizer import Tokenizer, atomic_write
+
+FORMAT_VERSION = 1
+REQUIRED = ("model.safetensors", "config.yaml", "tokenizer.model", "tokenizer.yaml", "trainer_state.json")
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"  # zero-padded: lexical order is numeric order
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict to save: tied lm_head dropped (it is the embedding), tensors contiguous."""
+    state = model.state_dict()
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, slots in sd["state"].items():
+        for name, value in slots.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"state.{idx}.{name}"] = t.detach().contiguous().cpu()
+    return tensors, {"param_groups": json.dumps(sd["param_groups"])}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key in f.keys():
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = f.get_tensor(key)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(dest: Path, *, model: torch.nn.Module, config: dict[str, Any], tokenizer: Tokenizer,
+                    state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write a complete checkpoint at ``dest`` atomically (replacing any previous one)."""
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(model_tensors(model), str(tmp / "model.safetensors"),
+              metadata={"format": "llmkit", "version": str(FORMAT_VERSION)})
+    atomic_write(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False, allow_unicode=True).encode())
+    tokenizer.save(tmp)
+    if optimizer is not None:
+        tensors, meta = optimizer_tensors(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    full_state = {"format": FORMAT_VERSION, **state,
+                  "versions": {"llmkit": llmkit.__version__, "torch": torch.__version__}}
+    atomic_write(tmp / "trainer_state.json", json.dumps(full_state, indent=1).encode())  # last
+    _fsync_dir(tmp)
+    _swap_into_place(tmp, dest)
+    return dest
+
+
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(dest.parent)
+
+
+def link_copy(src: Path, dest: Path) -> Path:
+    """Publish an existing checkpoint under another name (last/, best/) with hard links: no copy."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = sorted(p.name for p in src.iterdir())
+    # trainer_state.json goes last, as in a fresh write.
+    for name in sorted(names, key=lambda n: n == "trainer_state.json"):
+        try:
+            os.link(src / name, tmp / name)
+        except OSError:
+            shutil.copy2(src / name, tmp / name)
+    _swap_into_place(tmp, dest)
+    return dest
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / "trainer_state.json").is_file()
+
+
+def step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    if Path(run_dir).is_dir():
+        for p in Path(run_dir).iterdir():
+            m = STEP_DIR.match(p.name)
+            if m and is_checkpoint(p):
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}/trainer_state.json is unreadable: {e}") from None
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run: last/ or the highest step directory."""
+    candidates = [p for _, p in step_dirs(run_dir)]
+    last = Path(run_dir) / "last"
+    if is_checkpoint(last):
+        candidates.append(last)
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: read_state(p).get("step", 0))
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """Accept a checkpoint directory, or a run directory (its best/, else its newest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"not a checkpoint directory: {path} is a file")
+    if is_checkpoint(path):
+        missing = [n for n in REQUIRED if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+        return path
+    if is_checkpoint(path / "best"):
+        return resolve_checkpoint(path / "best")
+    latest = find_latest(path)
+    if latest is not None:
+        return resolve_checkpoint(latest)
+    present = {p.name for p in path.iterdir()}
+    missing = [n for n in REQUIRED if n not in present]
+    if present & set(REQUIRED):
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    raise CheckpointError(f"{path} is not a checkpoint or run directory (no trainer_state.json, best/ or last/)")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]
+    model_cfg: ModelConfig
+    tokenizer: Tokenizer
+    state: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.config.get("task", {}).get("kind", "lm") if isinstance(self.config.get("task"), dict) else "lm"
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint's metadata and tokenizer (not its weights)."""
+    path = resolve_checkpoint(path)
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text("utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path}/config.yaml is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(config, dict) or "model" not in config:
+        raise CheckpointError(f"{path}/config.yaml has no model section")
+    try:
+        model_cfg = build_section(ModelConfig, config["model"], "model")
+        tokenizer = Tokenizer.load(path)
+    except LlmkitError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+    return Checkpoint(path, config, model_cfg, tokenizer, read_state(path))
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    try:
+        tensors = load_file(str(Path(path) / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}/model.safetensors cannot be read: {e}") from None
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}/model.safetensors does not fit its config (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Transformer, Checkpoint]:
+    """Rebuild the network from a checkpoint's config and load its weights, ready for inference."""
+    ckpt = read_checkpoint(path)
+    with torch.device("meta"):
+        model = Transformer(ckpt.model_cfg)  # no memory, no init: the weights come next
+    model = model.to_empty(device=device)
+    load_weights(model, ckpt.path)
+    if ckpt.model_cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    # Non-persistent buffers are not in the file: recompute the rotary tables on the device.
+    from llmkit.core.model import rope_tables
+
+    cos, sin = rope_tables(ckpt.model_cfg.head_dim, ckpt.model_cfg.context, ckpt.model_cfg.rope_theta)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.eval()
+    return model, ckpt

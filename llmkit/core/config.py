@@ -1,0 +1,423 @@
+"""Configuration: one frozen dataclass per concern, YAML presets, dotted overrides, coercion.
+
+Precedence, lowest first: dataclass defaults < preset < ``--config FILE`` < ``--set a.b=c``
+< the few dedicated flags. Each function in core receives only the section it needs.
+
+No torch here: the CLI imports this module to print help and resolve configs instantly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from llmkit.core.errors import ConfigError
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerConfig:
+    vocab_size: int = 4096
+    """Target vocabulary size; reduced with a warning when the corpus is too small for it."""
+    model_type: str = "bpe"
+    """bpe, unigram or char."""
+    character_coverage: float = 0.9995
+    """Share of characters covered by the vocabulary; the rare rest go through byte fallback."""
+    user_symbols: tuple[str, ...] = ()
+    """Extra symbols always kept whole (e.g. ``<sep>``)."""
+    byte_fallback: bool = True
+    """Unknown characters become UTF-8 byte tokens instead of <unk>: nothing is ever lost."""
+    max_sentences: int = 2_000_000
+    """Cap on the lines SentencePiece reads (sampled), so a big corpus cannot exhaust memory."""
+    max_sentence_length: int = 16384
+    """Lines longer than this many bytes are skipped by the trainer (not by encoding)."""
+    threads: int = 0
+    """Trainer threads; 0 means all cores."""
+
+    def __post_init__(self) -> None:
+        _check(self.model_type in ("bpe", "unigram", "char"), "tokenizer.model_type",
+               f"must be bpe, unigram or char, not {self.model_type!r}")
+        _check(self.vocab_size >= 8, "tokenizer.vocab_size", "must be at least 8")
+        _check(0.9 <= self.character_coverage <= 1.0, "tokenizer.character_coverage",
+               "must be between 0.9 and 1.0")
+        _check(self.max_sentences > 0, "tokenizer.max_sentences", "must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    val_fraction: float = 0.1
+    """Share of each document held out for validation (its tail, cut at a line boundary)."""
+    cache_dir: str = ""
+    """Where token caches live; empty means $LLMKIT_CACHE or ~/.cache/llmkit."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    vocab_size: int = 0
+    """Set from the tokenizer; 0 in presets means 'take the tokenizer's'."""
+    context: int = 256
+    """Maximum sequence length (training block size)."""
+    d_model: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0
+    """Key/value heads for grouped-query attention; 0 means n_head (plain multi-head)."""
+    d_ff: int = 0
+    """SwiGLU hidden width; 0 means 8/3 * d_model rounded up to a multiple of 64."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("context", "d_model", "n_layer", "n_head"):
+            _check(getattr(self, key) > 0, f"model.{key}", "must be positive")
+        _check(self.vocab_size >= 0, "model.vocab_size", "must not be negative")
+        _check(self.d_model % self.n_head == 0, "model.d_model",
+               f"{self.d_model} is not divisible by model.n_head={self.n_head}")
+        _check((self.d_model // self.n_head) % 2 == 0, "model.d_model",
+               "head size (d_model / n_head) must be even for rotary embeddings")
+        _check(self.n_head % self.kv_heads == 0, "model.n_kv_head",
+               f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        return -(-(8 * self.d_model // 3) // 64) * 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate, reached after warmup."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to lr * min_lr_ratio."""
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    """Decoupled (AdamW); never applied to norms, biases or embeddings."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be positive, not {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must not be negative")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must not be negative")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must not be negative")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    steps: int = 0
+    """Stop after this many optimizer steps (0: no step limit)."""
+    tokens: int = 0
+    """Stop after this many training tokens (0: no token limit)."""
+    time: str = ""
+    """Stop after this much training time, e.g. 90s, 10m, 1h30m ('': no time limit)."""
+    eval_every: int = 100
+    """Validate every this many steps (and at the end)."""
+    eval_batches: int = 20
+    """Batches of validation data per evaluation (a fixed, evenly spread set)."""
+    patience: int = 5
+    """Stop after this many evaluations without improvement; 0 disables early stopping."""
+    save_every: int = 500
+    """Write a step checkpoint (and last/) every this many steps."""
+    keep_checkpoints: int = 2
+    """Step checkpoints kept besides best/ and last/; 0 keeps all."""
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N or mps."""
+    dtype: str = "auto"
+    """auto (fastest correct for the device), fp32, bf16 or fp16."""
+    compile: bool = False
+    """torch.compile the model (slower start, faster steps on big models)."""
+    threads: int = 0
+    """CPU threads for torch; 0 leaves torch's default."""
+    samples: int = 3
+    """Sample lines generated at the end of training."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "train.batch_size", f"must be positive, not {self.batch_size}")
+        _check(self.grad_accum > 0, "train.grad_accum", f"must be positive, not {self.grad_accum}")
+        _check(self.steps >= 0, "train.steps", f"must be positive, not {self.steps}")
+        _check(self.tokens >= 0, "train.tokens", f"must be positive, not {self.tokens}")
+        _check(self.eval_every > 0, "train.eval_every", "must be positive")
+        _check(self.eval_batches > 0, "train.eval_batches", "must be positive")
+        _check(self.patience >= 0, "train.patience", "must not be negative")
+        _check(self.save_every > 0, "train.save_every", "must be positive")
+        _check(self.log_every > 0, "train.log_every", "must be positive")
+        _check(self.dtype in ("auto", "fp32", "bf16", "fp16"), "train.dtype",
+               f"must be auto, fp32, bf16 or fp16, not {self.dtype!r}")
+        _check(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)), "train.device",
+               f"must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+        if self.time:
+            parse_duration(self.time, "train.time")
+
+    @property
+    def time_s(self) -> float:
+        return parse_duration(self.time, "train.time") if self.time else 0.0
+
+    @property
+    def has_budget(self) -> bool:
+        return bool(self.steps or self.tokens or self.time)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    """0 means greedy."""
+    top_k: int = 50
+    """Keep the k most likely tokens; 0 disables."""
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens > 0, "--max-new-tokens", "must be positive")
+        _check(self.temperature >= 0, "--temperature", f"must be >= 0, not {self.temperature}")
+        _check(self.top_k >= 0, "--top-k", f"must be >= 0, not {self.top_k}")
+
+
+def parse_duration(text: str, key: str = "time") -> float:
+    """'90s', '10m', '1h30m', '2.5h' or a bare number of seconds -> seconds."""
+    s = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        seconds = float(s)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*(h|m|s)", s)
+        if not parts or "".join(f"{n}{u}" for n, u in parts) != s.replace(" ", ""):
+            raise ConfigError(f"{key}: cannot read {text!r} as a duration (try 90s, 10m or 1h30m)")
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if seconds <= 0:
+        raise ConfigError(f"{key}: must be positive, not {text!r}")
+    return seconds
+
+
+# --- the run config: the sections a pretraining run composes -------------------------------------
+
+SECTIONS: dict[str, type] = {
+    "tokenizer": TokenizerConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for name in SECTIONS:
+            section = dataclasses.asdict(getattr(self, name))
+            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def replace(self, section: str, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(tp)[0], key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        text = str(value).replace("_", "").strip()
+        scale = {"k": 1e3, "m": 1e6, "b": 1e9}.get(text[-1:].lower(), 1.0) if text else 1.0
+        try:
+            # YAML reads 1e5 as a string; accept it (and 5M, 200k) when it is a whole number.
+            number = float(text[:-1] if scale != 1.0 else text) * scale
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            # PyYAML reads 3e-4 (no dot) as a string: coerce by the declared type instead.
+            return float(str(value).replace("_", "")) if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected text, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def build_section(cls: type, values: Mapping[str, Any], section: str) -> Any:
+    """Instantiate one section dataclass from a mapping, coercing types; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - guarded by the name check above
+        raise ConfigError(f"{section}: {e}") from None
+
+
+def _merge(base: dict[str, dict[str, Any]], layer: Mapping[str, Any], origin: str) -> None:
+    if not isinstance(layer, Mapping):
+        raise ConfigError(f"{origin}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    for section, values in layer.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{origin}: unknown config section '{section}'{_suggest(str(section), list(SECTIONS))}")
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{origin}: section '{section}' must be a mapping of keys")
+        base.setdefault(section, {}).update(values)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML config file with safe_load; errors name the file and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("llmkit.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"unknown preset {name!r}{_suggest(name, names)}; presets: {', '.join(names)}")
+    return yaml.safe_load(resources.files("llmkit.presets").joinpath(f"{name}.yaml").read_text("utf-8")) or {}
+
+
+def parse_set(item: str) -> tuple[str, str, str]:
+    """'train.steps=100' -> ('train', 'steps', '100')."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    dotted, value = item.split("=", 1)
+    if dotted.count(".") != 1:
+        raise ConfigError(f"--set {item!r}: expected section.key=value (e.g. train.steps=100)")
+    section, key = dotted.strip().split(".")
+    return section, key, value.strip()
+
+
+def resolve_run_config(
+    *,
+    preset: str | None = None,
+    config_file: Path | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    flags: Mapping[str, Mapping[str, Any]] | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """Layer defaults < base < preset < config file < --set < flags into a RunConfig."""
+    merged: dict[str, dict[str, Any]] = {}
+    if base:
+        _merge(merged, base, "base config")
+    if preset:
+        _merge(merged, load_preset(preset), f"preset {preset}")
+    if config_file:
+        _merge(merged, load_yaml(config_file), str(config_file))
+    for item in sets:
+        section, key, value = parse_set(item)
+        # A --set value is parsed as YAML so lists and booleans work; coercion follows the field.
+        try:
+            parsed = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            parsed = value
+        _merge(merged, {section: {key: parsed}}, f"--set {item}")
+    for section, values in (flags or {}).items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            _merge(merged, {section: given}, "flags")
+    return RunConfig(**{name: build_section(cls, merged.get(name, {}), name) for name, cls in SECTIONS.items()})
+
+
+def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig saved in a run directory or checkpoint."""
+    return resolve_run_config(base=data)

@@ -1,0 +1,266 @@
+"""Pretraining a run end to end: corpus -> tokenizer -> token cache -> model -> fit -> checkpoints.
+
+This module owns the run directory (docs/checkpoint-format.md):
+    runs/NAME/config.yaml, metrics.jsonl, loss.svg, tokenizer/, step-NNNNNN/, best/, last/
+and resuming it. Progress goes out through ``on_event(kind, data)``; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from llmkit.core import checkpoint as ckpt_io
+from llmkit.core.config import RunConfig, SampleConfig, resolve_run_config
+from llmkit.core.corpus import corpus_hash, read_corpus, resolve_corpus, sample_corpus
+from llmkit.core.data import TokenData, batch_generator, check_fits, eval_batches, load_or_build, train_batch
+from llmkit.core.device import pick_device, pick_precision, set_threads
+from llmkit.core.errors import CheckpointError, ConfigError, TrainingDiverged
+from llmkit.core.generate import Finished, generate_ids
+from llmkit.core.model import Transformer
+from llmkit.core.plot import write_loss_curve
+from llmkit.core.tokenizer import Tokenizer, check_compatible, train_tokenizer
+from llmkit.core.train import TrainState, fit, make_optimizer
+
+EventFn = Callable[[str, dict[str, Any]], None]
+LN2 = math.log(2.0)
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+
+
+def plan(out: Path, *, resume: str | None, preset: str | None, config_file: Path | None,
+         sets: list[str], flags: Mapping[str, Mapping[str, Any]]) -> tuple[RunConfig, Path | None]:
+    """Resolve the run config and the checkpoint to resume from (if any).
+
+    On resume the saved config is the base, so a bare ``--resume auto`` continues the very run;
+    a config file, --set or flags given alongside still apply (e.g. a larger --steps).
+    """
+    check_out_dir(out)
+    resume_from: Path | None = None
+    if resume:
+        if resume == "auto":
+            resume_from = ckpt_io.find_latest(out)
+        else:
+            resume_from = ckpt_io.resolve_checkpoint(Path(resume))
+    elif ckpt_io.find_latest(out) is not None:
+        latest = ckpt_io.find_latest(out)
+        raise ConfigError(f"{out} already holds a run (checkpoint at step {ckpt_io.read_state(latest).get('step')}); "
+                          f"pass --resume auto to continue it, or choose another --out")
+    if resume_from is not None:
+        saved = ckpt_io.read_checkpoint(resume_from).config
+        base = {k: v for k, v in saved.items() if k in ("tokenizer", "data", "model", "optim", "train")}
+        cfg = resolve_run_config(base=base, config_file=config_file, sets=sets, flags=flags)
+    else:
+        cfg = resolve_run_config(preset=preset, config_file=config_file, sets=sets, flags=flags)
+    if not cfg.train.has_budget:
+        raise ConfigError("no stopping budget: give --steps, --tokens or --time (or train.steps in the config)")
+    return cfg, resume_from
+
+
+class LMTask:
+    """Next-token prediction on a token cache: random training windows, fixed validation ones."""
+
+    def __init__(self, data: TokenData, cfg: RunConfig):
+        self.data, self.cfg = data, cfg
+
+    def train_batch(self, step: int, micro: int):
+        rng = batch_generator(self.cfg.train.seed, step, micro)
+        return train_batch(self.data.train, self.cfg.train.batch_size, self.cfg.model.context, rng)
+
+    def eval_batches(self):
+        return eval_batches(self.data.val, self.cfg.train.batch_size, self.cfg.model.context,
+                            self.cfg.train.eval_batches)
+
+
+@dataclass
+class PretrainResult:
+    out: Path
+    stop_reason: str
+    state: TrainState
+    params: int
+    precision: str
+    best: Path | None
+    last: Path | None
+    samples: list[tuple[str, str]]
+
+
+class MetricsLog:
+    """Appends one JSON line per step/eval event to metrics.jsonl, and keeps the curves."""
+
+    def __init__(self, path: Path, bytes_per_token: float):
+        self.path, self.bpt = path, bytes_per_token
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float]] = []
+        if path.exists():  # a resumed run keeps its history
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                if row.get("event") == "step":
+                    self.train.append((row["step"], row["loss"]))
+                elif row.get("event") == "eval":
+                    self.val.append((row["step"], row["val_loss"]))
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        if kind not in ("step", "eval"):
+            return
+        row = {"event": kind, "time": round(time.time(), 3), **data}
+        if kind == "eval":
+            row["val_ppl"] = math.exp(min(data["val_loss"], 50))
+            row["val_bpb"] = data["val_loss"] / LN2 / self.bpt
+            self.val.append((data["step"], data["val_loss"]))
+            data.update(val_ppl=row["val_ppl"], val_bpb=row["val_bpb"])
+        else:
+            self.train.append((data["step"], data["loss"]))
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _given_tokenizer(tokenizer_dir: Path | None, resume_from: Path | None, on_event: EventFn) -> Tokenizer | None:
+    """The checkpoint's tokenizer on resume (a --tokenizer must then match it), else --tokenizer's."""
+    if resume_from is not None:
+        tok = Tokenizer.load(resume_from)
+        if tokenizer_dir is not None:
+            check_compatible(tok.contract, Tokenizer.load(tokenizer_dir).contract, what=f"--tokenizer {tokenizer_dir}")
+        return tok
+    if tokenizer_dir is not None:
+        tok = Tokenizer.load(tokenizer_dir)
+        on_event("tokenizer", {"source": str(tokenizer_dir), "vocab_size": tok.vocab_size})
+        return tok
+    return None
+
+
+def _sample_prompts(data: TokenData, tok: Tokenizer, n: int) -> list[list[int]]:
+    """A few prompts taken from validation line starts: the first 3 tokens after a line break."""
+    val = np.asarray(data.val[: min(data.val.size, 200_000)])
+    starts = np.flatnonzero(val == tok.newline_id) + 1
+    starts = [s for s in starts.tolist() if s + 3 < val.size and tok.newline_id not in val[s: s + 3]]
+    if not starts:
+        return [[tok.bos_id]] * n
+    picks = np.linspace(0, len(starts) - 1, num=n).astype(int)
+    return [val[starts[i]: starts[i] + 3].astype(np.int64).tolist() for i in picks]
+
+
+def write_samples(model: Transformer, tok: Tokenizer, prompts: list[list[int]], device, seed: int,
+                  max_new_tokens: int = 40) -> list[tuple[str, str]]:
+    out = []
+    model.eval()
+    for i, ids in enumerate(prompts):
+        cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed + i)
+        new = [t for t in generate_ids(model, ids, cfg, eos_id=tok.eos_id, device=device) if not isinstance(t, Finished)]
+        out.append((tok.decode(ids), tok.decode(new)))
+    return out
+
+
+def _prepare(cfg: RunConfig, out: Path, files: list[Path], docs: list[str], sample: bool, tokenizer_dir: Path | None,
+             resume_from: Path | None, on_event: EventFn) -> tuple[Tokenizer, TokenData, RunConfig]:
+    """Tokenizer and token cache for a run; the model config takes the tokenizer's vocab size."""
+    tok = _given_tokenizer(tokenizer_dir, resume_from, on_event)
+    on_event("corpus", {"files": [str(p) for p in files], "sample": sample})
+    out.mkdir(parents=True, exist_ok=True)
+    if tok is None:
+        on_event("tokenizer_training", {"vocab_size": cfg.tokenizer.vocab_size, "model_type": cfg.tokenizer.model_type})
+        tok, report = train_tokenizer(docs, cfg.tokenizer, corpus_sha256=corpus_hash(files))
+        tok.save(out / "tokenizer")
+        on_event("tokenizer", {"source": "trained", "path": str(out / "tokenizer"), "report": report.as_dict(),
+                               "vocab_size": tok.vocab_size})
+    data = load_or_build(files, tok, cfg.data, on_progress=lambda i, n: on_event("tokenizing", {"done": i, "total": n}))
+    on_event("data", {**{k: data.meta[k] for k in ("documents", "chars", "bytes", "train_tokens", "val_tokens")},
+                      "cached": data.from_cache, "path": str(data.path)})
+    if cfg.model.vocab_size and cfg.model.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    if not cfg.model.vocab_size:
+        cfg = cfg.replace("model", vocab_size=tok.vocab_size)
+    check_fits(data, cfg.model.context)
+    return tok, data, cfg
+
+
+def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from: Path | None = None,
+             tokenizer_dir: Path | None = None, on_event: EventFn = lambda k, d: None) -> PretrainResult:
+    """Run (or resume) a pretraining run in ``out``; see the module docstring for what it writes."""
+    files = resolve_corpus(corpus) if corpus else sample_corpus()
+    docs = read_corpus(files)  # validates every file (UTF-8, not binary, not empty) before any output
+    check_out_dir(out)
+    created = not out.exists()
+    try:
+        tok, data, cfg = _prepare(cfg, out, files, docs, corpus is None, tokenizer_dir, resume_from, on_event)
+    except BaseException:
+        if created:  # a run that fails before training leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+    set_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    precision = pick_precision(cfg.train.dtype, device, cfg.model.d_model)
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model).to(device)
+    optimizer = make_optimizer(model, cfg.optim)
+    state = TrainState()
+    if resume_from is not None:
+        saved = ckpt_io.read_checkpoint(resume_from)
+        if saved.model_cfg != cfg.model:
+            diff = [f"model.{k} {getattr(cfg.model, k)!r} (checkpoint: {getattr(saved.model_cfg, k)!r})"
+                    for k in cfg.model.__dataclass_fields__ if getattr(cfg.model, k) != getattr(saved.model_cfg, k)]
+            raise CheckpointError(f"cannot resume {resume_from}: the config changes the model: {', '.join(diff)}")
+        ckpt_io.load_weights(model, resume_from)
+        if not (resume_from / "optimizer.safetensors").is_file():
+            raise CheckpointError(f"cannot resume from {resume_from}: it has no optimizer.safetensors")
+        ckpt_io.load_optimizer_state(optimizer, resume_from / "optimizer.safetensors")
+        state = TrainState.from_json(saved.state)
+        on_event("resume", {"path": str(resume_from), "step": state.step})
+    on_event("model", {"params": model.num_params(), "device": str(device), "precision": precision.name,
+                       "precision_reason": precision.reason, "config": cfg.model})
+
+    config_dict = {**cfg.to_dict(), "task": {"kind": "lm"}}
+    (out / "config.yaml").write_text(cfg.to_yaml() + "task:\n  kind: lm\n", encoding="utf-8")
+    metrics = MetricsLog(out / "metrics.jsonl", data.val_bytes_per_token)
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context
+
+    def save(kind: str, st: TrainState) -> None:
+        payload = {**st.to_json(), "seed": cfg.train.seed, "kind": "lm"}
+        if kind == "best":
+            path = ckpt_io.save_checkpoint(out / "best", model=model, config=config_dict, tokenizer=tok,
+                                           state=payload, optimizer=None)
+        else:
+            path = ckpt_io.save_checkpoint(out / ckpt_io.step_dir_name(st.step), model=model, config=config_dict,
+                                           tokenizer=tok, state=payload, optimizer=optimizer)
+            ckpt_io.link_copy(path, out / "last")
+            _prune(out, cfg.train.keep_checkpoints)
+        on_event("save", {"kind": kind, "path": str(path), "step": st.step})
+
+    def events(kind: str, d: dict[str, Any]) -> None:
+        metrics(kind, d)
+        on_event(kind, d)
+
+    compiled = torch.compile(model) if cfg.train.compile else None
+    reason = fit(model, LMTask(data, cfg), optim_cfg=cfg.optim, train_cfg=cfg.train, optimizer=optimizer,
+                 state=state, device=device, precision=precision, tokens_per_step=tokens_per_step,
+                 save=save, on_event=events, compiled=compiled)
+    write_loss_curve(out / "loss.svg", metrics.train, metrics.val, f"{out.name}: loss")
+    best = out / "best" if ckpt_io.is_checkpoint(out / "best") else None
+    last = out / "last" if ckpt_io.is_checkpoint(out / "last") else None
+    if reason == "diverged":
+        keep = last or best
+        raise TrainingDiverged(f"training diverged at step {state.step} (loss is NaN or infinite); "
+                               f"last good checkpoint: {keep or 'none'}; lower optim.lr or raise warmup")
+    samples: list[tuple[str, str]] = []
+    if cfg.train.samples and best is not None and reason != "interrupted":
+        ckpt_io.load_weights(model, best)
+        samples = write_samples(model, tok, _sample_prompts(data, tok, cfg.train.samples), device, cfg.train.seed)
+    return PretrainResult(out, reason, state, model.num_params(), precision.name, best, last, samples)
+
+
+def _prune(out: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for _, path in ckpt_io.step_dirs(out)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)

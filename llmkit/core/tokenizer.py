@@ -1,0 +1,273 @@
+"""SentencePiece tokenizers: training with safe defaults, loading, encoding, and the contract.
+
+The contract (``tokenizer.yaml`` beside ``tokenizer.model``) records everything a checkpoint
+depends on: vocab size, special ids, normalization, byte fallback, model type and hashes of the
+model and of the corpus it was trained on. Two tokenizers are interchangeable only when their
+contracts agree; :func:`check_compatible` says which field differs when they do not.
+
+Defaults that avoid SentencePiece's traps:
+- identity normalization, extra whitespace kept, no dummy prefix: text round-trips exactly,
+  newlines and indentation included (``\\n`` and ``\\t`` are user symbols, always one token);
+- byte fallback: an unseen character becomes its UTF-8 bytes, never <unk>;
+- a real pad id (3), distinct from unk/bos/eos;
+- ``input_sentence_size`` capped (sampled) so a large corpus cannot exhaust memory;
+- a vocab too large for the corpus is reduced to SentencePiece's maximum, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import yaml
+
+from llmkit.core.config import TokenizerConfig
+from llmkit.core.errors import TokenizerError
+
+FORMAT_VERSION = 1
+SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
+WHITESPACE_SYMBOLS = ("\n", "\t")
+# Fields that must agree between a checkpoint's tokenizer and one handed to a command.
+CONTRACT_FIELDS = ("vocab_size", "model_type", "special_ids", "user_symbols", "normalization",
+                   "byte_fallback", "add_dummy_prefix", "model_sha256")
+HELD_OUT_EVERY = 50  # every 50th non-blank line is kept out of training to measure the round trip
+HELD_OUT_MAX = 2000
+
+
+def _sp():
+    import sentencepiece
+
+    return sentencepiece
+
+
+class Tokenizer:
+    """A loaded SentencePiece model plus its contract."""
+
+    def __init__(self, model_bytes: bytes, contract: dict[str, Any]):
+        self.model_bytes = model_bytes
+        self.contract = contract
+        self.sp = _sp().SentencePieceProcessor(model_proto=model_bytes)
+        self._byte_ids = {i for i in range(self.sp.get_piece_size()) if self.sp.is_byte(i)}
+
+    # --- loading and saving -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: Path) -> Tokenizer:
+        directory = Path(directory)
+        model_path, contract_path = directory / "tokenizer.model", directory / "tokenizer.yaml"
+        for p in (model_path, contract_path):
+            if not p.is_file():
+                raise TokenizerError(f"{directory} has no {p.name} (is it a tokenizer or checkpoint directory?)")
+        try:
+            contract = yaml.safe_load(contract_path.read_text("utf-8"))
+        except yaml.YAMLError as e:
+            raise TokenizerError(f"{contract_path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        model_bytes = model_path.read_bytes()
+        if not isinstance(contract, dict) or "vocab_size" not in contract:
+            raise TokenizerError(f"{contract_path}: not a tokenizer contract")
+        if hashlib.sha256(model_bytes).hexdigest() != contract.get("model_sha256"):
+            raise TokenizerError(f"{model_path} does not match the model_sha256 in {contract_path.name}")
+        try:
+            return cls(model_bytes, contract)
+        except RuntimeError as e:
+            raise TokenizerError(f"{model_path}: not a SentencePiece model ({e})") from None
+
+    def save(self, directory: Path) -> None:
+        """Write tokenizer.model then tokenizer.yaml (the contract last), each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / "tokenizer.model", self.model_bytes)
+        text = yaml.safe_dump(self.contract, sort_keys=False, allow_unicode=True)
+        atomic_write(directory / "tokenizer.yaml", text.encode("utf-8"))
+
+    # --- encoding ---------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def pad_id(self) -> int:
+        return SPECIAL_IDS["pad"]
+
+    @property
+    def bos_id(self) -> int:
+        return SPECIAL_IDS["bos"]
+
+    @property
+    def eos_id(self) -> int:
+        return SPECIAL_IDS["eos"]
+
+    @property
+    def newline_id(self) -> int:
+        return self.sp.piece_to_id("\n")
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def pieces(self, text: str) -> list[str]:
+        return self.sp.encode(text, out_type=str)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def is_byte(self, i: int) -> bool:
+        return i in self._byte_ids
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, then rename over the target: never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_compatible(expected: dict[str, Any], given: dict[str, Any], *, what: str = "tokenizer") -> None:
+    """Raise a TokenizerError naming the first contract field on which two tokenizers differ."""
+    for key in CONTRACT_FIELDS:
+        if expected.get(key) != given.get(key):
+            raise TokenizerError(
+                f"{what} does not match the checkpoint's: {key} is {given.get(key)!r}, "
+                f"the checkpoint expects {expected.get(key)!r}")
+
+
+# --- training -------------------------------------------------------------------------------------
+
+@dataclass
+class TokenizerReport:
+    vocab_size: int
+    requested_vocab_size: int
+    chars_per_token: float
+    tokens_per_word: float
+    byte_fallback_rate: float
+    round_trip_exact: float
+    held_out_lines: int
+    training_lines: int
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _lines(docs: list[str]) -> Iterator[str]:
+    for doc in docs:
+        for line in doc.split("\n"):
+            if line.strip():
+                yield line
+
+
+def _split_held_out(docs: list[str]) -> tuple[list[str], list[str]]:
+    train, held = [], []
+    for i, line in enumerate(_lines(docs)):
+        if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 and len(held) < HELD_OUT_MAX:
+            held.append(line)
+        else:
+            train.append(line)
+    if not train:
+        train, held = held, []
+    return train, held
+
+
+def _train_proto(lines: list[str], cfg: TokenizerConfig, vocab_size: int) -> bytes:
+    model = io.BytesIO()
+    user_symbols = list(dict.fromkeys([*WHITESPACE_SYMBOLS, *cfg.user_symbols]))
+    _sp().SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type=cfg.model_type,
+        vocab_size=vocab_size,
+        character_coverage=cfg.character_coverage,
+        byte_fallback=cfg.byte_fallback,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        user_defined_symbols=user_symbols,
+        unk_id=SPECIAL_IDS["unk"], bos_id=SPECIAL_IDS["bos"],
+        eos_id=SPECIAL_IDS["eos"], pad_id=SPECIAL_IDS["pad"],
+        input_sentence_size=cfg.max_sentences,
+        shuffle_input_sentence=True,
+        max_sentence_length=cfg.max_sentence_length,
+        num_threads=cfg.threads or (os.cpu_count() or 1),
+        hard_vocab_limit=cfg.model_type != "char",
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def train_tokenizer(docs: list[str], cfg: TokenizerConfig, *, corpus_sha256: str) -> tuple[Tokenizer, TokenizerReport]:
+    """Train a SentencePiece model on documents; return it with a quality report."""
+    train_lines, held_out = _split_held_out(docs)
+    if not train_lines:
+        raise TokenizerError("corpus has no non-blank lines to train a tokenizer on")
+    warnings: list[str] = []
+    vocab_size = cfg.vocab_size
+    for _attempt in range(3):
+        try:
+            proto = _train_proto(train_lines, cfg, vocab_size)
+            break
+        except RuntimeError as e:
+            msg = str(e)
+            m = re.search(r"value <= (\d+)", msg)
+            if m and int(m.group(1)) < vocab_size:
+                new = int(m.group(1))
+                warnings.append(f"vocab_size {vocab_size} is too large for this corpus; reduced to {new}")
+                vocab_size = new
+                continue
+            small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+            if small:
+                raise TokenizerError(
+                    f"vocab_size {small.group(1)} is too small for this corpus: it needs at least {small.group(2)} "
+                    "(its characters, 256 byte pieces and the special tokens); raise --vocab-size or lower "
+                    "--character-coverage") from None
+            raise TokenizerError(f"SentencePiece could not train: {msg.strip().splitlines()[-1]}") from None
+    else:  # pragma: no cover - SentencePiece converges on its own maximum at the first retry
+        raise TokenizerError("SentencePiece could not settle on a vocabulary size")
+
+    contract = {
+        "format": FORMAT_VERSION,
+        "vocab_size": 0,  # filled below from the trained model
+        "model_type": cfg.model_type,
+        "special_ids": dict(SPECIAL_IDS),
+        "user_symbols": list(dict.fromkeys([*WHITESPACE_SYMBOLS, *cfg.user_symbols])),
+        "normalization": "identity",
+        "byte_fallback": cfg.byte_fallback,
+        "add_dummy_prefix": False,
+        "character_coverage": cfg.character_coverage,
+        "corpus_sha256": corpus_sha256,
+        "model_sha256": hashlib.sha256(proto).hexdigest(),
+    }
+    tok = Tokenizer(proto, contract)
+    contract["vocab_size"] = tok.vocab_size
+    return tok, _report(tok, held_out or train_lines[:HELD_OUT_MAX], cfg.vocab_size, len(train_lines),
+                        bool(held_out), warnings)
+
+
+def _report(tok: Tokenizer, lines: list[str], requested: int, n_train: int, held: bool,
+            warnings: list[str]) -> TokenizerReport:
+    encoded = tok.encode_batch(lines)
+    n_tokens = sum(len(ids) for ids in encoded) or 1
+    n_chars = sum(len(line) for line in lines)
+    n_words = sum(len(line.split()) for line in lines) or 1
+    n_bytes = sum(1 for ids in encoded for i in ids if tok.is_byte(i))
+    exact = sum(tok.decode(ids) == line for ids, line in zip(encoded, lines))
+    if not held:
+        warnings.append("corpus too small to hold lines out: round trip measured on training lines")
+    return TokenizerReport(
+        vocab_size=tok.vocab_size, requested_vocab_size=requested,
+        chars_per_token=n_chars / n_tokens, tokens_per_word=n_tokens / n_words,
+        byte_fallback_rate=n_bytes / n_tokens, round_trip_exact=exact / max(len(lines), 1),
+        held_out_lines=len(lines) if held else 0, training_lines=n_train, warnings=warnings)

@@ -1,0 +1,224 @@
+"""The training loop shared by pretraining and fine-tuning.
+
+It knows nothing of corpora or checkpoint layout: a *task* supplies micro-batches and the
+validation loss, a *save* callback writes checkpoints, and an *event* callback receives progress
+(``step``, ``eval``, ``save``, ``stop``) for the CLI's progress bar, ``metrics.jsonl`` and tests.
+
+What it does: AdamW with decoupled weight decay, linear warmup then cosine decay, gradient
+accumulation and clipping, autocast, validation every N steps, best checkpoint, early stopping
+with patience, budgets in steps, tokens or wall-clock time, a clean stop on NaN/inf (the last good
+checkpoint stays as it was) and on Ctrl-C (a checkpoint is written so ``--resume auto`` goes on).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from llmkit.core.config import OptimConfig, TrainConfig
+from llmkit.core.device import Precision, autocast
+from llmkit.core.model import param_groups
+
+EventFn = Callable[[str, dict[str, Any]], None]
+
+
+class Task(Protocol):
+    def train_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def eval_batches(self): ...
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that an exact resume needs."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    bad_evals: int = 0
+    elapsed_s: float = 0.0
+    last_val_loss: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not math.isfinite(d["best_val_loss"]):
+            d["best_val_loss"] = None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainState:
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        if fields.get("best_val_loss") is None:
+            fields["best_val_loss"] = math.inf
+        return cls(**fields)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_at(cfg: OptimConfig, step: int, progress: float) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio as progress -> 1.
+
+    ``progress`` is the share of the budget used (steps, tokens or time: whichever is furthest),
+    so a run stopped by --time still finishes its decay at the deadline.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = min(max(progress, 0.0), 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * p))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy; logits (B, T, V) in fp32 for a stable log-softmax."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
+
+@torch.no_grad()
+def evaluate(model, task: Task, device, precision: Precision) -> float:
+    """Mean validation loss per token over the task's fixed evaluation batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in task.eval_batches():
+        x, y = x.to(device), y.to(device)
+        with autocast(device, precision):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=-100)
+        total += loss.item()
+        count += int((y != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+class Budget:
+    """Stop conditions and progress: steps, tokens and/or wall-clock seconds."""
+
+    def __init__(self, cfg: TrainConfig, tokens_per_step: int):
+        self.steps = cfg.steps
+        if cfg.tokens:
+            token_steps = -(-cfg.tokens // tokens_per_step)
+            self.steps = min(self.steps, token_steps) if self.steps else token_steps
+        self.seconds = cfg.time_s
+
+    def progress(self, state: TrainState) -> float:
+        parts = [0.0]
+        if self.steps:
+            parts.append(state.step / self.steps)
+        if self.seconds:
+            parts.append(state.elapsed_s / self.seconds)
+        return max(parts)
+
+    def done(self, state: TrainState) -> str | None:
+        if self.steps and state.step >= self.steps:
+            return "steps"
+        if self.seconds and state.elapsed_s >= self.seconds:
+            return "time"
+        return None
+
+
+def fit(model: torch.nn.Module, task: Task, *, optim_cfg: OptimConfig, train_cfg: TrainConfig,
+        optimizer: torch.optim.Optimizer, state: TrainState, device: torch.device, precision: Precision,
+        tokens_per_step: int, save: Callable[[str, TrainState], Any], on_event: EventFn,
+        compiled: torch.nn.Module | None = None) -> str:
+    """Train until a budget, early stopping, divergence or interruption; return why it stopped.
+
+    ``save(kind, state)`` is called with kind ``best`` (new best validation loss) or ``step``
+    (periodic, final and on interruption). Returns ``steps``, ``time``, ``early_stop``,
+    ``diverged`` or ``interrupted``.
+    """
+    budget = Budget(train_cfg, tokens_per_step)
+    if not budget.steps and not budget.seconds:
+        raise ValueError("fit needs a budget: steps, tokens or time")
+    net = compiled or model
+    scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
+    model.train()
+    on_event("start", {"step": state.step, "steps": budget.steps, "seconds": budget.seconds,
+                       "tokens_per_step": tokens_per_step})
+    window_start, window_tokens = time.perf_counter(), 0
+    stop = budget.done(state)
+    try:
+        while stop is None:
+            t0 = time.perf_counter()
+            lr = lr_at(optim_cfg, state.step, budget.progress(state))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Dropout draws from torch's global RNG: seed it per step so resume replays it.
+            torch.manual_seed(train_cfg.seed * 1_000_003 + state.step)
+            loss_sum = 0.0
+            for micro in range(train_cfg.grad_accum):
+                x, y = task.train_batch(state.step, micro)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, precision):
+                    logits = net(x)
+                loss = lm_loss(logits, y) / train_cfg.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                optimizer.zero_grad(set_to_none=True)
+                on_event("stop", {"reason": "diverged", "step": state.step, "loss": loss_sum})
+                return "diverged"
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip).item()
+                         if optim_cfg.grad_clip > 0 else float("nan"))
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += tokens_per_step
+            state.elapsed_s += time.perf_counter() - t0
+            window_tokens += tokens_per_step
+            stop = budget.done(state)
+
+            if state.step % train_cfg.log_every == 0 or stop:
+                now = time.perf_counter()
+                on_event("step", {"step": state.step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                                  "tokens": state.tokens_seen, "elapsed_s": state.elapsed_s,
+                                  "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                                  "progress": budget.progress(state)})
+                window_start, window_tokens = now, 0
+
+            if state.step % train_cfg.eval_every == 0 or stop:
+                t_eval = time.perf_counter()
+                val = evaluate(net, task, device, precision)
+                state.last_val_loss = val
+                improved = val < state.best_val_loss
+                if improved:
+                    state.best_val_loss, state.best_step, state.bad_evals = val, state.step, 0
+                else:
+                    state.bad_evals += 1
+                on_event("eval", {"step": state.step, "val_loss": val, "best_val_loss": state.best_val_loss,
+                                  "improved": improved, "tokens": state.tokens_seen,
+                                  "elapsed_s": state.elapsed_s})
+                if not math.isfinite(val):
+                    on_event("stop", {"reason": "diverged", "step": state.step, "loss": val})
+                    return "diverged"
+                if improved:
+                    save("best", state)
+                if train_cfg.patience and state.bad_evals >= train_cfg.patience and not stop:
+                    stop = "early_stop"
+                # Evaluation time is not training time, but it is wall-clock the budget must see.
+                state.elapsed_s += time.perf_counter() - t_eval
+                window_start += time.perf_counter() - t_eval
+                stop = stop or budget.done(state)
+
+            if state.step % train_cfg.save_every == 0 or stop:
+                save("step", state)
+    except KeyboardInterrupt:
+        save("step", state)
+        on_event("stop", {"reason": "interrupted", "step": state.step})
+        return "interrupted"
+    on_event("stop", {"reason": stop, "step": state.step})
+    return stop

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny configs, a tokenizer trained once on the bundled sample, data paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# A model small enough that a training step takes milliseconds: 2 layers, width 32.
+TINY_SETS = [
+    "model.d_model=32", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.context=32",
+    "model.dropout=0.0", "tokenizer.vocab_size=400", "train.batch_size=4", "train.eval_every=2",
+    "train.eval_batches=2", "train.save_every=2", "train.samples=1", "train.log_every=1",
+    "optim.warmup_steps=2", "train.dtype=fp32", "train.device=cpu",
+]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Token caches go to a per-session temporary directory, never the user's ~/.cache."""
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path_factory.getbasetemp() / "llmkit-cache"))
+
+
+@pytest.fixture(scope="session")
+def sample_docs():
+    from llmkit.core.corpus import read_corpus, sample_corpus
+
+    return read_corpus(sample_corpus())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(sample_docs):
+    from llmkit.core.config import TokenizerConfig
+    from llmkit.core.tokenizer import train_tokenizer
+
+    tok, _ = train_tokenizer(sample_docs, TokenizerConfig(vocab_size=400), corpus_sha256="test")
+    return tok
+
+
+@pytest.fixture
+def tiny_model_cfg(tokenizer):
+    from llmkit.core.config import ModelConfig
+
+    return ModelConfig(vocab_size=tokenizer.vocab_size, context=32, d_model=32, n_layer=2, n_head=2, n_kv_head=1)
+
+
+@pytest.fixture
+def corpus_file(tmp_path, sample_docs):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(sample_docs), encoding="utf-8")
+    return path
+
+
+def shared(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (the shared data folder sits beside the repository)")
+    return path
