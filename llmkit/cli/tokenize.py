@@ -124,5 +124,5 @@ def decode(
         if not item.lstrip("-").isdigit() or not 0 <= int(item) < tok.vocab_size:
             raise DataError(f"not a token id of this tokenizer (0..{tok.vocab_size - 1}): {item!r}")
         values.append(int(item))
-    sys.stdout.write(tok.decode(values))
-    sys.stdout.write("\n")
+    text = tok.decode(values)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")

@@ -226,7 +226,8 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context
 
     def save(kind: str, st: TrainState) -> None:
-        payload = {**st.to_json(), "seed": cfg.train.seed, "kind": "lm"}
+        payload = {**st.to_json(), "seed": cfg.train.seed, "kind": "lm", "precision": precision.name,
+                   "device": str(device)}
         if kind == "best":
             path = ckpt_io.save_checkpoint(out / "best", model=model, config=config_dict, tokenizer=tok,
                                            state=payload, optimizer=None)

@@ -35,7 +35,8 @@ WHITESPACE_SYMBOLS = ("\n", "\t")
 # Fields that must agree between a checkpoint's tokenizer and one handed to a command.
 CONTRACT_FIELDS = ("vocab_size", "model_type", "special_ids", "user_symbols", "normalization",
                    "byte_fallback", "add_dummy_prefix", "model_sha256")
-HELD_OUT_EVERY = 50  # every 50th non-blank line is kept out of training to measure the round trip
+# Every k-th non-blank line (k between 10 and 50, so a small corpus still holds out a few dozen
+# lines) is kept out of training to measure the report on unseen text.
 HELD_OUT_MAX = 2000
 
 
@@ -169,9 +170,11 @@ def _lines(docs: list[str]) -> Iterator[str]:
 
 
 def _split_held_out(docs: list[str]) -> tuple[list[str], list[str]]:
+    lines = list(_lines(docs))
+    every = min(max(len(lines) // 100, 10), 50)
     train, held = [], []
-    for i, line in enumerate(_lines(docs)):
-        if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 and len(held) < HELD_OUT_MAX:
+    for i, line in enumerate(lines):
+        if i % every == every - 1 and len(held) < HELD_OUT_MAX:
             held.append(line)
         else:
             train.append(line)
