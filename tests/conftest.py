@@ -58,3 +58,20 @@ def shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present (the shared data folder sits beside the repository)")
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, sample_docs):
+    """A tiny model pretrained for a few steps, shared read-only by the generate tests."""
+    import os
+
+    from llmkit.core.pretrain import plan, pretrain
+
+    root = tmp_path_factory.mktemp("trained")
+    os.environ.setdefault("LLMKIT_CACHE", str(root / "cache"))
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(sample_docs), encoding="utf-8")
+    cfg, _ = plan(root / "run", resume=None, preset=None, config_file=None,
+                  sets=[*TINY_SETS, "train.steps=4", "train.samples=0"], flags={})
+    pretrain([str(corpus)], root / "run", cfg)
+    return root / "run"

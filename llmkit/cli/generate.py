@@ -1,61 +1,118 @@
-"""Generate text from a checkpoint: greedy, or sampling with temperature and top-k.
+"""Generate text from a checkpoint: greedy, sampling, penalties, beam search, stop strings.
 
-The prompt and its continuation are streamed to stdout as they are decoded.
+One prompt streams its continuation to stdout as it is decoded; many prompts (--prompt-file or
+stdin) are decoded in batches. --json writes one object per output; --show-probs shows each
+token's probability and the alternatives; --interactive opens a prompt loop.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import DeviceOpt, SeedOpt
-from llmkit.core.errors import CheckpointError
+from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
+from llmkit.core.errors import CheckpointError, DataError
+
+COMMAND_FOR_KIND = {"classify": "llmkit classify", "embed": "llmkit encode"}
+
+
+def _opt(help: str, *names: str):
+    return typer.Option(*names, help=help, show_default=False)
 
 
 def generate(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
-    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")] = "",
+    prompt: Annotated[Optional[str], _opt("Text to continue.", "--prompt", "-p")] = None,
+    prompt_file: Annotated[Optional[Path], _opt("One prompt per line, or JSONL (see --field).", "--prompt-file")] = None,
+    field: Annotated[str, typer.Option("--field", help="JSONL field holding the prompt.")] = "prompt",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 100,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy; higher is more random.")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")] = 50,
+    temperature: Annotated[Optional[float], _opt("Randomness: 0 is greedy [default: 0.8].", "--temperature", "-t")] = None,
+    top_k: Annotated[Optional[int], _opt("Sample among the k most likely tokens; 0: all [default: 50].", "--top-k")] = None,
+    top_p: Annotated[Optional[float], _opt("Nucleus: smallest set of tokens with this probability [default: 1].", "--top-p")] = None,
+    min_p: Annotated[Optional[float], _opt("Drop tokens under min-p × the top token's probability [default: 0].", "--min-p")] = None,
+    repetition_penalty: Annotated[Optional[float], _opt("> 1 discourages tokens already present [default: 1].", "--repetition-penalty")] = None,
+    presence_penalty: Annotated[Optional[float], _opt("Subtract from tokens already present [default: 0].", "--presence-penalty")] = None,
+    frequency_penalty: Annotated[Optional[float], _opt("Subtract per previous occurrence [default: 0].", "--frequency-penalty")] = None,
+    no_repeat_ngram: Annotated[Optional[int], _opt("Never repeat an n-gram of this size [default: off].", "--no-repeat-ngram")] = None,
+    num_beams: Annotated[Optional[int], _opt("Beam search with this many beams [default: 1].", "--num-beams")] = None,
+    length_penalty: Annotated[Optional[float], _opt("Beam score / length**this; > 1 favours long [default: 1].", "--length-penalty")] = None,
+    early_stopping: Annotated[Optional[bool], _opt("Stop beam search once num-beams hypotheses ended [default: on].", "--early-stopping/--no-early-stopping")] = None,
+    stop: Annotated[Optional[list[str]], _opt("End the output before this text (repeatable).", "--stop")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Always take the most likely token (= --temperature 0).")] = False,
+    num_samples: Annotated[Optional[int], _opt("Outputs per prompt [default: 1].", "--num-samples")] = None,
+    batch_size: Annotated[Optional[int], _opt("Prompts decoded together [default: 8].", "--batch-size")] = None,
     seed: SeedOpt = None,
+    show_probs: Annotated[bool, typer.Option("--show-probs", help="Table of each token's probability and the top alternatives.")] = False,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="A prompt loop in the terminal.")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
     device: DeviceOpt = None,
 ) -> None:
+    from llmkit.cli.render import err_console
     from llmkit.core.checkpoint import load_model
-    from llmkit.core.config import SampleConfig
+    from llmkit.core.config import sample_config
     from llmkit.core.device import pick_device
-    from llmkit.core.generate import Finished, fit_prompt, generate_ids
 
-    cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                       top_k=top_k, seed=seed)
+    cfg = sample_config({
+        "max_new_tokens": max_new_tokens, "temperature": 0.0 if greedy else temperature, "top_k": top_k,
+        "top_p": top_p, "min_p": min_p, "repetition_penalty": repetition_penalty,
+        "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
+        "no_repeat_ngram": no_repeat_ngram, "num_beams": num_beams, "length_penalty": length_penalty,
+        "early_stopping": early_stopping, "stop": tuple(stop) if stop else None, "seed": seed,
+        "num_samples": num_samples, "batch_size": batch_size})
+    from llmkit.core.checkpoint import resolve_checkpoint
+
+    resolve_checkpoint(checkpoint)  # a bad path fails before any prompt is read
+    prompts = None if interactive else _prompts(prompt, prompt_file, field)
     dev = pick_device(device or "auto")
     model, ckpt = load_model(checkpoint, dev)
     if ckpt.kind != "lm":
-        raise CheckpointError(f"{ckpt.path} is a {ckpt.kind} checkpoint, not a language model")
-    tok = ckpt.tokenizer
-    ids = tok.encode(prompt) if prompt else [tok.bos_id]
-    _, truncated = fit_prompt(ids, model.cfg.context)
-    if truncated:
-        from llmkit.cli.render import err_console
+        fits = COMMAND_FOR_KIND.get(ckpt.kind, "the command for that task")
+        raise CheckpointError(f"{ckpt.path} is a {ckpt.kind} checkpoint, not a language model: use {fits}")
 
-        err_console().print(f"[yellow]warning:[/] prompt longer than the context ({model.cfg.context} tokens): "
-                            "keeping its end", highlight=False)
-    sys.stdout.write(prompt)
-    new: list[int] = []
-    shown = ""
-    for t in generate_ids(model, ids, cfg, eos_id=tok.eos_id, device=dev):
-        if isinstance(t, Finished):
-            break
-        new.append(t)
-        text = tok.decode(new)
-        # Hold back while the text ends inside a multi-byte character split over byte tokens.
-        if text.endswith("\ufffd"):
-            continue
-        sys.stdout.write(text[len(shown):])
-        sys.stdout.flush()
-        shown = text
-    sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
+    from llmkit.cli.generate_run import Session
+
+    session = Session(model, ckpt.tokenizer, cfg, dev, console=err_console(), quiet=quiet)
+    if interactive:
+        session.interactive()
+    else:
+        session.run(prompts, json_out=json_out, show_probs=show_probs)
+
+
+def _prompts(prompt: str | None, prompt_file: Path | None, field: str) -> list[str]:
+    if prompt is not None and prompt_file is not None:
+        raise DataError("give --prompt or --prompt-file, not both")
+    if prompt is not None:
+        return [prompt]
+    if prompt_file is not None:
+        from llmkit.core.corpus import read_text
+
+        return parse_prompt_lines(read_text(prompt_file), str(prompt_file), field)
+    if sys.stdin is not None and not sys.stdin.isatty():
+        text = sys.stdin.read()
+        if text.strip():  # an empty or closed stdin means no prompt, as in a terminal
+            return parse_prompt_lines(text, "stdin", field)
+    return [""]  # no prompt at all: generate from the beginning-of-text token
+
+
+def parse_prompt_lines(text: str, name: str, field: str) -> list[str]:
+    """One prompt per non-blank line; JSONL when the first line is an object (prompt in `field`)."""
+    lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if not lines:
+        raise DataError(f"{name}: no prompts (the file is empty)")
+    if not lines[0][1].lstrip().startswith("{"):
+        return [line for _, line in lines]
+    prompts = []
+    for n, line in lines:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}: line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or field not in obj:
+            raise DataError(f"{name}: line {n} has no field {field!r} (choose it with --field)")
+        prompts.append(str(obj[field]))
+    return prompts

@@ -199,17 +199,76 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SampleConfig:
+    """Decoding settings (docs/generate.md says what each does to a small model)."""
+
     max_new_tokens: int = 100
     temperature: float = 0.8
     """0 means greedy."""
     top_k: int = 50
     """Keep the k most likely tokens; 0 disables."""
+    top_p: float = 1.0
+    """Nucleus: keep the smallest set of tokens whose probability reaches p; 1 disables."""
+    min_p: float = 0.0
+    """Keep tokens at least min_p times as likely as the most likely one; 0 disables."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages any token already in the text (CTRL); 1 disables."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already present."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per occurrence so far."""
+    no_repeat_ngram: int = 0
+    """Never repeat an n-gram of this size; 0 disables."""
+    num_beams: int = 1
+    """Beam search with this many beams (deterministic); 1 is greedy or sampling."""
+    length_penalty: float = 1.0
+    """Beam scores are log-probability / length ** length_penalty: > 1 favours longer outputs."""
+    early_stopping: bool = True
+    """Beam search stops once num_beams hypotheses have ended."""
+    stop: tuple[str, ...] = ()
+    """Text that ends the output (not included)."""
     seed: int | None = None
+    num_samples: int = 1
+    """Outputs per prompt."""
+    batch_size: int = 8
+    """Prompts decoded together."""
 
     def __post_init__(self) -> None:
-        _check(self.max_new_tokens > 0, "--max-new-tokens", "must be positive")
+        _check(self.max_new_tokens > 0, "--max-new-tokens", f"must be positive, not {self.max_new_tokens}")
         _check(self.temperature >= 0, "--temperature", f"must be >= 0, not {self.temperature}")
         _check(self.top_k >= 0, "--top-k", f"must be >= 0, not {self.top_k}")
+        _check(0 < self.top_p <= 1, "--top-p", f"must be in (0, 1], not {self.top_p}")
+        _check(0 <= self.min_p <= 1, "--min-p", f"must be in [0, 1], not {self.min_p}")
+        _check(self.repetition_penalty > 0, "--repetition-penalty", "must be positive")
+        _check(self.no_repeat_ngram >= 0, "--no-repeat-ngram", "must be >= 0")
+        _check(self.num_beams >= 1, "--num-beams", f"must be >= 1, not {self.num_beams}")
+        _check(self.num_samples >= 1, "--num-samples", f"must be >= 1, not {self.num_samples}")
+        _check(self.batch_size >= 1, "--batch-size", f"must be >= 1, not {self.batch_size}")
+        _check(all(self.stop), "--stop", "must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "num_samples")
+
+
+def sample_config(given: Mapping[str, Any]) -> SampleConfig:
+    """Build decoding settings from the options a user actually gave (None = not given).
+
+    Beam search is deterministic: combining it with sampling options is refused rather than
+    silently ignoring them.
+    """
+    values = {k: v for k, v in given.items() if v is not None}
+    if values.get("num_beams", 1) > 1:
+        clash = [f"--{k.replace('_', '-')}" for k in SAMPLING_KEYS if k in values
+                 and not (k == "temperature" and values[k] == 0)]
+        if clash:
+            raise ConfigError(f"--num-beams {values['num_beams']} cannot be combined with {', '.join(clash)}: "
+                              "beam search is deterministic (use --num-beams 1 to sample)")
+        values["temperature"] = 0.0
+    hints = typing.get_type_hints(SampleConfig)
+    return SampleConfig(**{k: _coerce(v, hints[k], f"--{k.replace('_', '-')}") for k, v in values.items()})
 
 
 def parse_duration(text: str, key: str = "time") -> float:

@@ -1,24 +1,61 @@
-"""Decoding: one prefill pass over the prompt, then one cached forward pass per new token.
+"""Decoding: batched prefill + cached decode, beam search, stop strings, incremental text.
 
-The KV cache is preallocated for prompt + new tokens (capped at the context), so nothing in the
-decode loop grows or copies with the length of the text.
+- ``decode_batch`` decodes many prompts together. Prompts are left-padded; each row gets its own
+  rotary positions and a mask that hides its padding, so a prompt's output does not depend on
+  what it is batched with (greedy: identical tokens; sampling: each row draws from its own
+  generator, seeded from the seed and the row's index).
+- The KV cache is preallocated once for the whole context and written in place; prefill is one
+  forward pass; each new token is one forward pass of T=1. When the context is full, the window
+  slides: the cache is rebuilt from the most recent half-context of tokens and decoding goes on.
+- ``beam_search`` keeps num_beams hypotheses in the batch dimension and reorders the cache rows.
+- ``TextStream`` turns tokens into text incrementally, ends the output exactly before a stop string
+  (also when it is split across tokens) and holds back text that might begin one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from llmkit.core.config import SampleConfig
 from llmkit.core.model import KVCache, Transformer
-from llmkit.core.sampling import next_token
+from llmkit.core.sampling import LogitsSettings, NGramIndex, pick, process_logits, token_counts
+
+TOP_ALTERNATIVES = 5
 
 
 @dataclass
 class Finished:
     reason: str  # "eos" | "length" | "context"
+
+
+@dataclass
+class StepProbs:
+    """One generated token with its probability and the most likely alternatives (for --show-probs)."""
+
+    token: int
+    prob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Output:
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"  # "eos" | "stop" | "length"
+    truncated_prompt: bool = False
+    seconds: float = 0.0
+    probs: list[StepProbs] = field(default_factory=list)
+    score: float | None = None  # beam search: the length-normalised log-probability
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.ids) / self.seconds if self.seconds > 0 else 0.0
 
 
 def fit_prompt(ids: list[int], context: int) -> tuple[list[int], bool]:
@@ -28,33 +65,299 @@ def fit_prompt(ids: list[int], context: int) -> tuple[list[int], bool]:
     return ids[-(context - 1):], True
 
 
+class TextStream:
+    """Incremental detokenization with stop strings.
+
+    ``push(token)`` returns the text that became safe to show. Text is held back while it ends in
+    an incomplete UTF-8 sequence (byte-fallback tokens) or in something that may begin a stop
+    string; once a stop string appears, the text ends just before it and ``stopped`` is set.
+    Work per token is bounded: only a short tail of tokens is re-decoded.
+    """
+
+    COMMIT_EVERY = 16
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...] = ()):
+        self.decode, self.stops = decode, tuple(stops)
+        self.committed = ""  # text of tokens no longer re-decoded
+        self.pending: list[int] = []
+        self.shown = 0  # characters handed out so far
+        self.stopped = False
+        self.longest_stop = max((len(s) for s in self.stops), default=0)
+
+    @property
+    def text(self) -> str:
+        full = self.committed + self.decode(self.pending)
+        return self._cut(full)[0]
+
+    def _cut(self, full: str) -> tuple[str, bool]:
+        start = max(0, self.shown - self.longest_stop)
+        hits = [i for i in (full.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            return full[: min(hits)], True
+        return full, False
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.pending.append(token)
+        tail = self.decode(self.pending)
+        full, self.stopped = self._cut(self.committed + tail)
+        if self.stopped:
+            out = full[self.shown:]
+            self.shown = len(full)
+            return out
+        if len(self.pending) >= self.COMMIT_EVERY and not tail.endswith("\ufffd"):
+            self.committed += tail
+            self.pending = []
+        safe = len(full.rstrip("\ufffd"))  # an incomplete UTF-8 sequence waits for its next bytes
+        hold = 0
+        for stop in self.stops:  # hold back the longest suffix that may begin a stop string
+            for k in range(min(len(stop) - 1, safe), 0, -1):
+                if full[safe - k: safe] == stop[:k]:
+                    hold = max(hold, k)
+                    break
+        safe = max(safe - hold, self.shown)
+        out = full[self.shown: safe]
+        self.shown = safe
+        return out
+
+    def flush(self) -> str:
+        """The rest of the text once decoding has ended (nothing more can complete a stop string)."""
+        full = self.text
+        out = full[self.shown:]
+        self.shown = len(full)
+        return out
+
+
+def _settings(cfg: SampleConfig) -> LogitsSettings:
+    return LogitsSettings(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
+                          repetition_penalty=cfg.repetition_penalty, presence_penalty=cfg.presence_penalty,
+                          frequency_penalty=cfg.frequency_penalty, no_repeat_ngram=cfg.no_repeat_ngram)
+
+
+def _record(processed: torch.Tensor, chosen: torch.Tensor) -> list[StepProbs]:
+    probs = torch.softmax(processed, dim=-1)  # (B, V) the distribution the token was drawn from
+    top_p, top_i = probs.topk(TOP_ALTERNATIVES, dim=-1)  # (B, K)
+    out = []
+    for b in range(probs.size(0)):
+        t = int(chosen[b])
+        out.append(StepProbs(t, float(probs[b, t]), list(zip(top_i[b].tolist(), top_p[b].tolist()))))
+    return out
+
+
+class _Batch:
+    """The cache and bookkeeping of rows decoded together (left-padded)."""
+
+    def __init__(self, model: Transformer, rows: list[list[int]], device):
+        self.model, self.device = model, device
+        self.length = model.cfg.context
+        dtype = next(model.parameters()).dtype
+        self.cache = KVCache(model.cfg, len(rows), self.length, device=device, dtype=dtype)
+        self.key_valid = torch.zeros(len(rows), self.length, dtype=torch.bool, device=device)  # (B, L)
+
+    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
+        """Fill slots [0, P) with left-padded rows; return the last logits (B, V)."""
+        P = max(len(r) for r in rows)
+        pad = torch.tensor([P - len(r) for r in rows], device=self.device)  # (B,)
+        self.pad = pad
+        ids = torch.tensor([[0] * (P - len(r)) + r for r in rows], dtype=torch.long, device=self.device)  # (B, P)
+        self.key_valid.zero_()
+        slots = torch.arange(P, device=self.device)
+        self.key_valid[:, :P] = slots[None, :] >= pad[:, None]
+        self.padded = bool(pad.any())
+        positions = (slots[None, :] - pad[:, None]).clamp(min=0) if self.padded else None  # (B, P)
+        self.slot = P
+        logits = self.model(ids, cache=self.cache, pos=0, positions=positions,
+                            key_valid=self.key_valid[:, :P] if self.padded else None, last_only=True)
+        return logits[:, -1]  # (B, V)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,) at the next slot; return the next logits (B, V)."""
+        s = self.slot
+        self.key_valid[:, s] = True
+        positions = (s - self.pad)[:, None] if self.padded else None  # (B, 1)
+        logits = self.model(tokens[:, None], cache=self.cache, pos=s, positions=positions,
+                            key_valid=self.key_valid[:, : s + 1] if self.padded else None, last_only=True)
+        self.slot = s + 1
+        return logits[:, -1]
+
+    @property
+    def full(self) -> bool:
+        return self.slot >= self.length
+
+
 @torch.inference_mode()
-def generate_ids(model: Transformer, prompt: list[int], cfg: SampleConfig, *, eos_id: int | None,
-                 device: torch.device | str = "cpu") -> Iterator[int | Finished]:
-    """Yield new token ids one by one, then a :class:`Finished` with the reason decoding stopped."""
+def decode_batch(model: Transformer, prompts: list[list[int]], cfg: SampleConfig, *, eos_id: int | None,
+                 decode: Callable[[list[int]], str], device: torch.device | str = "cpu",
+                 seeds: list[int] | None = None, record_probs: bool = False,
+                 on_text: Callable[[int, str], None] | None = None) -> list[Output]:
+    """Greedy or sampled decoding of several prompts at once (see the module docstring).
+
+    ``seeds`` gives each row its own generator (default: cfg.seed + row index); ``on_text(row,
+    text)`` receives each row's newly visible text as it is decoded, for streaming.
+    """
     context = model.cfg.context
-    prompt, _ = fit_prompt(prompt or ([eos_id] if eos_id is not None else [0]), context)
-    length = min(context, len(prompt) + cfg.max_new_tokens)
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, 1, length, device=device, dtype=dtype)
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, P)
-    logits = model(idx, cache=cache, pos=0, last_only=True)[:, -1]  # (1, V)
-    pos = len(prompt)
-    for produced in range(cfg.max_new_tokens):
-        tok = next_token(logits, temperature=cfg.temperature, top_k=cfg.top_k, generator=generator)  # (1,)
-        t = int(tok.item())
-        if eos_id is not None and t == eos_id:
-            yield Finished("eos")
-            return
-        yield t
-        if produced + 1 == cfg.max_new_tokens:
+    window = max(context // 2, 1)
+    outs, rows = [], []
+    for p in prompts:
+        ids, truncated = fit_prompt(p or [eos_id if eos_id is not None else 0], context)
+        outs.append(Output(prompt_ids=list(ids), truncated_prompt=truncated))
+        rows.append(list(ids))
+    B = len(rows)
+    settings = _settings(cfg)
+    gens = None
+    if not cfg.greedy:
+        base = cfg.seed if cfg.seed is not None else int(torch.seed() % (2**31))
+        gens = [torch.Generator(device=device).manual_seed((seeds[b] if seeds else base + b)) for b in range(B)]
+    streams = [TextStream(decode, cfg.stop) for _ in range(B)]
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    history = [list(r) for r in rows]  # every row's full token list, for penalties and sliding
+    counts = None
+    if settings.repetition_penalty != 1.0 or settings.presence_penalty or settings.frequency_penalty:
+        counts = token_counts(torch.tensor([[0] * (max(map(len, rows)) - len(r)) + r for r in rows], device=device),
+                              torch.tensor([[False] * (max(map(len, rows)) - len(r)) + [True] * len(r) for r in rows],
+                                           device=device), model.cfg.vocab_size)
+    ngrams = [NGramIndex(settings.no_repeat_ngram, r) for r in rows] if settings.no_repeat_ngram else None
+    t0 = time.perf_counter()
+    batch = _Batch(model, rows, device)
+    logits = batch.prefill(rows)
+    for _ in range(cfg.max_new_tokens):
+        processed = process_logits(logits, settings, counts=counts,
+                                   banned=[g.banned() for g in ngrams] if ngrams else None)
+        if gens is None:
+            tokens = pick(processed, 0.0)
+        else:
+            tokens = torch.stack([pick(processed[b: b + 1], cfg.temperature, gens[b])[0] for b in range(B)])
+        if record_probs:
+            steps = _record(processed, tokens)
+        tok_list = tokens.tolist()
+        for b in range(B):
+            if not alive[b]:
+                continue
+            t = tok_list[b]
+            if eos_id is not None and t == eos_id:
+                alive[b] = False
+                outs[b].finish_reason = "eos"
+                continue
+            outs[b].ids.append(t)
+            history[b].append(t)
+            if ngrams:
+                ngrams[b].add(t)
+            if record_probs:
+                outs[b].probs.append(steps[b])
+            shown = streams[b].push(t)
+            if on_text and shown:
+                on_text(b, shown)
+            if streams[b].stopped:
+                alive[b] = False
+                outs[b].finish_reason = "stop"
+        if counts is not None:
+            counts[torch.arange(B, device=device), tokens] += alive.float()
+        if not bool(alive.any()):
             break
-        if pos >= length:
-            yield Finished("context")
-            return
-        logits = model(tok.view(1, 1), cache=cache, pos=pos, last_only=True)[:, -1]  # (1, V)
-        pos += 1
-    yield Finished("length")
+        if batch.full:
+            # Slide: rebuild the cache from each row's most recent half-context and go on.
+            logits = batch.prefill([h[-window:] for h in history])
+        else:
+            logits = batch.step(tokens)
+    elapsed = time.perf_counter() - t0
+    for b, out in enumerate(outs):
+        rest = streams[b].flush()
+        if on_text and rest:
+            on_text(b, rest)
+        out.text = streams[b].text
+        out.seconds = elapsed
+    return outs
+
+
+def generate_ids(model: Transformer, prompt: list[int], cfg: SampleConfig, *, eos_id: int | None,
+                 device: torch.device | str = "cpu"):
+    """One prompt, token by token: yields ids, then a Finished (the reason decoding ended)."""
+    out = decode_batch(model, [prompt], cfg, eos_id=eos_id, decode=lambda ids: "", device=device)[0]
+    yield from out.ids
+    yield Finished(out.finish_reason)
+
+
+@torch.inference_mode()
+def beam_search(model: Transformer, prompt: list[int], cfg: SampleConfig, *, eos_id: int | None,
+                decode: Callable[[list[int]], str], device: torch.device | str = "cpu") -> Output:
+    """Beam search over one prompt: the sequence with the best length-normalised log-probability.
+
+    A hypothesis ends at EOS, at a stop string, or when the context is full. Scores are
+    sum(log p) / length ** length_penalty. With early_stopping, search ends once num_beams
+    hypotheses have ended; otherwise once no live beam can still beat the worst ended one.
+    """
+    K = cfg.num_beams
+    ids, truncated = fit_prompt(prompt or [eos_id if eos_id is not None else 0], model.cfg.context)
+    settings = _settings(cfg)
+    t0 = time.perf_counter()
+    batch = _Batch(model, [ids] * K, device)
+    logits = batch.prefill([ids] * K)  # (K, V)
+    scores = torch.full((K,), -math.inf, device=device)
+    scores[0] = 0.0  # all beams start identical: expand only one of them at first
+    seqs: list[list[int]] = [[] for _ in range(K)]
+    ended: list[tuple[float, list[int], str]] = []
+
+    def norm(score: float, length: int) -> float:
+        return score / max(length, 1) ** cfg.length_penalty
+
+
+    def hits_stop(seq: list[int]) -> bool:
+        text = decode(seq)
+        return any(stop in text for stop in cfg.stop)
+
+    for step in range(cfg.max_new_tokens):
+        counts = None
+        if settings.uses_history:
+            hist = torch.tensor([ids + s for s in seqs], device=device)
+            counts = token_counts(hist, None, model.cfg.vocab_size)
+        banned = None
+        if settings.no_repeat_ngram:  # beams reorder every step: rebuild (beam search is not the fast path)
+            banned = [NGramIndex(settings.no_repeat_ngram, ids + s).banned() for s in seqs]
+        processed = process_logits(logits, settings, counts=counts, banned=banned)
+        logp = torch.log_softmax(processed, dim=-1)  # (K, V)
+        cand = (scores[:, None] + logp).flatten()  # (K * V,)
+        top_scores, top_idx = cand.topk(2 * K)
+        V = logp.size(-1)
+        new_beams: list[tuple[int, int, float]] = []
+        for sc, ix in zip(top_scores.tolist(), top_idx.tolist()):
+            if not math.isfinite(sc):
+                break
+            beam, tok = divmod(ix, V)
+            if eos_id is not None and tok == eos_id:
+                ended.append((norm(sc, len(seqs[beam]) + 1), seqs[beam], "eos"))
+                continue
+            if cfg.stop and hits_stop(seqs[beam] + [tok]):
+                ended.append((norm(sc, len(seqs[beam]) + 1), seqs[beam] + [tok], "stop"))
+                continue
+            new_beams.append((beam, tok, sc))
+            if len(new_beams) == K:
+                break
+        if not new_beams:
+            break
+        if cfg.early_stopping and len(ended) >= K:
+            break
+        if not cfg.early_stopping and len(ended) >= K:
+            worst = sorted(e[0] for e in ended)[-K]
+            if norm(new_beams[0][2], len(seqs[new_beams[0][0]]) + 1) <= worst:
+                break
+        while len(new_beams) < K:  # keep the batch shape: pad with dead copies
+            new_beams.append((new_beams[0][0], new_beams[0][1], -math.inf))
+        order = torch.tensor([b for b, _, _ in new_beams], device=device)
+        batch.cache.k.copy_(batch.cache.k.index_select(1, order))  # (n_layer, K, G, L, D) rows reordered
+        batch.cache.v.copy_(batch.cache.v.index_select(1, order))
+        seqs = [seqs[b] + [t] for b, t, _ in new_beams]
+        scores = torch.tensor([s for _, _, s in new_beams], device=device)
+        if batch.full or step == cfg.max_new_tokens - 1:
+            break
+        logits = batch.step(torch.tensor([t for _, t, _ in new_beams], device=device))
+    for i, seq in enumerate(seqs):
+        if math.isfinite(float(scores[i])):
+            ended.append((norm(float(scores[i]), len(seq)), seq, "length"))
+    best_score, best_seq, reason = max(ended, key=lambda e: e[0])
+    stream = TextStream(decode, cfg.stop)
+    for t in best_seq:
+        stream.push(t)
+    out = Output(prompt_ids=list(ids), ids=list(best_seq), text=stream.text, finish_reason=reason,
+                 truncated_prompt=truncated, seconds=time.perf_counter() - t0, score=best_score)
+    return out

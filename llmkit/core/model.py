@@ -82,7 +82,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache: KVCache | None, pos: int):
+    def forward(self, x, cos, sin, cache: KVCache | None, pos: int, mask: torch.Tensor | None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, D)
@@ -92,21 +92,19 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, pos, k.to(cache.k.dtype), v.to(cache.v.dtype))  # (B, G, S, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
         S = k.size(2)
-        if self.n_kv != self.n_head:
-            # Grouped-query attention: each key/value head serves H/G query heads.
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, H, S, D)
-        if T == S:
-            mask, causal = None, True  # no past: the plain causal triangle
-        elif T == 1:
-            mask, causal = None, False  # one new token sees every cached position
-        else:
-            # T new tokens after S - T cached ones: token i sees positions <= (S - T) + i.
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            causal = False
+        causal = False
+        if mask is None:
+            if T == S:
+                causal = True  # no past: the plain causal triangle
+            elif T > 1:
+                # T new tokens after S - T cached ones: token i sees positions <= (S - T) + i.
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            # T == 1 without padding: the new token sees every cached position, no mask at all.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
+            dropout_p=self.dropout if self.training else 0.0,
+            # Grouped-query attention: each key/value head serves H/G query heads, without copies.
+            enable_gqa=self.n_kv != self.n_head)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
         return self.o_proj(y)
 
@@ -135,8 +133,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache, pos):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, pos))
+    def forward(self, x, cos, sin, cache, pos, mask):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, pos, mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -170,21 +168,42 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
     def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, pos: int = 0,
+                positions: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
                 return_hidden: bool = False, last_only: bool = False):
-        """idx (B, T) token ids at positions [pos, pos + T) -> logits (B, T, V).
+        """idx (B, T) token ids written at cache slots [pos, pos + T) -> logits (B, T, V).
 
-        ``last_only`` computes logits for the final position only (B, 1, V): all that decoding needs.
+        For left-padded batches, ``positions`` (B, T) gives each token's rotary position (its
+        index within its own row's text) and ``key_valid`` (B, pos + T) marks the slots holding real
+        tokens; padding is then never attended to. ``last_only`` computes logits for the final
+        position only (B, 1, V): all that decoding needs.
         """
         B, T = idx.shape
         if pos + T > self.cfg.context:
             raise ValueError(f"positions {pos}..{pos + T} exceed the context of {self.cfg.context}")
-        cos, sin = self.rope_cos[pos: pos + T], self.rope_sin[pos: pos + T]  # (T, D/2)
+        if positions is None:
+            cos, sin = self.rope_cos[pos: pos + T], self.rope_sin[pos: pos + T]  # (T, D/2)
+        else:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, D/2)
+        mask = None if key_valid is None else padding_mask(key_valid, T)  # (B, 1, T, S)
         x = self.embed(idx)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, cos, sin, cache, pos)
+            x = block(x, cos, sin, cache, pos, mask)
         h = self.norm(x)  # (B, T, C)
         logits = self.lm_head(h[:, -1:] if last_only else h)  # (B, T, V)
         return (logits, h) if return_hidden else logits
+
+
+def padding_mask(key_valid: torch.Tensor, T: int) -> torch.Tensor:
+    """Attention mask (B, 1, T, S) for T queries at the last T of S slots: causal, real keys only.
+
+    Every query also sees itself, so a padding query never has an empty row (an all-masked row
+    would give NaN, and NaN values poison the keys and values of later layers).
+    """
+    S = key_valid.size(1)
+    causal = torch.ones(T, S, dtype=torch.bool, device=key_valid.device).tril(diagonal=S - T)  # (T, S)
+    self_key = torch.zeros(T, S, dtype=torch.bool, device=key_valid.device)
+    self_key[torch.arange(T), torch.arange(S - T, S)] = True  # (T, S) the query's own slot
+    return ((causal & key_valid[:, None, :]) | self_key)[:, None]  # (B, 1, T, S)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
