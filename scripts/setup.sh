@@ -14,7 +14,10 @@ EXTRAS=${LLMKIT_EXTRAS:-dev}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+# pip's own notices about unreachable index locations are noise here; real errors still show.
+pip() {
+  "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location .* is ignored" >&2)
+}
 
 have_torch() { "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; }
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
