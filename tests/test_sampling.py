@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from llmkit.core.sampling import (LogitsSettings, NGramIndex, min_p_filter, no_repeat_ngram, presence_frequency_penalty,
+from llmkit.core.config import SampleConfig
+from llmkit.core.sampling import (NGramIndex, min_p_filter, no_repeat_ngram, presence_frequency_penalty,
                                   process_logits, repetition_penalty, token_counts, top_k_filter, top_p_filter)
 
 
@@ -71,8 +72,8 @@ def test_no_repeat_ngram_bans_completions_of_seen_ngrams():
 def test_order_temperature_before_filters():
     # A hot temperature flattens the distribution, so top-p keeps more tokens.
     logits = logits_of([0.6, 0.3, 0.1])
-    cold = process_logits(logits, LogitsSettings(temperature=1.0, top_p=0.75))
-    hot = process_logits(logits, LogitsSettings(temperature=5.0, top_p=0.75))  # ~(0.39, 0.34, 0.27)
+    cold = process_logits(logits, SampleConfig(temperature=1.0, top_k=0, top_p=0.75))
+    hot = process_logits(logits, SampleConfig(temperature=5.0, top_k=0, top_p=0.75))  # ~(0.39, 0.34, 0.27)
     assert kept(cold) == [True, True, False] and kept(hot) == [True, True, True]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from rich.console import Console
@@ -43,7 +44,7 @@ class Session:
     def run(self, prompts: list[str], *, json_out: bool, show_probs: bool) -> None:
         """Decode every (prompt, sample) pair in batches; stream when there is only one."""
         jobs = [(i, s) for i, _ in enumerate(prompts) for s in range(self.cfg.num_samples)]
-        base = self.cfg.seed if self.cfg.seed is not None else int.from_bytes(__import__("os").urandom(4), "little")
+        base = self.cfg.seed if self.cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
         stream = len(jobs) == 1 and not json_out
         progress = None
         if len(jobs) > 1 and not self.quiet and self.console.is_terminal:

@@ -249,6 +249,12 @@ class SampleConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def uses_history(self) -> bool:
+        """Whether any setting depends on the tokens generated so far."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0 or self.no_repeat_ngram > 0)
+
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "num_samples")
 

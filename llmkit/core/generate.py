@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,7 +24,7 @@ import torch
 
 from llmkit.core.config import SampleConfig
 from llmkit.core.model import KVCache, Transformer
-from llmkit.core.sampling import LogitsSettings, NGramIndex, pick, process_logits, token_counts
+from llmkit.core.sampling import NGramIndex, pick, process_logits, token_counts
 
 TOP_ALTERNATIVES = 5
 
@@ -129,12 +130,6 @@ class TextStream:
         return out
 
 
-def _settings(cfg: SampleConfig) -> LogitsSettings:
-    return LogitsSettings(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
-                          repetition_penalty=cfg.repetition_penalty, presence_penalty=cfg.presence_penalty,
-                          frequency_penalty=cfg.frequency_penalty, no_repeat_ngram=cfg.no_repeat_ngram)
-
-
 def _record(processed: torch.Tensor, chosen: torch.Tensor) -> list[StepProbs]:
     probs = torch.softmax(processed, dim=-1)  # (B, V) the distribution the token was drawn from
     top_p, top_i = probs.topk(TOP_ALTERNATIVES, dim=-1)  # (B, K)
@@ -204,25 +199,25 @@ def decode_batch(model: Transformer, prompts: list[list[int]], cfg: SampleConfig
         outs.append(Output(prompt_ids=list(ids), truncated_prompt=truncated))
         rows.append(list(ids))
     B = len(rows)
-    settings = _settings(cfg)
     gens = None
     if not cfg.greedy:
-        base = cfg.seed if cfg.seed is not None else int(torch.seed() % (2**31))
+        base = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
         gens = [torch.Generator(device=device).manual_seed((seeds[b] if seeds else base + b)) for b in range(B)]
     streams = [TextStream(decode, cfg.stop) for _ in range(B)]
     alive = torch.ones(B, dtype=torch.bool, device=device)
     history = [list(r) for r in rows]  # every row's full token list, for penalties and sliding
     counts = None
-    if settings.repetition_penalty != 1.0 or settings.presence_penalty or settings.frequency_penalty:
-        counts = token_counts(torch.tensor([[0] * (max(map(len, rows)) - len(r)) + r for r in rows], device=device),
-                              torch.tensor([[False] * (max(map(len, rows)) - len(r)) + [True] * len(r) for r in rows],
-                                           device=device), model.cfg.vocab_size)
-    ngrams = [NGramIndex(settings.no_repeat_ngram, r) for r in rows] if settings.no_repeat_ngram else None
+    if cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty:
+        P = max(map(len, rows))
+        padded = torch.tensor([[0] * (P - len(r)) + r for r in rows], device=device)  # (B, P)
+        valid = torch.tensor([[False] * (P - len(r)) + [True] * len(r) for r in rows], device=device)  # (B, P)
+        counts = token_counts(padded, valid, model.cfg.vocab_size)  # (B, V)
+    ngrams = [NGramIndex(cfg.no_repeat_ngram, r) for r in rows] if cfg.no_repeat_ngram else None
     t0 = time.perf_counter()
     batch = _Batch(model, rows, device)
     logits = batch.prefill(rows)
     for _ in range(cfg.max_new_tokens):
-        processed = process_logits(logits, settings, counts=counts,
+        processed = process_logits(logits, cfg, counts=counts,
                                    banned=[g.banned() for g in ngrams] if ngrams else None)
         if gens is None:
             tokens = pick(processed, 0.0)
@@ -289,7 +284,7 @@ def beam_search(model: Transformer, prompt: list[int], cfg: SampleConfig, *, eos
     """
     K = cfg.num_beams
     ids, truncated = fit_prompt(prompt or [eos_id if eos_id is not None else 0], model.cfg.context)
-    settings = _settings(cfg)
+
     t0 = time.perf_counter()
     batch = _Batch(model, [ids] * K, device)
     logits = batch.prefill([ids] * K)  # (K, V)
@@ -308,13 +303,13 @@ def beam_search(model: Transformer, prompt: list[int], cfg: SampleConfig, *, eos
 
     for step in range(cfg.max_new_tokens):
         counts = None
-        if settings.uses_history:
+        if cfg.uses_history:
             hist = torch.tensor([ids + s for s in seqs], device=device)
             counts = token_counts(hist, None, model.cfg.vocab_size)
         banned = None
-        if settings.no_repeat_ngram:  # beams reorder every step: rebuild (beam search is not the fast path)
-            banned = [NGramIndex(settings.no_repeat_ngram, ids + s).banned() for s in seqs]
-        processed = process_logits(logits, settings, counts=counts, banned=banned)
+        if cfg.no_repeat_ngram:  # beams reorder every step: rebuild (beam search is not the fast path)
+            banned = [NGramIndex(cfg.no_repeat_ngram, ids + s).banned() for s in seqs]
+        processed = process_logits(logits, cfg, counts=counts, banned=banned)
         logp = torch.log_softmax(processed, dim=-1)  # (K, V)
         cand = (scores[:, None] + logp).flatten()  # (K * V,)
         top_scores, top_idx = cand.topk(2 * K)

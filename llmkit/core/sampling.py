@@ -18,28 +18,11 @@ Filters 5–7 see the temperature-scaled distribution, so a hot temperature wide
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from llmkit.core.config import SampleConfig
+
 NEG_INF = float("-inf")
-
-
-@dataclass(frozen=True)
-class LogitsSettings:
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    no_repeat_ngram: int = 0
-
-    @property
-    def uses_history(self) -> bool:
-        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
-                or self.frequency_penalty != 0.0 or self.no_repeat_ngram > 0)
 
 
 def token_counts(history: torch.Tensor, valid: torch.Tensor | None, vocab: int) -> torch.Tensor:
@@ -147,7 +130,7 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, NEG_INF)
 
 
-def process_logits(logits: torch.Tensor, s: LogitsSettings, *, counts: torch.Tensor | None = None,
+def process_logits(logits: torch.Tensor, s: SampleConfig, *, counts: torch.Tensor | None = None,
                    banned: list[list[int]] | None = None) -> torch.Tensor:
     """All of the above in the documented order; the result is what gets sampled (or arg-maxed).
 
@@ -179,5 +162,5 @@ def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | 
 def next_token(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> ids (B,) without history-based penalties."""
-    s = LogitsSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    s = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     return pick(process_logits(logits, s), temperature, generator)
