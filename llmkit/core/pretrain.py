@@ -24,7 +24,7 @@ from llmkit.core.corpus import corpus_hash, read_corpus, resolve_corpus, sample_
 from llmkit.core.data import TokenData, batch_generator, check_fits, eval_batches, load_or_build, train_batch
 from llmkit.core.device import pick_device, pick_precision, set_threads
 from llmkit.core.errors import CheckpointError, ConfigError, TrainingDiverged
-from llmkit.core.generate import Finished, generate_ids
+from llmkit.core.generate import decode_batch
 from llmkit.core.model import Transformer
 from llmkit.core.plot import write_loss_curve
 from llmkit.core.tokenizer import Tokenizer, check_compatible, train_tokenizer
@@ -152,13 +152,12 @@ def _sample_prompts(data: TokenData, tok: Tokenizer, n: int) -> list[list[int]]:
 
 def write_samples(model: Transformer, tok: Tokenizer, prompts: list[list[int]], device, seed: int,
                   max_new_tokens: int = 40) -> list[tuple[str, str]]:
-    out = []
+    """(prompt, continuation) pairs sampled in one batch, each row with its own seed."""
     model.eval()
-    for i, ids in enumerate(prompts):
-        cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed + i)
-        new = [t for t in generate_ids(model, ids, cfg, eos_id=tok.eos_id, device=device) if not isinstance(t, Finished)]
-        out.append((tok.decode(ids), tok.decode(new)))
-    return out
+    cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50)
+    outs = decode_batch(model, prompts, cfg, eos_id=tok.eos_id, decode=tok.decode, device=device,
+                        seeds=[seed + i for i in range(len(prompts))])
+    return [(tok.decode(p), o.text) for p, o in zip(prompts, outs)]
 
 
 def _prepare(cfg: RunConfig, out: Path, files: list[Path], docs: list[str], sample: bool, tokenizer_dir: Path | None,
