@@ -64,11 +64,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _register() -> None:
-    from llmkit.cli import generate, pretrain, tokenize
+    from llmkit.cli import encode, generate, pretrain, tokenize
 
     app.add_typer(tokenize.app, name="tokenize", help="Train a SentencePiece tokenizer; encode and decode text.")
     app.command("pretrain", help=pretrain.__doc__)(pretrain.pretrain)
     app.command("generate", help=generate.__doc__)(generate.generate)
+    app.command("encode", help=encode.__doc__)(encode.encode)
 
 
 _register()

@@ -192,6 +192,25 @@ class Transformer(nn.Module):
         logits = self.lm_head(h[:, -1:] if last_only else h)  # (B, T, V)
         return (logits, h) if return_hidden else logits
 
+    def hidden_states(self, idx: torch.Tensor, *, layer: int = -1, positions: torch.Tensor | None = None,
+                      key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (B, T, C) after ``layer``: 0 is the embeddings, i the output of block i,
+        n_layer (or -1) the final normalised states the LM head reads. Negative counts from the top."""
+        n = self.cfg.n_layer
+        if not -(n + 1) <= layer <= n:
+            raise ValueError(f"layer {layer} out of range {-(n + 1)}..{n}")
+        layer = layer % (n + 1)
+        B, T = idx.shape
+        if positions is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
+        else:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, D/2)
+        mask = None if key_valid is None else padding_mask(key_valid, T)  # (B, 1, T, T)
+        x = self.embed(idx)  # (B, T, C)
+        for block in self.blocks[:layer]:
+            x = block(x, cos, sin, None, 0, mask)
+        return self.norm(x) if layer == n else x
+
 
 def padding_mask(key_valid: torch.Tensor, T: int) -> torch.Tensor:
     """Attention mask (B, 1, T, S) for T queries at the last T of S slots: causal, real keys only.

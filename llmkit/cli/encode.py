@@ -1,0 +1,131 @@
+"""Embeddings from a checkpoint: pooled hidden states of each input item, streamed to a file.
+
+With --query and --index, search a saved index for the nearest items instead (cosine similarity).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmkit.cli.options import DeviceOpt, OutOpt, QuietOpt
+from llmkit.core.errors import ConfigError, DataError
+
+
+def encode(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
+    input: Annotated[Optional[str], typer.Argument(help="Text file (one item per line), JSONL, CSV/TSV, or - for stdin.", show_default=False)] = None,
+    out: OutOpt = None,
+    field: Annotated[Optional[str], typer.Option("--field", help="JSONL field holding the text [default: text].", show_default=False)] = None,
+    column: Annotated[Optional[str], typer.Option("--column", help="CSV/TSV column holding the text.", show_default=False)] = None,
+    pooling: Annotated[str, typer.Option("--pooling", help="mean, last, max or first (over real tokens).")] = "mean",
+    layer: Annotated[int, typer.Option("--layer", help="Hidden layer: 0 embeddings … n_layer (= -1) final.")] = -1,
+    normalize: Annotated[bool, typer.Option("--normalize", help="Unit-length vectors.")] = False,
+    max_length: Annotated[int, typer.Option("--max-length", help="Truncate items to this many tokens (0: the context).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Items per forward pass.")] = 32,
+    dtype: Annotated[str, typer.Option("--dtype", help="Stored vectors: float32 or float16.")] = "float32",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from the rows already written.")] = False,
+    query: Annotated[Optional[str], typer.Option("--query", help="Search --index for the items nearest to this text.", show_default=False)] = None,
+    index: Annotated[Optional[Path], typer.Option("--index", help="An index written by llmkit encode.", show_default=False)] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Neighbours to show.")] = 5,
+    quiet: QuietOpt = False,
+    device: DeviceOpt = None,
+) -> None:
+    from llmkit.cli.render import err_console
+    from llmkit.core import embed
+    from llmkit.core.checkpoint import load_model, resolve_checkpoint
+    from llmkit.core.device import pick_device
+
+    if batch_size <= 0:
+        raise ConfigError(f"--batch-size must be positive, not {batch_size}")
+    path = resolve_checkpoint(checkpoint)
+    if query is not None:
+        if index is None:
+            raise ConfigError("--query needs --index (a file written by llmkit encode)")
+        vectors, texts, meta = embed.load_index(index)
+        settings = embed.EmbedSettings(pooling=meta["pooling"], layer=meta["layer"], normalize=meta["normalize"],
+                                       max_length=meta["max_length"])
+    else:
+        if input is None or out is None:
+            raise ConfigError("give INPUT and -o OUT (or --query with --index to search)")
+        settings = embed.EmbedSettings(pooling=pooling, layer=layer, normalize=normalize, max_length=max_length,
+                                       dtype=dtype)
+        if out.suffix.lower() not in embed.FORMATS:
+            raise ConfigError(f"output {out}: unsupported extension {out.suffix or '(none)'}; "
+                              f"use {', '.join(embed.FORMATS)}")
+        items = _items(input, field, column)
+    dev = pick_device(device or "auto")
+    model, ckpt = load_model(path, dev)
+    n = model.cfg.n_layer
+    if not -(n + 1) <= settings.layer <= n:
+        raise ConfigError(f"--layer {settings.layer} is out of range: this model has layers {-(n + 1)}..{n}")
+    model_id = embed.model_hash(ckpt.path)
+    console = err_console()
+    if query is not None:
+        if vectors.shape[1] != model.cfg.d_model or meta["model_hash"] != model_id:
+            raise DataError(f"index {index} was built by another model (dimension {vectors.shape[1]}, model "
+                            f"{meta['model_hash']}); this checkpoint gives dimension {model.cfg.d_model}, model {model_id}")
+        vec, _ = embed.embed_items(model, ckpt.tokenizer, [query], settings, device=dev)
+        _show_hits(embed.search(vectors, vec[0], top_k), texts)
+        return
+    progress = None
+    if console.is_terminal and not quiet:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn("[bold]encode[/]"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]} items/s"), TimeRemainingColumn(), console=console)
+        progress.start()
+        task = progress.add_task("encode", total=len(items), rate="-")
+    import time
+
+    t0, first = time.perf_counter(), None
+
+    def on_progress(done: int, total: int, truncated: int) -> None:
+        nonlocal first
+        first = done if first is None else first
+        if progress:
+            rate = (done - first) / max(time.perf_counter() - t0, 1e-9)
+            progress.update(task, completed=done, rate=f"{rate:.1f}")
+
+    try:
+        meta = embed.encode_to_file(model, ckpt.tokenizer, items, out, settings, model_id=model_id,
+                                    batch_size=batch_size, device=dev, resume=resume, on_progress=on_progress)
+    finally:
+        if progress:
+            progress.stop()
+    if not quiet:
+        rate = (meta["rows_done"] - (first or 0)) / max(time.perf_counter() - t0, 1e-9)
+        note = f", {meta['truncated']} truncated to {settings.max_length or model.cfg.context} tokens" if meta["truncated"] else ""
+        console.print(f"{meta['rows_done']} vectors of dimension {meta['dim']} ({settings.pooling} pooling, "
+                      f"layer {settings.layer}) at {rate:.1f} items/s{note}", highlight=False)
+    typer.echo(str(out))
+
+
+def _items(spec: str, field: str | None, column: str | None) -> list[str]:
+    from llmkit.core.corpus import read_text
+    from llmkit.core.embed import input_format, parse_items
+
+    if spec == "-":
+        return parse_items(sys.stdin.read(), "stdin", field=field, column=column)
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"input not found: {spec}")
+    return parse_items(read_text(path), spec, field=field, column=column, fmt=input_format(spec, field, column))
+
+
+def _show_hits(hits, texts) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="nearest items", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("id", justify="right")
+    table.add_column("text")
+    for rank, (row, score) in enumerate(hits, 1):
+        table.add_row(str(rank), f"{score:.4f}", str(row), escape(texts[row][:200]))
+    Console(highlight=False).print(table)

@@ -1,0 +1,304 @@
+"""Embeddings from any llmkit checkpoint: pooled hidden states, streamed to disk, and search.
+
+- Items come from a text file (one per line), JSONL (a field), CSV/TSV (a column) or stdin.
+- Items are encoded in chunks taken in input order; inside a chunk they are sorted by length (less
+  padding), batched, and put back in order before the chunk is written. Memory is bounded by the
+  chunk, whatever the number of items.
+- Padding never changes a vector: right padding is invisible to causal attention; left padding
+  gets per-row positions and a mask (as in batched generation). Pooling only reads real tokens.
+- Writers append chunk by chunk to .npy (a preallocated memmap), .safetensors (header first, data
+  streamed) or .jsonl. ``OUT.meta.json`` records the model hash, settings and rows done (updated
+  after each chunk), so an interrupted run can resume; .npy/.safetensors indexes keep their texts
+  in ``OUT.items.jsonl`` for search.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from llmkit.core.errors import ConfigError, DataError
+
+POOLINGS = ("mean", "last", "max", "first")
+FORMATS = (".npy", ".safetensors", ".jsonl")
+CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    pooling: str = "mean"
+    layer: int = -1
+    normalize: bool = False
+    max_length: int = 0  # 0: the model's context
+    dtype: str = "float32"  # float32 | float16
+    pad_side: str = "right"
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
+        if self.dtype not in ("float32", "float16"):
+            raise ConfigError(f"--dtype must be float32 or float16, not {self.dtype!r}")
+        if self.max_length < 0:
+            raise ConfigError("--max-length must be positive")
+        if self.pad_side not in ("left", "right"):
+            raise ConfigError("pad side must be left or right")
+
+
+# --- input ----------------------------------------------------------------------------------------
+
+def parse_items(text: str, name: str, *, field: str | None = None, column: str | None = None,
+                fmt: str | None = None) -> list[str]:
+    """Items from text: JSONL (``field``), CSV/TSV (``column``) or one per non-blank line."""
+    kind = fmt or ("jsonl" if field else "csv" if column else "lines")
+    if kind == "jsonl":
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{name}: line {n} is not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or (field or "text") not in obj:
+                raise DataError(f"{name}: line {n} has no field {field or 'text'!r} (choose it with --field)")
+            items.append(str(obj[field or "text"]))
+    elif kind in ("csv", "tsv"):
+        delimiter = "\t" if kind == "tsv" or name.endswith(".tsv") else ","
+        reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+        if not reader.fieldnames or column not in reader.fieldnames:
+            raise DataError(f"{name}: no column {column!r} (columns: {', '.join(reader.fieldnames or [])})")
+        items = [row[column] or "" for row in reader]
+    else:
+        items = [line for line in text.splitlines() if line.strip()]
+    if not items:
+        raise DataError(f"{name}: no items to encode (the input is empty)")
+    return items
+
+
+def input_format(path: str, field: str | None, column: str | None) -> str:
+    suffix = Path(path).suffix.lower()
+    if field or suffix == ".jsonl":
+        return "jsonl"
+    if column or suffix in (".csv", ".tsv"):
+        if not column:
+            raise DataError(f"{path}: give --column to choose the text column of a {suffix} file")
+        return "tsv" if suffix == ".tsv" else "csv"
+    return "lines"
+
+
+# --- pooling and encoding -------------------------------------------------------------------------
+
+def pool(hidden: torch.Tensor, valid: torch.Tensor, how: str) -> torch.Tensor:
+    """hidden (B, T, C), valid (B, T) bool -> (B, C), reading only the real tokens."""
+    h = hidden.float()
+    if how == "mean":
+        w = valid.to(h.dtype)[..., None]  # (B, T, 1)
+        return (h * w).sum(1) / w.sum(1).clamp(min=1)
+    if how == "max":
+        return h.masked_fill(~valid[..., None], float("-inf")).amax(1)
+    idx = torch.arange(valid.size(1), device=valid.device).expand_as(valid)  # (B, T)
+    if how == "last":
+        pick = torch.where(valid, idx, -1).amax(1)  # (B,) last real position
+    else:  # first
+        pick = torch.where(valid, idx, valid.size(1)).amin(1)  # (B,) first real position
+    return h[torch.arange(h.size(0), device=h.device), pick]  # (B, C)
+
+
+@torch.inference_mode()
+def embed_batch(model, rows: list[list[int]], s: EmbedSettings, device="cpu") -> torch.Tensor:
+    """Token rows -> pooled vectors (B, C); padding on ``s.pad_side``."""
+    T = max(len(r) for r in rows)
+    pads = [T - len(r) for r in rows]
+    if s.pad_side == "right":
+        ids = torch.tensor([r + [0] * p for r, p in zip(rows, pads)], device=device)  # (B, T)
+        valid = torch.tensor([[True] * len(r) + [False] * p for r, p in zip(rows, pads)], device=device)
+        # Causal attention never looks right: trailing padding is invisible to real tokens.
+        hidden = model.hidden_states(ids, layer=s.layer)
+    else:
+        ids = torch.tensor([[0] * p + r for r, p in zip(rows, pads)], device=device)  # (B, T)
+        valid = torch.tensor([[False] * p + [True] * len(r) for r, p in zip(rows, pads)], device=device)
+        pad = torch.tensor(pads, device=device)
+        positions = (torch.arange(T, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+        hidden = model.hidden_states(ids, layer=s.layer, positions=positions, key_valid=valid)
+    vec = pool(hidden, valid, s.pooling)  # (B, C)
+    if s.normalize:
+        vec = torch.nn.functional.normalize(vec, dim=-1)
+    return vec
+
+
+def embed_items(model, tokenizer, items: list[str], s: EmbedSettings, *, batch_size: int = 32,
+                device="cpu") -> tuple[np.ndarray, int]:
+    """Vectors (N, C) for items in input order, and how many items were truncated to max_length."""
+    limit = min(s.max_length or model.cfg.context, model.cfg.context)
+    rows = tokenizer.encode_batch(items)
+    truncated = sum(len(r) > limit for r in rows)
+    rows = [r[:limit] or [tokenizer.bos_id] for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # longest first: similar lengths together
+    out = np.zeros((len(rows), model.cfg.d_model), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        out[idx] = embed_batch(model, [rows[i] for i in idx], s, device).cpu().numpy()
+    return out, truncated
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+def model_hash(ckpt_path: Path) -> str:
+    h = hashlib.sha256()
+    with open(Path(ckpt_path) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def meta_path(out: Path) -> Path:
+    return out.with_name(out.name + ".meta.json")
+
+
+def items_path(out: Path) -> Path:
+    return out.with_name(out.name + ".items.jsonl")
+
+
+class Writer:
+    """Appends vectors chunk by chunk to OUT; keeps OUT.meta.json (and OUT.items.jsonl) in step."""
+
+    def __init__(self, out: Path, n: int, dim: int, meta: dict, *, resume: bool):
+        self.out, self.n, self.dim = out, n, dim
+        self.fmt = out.suffix.lower()
+        if self.fmt not in FORMATS:
+            raise ConfigError(f"output {out}: unsupported extension {out.suffix or '(none)'}; use {', '.join(FORMATS)}")
+        if out.exists() and out.is_dir():
+            raise ConfigError(f"output {out} is a directory")
+        self.np_dtype = np.float16 if meta["dtype"] == "float16" else np.float32
+        self.meta = {**meta, "rows": n, "dim": dim, "format": self.fmt[1:], "rows_done": 0}
+        self.done = 0
+        if resume and meta_path(out).is_file() and out.is_file():
+            old = json.loads(meta_path(out).read_text())
+            for key in ("model_hash", "rows", "dim", "pooling", "layer", "normalize", "dtype", "max_length", "format",
+                        "input_hash"):
+                if old.get(key) != self.meta.get(key):
+                    raise ConfigError(f"cannot resume {out}: {key} was {old.get(key)!r}, now {self.meta.get(key)!r}")
+            self.done = old["rows_done"]
+            self._truncate_text_files()
+        else:
+            self._create()
+        self.meta["rows_done"] = self.done
+
+    def _truncate_text_files(self) -> None:
+        for path in ([self.out] if self.fmt == ".jsonl" else [items_path(self.out)]):
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[: self.done]
+            path.write_text("".join(lines), encoding="utf-8")
+
+    def _create(self) -> None:
+        if self.fmt == ".npy":
+            np.lib.format.open_memmap(self.out, mode="w+", dtype=self.np_dtype, shape=(self.n, self.dim)).flush()
+        elif self.fmt == ".safetensors":
+            header = {"embeddings": {"dtype": "F16" if self.np_dtype == np.float16 else "F32",
+                                     "shape": [self.n, self.dim],
+                                     "data_offsets": [0, self.n * self.dim * np.dtype(self.np_dtype).itemsize]},
+                      "__metadata__": {k: str(v) for k, v in self.meta.items() if k != "rows_done"}}
+            raw = json.dumps(header).encode()
+            raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+            with open(self.out, "wb") as f:
+                f.write(struct.pack("<Q", len(raw)) + raw)
+                f.truncate(8 + len(raw) + self.n * self.dim * np.dtype(self.np_dtype).itemsize)
+            self.data_offset = 8 + len(raw)
+        else:
+            self.out.write_text("", encoding="utf-8")
+        if self.fmt != ".jsonl":
+            items_path(self.out).write_text("", encoding="utf-8")
+        self._save_meta()
+
+    def _save_meta(self) -> None:
+        tmp = meta_path(self.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.meta, indent=1))
+        os.replace(tmp, meta_path(self.out))
+
+    def write(self, vectors: np.ndarray, texts: list[str]) -> None:
+        start, stop = self.done, self.done + len(vectors)
+        vec = vectors.astype(self.np_dtype)
+        if self.fmt == ".npy":
+            mm = np.load(self.out, mmap_mode="r+")
+            mm[start:stop] = vec
+            mm.flush()
+            del mm
+        elif self.fmt == ".safetensors":
+            with open(self.out, "r+b") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                f.seek(8 + header_len + start * self.dim * vec.itemsize)
+                f.write(np.ascontiguousarray(vec).tobytes())
+        if self.fmt == ".jsonl":
+            with open(self.out, "a", encoding="utf-8") as f:
+                for i, (t, v) in enumerate(zip(texts, vec.tolist())):
+                    f.write(json.dumps({"id": start + i, "text": t, "vector": v}, ensure_ascii=False) + "\n")
+        else:
+            with open(items_path(self.out), "a", encoding="utf-8") as f:
+                for i, t in enumerate(texts):
+                    f.write(json.dumps({"id": start + i, "text": t}, ensure_ascii=False) + "\n")
+        self.done = stop
+        self.meta["rows_done"] = stop  # after the data: a crash re-encodes a chunk, never skips one
+        self._save_meta()
+
+
+def encode_to_file(model, tokenizer, items: list[str], out: Path, s: EmbedSettings, *, model_id: str,
+                   batch_size: int = 32, device="cpu", resume: bool = False, chunk: int = CHUNK,
+                   on_progress: Callable[[int, int, int], None] | None = None) -> dict:
+    """Encode items into OUT chunk by chunk; return the final metadata (with 'truncated')."""
+    input_hash = hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+    meta = {"model_hash": model_id, "input_hash": input_hash, **asdict(s)}
+    writer = Writer(out, len(items), model.cfg.d_model, meta, resume=resume)
+    truncated = 0
+    if on_progress:
+        on_progress(writer.done, len(items), 0)
+    for start in range(writer.done, len(items), chunk):
+        part = items[start: start + chunk]
+        vectors, t = embed_items(model, tokenizer, part, s, batch_size=batch_size, device=device)
+        truncated += t
+        writer.write(vectors, part)
+        if on_progress:
+            on_progress(writer.done, len(items), truncated)
+    writer.meta["truncated"] = truncated
+    writer._save_meta()
+    return writer.meta
+
+
+# --- reading an index and searching ----------------------------------------------------------------
+
+def load_index(out: Path) -> tuple[np.ndarray, list[str], dict]:
+    """Vectors (N, C), texts and metadata of an index written by encode_to_file."""
+    if not meta_path(out).is_file() or not out.is_file():
+        raise DataError(f"no index at {out} (expected {out.name} and {meta_path(out).name})")
+    meta = json.loads(meta_path(out).read_text())
+    n = meta["rows_done"]
+    if out.suffix == ".npy":
+        vectors = np.load(out, mmap_mode="r")[:n]
+    elif out.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        vectors = load_file(str(out))["embeddings"][:n]
+    else:
+        rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        vectors = np.asarray([r["vector"] for r in rows], dtype=np.float32)
+        return vectors, [r["text"] for r in rows], meta
+    texts = [json.loads(line)["text"] for line in items_path(out).read_text(encoding="utf-8").splitlines()][:n]
+    return np.asarray(vectors, dtype=np.float32), texts, meta
+
+
+def search(index: np.ndarray, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """Cosine nearest neighbours of one query vector: [(row, score)], best first."""
+    a = index / np.maximum(np.linalg.norm(index, axis=1, keepdims=True), 1e-12)
+    q = query / max(float(np.linalg.norm(query)), 1e-12)
+    scores = a @ q
+    top = np.argsort(-scores, kind="stable")[:k]
+    return [(int(i), float(scores[i])) for i in top]
+
