@@ -145,3 +145,11 @@ def test_cli_encode_errors(trained_run, tmp_path):
     meta["model_hash"] = "someone-else"
     embed.meta_path(index).write_text(json.dumps(meta))
     assert_one_line_error(enc(trained_run, "--query", "Le pain", "--index", index), "built by another model")
+
+
+def test_float16_output_is_stored_as_float16(model, tokenizer, tmp_path):
+    out = tmp_path / "h.npy"
+    encode_to_file(model, tokenizer, ITEMS, out, EmbedSettings(dtype="float16"), model_id="m")
+    assert np.load(out).dtype == np.float16
+    full, _ = embed_items(model, tokenizer, ITEMS, EmbedSettings())
+    assert np.allclose(load_index(out)[0], full, atol=1e-2)

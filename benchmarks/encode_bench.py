@@ -1,0 +1,191 @@
+"""`llmkit encode`: probe quality, speed against Hugging Face LlamaModel pooling, flat memory.
+
+    .venv/bin/python benchmarks/encode_bench.py probe CKPT     # logistic-regression probes, classify_fr
+    .venv/bin/python benchmarks/encode_bench.py speed CKPT     # items/s and peak memory vs LlamaModel
+    .venv/bin/python benchmarks/encode_bench.py memory CKPT    # peak RSS of `llmkit encode`, 10k vs 200k lines
+
+probe: vectors of the train split fit a multinomial logistic regression (L2, LBFGS, standardised
+features), scored on the dev split, for mean and last pooling at a middle layer and the top; the
+same regression on bag-of-words counts and the majority class are the baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import ROOT, SHARED_DATA, emit, hf_llama, machine
+
+from llmkit.core.checkpoint import load_model
+from llmkit.core.embed import pool
+
+
+def read(name: str, split: str) -> tuple[list[str], list[str]]:
+    rows = [json.loads(line) for line in (SHARED_DATA / "classify_fr" / f"{name}.{split}.jsonl").read_text().splitlines()]
+    return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+def logistic_probe(xtr: np.ndarray, ytr: list[str], xdv: np.ndarray, ydv: list[str], l2: float = 1e-3) -> dict:
+    labels = sorted(set(ytr))
+    index = {c: i for i, c in enumerate(labels)}
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    a = torch.tensor((xtr - mu) / sd, dtype=torch.float32)
+    b = torch.tensor((xdv - mu) / sd, dtype=torch.float32)
+    y = torch.tensor([index[c] for c in ytr])
+    w = torch.zeros(a.size(1), len(labels), requires_grad=True)
+    bias = torch.zeros(len(labels), requires_grad=True)
+    opt = torch.optim.LBFGS([w, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(a @ w + bias, y) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    pred = (b @ w + bias).argmax(1).tolist()
+    gold = [index.get(c, -1) for c in ydv]
+    acc = float(np.mean([p == g for p, g in zip(pred, gold)]))
+    f1s = []
+    for k in range(len(labels)):
+        tp = sum(p == k and g == k for p, g in zip(pred, gold))
+        fp = sum(p == k and g != k for p, g in zip(pred, gold))
+        fn = sum(p != k and g == k for p, g in zip(pred, gold))
+        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
+    return {"accuracy": round(acc, 4), "macro_f1": round(float(np.mean(f1s)), 4)}
+
+
+def bag_of_words(train: list[str], dev: list[str], vocab: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+    words = lambda t: re.findall(r"\w+", t.lower())  # noqa: E731
+    common = [w for w, _ in Counter(w for t in train for w in words(t)).most_common(vocab)]
+    index = {w: i for i, w in enumerate(common)}
+
+    def vec(texts):
+        out = np.zeros((len(texts), len(common)), dtype=np.float32)
+        for r, t in enumerate(texts):
+            for w in words(t):
+                if w in index:
+                    out[r, index[w]] += 1
+        return np.log1p(out)
+
+    return vec(train), vec(dev)
+
+
+@torch.inference_mode()
+def pooled(model, tok, texts, layer, batch=32, max_len=128) -> dict[str, np.ndarray]:
+    """Mean and last pooling of one layer in one pass (right padding is invisible to causal attention)."""
+    rows = [r[:max_len] or [tok.bos_id] for r in tok.encode_batch(texts)]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    out = {"mean": np.zeros((len(rows), model.cfg.d_model), np.float32), "last": None}
+    out["last"] = out["mean"].copy()
+    for s in range(0, len(order), batch):
+        idx = order[s: s + batch]
+        T = max(len(rows[i]) for i in idx)
+        ids = torch.tensor([rows[i] + [0] * (T - len(rows[i])) for i in idx])
+        valid = torch.tensor([[True] * len(rows[i]) + [False] * (T - len(rows[i])) for i in idx])
+        h = model.hidden_states(ids, layer=layer)
+        for how in ("mean", "last"):
+            out[how][idx] = pool(h, valid, how).numpy()
+    return out
+
+
+def probe(ckpt: str) -> None:
+    model, c = load_model(Path(ckpt))
+    tok = c.tokenizer
+    layers = {"middle": model.cfg.n_layer // 2, "top": -1}
+    for name in ("sib200_topic_fr", "theatre17_genre_fr"):
+        xtr_t, ytr = read(name, "train")
+        xdv_t, ydv = read(name, "dev")
+        majority = Counter(ytr).most_common(1)[0][0]
+        emit(event="probe", data=name, features="majority class", accuracy=round(float(np.mean([y == majority for y in ydv])), 4))
+        btr, bdv = bag_of_words(xtr_t, xdv_t)
+        emit(event="probe", data=name, features="bag of words", **logistic_probe(btr, ytr, bdv, ydv))
+        for lname, layer in layers.items():
+            t0 = time.perf_counter()
+            tr, dv = pooled(model, tok, xtr_t, layer), pooled(model, tok, xdv_t, layer)
+            for how in ("mean", "last"):
+                emit(event="probe", data=name, features=f"llmkit {how} pooling, {lname} layer ({layer})",
+                     seconds=round(time.perf_counter() - t0, 1), **logistic_probe(tr[how], ytr, dv[how], ydv))
+
+
+def speed(ckpt: str, rounds: int = 5) -> None:
+    model, c = load_model(Path(ckpt))
+    tok = c.tokenizer
+    peer = hf_llama(model).model  # the LlamaModel trunk
+    texts = read("sib200_topic_fr", "train")[0] * 2
+    from llmkit.core.embed import EmbedSettings, embed_items
+
+    @torch.inference_mode()
+    def hf_mean(texts, batch=32):
+        # sentence-transformers style: length-sorted batches, attention mask, mean over real tokens
+        rows = [r[:128] for r in tok.encode_batch(texts)]
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        out = np.zeros((len(rows), model.cfg.d_model), np.float32)
+        for s in range(0, len(order), batch):
+            idx = order[s: s + batch]
+            T = max(len(rows[i]) for i in idx)
+            ids = torch.tensor([rows[i] + [0] * (T - len(rows[i])) for i in idx])
+            mask = torch.tensor([[1] * len(rows[i]) + [0] * (T - len(rows[i])) for i in idx])
+            h = peer(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask[..., None].float()
+            out[idx] = ((h * m).sum(1) / m.sum(1)).numpy()
+        return out
+
+    ours = lambda texts: embed_items(model, tok, texts, EmbedSettings(max_length=128))[0]  # noqa: E731
+    a, b = ours(texts[:64]), hf_mean(texts[:64])
+    emit(event="parity", max_abs_diff=float(np.abs(a - b).max()))
+    times = {"llmkit": [], "transformers": []}
+    for _ in range(rounds):
+        for name, fn in (("llmkit", ours), ("transformers", hf_mean)):
+            t0 = time.perf_counter()
+            fn(texts)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    for k, m in med.items():
+        emit(event="encode_speed", contender=k, items=len(texts), items_per_s=round(len(texts) / m, 1),
+             ratio_vs_transformers=round(med["transformers"] / m, 3))
+
+
+def memory(ckpt: str) -> None:
+    """Peak RSS of the real command on 10k and 200k synthetic lines (each in its own process)."""
+    words = "le la les un une de du des pain mer ville langue maison rivière forêt soleil".split()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (10_000, 200_000):
+            src = Path(tmp) / f"{n}.txt"
+            src.write_text("\n".join(" ".join(rng.choice(words, size=8)) for _ in range(n)) + "\n")
+            out = Path(tmp) / f"{n}.npy"
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "llmkit", "encode", ckpt, str(src), "-o", str(out), "--quiet",
+                                   "--batch-size", "64"], cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(proc.stderr)
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # max over children so far
+            emit(event="encode_memory", lines=n, seconds=round(time.perf_counter() - t0, 1),
+                 peak_rss_mb_so_far=round(peak, 1), output_mb=round(out.stat().st_size / 1e6, 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("which", choices=["probe", "speed", "memory"])
+    ap.add_argument("checkpoint")
+    args = ap.parse_args()
+    if not SHARED_DATA.exists():
+        sys.exit(f"skipped: {SHARED_DATA} not present")
+    emit(event="machine", **machine())
+    {"probe": probe, "speed": speed, "memory": memory}[args.which](args.checkpoint)
+
+
+if __name__ == "__main__":
+    main()
