@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -157,8 +156,41 @@ def speed(ckpt: str, rounds: int = 5) -> None:
              ratio_vs_transformers=round(med["transformers"] / m, 3))
 
 
+def peer_encode(ckpt: str, src: str, out: str) -> None:
+    """The peer's way, in its own process: LlamaModel + mean pooling, every vector kept in RAM, then saved."""
+    model, c = load_model(Path(ckpt))
+    peer = hf_llama(model).model
+    texts = [line for line in Path(src).read_text().splitlines() if line.strip()]
+    rows = c.tokenizer.encode_batch(texts)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    vectors = np.zeros((len(rows), model.cfg.d_model), np.float32)
+    with torch.inference_mode():
+        for s in range(0, len(order), 64):
+            idx = order[s: s + 64]
+            T = max(len(rows[i]) for i in idx)
+            ids = torch.tensor([rows[i] + [0] * (T - len(rows[i])) for i in idx])
+            mask = torch.tensor([[1] * len(rows[i]) + [0] * (T - len(rows[i])) for i in idx])
+            h = peer(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask[..., None].float()
+            vectors[idx] = ((h * m).sum(1) / m.sum(1)).numpy()
+    np.save(out, vectors)
+
+
+def _peak_of(cmd: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of one command, measured by GNU time-like wait4 accounting."""
+    import os
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        sys.exit(proc.stderr.read())
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+
+
 def memory(ckpt: str) -> None:
-    """Peak RSS of the real command on 10k and 200k synthetic lines (each in its own process)."""
+    """Peak RSS on 10k and 200k synthetic lines: the real `llmkit encode` command against the peer's
+    in-memory pooling, each in its own process."""
     words = "le la les un une de du des pain mer ville langue maison rivière forêt soleil".split()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,21 +198,27 @@ def memory(ckpt: str) -> None:
             src = Path(tmp) / f"{n}.txt"
             src.write_text("\n".join(" ".join(rng.choice(words, size=8)) for _ in range(n)) + "\n")
             out = Path(tmp) / f"{n}.npy"
-            t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "llmkit", "encode", ckpt, str(src), "-o", str(out), "--quiet",
-                                   "--batch-size", "64"], cwd=ROOT, capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(proc.stderr)
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # max over children so far
-            emit(event="encode_memory", lines=n, seconds=round(time.perf_counter() - t0, 1),
-                 peak_rss_mb_so_far=round(peak, 1), output_mb=round(out.stat().st_size / 1e6, 1))
+            runs = {
+                "llmkit": [sys.executable, "-m", "llmkit", "encode", ckpt, str(src), "-o", str(out), "--quiet",
+                           "--batch-size", "64"],
+                "transformers": [sys.executable, str(Path(__file__)), "peer", ckpt, "--src", str(src),
+                                 "--out", str(Path(tmp) / f"{n}.peer.npy")],
+            }
+            for name, cmd in runs.items():
+                seconds, peak = _peak_of(cmd)
+                emit(event="encode_memory", contender=name, lines=n, seconds=round(seconds, 1),
+                     peak_rss_mb=round(peak, 1))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", choices=["probe", "speed", "memory"])
+    ap.add_argument("which", choices=["probe", "speed", "memory", "peer"])
     ap.add_argument("checkpoint")
+    ap.add_argument("--src")
+    ap.add_argument("--out")
     args = ap.parse_args()
+    if args.which == "peer":  # internal: the peer's side of `memory`, in its own process
+        return peer_encode(args.checkpoint, args.src, args.out)
     if not SHARED_DATA.exists():
         sys.exit(f"skipped: {SHARED_DATA} not present")
     emit(event="machine", **machine())
