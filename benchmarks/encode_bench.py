@@ -118,6 +118,23 @@ def probe(ckpt: str) -> None:
                      seconds=round(time.perf_counter() - t0, 1), **logistic_probe(tr[how], ytr, dv[how], ydv))
 
 
+@torch.inference_mode()
+def peer_mean_pool(peer, rows: list[list[int]], dim: int, batch: int) -> np.ndarray:
+    """sentence-transformers style over a Hugging Face LlamaModel: length-sorted batches, attention
+    mask, mean over real tokens; every vector kept in memory."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    out = np.zeros((len(rows), dim), np.float32)
+    for s in range(0, len(order), batch):
+        idx = order[s: s + batch]
+        T = max(len(rows[i]) for i in idx)
+        ids = torch.tensor([rows[i] + [0] * (T - len(rows[i])) for i in idx])
+        mask = torch.tensor([[1] * len(rows[i]) + [0] * (T - len(rows[i])) for i in idx])
+        h = peer(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, C)
+        m = mask[..., None].float()
+        out[idx] = ((h * m).sum(1) / m.sum(1)).numpy()
+    return out
+
+
 def speed(ckpt: str, rounds: int = 5) -> None:
     model, c = load_model(Path(ckpt))
     tok = c.tokenizer
@@ -125,21 +142,8 @@ def speed(ckpt: str, rounds: int = 5) -> None:
     texts = read("sib200_topic_fr", "train")[0] * 2
     from llmkit.core.embed import EmbedSettings, embed_items
 
-    @torch.inference_mode()
-    def hf_mean(texts, batch=32):
-        # sentence-transformers style: length-sorted batches, attention mask, mean over real tokens
-        rows = [r[:128] for r in tok.encode_batch(texts)]
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        out = np.zeros((len(rows), model.cfg.d_model), np.float32)
-        for s in range(0, len(order), batch):
-            idx = order[s: s + batch]
-            T = max(len(rows[i]) for i in idx)
-            ids = torch.tensor([rows[i] + [0] * (T - len(rows[i])) for i in idx])
-            mask = torch.tensor([[1] * len(rows[i]) + [0] * (T - len(rows[i])) for i in idx])
-            h = peer(input_ids=ids, attention_mask=mask).last_hidden_state
-            m = mask[..., None].float()
-            out[idx] = ((h * m).sum(1) / m.sum(1)).numpy()
-        return out
+    def hf_mean(texts):
+        return peer_mean_pool(peer, [r[:128] for r in tok.encode_batch(texts)], model.cfg.d_model, batch=32)
 
     ours = lambda texts: embed_items(model, tok, texts, EmbedSettings(max_length=128))[0]  # noqa: E731
     a, b = ours(texts[:64]), hf_mean(texts[:64])
@@ -161,18 +165,7 @@ def peer_encode(ckpt: str, src: str, out: str) -> None:
     model, c = load_model(Path(ckpt))
     peer = hf_llama(model).model
     texts = [line for line in Path(src).read_text().splitlines() if line.strip()]
-    rows = c.tokenizer.encode_batch(texts)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-    vectors = np.zeros((len(rows), model.cfg.d_model), np.float32)
-    with torch.inference_mode():
-        for s in range(0, len(order), 64):
-            idx = order[s: s + 64]
-            T = max(len(rows[i]) for i in idx)
-            ids = torch.tensor([rows[i] + [0] * (T - len(rows[i])) for i in idx])
-            mask = torch.tensor([[1] * len(rows[i]) + [0] * (T - len(rows[i])) for i in idx])
-            h = peer(input_ids=ids, attention_mask=mask).last_hidden_state
-            m = mask[..., None].float()
-            vectors[idx] = ((h * m).sum(1) / m.sum(1)).numpy()
+    vectors = peer_mean_pool(peer, c.tokenizer.encode_batch(texts), model.cfg.d_model, batch=64)
     np.save(out, vectors)
 
 
