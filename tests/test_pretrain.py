@@ -63,7 +63,7 @@ def test_existing_run_needs_resume(tmp_path, corpus_file):
 def test_early_stopping_with_patience(tmp_path, corpus_file):
     # A learning rate of ~0 cannot improve after the first evaluation: patience 1 stops it.
     result = _run(tmp_path / "r", corpus_file, steps=50,
-                  sets=["optim.lr=1e-12", "optim.warmup_steps=0", "train.patience=1"])
+                  sets=["optim.lr=1e-12", "optim.warmup_steps=0", "train.patience=1", "train.min_delta=0.01"])
     assert result.stop_reason == "early_stop" and result.state.step < 50
 
 

@@ -48,7 +48,7 @@ def _escape(text: str) -> str:
 app = typer.Typer(cls=LlmkitGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
                   help="llmkit: from raw text to a working small language model.\n\n"
-                       "Train a tokenizer, pretrain a decoder-only transformer, generate text.")
+                       "Train a tokenizer, pretrain a decoder-only transformer, generate text, embed and search.")
 
 
 def _version(value: bool) -> None:

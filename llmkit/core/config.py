@@ -154,6 +154,8 @@ class TrainConfig:
     """Batches of validation data per evaluation (a fixed, evenly spread set)."""
     patience: int = 5
     """Stop after this many evaluations without improvement; 0 disables early stopping."""
+    min_delta: float = 0.0
+    """A validation loss counts as an improvement only when it beats the best by more than this."""
     save_every: int = 500
     """Write a step checkpoint (and last/) every this many steps."""
     keep_checkpoints: int = 2
@@ -179,6 +181,7 @@ class TrainConfig:
         _check(self.eval_every > 0, "train.eval_every", "must be positive")
         _check(self.eval_batches > 0, "train.eval_batches", "must be positive")
         _check(self.patience >= 0, "train.patience", "must not be negative")
+        _check(self.min_delta >= 0, "train.min_delta", "must not be negative")
         _check(self.save_every > 0, "train.save_every", "must be positive")
         _check(self.log_every > 0, "train.log_every", "must be positive")
         _check(self.dtype in ("auto", "fp32", "bf16", "fp16"), "train.dtype",

@@ -194,7 +194,7 @@ def fit(model: torch.nn.Module, task: Task, *, optim_cfg: OptimConfig, train_cfg
                 t_eval = time.perf_counter()
                 val = evaluate(net, task, device, precision)
                 state.last_val_loss = val
-                improved = val < state.best_val_loss
+                improved = val < state.best_val_loss - train_cfg.min_delta
                 if improved:
                     state.best_val_loss, state.best_step, state.bad_evals = val, state.step, 0
                 else:
