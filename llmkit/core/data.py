@@ -49,10 +49,6 @@ class TokenData:
     path: Path
     from_cache: bool
 
-    @property
-    def val_bytes_per_token(self) -> float:
-        return self.meta["val_bytes"] / max(self.meta["val_tokens"], 1)
-
 
 def split_document(text: str, val_fraction: float) -> tuple[str, str]:
     """Cut one document into (train, val) at the first line break past the (1 - fraction) mark."""

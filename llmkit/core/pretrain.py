@@ -25,13 +25,13 @@ from llmkit.core.data import TokenData, batch_generator, check_fits, eval_batche
 from llmkit.core.device import pick_device, pick_precision, set_threads
 from llmkit.core.errors import CheckpointError, ConfigError, TrainingDiverged
 from llmkit.core.generate import decode_batch
+from llmkit.core.metrics import bits_per_byte
 from llmkit.core.model import Transformer
 from llmkit.core.plot import write_loss_curve
 from llmkit.core.tokenizer import Tokenizer, check_compatible, train_tokenizer
 from llmkit.core.train import TrainState, fit, make_optimizer
 
 EventFn = Callable[[str, dict[str, Any]], None]
-LN2 = math.log(2.0)
 
 
 def check_out_dir(out: Path) -> None:
@@ -98,8 +98,8 @@ class PretrainResult:
 class MetricsLog:
     """Appends one JSON line per step/eval event to metrics.jsonl, and keeps the curves."""
 
-    def __init__(self, path: Path, bytes_per_token: float):
-        self.path, self.bpt = path, bytes_per_token
+    def __init__(self, path: Path, val_tokens: int, val_bytes: int):
+        self.path, self.val_tokens, self.val_bytes = path, val_tokens, val_bytes
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
         if path.exists():  # a resumed run keeps its history
@@ -116,7 +116,7 @@ class MetricsLog:
         row = {"event": kind, "time": round(time.time(), 3), **data}
         if kind == "eval":
             row["val_ppl"] = math.exp(min(data["val_loss"], 50))
-            row["val_bpb"] = data["val_loss"] / LN2 / self.bpt
+            row["val_bpb"] = bits_per_byte(data["val_loss"], self.val_tokens, self.val_bytes)
             self.val.append((data["step"], data["val_loss"]))
             data.update(val_ppl=row["val_ppl"], val_bpb=row["val_bpb"])
         else:
@@ -221,7 +221,7 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
 
     config_dict = {**cfg.to_dict(), "task": {"kind": "lm"}}
     (out / "config.yaml").write_text(cfg.to_yaml() + "task:\n  kind: lm\n", encoding="utf-8")
-    metrics = MetricsLog(out / "metrics.jsonl", data.val_bytes_per_token)
+    metrics = MetricsLog(out / "metrics.jsonl", data.meta["val_tokens"], data.meta["val_bytes"])
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context
 
     def save(kind: str, st: TrainState) -> None:
