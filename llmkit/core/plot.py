@@ -9,7 +9,7 @@ from xml.sax.saxutils import escape
 W, H, PAD_L, PAD_R, PAD_T, PAD_B = 720, 400, 64, 20, 36, 48
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+def _ticks(lo: float, hi: float, n: int = 8) -> list[float]:
     if hi <= lo:
         return [lo]
     raw = (hi - lo) / n
