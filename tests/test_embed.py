@@ -153,3 +153,14 @@ def test_float16_output_is_stored_as_float16(model, tokenizer, tmp_path):
     assert np.load(out).dtype == np.float16
     full, _ = embed_items(model, tokenizer, ITEMS, EmbedSettings())
     assert np.allclose(load_index(out)[0], full, atol=1e-2)
+
+
+def test_file_source_streams_the_same_items_and_names_bad_bytes(tmp_path):
+    f = tmp_path / "in.csv"
+    f.write_text('id,t\n1,"Le pain, chaud"\n2,"La mer\nmonte"\n', encoding="utf-8")
+    src = embed.ItemSource.from_file(f, column="t").scan()
+    assert list(src) == ["Le pain, chaud", "La mer\nmonte"] and src.n == 2
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("Le pain\n".encode() + "été".encode("latin-1") + b"\n")
+    with pytest.raises(embed.DataError, match="not valid UTF-8 at byte offset 8"):
+        embed.ItemSource.from_file(bad).scan()

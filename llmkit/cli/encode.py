@@ -78,7 +78,7 @@ def encode(
         progress = Progress(TextColumn("[bold]encode[/]"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[rate]} items/s"), TimeRemainingColumn(), console=console)
         progress.start()
-        task = progress.add_task("encode", total=len(items), rate="-")
+        task = progress.add_task("encode", total=items.n, rate="-")
     import time
 
     t0, first = time.perf_counter(), None
@@ -104,16 +104,16 @@ def encode(
     typer.echo(str(out))
 
 
-def _items(spec: str, field: str | None, column: str | None) -> list[str]:
-    from llmkit.core.corpus import read_text
-    from llmkit.core.embed import input_format, parse_items
+def _items(spec: str, field: str | None, column: str | None):
+    """The input as a lazily read, already validated ItemSource (stdin is read whole: it cannot rewind)."""
+    from llmkit.core.embed import ItemSource
 
     if spec == "-":
-        return parse_items(sys.stdin.read(), "stdin", field=field, column=column)
+        return ItemSource.from_text(sys.stdin.read(), "stdin", field=field, column=column).scan()
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"input not found: {spec}")
-    return parse_items(read_text(path), spec, field=field, column=column, fmt=input_format(spec, field, column))
+    return ItemSource.from_file(path, field=field, column=column).scan()
 
 
 def _show_hits(hits, texts) -> None:

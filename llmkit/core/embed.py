@@ -17,12 +17,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -56,33 +57,84 @@ class EmbedSettings:
 
 # --- input ----------------------------------------------------------------------------------------
 
-def parse_items(text: str, name: str, *, field: str | None = None, column: str | None = None,
-                fmt: str | None = None) -> list[str]:
-    """Items from text: JSONL (``field``), CSV/TSV (``column``) or one per non-blank line."""
-    kind = fmt or ("jsonl" if field else "csv" if column else "lines")
+def _parse(lines: Iterable[str], name: str, kind: str, field: str | None, column: str | None) -> Iterator[str]:
+    """Items from lines, lazily: JSONL (``field``), CSV/TSV (``column``) or one per non-blank line."""
     if kind == "jsonl":
-        items = []
-        for n, line in enumerate(text.splitlines(), 1):
+        key = field or "text"
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{name}: line {n} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or (field or "text") not in obj:
-                raise DataError(f"{name}: line {n} has no field {field or 'text'!r} (choose it with --field)")
-            items.append(str(obj[field or "text"]))
+            if not isinstance(obj, dict) or key not in obj:
+                raise DataError(f"{name}: line {n} has no field {key!r} (choose it with --field)")
+            yield str(obj[key])
     elif kind in ("csv", "tsv"):
-        delimiter = "\t" if kind == "tsv" or name.endswith(".tsv") else ","
-        reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+        reader = csv.DictReader(lines, delimiter="\t" if kind == "tsv" else ",")
         if not reader.fieldnames or column not in reader.fieldnames:
             raise DataError(f"{name}: no column {column!r} (columns: {', '.join(reader.fieldnames or [])})")
-        items = [row[column] or "" for row in reader]
+        for row in reader:
+            yield row[column] or ""
     else:
-        items = [line for line in text.splitlines() if line.strip()]
-    if not items:
-        raise DataError(f"{name}: no items to encode (the input is empty)")
-    return items
+        for line in lines:
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield line
+
+
+class ItemSource:
+    """The items of an input, read lazily and twice: a first pass validates, counts and hashes
+    them (so errors come before any output, and .npy/.safetensors can be preallocated), the
+    second feeds the encoder. Only one chunk of texts is ever in memory."""
+
+    def __init__(self, open_lines: Callable[[], Iterable[str]], name: str, *, kind: str = "lines",
+                 field: str | None = None, column: str | None = None):
+        self.open_lines, self.name, self.kind, self.field, self.column = open_lines, name, kind, field, column
+        self.n, self.hash = 0, ""
+
+    @classmethod
+    def of(cls, items: list[str]) -> ItemSource:
+        source = cls(lambda: items, "items", kind="items")
+        return source
+
+    @classmethod
+    def from_file(cls, path: Path, *, field: str | None = None, column: str | None = None) -> ItemSource:
+        kind = input_format(str(path), field, column)
+
+        def open_lines():
+            offset = 0
+            with open(path, "rb") as f:
+                for raw in f:
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise DataError(f"{path}: not valid UTF-8 at byte offset {offset + e.start}") from None
+                    yield line.lstrip("\ufeff") if offset == 0 else line
+                    offset += len(raw)
+
+        return cls(open_lines, str(path), kind=kind, field=field, column=column)
+
+    @classmethod
+    def from_text(cls, text: str, name: str, *, field: str | None = None, column: str | None = None) -> ItemSource:
+        kind = "jsonl" if field else "csv" if column else "lines"
+        return cls(lambda: io.StringIO(text), name, kind=kind, field=field, column=column)
+
+    def __iter__(self) -> Iterator[str]:
+        if self.kind == "items":
+            return iter(self.open_lines())
+        return _parse(self.open_lines(), self.name, self.kind, self.field, self.column)
+
+    def scan(self) -> ItemSource:
+        h, n = hashlib.sha256(), 0
+        for item in self:
+            h.update(item.encode("utf-8") + b"\x1e")
+            n += 1
+        if n == 0:
+            raise DataError(f"{self.name}: no items to encode (the input is empty)")
+        self.n, self.hash = n, h.hexdigest()[:16]
+        return self
 
 
 def input_format(path: str, field: str | None, column: str | None) -> str:
@@ -250,23 +302,25 @@ class Writer:
         self._save_meta()
 
 
-def encode_to_file(model, tokenizer, items: list[str], out: Path, s: EmbedSettings, *, model_id: str,
+def encode_to_file(model, tokenizer, items: list[str] | ItemSource, out: Path, s: EmbedSettings, *, model_id: str,
                    batch_size: int = 32, device="cpu", resume: bool = False, chunk: int = CHUNK,
                    on_progress: Callable[[int, int, int], None] | None = None) -> dict:
     """Encode items into OUT chunk by chunk; return the final metadata (with 'truncated')."""
-    input_hash = hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
-    meta = {"model_hash": model_id, "input_hash": input_hash, **asdict(s)}
-    writer = Writer(out, len(items), model.cfg.d_model, meta, resume=resume)
+    source = (items if isinstance(items, ItemSource) else ItemSource.of(list(items)))
+    if not source.n:
+        source.scan()
+    meta = {"model_hash": model_id, "input_hash": source.hash, **asdict(s)}
+    writer = Writer(out, source.n, model.cfg.d_model, meta, resume=resume)
     truncated = 0
     if on_progress:
-        on_progress(writer.done, len(items), 0)
-    for start in range(writer.done, len(items), chunk):
-        part = items[start: start + chunk]
+        on_progress(writer.done, source.n, 0)
+    rest = itertools.islice(iter(source), writer.done, None)  # resume: skip the rows already written
+    while part := list(itertools.islice(rest, chunk)):
         vectors, t = embed_items(model, tokenizer, part, s, batch_size=batch_size, device=device)
         truncated += t
         writer.write(vectors, part)
         if on_progress:
-            on_progress(writer.done, len(items), truncated)
+            on_progress(writer.done, source.n, truncated)
     writer.meta["truncated"] = truncated
     writer._save_meta()
     return writer.meta
