@@ -7,7 +7,6 @@ token's probability and the alternatives; --interactive opens a prompt loop.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -66,10 +65,10 @@ def generate(
         "num_samples": num_samples, "batch_size": batch_size})
     from llmkit.core.checkpoint import resolve_checkpoint
 
-    resolve_checkpoint(checkpoint)  # a bad path fails before any prompt is read
+    path = resolve_checkpoint(checkpoint)  # a bad path fails before any prompt is read
     prompts = None if interactive else _prompts(prompt, prompt_file, field)
     dev = pick_device(device or "auto")
-    model, ckpt = load_model(checkpoint, dev)
+    model, ckpt = load_model(path, dev)
     if ckpt.kind != "lm":
         fits = COMMAND_FOR_KIND.get(ckpt.kind, "the command for that task")
         raise CheckpointError(f"{ckpt.path} is a {ckpt.kind} checkpoint, not a language model: use {fits}")
@@ -86,33 +85,16 @@ def generate(
 def _prompts(prompt: str | None, prompt_file: Path | None, field: str) -> list[str]:
     if prompt is not None and prompt_file is not None:
         raise DataError("give --prompt or --prompt-file, not both")
+    from llmkit.core.records import read_prompts
+
     if prompt is not None:
         return [prompt]
     if prompt_file is not None:
         from llmkit.core.corpus import read_text
 
-        return parse_prompt_lines(read_text(prompt_file), str(prompt_file), field)
+        return read_prompts(read_text(prompt_file), str(prompt_file), field)
     if sys.stdin is not None and not sys.stdin.isatty():
         text = sys.stdin.read()
         if text.strip():  # an empty or closed stdin means no prompt, as in a terminal
-            return parse_prompt_lines(text, "stdin", field)
+            return read_prompts(text, "stdin", field)
     return [""]  # no prompt at all: generate from the beginning-of-text token
-
-
-def parse_prompt_lines(text: str, name: str, field: str) -> list[str]:
-    """One prompt per non-blank line; JSONL when the first line is an object (prompt in `field`)."""
-    lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
-    if not lines:
-        raise DataError(f"{name}: no prompts (the file is empty)")
-    if not lines[0][1].lstrip().startswith("{"):
-        return [line for _, line in lines]
-    prompts = []
-    for n, line in lines:
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name}: line {n} is not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or field not in obj:
-            raise DataError(f"{name}: line {n} has no field {field!r} (choose it with --field)")
-        prompts.append(str(obj[field]))
-    return prompts

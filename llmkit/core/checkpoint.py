@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 import llmkit
 from llmkit.core.config import ModelConfig, build_section
 from llmkit.core.errors import CheckpointError, LlmkitError
-from llmkit.core.model import Transformer
+from llmkit.core.model import Transformer, rope_tables
 from llmkit.core.tokenizer import Tokenizer, atomic_write
 
 FORMAT_VERSION = 1
@@ -246,8 +246,6 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Transfor
     if ckpt.model_cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     # Non-persistent buffers are not in the file: recompute the rotary tables on the device.
-    from llmkit.core.model import rope_tables
-
     cos, sin = rope_tables(ckpt.model_cfg.head_dim, ckpt.model_cfg.context, ckpt.model_cfg.rope_theta)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     model.eval()

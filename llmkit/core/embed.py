@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import itertools
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from llmkit.core.errors import ConfigError, DataError
+from llmkit.core.records import iter_records
 
 POOLINGS = ("mean", "last", "max", "first")
 FORMATS = (".npy", ".safetensors", ".jsonl")
@@ -57,33 +57,6 @@ class EmbedSettings:
 
 # --- input ----------------------------------------------------------------------------------------
 
-def _parse(lines: Iterable[str], name: str, kind: str, field: str | None, column: str | None) -> Iterator[str]:
-    """Items from lines, lazily: JSONL (``field``), CSV/TSV (``column``) or one per non-blank line."""
-    if kind == "jsonl":
-        key = field or "text"
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{name}: line {n} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or key not in obj:
-                raise DataError(f"{name}: line {n} has no field {key!r} (choose it with --field)")
-            yield str(obj[key])
-    elif kind in ("csv", "tsv"):
-        reader = csv.DictReader(lines, delimiter="\t" if kind == "tsv" else ",")
-        if not reader.fieldnames or column not in reader.fieldnames:
-            raise DataError(f"{name}: no column {column!r} (columns: {', '.join(reader.fieldnames or [])})")
-        for row in reader:
-            yield row[column] or ""
-    else:
-        for line in lines:
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield line
-
-
 class ItemSource:
     """The items of an input, read lazily and twice: a first pass validates, counts and hashes
     them (so errors come before any output, and .npy/.safetensors can be preallocated), the
@@ -96,8 +69,7 @@ class ItemSource:
 
     @classmethod
     def of(cls, items: list[str]) -> ItemSource:
-        source = cls(lambda: items, "items", kind="items")
-        return source
+        return cls(lambda: items, "items", kind="items")
 
     @classmethod
     def from_file(cls, path: Path, *, field: str | None = None, column: str | None = None) -> ItemSource:
@@ -124,7 +96,7 @@ class ItemSource:
     def __iter__(self) -> Iterator[str]:
         if self.kind == "items":
             return iter(self.open_lines())
-        return _parse(self.open_lines(), self.name, self.kind, self.field, self.column)
+        return iter_records(self.open_lines(), self.name, self.kind, field=self.field or "text", column=self.column)
 
     def scan(self) -> ItemSource:
         h, n = hashlib.sha256(), 0
@@ -264,7 +236,6 @@ class Writer:
             with open(self.out, "wb") as f:
                 f.write(struct.pack("<Q", len(raw)) + raw)
                 f.truncate(8 + len(raw) + self.n * self.dim * np.dtype(self.np_dtype).itemsize)
-            self.data_offset = 8 + len(raw)
         else:
             self.out.write_text("", encoding="utf-8")
         if self.fmt != ".jsonl":

@@ -1,0 +1,51 @@
+"""Items from line-oriented inputs: one per non-blank line, JSONL (a field) or CSV/TSV (a column).
+
+Shared by every command that reads a list of texts (generate's prompts, encode's items), so the
+formats and their error messages (file and line number) are the same everywhere. Lazy: items are
+yielded as the lines are read.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Iterable, Iterator
+
+from llmkit.core.errors import DataError
+
+
+def iter_records(lines: Iterable[str], name: str, kind: str, *, field: str = "text",
+                 column: str | None = None) -> Iterator[str]:
+    """kind 'lines' | 'jsonl' | 'csv' | 'tsv' -> the text of each item, lazily."""
+    if kind == "jsonl":
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{name}: line {n} is not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or field not in obj:
+                raise DataError(f"{name}: line {n} has no field {field!r} (choose it with --field)")
+            yield str(obj[field])
+    elif kind in ("csv", "tsv"):
+        reader = csv.DictReader(lines, delimiter="\t" if kind == "tsv" else ",")
+        if not reader.fieldnames or column not in reader.fieldnames:
+            raise DataError(f"{name}: no column {column!r} (columns: {', '.join(reader.fieldnames or [])})")
+        for row in reader:
+            yield row[column] or ""
+    else:
+        for line in lines:
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield line
+
+
+def read_prompts(text: str, name: str, field: str = "prompt") -> list[str]:
+    """Prompts of a file or stdin: JSONL when the first non-blank line is an object, else lines."""
+    first = next((line for line in text.splitlines() if line.strip()), None)
+    if first is None:
+        raise DataError(f"{name}: no prompts (the file is empty)")
+    kind = "jsonl" if first.lstrip().startswith("{") else "lines"
+    return list(iter_records(io.StringIO(text), name, kind, field=field))
