@@ -172,6 +172,8 @@ class TrainConfig:
     """CPU threads for torch; 0 leaves torch's default."""
     samples: int = 3
     """Sample lines generated at the end of training."""
+    epochs: float = 0.0
+    """Stop after this many passes over the training data (0: no epoch limit)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "train.batch_size", f"must be positive, not {self.batch_size}")
@@ -184,6 +186,7 @@ class TrainConfig:
         _check(self.min_delta >= 0, "train.min_delta", "must not be negative")
         _check(self.save_every > 0, "train.save_every", "must be positive")
         _check(self.log_every > 0, "train.log_every", "must be positive")
+        _check(self.epochs >= 0, "train.epochs", f"must not be negative, not {self.epochs}")
         _check(self.dtype in ("auto", "fp32", "bf16", "fp16"), "train.dtype",
                f"must be auto, fp32, bf16 or fp16, not {self.dtype!r}")
         _check(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)), "train.device",
@@ -197,7 +200,99 @@ class TrainConfig:
 
     @property
     def has_budget(self) -> bool:
-        return bool(self.steps or self.tokens or self.time)
+        return bool(self.steps or self.tokens or self.time or self.epochs)
+
+
+TASK_KINDS = ("lm", "classify", "instruct", "translate")
+DEFAULT_TEMPLATES = {
+    "instruct": "### Instruction :\n{prompt}\n\n### Réponse :\n",
+    "translate": "Texte :\n{prompt}\nTraduction :\n",
+}
+DEFAULT_METRICS = {"lm": "val_loss", "classify": "macro_f1", "instruct": "val_loss", "translate": "chrf"}
+HIGHER_IS_BETTER = {"accuracy", "macro_f1", "chrf", "bleu", "exact_match", "token_f1"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """What a checkpoint was trained to do; later commands read it instead of asking for flags."""
+
+    kind: str = "lm"
+    """lm (next-token prediction), classify, instruct or translate."""
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    src_field: str = "src"
+    tgt_field: str = "tgt"
+    labels: tuple[str, ...] = ()
+    """The classifier's label map (index -> label), taken from the training data."""
+    pooling: str = "last"
+    """Classifier input: the hidden state of the last real token, or the mean over real tokens."""
+    class_weights: str = "none"
+    """none, or balanced (weights inversely proportional to class frequency)."""
+    freeze_trunk: bool = False
+    """Train the classification head only (a linear probe)."""
+    mask_prompt: bool = True
+    """instruct/translate: the loss covers the response only."""
+    template: str = ""
+    """The prompt template ({prompt} marks the input); '' means the task's default."""
+    val_fraction: float = 0.1
+    """Share of the training examples held out when no --val file is given."""
+    eval_limit: int = 200
+    """Validation examples decoded per evaluation (translate) or generated as samples (instruct: 3)."""
+    max_new_tokens: int = 64
+    """Length limit when decoding during validation and eval."""
+    metric: str = ""
+    """The validation metric that picks best/ ('' means the task's: val_loss, macro_f1 or chrf)."""
+    init_from: str = ""
+    """The checkpoint fine-tuning started from (recorded for provenance)."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in TASK_KINDS, "task.kind", f"must be one of {', '.join(TASK_KINDS)}, not {self.kind!r}")
+        _check(self.pooling in ("last", "mean"), "task.pooling", f"must be last or mean, not {self.pooling!r}")
+        _check(self.class_weights in ("none", "balanced"), "task.class_weights",
+               f"must be none or balanced, not {self.class_weights!r}")
+        _check(not self.template or self.template.count("{prompt}") == 1, "task.template",
+               "must contain {prompt} exactly once")
+        _check(0.0 < self.val_fraction < 0.5, "task.val_fraction", "must be in (0, 0.5)")
+        _check(self.eval_limit > 0, "task.eval_limit", "must be positive")
+        _check(self.max_new_tokens > 0, "task.max_new_tokens", "must be positive")
+        known = {"val_loss", "accuracy", "macro_f1", "chrf", "bleu"}
+        _check(not self.metric or self.metric in known, "task.metric",
+               f"must be one of {', '.join(sorted(known))}, not {self.metric!r}")
+
+    @property
+    def prompt_template(self) -> str:
+        return self.template or DEFAULT_TEMPLATES.get(self.kind, "{prompt}")
+
+    @property
+    def best_metric(self) -> str:
+        return self.metric or DEFAULT_METRICS[self.kind]
+
+    @property
+    def uses_template(self) -> bool:
+        return self.kind in ("instruct", "translate")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    enabled: bool = False
+    """Train low-rank adapters instead of every weight."""
+    rank: int = 8
+    alpha: float = 16.0
+    """The update is scaled by alpha / rank."""
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Linear layers to adapt, by name: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj."""
+
+    def __post_init__(self) -> None:
+        _check(self.rank > 0, "lora.rank", f"must be positive, not {self.rank}")
+        _check(self.alpha > 0, "lora.alpha", f"must be positive, not {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        allowed = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        bad = [t for t in self.targets if t not in allowed]
+        _check(bool(self.targets) and not bad, "lora.targets",
+               f"unknown layer {bad[0]!r}" if bad else "must name at least one layer")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -303,6 +398,8 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
+    "task": TaskConfig,
+    "lora": LoRAConfig,
 }
 
 
@@ -313,6 +410,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}

@@ -28,9 +28,8 @@ import numpy as np
 import torch
 
 from llmkit.core.errors import ConfigError, DataError
+from llmkit.core.heads import POOLINGS, pooled_hidden
 from llmkit.core.records import iter_records
-
-POOLINGS = ("mean", "last", "max", "first")
 FORMATS = (".npy", ".safetensors", ".jsonl")
 CHUNK = 2048
 
@@ -122,39 +121,10 @@ def input_format(path: str, field: str | None, column: str | None) -> str:
 
 # --- pooling and encoding -------------------------------------------------------------------------
 
-def pool(hidden: torch.Tensor, valid: torch.Tensor, how: str) -> torch.Tensor:
-    """hidden (B, T, C), valid (B, T) bool -> (B, C), reading only the real tokens."""
-    h = hidden.float()
-    if how == "mean":
-        w = valid.to(h.dtype)[..., None]  # (B, T, 1)
-        return (h * w).sum(1) / w.sum(1).clamp(min=1)
-    if how == "max":
-        return h.masked_fill(~valid[..., None], float("-inf")).amax(1)
-    idx = torch.arange(valid.size(1), device=valid.device).expand_as(valid)  # (B, T)
-    if how == "last":
-        pick = torch.where(valid, idx, -1).amax(1)  # (B,) last real position
-    else:  # first
-        pick = torch.where(valid, idx, valid.size(1)).amin(1)  # (B,) first real position
-    return h[torch.arange(h.size(0), device=h.device), pick]  # (B, C)
-
-
 @torch.inference_mode()
 def embed_batch(model, rows: list[list[int]], s: EmbedSettings, device="cpu") -> torch.Tensor:
     """Token rows -> pooled vectors (B, C); padding on ``s.pad_side``."""
-    T = max(len(r) for r in rows)
-    pads = [T - len(r) for r in rows]
-    if s.pad_side == "right":
-        ids = torch.tensor([r + [0] * p for r, p in zip(rows, pads)], device=device)  # (B, T)
-        valid = torch.tensor([[True] * len(r) + [False] * p for r, p in zip(rows, pads)], device=device)
-        # Causal attention never looks right: trailing padding is invisible to real tokens.
-        hidden = model.hidden_states(ids, layer=s.layer)
-    else:
-        ids = torch.tensor([[0] * p + r for r, p in zip(rows, pads)], device=device)  # (B, T)
-        valid = torch.tensor([[False] * p + [True] * len(r) for r, p in zip(rows, pads)], device=device)
-        pad = torch.tensor(pads, device=device)
-        positions = (torch.arange(T, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
-        hidden = model.hidden_states(ids, layer=s.layer, positions=positions, key_valid=valid)
-    vec = pool(hidden, valid, s.pooling)  # (B, C)
+    vec = pooled_hidden(model, rows, pooling=s.pooling, layer=s.layer, side=s.pad_side, device=device)  # (B, C)
     if s.normalize:
         vec = torch.nn.functional.normalize(vec, dim=-1)
     return vec

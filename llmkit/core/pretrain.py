@@ -7,10 +7,8 @@ and resuming it. Progress goes out through ``on_event(kind, data)``; nothing her
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -19,24 +17,20 @@ import numpy as np
 import torch
 
 from llmkit.core import checkpoint as ckpt_io
-from llmkit.core.config import RunConfig, SampleConfig, resolve_run_config
+from llmkit.core.config import SECTIONS, RunConfig, SampleConfig, resolve_run_config
 from llmkit.core.corpus import corpus_hash, read_corpus, resolve_corpus, sample_corpus
 from llmkit.core.data import TokenData, batch_generator, check_fits, eval_batches, load_or_build, train_batch
 from llmkit.core.device import pick_device, pick_precision, set_threads
-from llmkit.core.errors import CheckpointError, ConfigError, TrainingDiverged
+from llmkit.core.errors import ConfigError, TrainingDiverged
 from llmkit.core.generate import decode_batch
-from llmkit.core.metrics import bits_per_byte
 from llmkit.core.model import Transformer
 from llmkit.core.plot import write_loss_curve
+from llmkit.core.run import (Checkpointer, MetricsLog, check_out_dir, check_same_model, load_training_state,
+                             outcome, resume_source)
 from llmkit.core.tokenizer import Tokenizer, check_compatible, train_tokenizer
-from llmkit.core.train import TrainState, fit, make_optimizer
+from llmkit.core.train import TrainState, fit, lm_loss, make_optimizer, mean_token_loss
 
 EventFn = Callable[[str, dict[str, Any]], None]
-
-
-def check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a directory")
 
 
 def plan(out: Path, *, resume: str | None, preset: str | None, config_file: Path | None,
@@ -46,41 +40,39 @@ def plan(out: Path, *, resume: str | None, preset: str | None, config_file: Path
     On resume the saved config is the base, so a bare ``--resume auto`` continues the very run;
     a config file, --set or flags given alongside still apply (e.g. a larger --steps).
     """
-    check_out_dir(out)
-    resume_from: Path | None = None
-    if resume:
-        if resume == "auto":
-            resume_from = ckpt_io.find_latest(out)
-        else:
-            resume_from = ckpt_io.resolve_checkpoint(Path(resume))
-    elif ckpt_io.find_latest(out) is not None:
-        latest = ckpt_io.find_latest(out)
-        raise ConfigError(f"{out} already holds a run (checkpoint at step {ckpt_io.read_state(latest).get('step')}); "
-                          f"pass --resume auto to continue it, or choose another --out")
+    resume_from = resume_source(out, resume)
     if resume_from is not None:
         saved = ckpt_io.read_checkpoint(resume_from).config
-        base = {k: v for k, v in saved.items() if k in ("tokenizer", "data", "model", "optim", "train")}
+        base = {k: v for k, v in saved.items() if k in SECTIONS}
         cfg = resolve_run_config(base=base, config_file=config_file, sets=sets, flags=flags)
     else:
         cfg = resolve_run_config(preset=preset, config_file=config_file, sets=sets, flags=flags)
     if not cfg.train.has_budget:
         raise ConfigError("no stopping budget: give --steps, --tokens or --time (or train.steps in the config)")
+    if cfg.task.kind != "lm":
+        raise ConfigError(f"task.kind is {cfg.task.kind!r}: pretraining is next-token prediction (kind lm); "
+                          "use llmkit finetune for other tasks")
     return cfg, resume_from
 
 
 class LMTask:
     """Next-token prediction on a token cache: random training windows, fixed validation ones."""
 
-    def __init__(self, data: TokenData, cfg: RunConfig):
-        self.data, self.cfg = data, cfg
+    def __init__(self, data: TokenData, cfg: RunConfig, device: torch.device):
+        self.data, self.cfg, self.device = data, cfg, device
 
     def train_batch(self, step: int, micro: int):
         rng = batch_generator(self.cfg.train.seed, step, micro)
         return train_batch(self.data.train, self.cfg.train.batch_size, self.cfg.model.context, rng)
 
-    def eval_batches(self):
-        return eval_batches(self.data.val, self.cfg.train.batch_size, self.cfg.model.context,
-                            self.cfg.train.eval_batches)
+    def loss(self, net, batch):
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        return lm_loss(net(x), y), y.numel()
+
+    def evaluate(self, net):
+        batches = eval_batches(self.data.val, self.cfg.train.batch_size, self.cfg.model.context,
+                               self.cfg.train.eval_batches)
+        return {"val_loss": mean_token_loss(net, batches, self.device)[0]}
 
 
 @dataclass
@@ -93,36 +85,6 @@ class PretrainResult:
     best: Path | None
     last: Path | None
     samples: list[tuple[str, str]]
-
-
-class MetricsLog:
-    """Appends one JSON line per step/eval event to metrics.jsonl, and keeps the curves."""
-
-    def __init__(self, path: Path, val_tokens: int, val_bytes: int):
-        self.path, self.val_tokens, self.val_bytes = path, val_tokens, val_bytes
-        self.train: list[tuple[int, float]] = []
-        self.val: list[tuple[int, float]] = []
-        if path.exists():  # a resumed run keeps its history
-            for line in path.read_text().splitlines():
-                row = json.loads(line)
-                if row.get("event") == "step":
-                    self.train.append((row["step"], row["loss"]))
-                elif row.get("event") == "eval":
-                    self.val.append((row["step"], row["val_loss"]))
-
-    def __call__(self, kind: str, data: dict[str, Any]) -> None:
-        if kind not in ("step", "eval"):
-            return
-        row = {"event": kind, "time": round(time.time(), 3), **data}
-        if kind == "eval":
-            row["val_ppl"] = math.exp(min(data["val_loss"], 50))
-            row["val_bpb"] = bits_per_byte(data["val_loss"], self.val_tokens, self.val_bytes)
-            self.val.append((data["step"], data["val_loss"]))
-            data.update(val_ppl=row["val_ppl"], val_bpb=row["val_bpb"])
-        else:
-            self.train.append((data["step"], data["loss"]))
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
 
 
 def _given_tokenizer(tokenizer_dir: Path | None, resume_from: Path | None, on_event: EventFn) -> Tokenizer | None:
@@ -205,49 +167,35 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
     optimizer = make_optimizer(model, cfg.optim)
     state = TrainState()
     if resume_from is not None:
-        saved = ckpt_io.read_checkpoint(resume_from)
-        if saved.model_cfg != cfg.model:
-            diff = [f"model.{k} {getattr(cfg.model, k)!r} (checkpoint: {getattr(saved.model_cfg, k)!r})"
-                    for k in cfg.model.__dataclass_fields__ if getattr(cfg.model, k) != getattr(saved.model_cfg, k)]
-            raise CheckpointError(f"cannot resume {resume_from}: the config changes the model: {', '.join(diff)}")
+        check_same_model(resume_from, ckpt_io.read_checkpoint(resume_from).model_cfg, cfg.model)
         ckpt_io.load_weights(model, resume_from)
-        if not (resume_from / "optimizer.safetensors").is_file():
-            raise CheckpointError(f"cannot resume from {resume_from}: it has no optimizer.safetensors")
-        ckpt_io.load_optimizer_state(optimizer, resume_from / "optimizer.safetensors")
-        state = TrainState.from_json(saved.state)
+        state = load_training_state(optimizer, resume_from)
         on_event("resume", {"path": str(resume_from), "step": state.step})
     on_event("model", {"params": model.num_params(), "device": str(device), "precision": precision.name,
                        "precision_reason": precision.reason, "config": cfg.model})
 
-    config_dict = {**cfg.to_dict(), "task": {"kind": "lm"}}
-    (out / "config.yaml").write_text(cfg.to_yaml() + "task:\n  kind: lm\n", encoding="utf-8")
+    config_dict = cfg.to_dict()
+    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     metrics = MetricsLog(out / "metrics.jsonl", data.meta["val_tokens"], data.meta["val_bytes"])
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context
-
-    def save(kind: str, st: TrainState) -> None:
-        payload = {**st.to_json(), "seed": cfg.train.seed, "kind": "lm", "precision": precision.name,
-                   "device": str(device)}
-        if kind == "best":
-            path = ckpt_io.save_checkpoint(out / "best", model=model, config=config_dict, tokenizer=tok,
-                                           state=payload, optimizer=None)
-        else:
-            path = ckpt_io.save_checkpoint(out / ckpt_io.step_dir_name(st.step), model=model, config=config_dict,
-                                           tokenizer=tok, state=payload, optimizer=optimizer)
-            ckpt_io.link_copy(path, out / "last")
-            _prune(out, cfg.train.keep_checkpoints)
-        on_event("save", {"kind": kind, "path": str(path), "step": st.step})
+    if cfg.train.epochs:
+        epoch_steps = cfg.train.epochs * data.meta["train_tokens"] / tokens_per_step
+        cfg = cfg.replace("train", steps=min(filter(None, (cfg.train.steps, math.ceil(epoch_steps)))))
+    save = Checkpointer(out, model=model, config=config_dict, tokenizer=tok, optimizer=optimizer,
+                        extra_state={"seed": cfg.train.seed, "kind": "lm", "precision": precision.name,
+                                     "device": str(device)},
+                        keep=cfg.train.keep_checkpoints, on_event=on_event)
 
     def events(kind: str, d: dict[str, Any]) -> None:
         metrics(kind, d)
         on_event(kind, d)
 
     compiled = torch.compile(model) if cfg.train.compile else None
-    reason = fit(model, LMTask(data, cfg), optim_cfg=cfg.optim, train_cfg=cfg.train, optimizer=optimizer,
+    reason = fit(model, LMTask(data, cfg, device), optim_cfg=cfg.optim, train_cfg=cfg.train, optimizer=optimizer,
                  state=state, device=device, precision=precision, tokens_per_step=tokens_per_step,
                  save=save, on_event=events, compiled=compiled)
     write_loss_curve(out / "loss.svg", metrics.train, metrics.val, f"{out.name}: loss")
-    best = out / "best" if ckpt_io.is_checkpoint(out / "best") else None
-    last = out / "last" if ckpt_io.is_checkpoint(out / "last") else None
+    best, last = outcome(out)
     if reason == "diverged":
         keep = last or best
         raise TrainingDiverged(f"training diverged at step {state.step} (loss is NaN or infinite); "
@@ -257,10 +205,3 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
         ckpt_io.load_weights(model, best)
         samples = write_samples(model, tok, _sample_prompts(data, tok, cfg.train.samples), device, cfg.train.seed)
     return PretrainResult(out, reason, state, model.num_params(), precision.name, best, last, samples)
-
-
-def _prune(out: Path, keep: int) -> None:
-    if keep <= 0:
-        return
-    for _, path in ckpt_io.step_dirs(out)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)

@@ -1,8 +1,10 @@
 """The training loop shared by pretraining and fine-tuning.
 
-It knows nothing of corpora or checkpoint layout: a *task* supplies micro-batches and the
-validation loss, a *save* callback writes checkpoints, and an *event* callback receives progress
-(``step``, ``eval``, ``save``, ``stop``) for the CLI's progress bar, ``metrics.jsonl`` and tests.
+It knows nothing of corpora, heads or checkpoint layout: a *task* supplies micro-batches, their
+loss and its validation metrics (next-token loss for a language model; accuracy and F1 for a
+classifier; chrF and BLEU for a translator), a *save* callback writes checkpoints, and an *event*
+callback receives progress (``step``, ``eval``, ``save``, ``stop``) for the CLI's progress bar,
+``metrics.jsonl`` and tests. The best checkpoint is chosen by the metric the caller names.
 
 What it does: AdamW with decoupled weight decay, linear warmup then cosine decay, gradient
 accumulation and clipping, autocast, validation every N steps, best checkpoint, early stopping
@@ -20,7 +22,7 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from llmkit.core.config import OptimConfig, TrainConfig
+from llmkit.core.config import HIGHER_IS_BETTER, OptimConfig, TrainConfig
 from llmkit.core.device import Precision, autocast
 from llmkit.core.model import param_groups
 
@@ -28,9 +30,15 @@ EventFn = Callable[[str, dict[str, Any]], None]
 
 
 class Task(Protocol):
-    def train_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    """What ``fit`` trains. Batches are pure functions of (step, micro) so resume is exact."""
 
-    def eval_batches(self): ...
+    def train_batch(self, step: int, micro: int) -> Any: ...
+
+    def loss(self, net: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        """Mean loss of one micro-batch (a scalar tensor) and the tokens it covered."""
+
+    def evaluate(self, net: torch.nn.Module) -> dict[str, Any]:
+        """Validation metrics: always ``val_loss``, plus the task's own (``macro_f1``, ``chrf``, …)."""
 
 
 @dataclass
@@ -40,6 +48,8 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     best_val_loss: float = math.inf
+    best_score: float | None = None
+    """The best value of the run's selection metric (the val loss itself for language models)."""
     best_step: int = -1
     bad_evals: int = 0
     elapsed_s: float = 0.0
@@ -83,20 +93,29 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -10
 
 
 @torch.no_grad()
-def evaluate(model, task: Task, device, precision: Precision) -> float:
-    """Mean validation loss per token over the task's fixed evaluation batches."""
-    was_training = model.training
-    model.eval()
+def mean_token_loss(model, batches, device) -> tuple[float, int]:
+    """Mean next-token loss over (x, y) batches, per target token (-100 targets ignored); and the
+    number of target tokens it covers."""
     total, count = 0.0, 0
-    for x, y in task.eval_batches():
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
-        with autocast(device, precision):
-            logits = model(x)
+        logits = model(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=-100)
         total += loss.item()
         count += int((y != -100).sum())
-    model.train(was_training)
-    return total / max(count, 1)
+    return total / max(count, 1), count
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric in HIGHER_IS_BETTER
+
+
+def is_improvement(metric: str, value: float, best: float | None, min_delta: float) -> bool:
+    if best is None:
+        return math.isfinite(value)
+    if higher_is_better(metric):
+        return value > best + min_delta
+    return value < best - min_delta
 
 
 class Budget:
@@ -128,12 +147,13 @@ class Budget:
 def fit(model: torch.nn.Module, task: Task, *, optim_cfg: OptimConfig, train_cfg: TrainConfig,
         optimizer: torch.optim.Optimizer, state: TrainState, device: torch.device, precision: Precision,
         tokens_per_step: int, save: Callable[[str, TrainState], Any], on_event: EventFn,
-        compiled: torch.nn.Module | None = None) -> str:
+        compiled: torch.nn.Module | None = None, metric: str = "val_loss") -> str:
     """Train until a budget, early stopping, divergence or interruption; return why it stopped.
 
-    ``save(kind, state)`` is called with kind ``best`` (new best validation loss) or ``step``
-    (periodic, final and on interruption). Returns ``steps``, ``time``, ``early_stop``,
-    ``diverged`` or ``interrupted``.
+    ``save(kind, state)`` is called with kind ``best`` (a new best value of ``metric`` among the
+    task's validation metrics) or ``step`` (periodic, final and on interruption). Returns
+    ``steps``, ``time``, ``early_stop``, ``diverged`` or ``interrupted``. ``tokens_per_step`` sizes
+    a token budget; throughput counts the tokens the task reports.
     """
     budget = Budget(train_cfg, tokens_per_step)
     if not budget.steps and not budget.seconds:
@@ -153,15 +173,15 @@ def fit(model: torch.nn.Module, task: Task, *, optim_cfg: OptimConfig, train_cfg
                 group["lr"] = lr
             # Dropout draws from torch's global RNG: seed it per step so resume replays it.
             torch.manual_seed(train_cfg.seed * 1_000_003 + state.step)
-            loss_sum = 0.0
+            loss_sum, step_tokens = 0.0, 0
             for micro in range(train_cfg.grad_accum):
-                x, y = task.train_batch(state.step, micro)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                batch = task.train_batch(state.step, micro)
                 with autocast(device, precision):
-                    logits = net(x)
-                loss = lm_loss(logits, y) / train_cfg.grad_accum
+                    loss, n_tokens = task.loss(net, batch)
+                loss = loss / train_cfg.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.item()
+                step_tokens += n_tokens
             if not math.isfinite(loss_sum):
                 optimizer.zero_grad(set_to_none=True)
                 on_event("stop", {"reason": "diverged", "step": state.step, "loss": loss_sum})
@@ -177,9 +197,9 @@ def fit(model: torch.nn.Module, task: Task, *, optim_cfg: OptimConfig, train_cfg
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.tokens_seen += tokens_per_step
+            state.tokens_seen += step_tokens
             state.elapsed_s += time.perf_counter() - t0
-            window_tokens += tokens_per_step
+            window_tokens += step_tokens
             stop = budget.done(state)
 
             if state.step % train_cfg.log_every == 0 or stop:
@@ -192,14 +212,21 @@ def fit(model: torch.nn.Module, task: Task, *, optim_cfg: OptimConfig, train_cfg
 
             if state.step % train_cfg.eval_every == 0 or stop:
                 t_eval = time.perf_counter()
-                val = evaluate(net, task, device, precision)
+                net.eval()
+                with autocast(device, precision):
+                    metrics = task.evaluate(net)
+                net.train()
+                val = metrics["val_loss"]
+                score = metrics[metric]
                 state.last_val_loss = val
-                improved = val < state.best_val_loss - train_cfg.min_delta
+                state.best_val_loss = min(state.best_val_loss, val)
+                improved = is_improvement(metric, score, state.best_score, train_cfg.min_delta)
                 if improved:
-                    state.best_val_loss, state.best_step, state.bad_evals = val, state.step, 0
+                    state.best_score, state.best_step, state.bad_evals = score, state.step, 0
                 else:
                     state.bad_evals += 1
-                on_event("eval", {"step": state.step, "val_loss": val, "best_val_loss": state.best_val_loss,
+                on_event("eval", {**metrics, "step": state.step, "best_val_loss": state.best_val_loss,
+                                  "metric": metric, "score": score, "best_score": state.best_score,
                                   "improved": improved, "tokens": state.tokens_seen,
                                   "elapsed_s": state.elapsed_s})
                 if not math.isfinite(val):

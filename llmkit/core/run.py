@@ -1,0 +1,133 @@
+"""The run directory shared by pretraining and fine-tuning (docs/checkpoint-format.md):
+
+    runs/NAME/config.yaml, metrics.jsonl, loss.svg, step-NNNNNN/, best/, last/ (+ merged/)
+
+This module owns writing checkpoints into it during training (best by the run's metric, periodic
+step checkpoints published as last/, pruning), its metrics log, and resuming from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from llmkit.core import checkpoint as ckpt_io
+from llmkit.core.config import ModelConfig
+from llmkit.core.errors import CheckpointError, ConfigError
+from llmkit.core.metrics import bits_per_byte
+from llmkit.core.train import TrainState
+
+EventFn = Callable[[str, dict[str, Any]], None]
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+
+
+def resume_source(out: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: ``auto`` (the newest in out), a path, or None for a new run
+    (refused when out already holds one, so a run is never overwritten by accident)."""
+    check_out_dir(out)
+    if resume == "auto":
+        return ckpt_io.find_latest(out)
+    if resume:
+        return ckpt_io.resolve_checkpoint(Path(resume))
+    latest = ckpt_io.find_latest(out)
+    if latest is not None:
+        raise ConfigError(f"{out} already holds a run (checkpoint at step {ckpt_io.read_state(latest).get('step')}); "
+                          f"pass --resume auto to continue it, or choose another --out")
+    return None
+
+
+def check_same_model(resume_from: Path, saved: ModelConfig, wanted: ModelConfig) -> None:
+    if saved != wanted:
+        diff = [f"model.{k} {getattr(wanted, k)!r} (checkpoint: {getattr(saved, k)!r})"
+                for k in wanted.__dataclass_fields__ if getattr(wanted, k) != getattr(saved, k)]
+        raise CheckpointError(f"cannot resume {resume_from}: the config changes the model: {', '.join(diff)}")
+
+
+def load_training_state(optimizer: torch.optim.Optimizer, resume_from: Path) -> TrainState:
+    """Optimizer state and trainer state of a checkpoint (its weights are loaded by the caller)."""
+    if not (resume_from / "optimizer.safetensors").is_file():
+        raise CheckpointError(f"cannot resume from {resume_from}: it has no optimizer.safetensors")
+    ckpt_io.load_optimizer_state(optimizer, resume_from / "optimizer.safetensors")
+    return TrainState.from_json(ckpt_io.read_state(resume_from))
+
+
+class MetricsLog:
+    """Appends one JSON line per step/eval event to metrics.jsonl, and keeps the loss curves.
+
+    With ``val_tokens``/``val_bytes`` (language modelling), evaluations also get perplexity and
+    bits per byte.
+    """
+
+    def __init__(self, path: Path, val_tokens: int = 0, val_bytes: int = 0):
+        self.path, self.val_tokens, self.val_bytes = path, val_tokens, val_bytes
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float]] = []
+        if path.exists():  # a resumed run keeps its history
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                if row.get("event") == "step":
+                    self.train.append((row["step"], row["loss"]))
+                elif row.get("event") == "eval":
+                    self.val.append((row["step"], row["val_loss"]))
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        if kind not in ("step", "eval"):
+            return
+        if kind == "eval":
+            if self.val_bytes:
+                data.update(val_ppl=math.exp(min(data["val_loss"], 50)),
+                            val_bpb=bits_per_byte(data["val_loss"], self.val_tokens, self.val_bytes))
+            self.val.append((data["step"], data["val_loss"]))
+        else:
+            self.train.append((data["step"], data["loss"]))
+        row = {"event": kind, "time": round(time.time(), 3), **data}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+class Checkpointer:
+    """The ``save`` callback of ``fit``: best/ by the run's metric; step-NNNNNN/ with optimizer
+    state, published as last/; old step directories pruned to ``keep``."""
+
+    def __init__(self, out: Path, *, model: torch.nn.Module, config: dict[str, Any], tokenizer,
+                 optimizer: torch.optim.Optimizer, extra_state: dict[str, Any], keep: int, on_event: EventFn):
+        self.out, self.model, self.config, self.tok = out, model, config, tokenizer
+        self.optimizer, self.extra, self.keep, self.on_event = optimizer, extra_state, keep, on_event
+
+    def __call__(self, kind: str, state: TrainState) -> Path:
+        payload = {**state.to_json(), **self.extra}
+        if kind == "best":
+            path = ckpt_io.save_checkpoint(self.out / "best", model=self.model, config=self.config,
+                                           tokenizer=self.tok, state=payload, optimizer=None)
+        else:
+            path = ckpt_io.save_checkpoint(self.out / ckpt_io.step_dir_name(state.step), model=self.model,
+                                           config=self.config, tokenizer=self.tok, state=payload,
+                                           optimizer=self.optimizer)
+            ckpt_io.link_copy(path, self.out / "last")
+            prune(self.out, self.keep)
+        self.on_event("save", {"kind": kind, "path": str(path), "step": state.step})
+        return path
+
+
+def prune(out: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for _, path in ckpt_io.step_dirs(out)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def outcome(out: Path) -> tuple[Path | None, Path | None]:
+    """(best/, last/) of a run, each None when absent."""
+    best = out / "best" if ckpt_io.is_checkpoint(out / "best") else None
+    last = out / "last" if ckpt_io.is_checkpoint(out / "last") else None
+    return best, last
