@@ -48,7 +48,8 @@ def _escape(text: str) -> str:
 app = typer.Typer(cls=LlmkitGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
                   help="llmkit: from raw text to a working small language model.\n\n"
-                       "Train a tokenizer, pretrain a decoder-only transformer, generate text, embed and search.")
+                       "Train a tokenizer, pretrain a decoder-only transformer, fine-tune it (classify, instruct,\n"
+                       "translate), generate text, embed and search, and measure it.")
 
 
 def _version(value: bool) -> None:
@@ -64,12 +65,15 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _register() -> None:
-    from llmkit.cli import encode, generate, pretrain, tokenize
+    from llmkit.cli import classify, encode, eval, finetune, generate, pretrain, tokenize
 
     app.add_typer(tokenize.app, name="tokenize", help="Train a SentencePiece tokenizer; encode and decode text.")
     app.command("pretrain", help=pretrain.__doc__)(pretrain.pretrain)
+    app.command("finetune", help=finetune.__doc__)(finetune.finetune)
     app.command("generate", help=generate.__doc__)(generate.generate)
     app.command("encode", help=encode.__doc__)(encode.encode)
+    app.command("classify", help=classify.__doc__)(classify.classify)
+    app.command("eval", help=eval.__doc__)(eval.evaluate)
 
 
 _register()

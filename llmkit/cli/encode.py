@@ -56,7 +56,7 @@ def encode(
         if out.suffix.lower() not in embed.FORMATS:
             raise ConfigError(f"output {out}: unsupported extension {out.suffix or '(none)'}; "
                               f"use {', '.join(embed.FORMATS)}")
-        items = _items(input, field, column)
+        items = read_items(input, field, column)
     dev = pick_device(device or "auto")
     model, ckpt = load_model(path, dev)
     n = model.cfg.n_layer
@@ -104,7 +104,7 @@ def encode(
     typer.echo(str(out))
 
 
-def _items(spec: str, field: str | None, column: str | None):
+def read_items(spec: str, field: str | None, column: str | None):
     """The input as a lazily read, already validated ItemSource (stdin is read whole: it cannot rewind)."""
     from llmkit.core.embed import ItemSource
 

@@ -1,7 +1,9 @@
 """Generate text from a checkpoint: greedy, sampling, penalties, beam search, stop strings.
 
 One prompt streams its continuation to stdout as it is decoded; many prompts (--prompt-file or
-stdin) are decoded in batches. --json writes one object per output; --show-probs shows each
+stdin) are decoded in batches. On an instruct or translate checkpoint each prompt goes through the
+checkpoint's template and only the response is printed (--raw sends prompts as they are); a
+translate checkpoint decodes greedily unless sampling options are given. --json writes one object per output; --show-probs shows each
 token's probability and the alternatives; --interactive opens a prompt loop.
 """
 
@@ -16,7 +18,7 @@ import typer
 from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
 from llmkit.core.errors import CheckpointError, DataError
 
-COMMAND_FOR_KIND = {"classify": "llmkit classify", "embed": "llmkit encode"}
+COMMAND_FOR_KIND = {"classify": "llmkit classify (or llmkit encode for its embeddings)"}
 
 
 def _opt(help: str, *names: str):
@@ -47,6 +49,7 @@ def generate(
     seed: SeedOpt = None,
     show_probs: Annotated[bool, typer.Option("--show-probs", help="Table of each token's probability and the top alternatives.")] = False,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="A prompt loop in the terminal.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Do not apply an instruct/translate checkpoint's prompt template.")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
@@ -56,6 +59,15 @@ def generate(
     from llmkit.core.config import sample_config
     from llmkit.core.device import pick_device
 
+    from llmkit.core.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(checkpoint)  # a bad path fails before any prompt is read
+    if ckpt.kind not in ("lm", "instruct", "translate"):
+        fits = COMMAND_FOR_KIND.get(ckpt.kind, "the command for that task")
+        raise CheckpointError(f"{ckpt.path} is a {ckpt.kind} checkpoint, not a language model: use {fits}")
+    sampling = (temperature, top_k, top_p, min_p, num_samples)
+    if ckpt.kind == "translate" and not greedy and all(v is None for v in sampling):
+        greedy = True  # a translation is wanted, not a draw: decode greedily unless asked otherwise
     cfg = sample_config({
         "max_new_tokens": max_new_tokens, "temperature": 0.0 if greedy else temperature, "top_k": top_k,
         "top_p": top_p, "min_p": min_p, "repetition_penalty": repetition_penalty,
@@ -63,19 +75,14 @@ def generate(
         "no_repeat_ngram": no_repeat_ngram, "num_beams": num_beams, "length_penalty": length_penalty,
         "early_stopping": early_stopping, "stop": tuple(stop) if stop else None, "seed": seed,
         "num_samples": num_samples, "batch_size": batch_size})
-    from llmkit.core.checkpoint import resolve_checkpoint
-
-    path = resolve_checkpoint(checkpoint)  # a bad path fails before any prompt is read
     prompts = None if interactive else _prompts(prompt, prompt_file, field)
     dev = pick_device(device or "auto")
-    model, ckpt = load_model(path, dev)
-    if ckpt.kind != "lm":
-        fits = COMMAND_FOR_KIND.get(ckpt.kind, "the command for that task")
-        raise CheckpointError(f"{ckpt.path} is a {ckpt.kind} checkpoint, not a language model: use {fits}")
+    model, ckpt = load_model(ckpt.path, dev)
+    template = ckpt.task.prompt_template if ckpt.task.uses_template and not raw else None
 
     from llmkit.cli.generate_run import Session
 
-    session = Session(model, ckpt.tokenizer, cfg, dev, console=err_console(), quiet=quiet)
+    session = Session(model, ckpt.tokenizer, cfg, dev, console=err_console(), quiet=quiet, template=template)
     if interactive:
         session.interactive()
     else:

@@ -12,13 +12,24 @@ from rich.table import Table
 
 
 class Session:
-    def __init__(self, model, tokenizer, cfg, device, *, console: Console, quiet: bool):
+    """Decoding for the CLI. With a ``template`` (instruct/translate checkpoints) each prompt is
+    wrapped in it and only the response is printed."""
+
+    def __init__(self, model, tokenizer, cfg, device, *, console: Console, quiet: bool, template: str | None = None):
         self.model, self.tok, self.cfg, self.device = model, tokenizer, cfg, device
-        self.console, self.quiet = console, quiet
+        self.console, self.quiet, self.template = console, quiet, template
         self.warned = False
 
     def _encode(self, text: str) -> list[int]:
+        if self.template is not None:
+            from llmkit.core.examples import encode_prompt
+
+            return encode_prompt(self.tok, self.template, [("user", text)])
         return self.tok.encode(text) if text else [self.tok.bos_id]
+
+    def _shown(self, prompt: str) -> str:
+        """What precedes the output on stdout: the prompt it continues, or nothing for a response."""
+        return "" if self.template is not None else prompt
 
     def _warn_truncated(self, outputs) -> None:
         if not self.warned and any(o.truncated_prompt for o in outputs):
@@ -60,7 +71,7 @@ class Session:
                 # A row's seed depends only on its prompt and sample index: batching never changes it.
                 seeds = [base + 1_000_003 * i + s for i, s in chunk]
                 if stream:
-                    sys.stdout.write(prompts[chunk[0][0]])
+                    sys.stdout.write(self._shown(prompts[chunk[0][0]]))
                     sys.stdout.flush()
                 on_text = (lambda _b, text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
                 outs = self._decode(ids, seeds, on_text=on_text, record=show_probs)
@@ -85,8 +96,9 @@ class Session:
             print(json.dumps(row, ensure_ascii=False), flush=True)
         else:
             if not streamed:
-                sys.stdout.write(prompt + out.text)
-            sys.stdout.write("\n" if streamed else "\n\n")  # outputs of a batch: one blank line apart
+                sys.stdout.write(self._shown(prompt) + out.text)
+            # outputs of a batch: one blank line apart (responses: one per line, like their prompts)
+            sys.stdout.write("\n" if streamed or self.template is not None else "\n\n")
             sys.stdout.flush()
             if show_probs:
                 Console(highlight=False).print(self.probs_table(out))
@@ -111,7 +123,12 @@ class Session:
         return table
 
     def interactive(self) -> None:
-        """Read a line, continue the conversation so far, stream the answer; Ctrl-D ends."""
+        """Read a line, continue the conversation so far, stream the answer; Ctrl-D ends.
+
+        With a template (an instruct checkpoint) the conversation is kept as turns, each user line
+        through the template and each answer closed by EOS, as in training."""
+        if self.template is not None:
+            return self._chat()
         history = ""
         self.console.print("[bold]llmkit[/] interactive: type text and press Enter; Ctrl-D to quit.", highlight=False)
         while True:
@@ -132,3 +149,27 @@ class Session:
             # Keep the history within the context window: the oldest text goes first.
             keep = self.tok.encode(history)[-(self.model.cfg.context - 1):]
             history = self.tok.decode(keep)
+
+    def _chat(self) -> None:
+        from llmkit.core.examples import encode_prompt
+
+        turns: list[tuple[str, str]] = []
+        self.console.print("[bold]llmkit[/] chat: type a message and press Enter; Ctrl-D to quit.", highlight=False)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                self.console.print("")
+                return
+            if not line.strip():
+                continue
+            turns.append(("user", line))
+            ids = encode_prompt(self.tok, self.template, turns)
+            while len(ids) >= self.model.cfg.context and len(turns) > 1:
+                turns = turns[2:]  # the oldest exchange goes first
+                ids = encode_prompt(self.tok, self.template, turns)
+            outs = self._decode([ids], [self.cfg.seed or 0],
+                                on_text=lambda _b, text: (sys.stdout.write(text), sys.stdout.flush()))
+            self._warn_truncated(outs)
+            turns.append(("assistant", outs[0].text))
+            sys.stdout.write("\n")

@@ -135,3 +135,122 @@ class PretrainView:
         why = {"steps": "step budget reached", "time": "time budget reached", "early_stop": "early stopping",
                "diverged": "loss diverged", "interrupted": "interrupted"}.get(d["reason"], d["reason"])
         self.log(f"stopped at step {d['step']}: {why}")
+
+
+def classification_tables(report: dict[str, Any]) -> tuple[Table, Table]:
+    """Per-class precision/recall/F1 and the confusion matrix (rows gold, columns predicted)."""
+    labels = report["labels"]
+    scores = Table(title="per class", title_justify="left")
+    for name in ("label", "precision", "recall", "F1", "support"):
+        scores.add_column(name, justify="left" if name == "label" else "right")
+    for label in labels:
+        s = report["per_class"][label]
+        scores.add_row(escape(label), f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}",
+                       str(s["support"]))
+    confusion = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
+    confusion.add_column("")
+    short = [escape(label[:8]) for label in labels]
+    for name in short:
+        confusion.add_column(name, justify="right")
+    for i, row in enumerate(report["confusion"]):
+        confusion.add_row(short[i], *(f"[bold green]{n}[/]" if i == j and n else (str(n) if n else "[dim]·[/]")
+                                      for j, n in enumerate(row)))
+    return scores, confusion
+
+
+def metric_line(d: dict[str, Any]) -> str:
+    """The headline figures of an evaluation, whatever the task."""
+    parts = [f"val loss {d['val_loss']:.4f}"]
+    if "val_bpb" in d:
+        parts.append(f"ppl {d['val_ppl']:.2f}, bpb {d['val_bpb']:.3f}")
+    for key, name, fmt in (("accuracy", "accuracy", "{:.3f}"), ("macro_f1", "macro-F1", "{:.3f}"),
+                           ("chrf", "chrF", "{:.2f}"), ("bleu", "BLEU", "{:.2f}"),
+                           ("exact_match", "exact match", "{:.1f}"), ("token_f1", "token F1", "{:.1f}")):
+        if key in d:
+            parts.append(f"{name} {fmt.format(d[key])}")
+    return ", ".join(parts)
+
+
+class FinetuneView(PretrainView):
+    """Pretraining's view, plus the task's data summary, metrics, tables and samples."""
+
+    def on_finetune_data(self, d):
+        if d["kind"] == "lm":
+            self.log(f"data: {d['documents']} documents, {human(d['train_tokens'])} train / "
+                     f"{human(d['val_tokens'])} val tokens")
+            return
+        self.log(f"data: {d['train']} training examples, {d['val']} validation ({escape(d['val_source'])})")
+        if d.get("labels"):
+            self.log("labels: " + ", ".join(f"{escape(k)} ({n})" for k, n in d["labels"].items()))
+        if d.get("template"):
+            self.log(f"template: {escape(repr(d['template']))}")
+        if d["blank"]:
+            self.log(f"[yellow]warning:[/] skipped {d['blank']} blank row(s)")
+        if d.get("truncated"):
+            self.log(f"[yellow]warning:[/] {d['truncated']} example(s) longer than the context were truncated")
+        if d.get("unseen"):
+            total = sum(d["unseen"].values())
+            names = ", ".join(escape(k) for k in list(d["unseen"])[:5])
+            self.log(f"[yellow]warning:[/] {total} validation example(s) have labels unseen in training "
+                     f"({names}); they are left out of the scores")
+
+    def on_model(self, d):
+        super().on_model(d)
+        if "trainable" in d:
+            share = d["trainable"] / max(d["params"], 1)
+            self.log(f"training {human(d['trainable'])} parameters ({share:.2%})"
+                     + (" with LoRA" if d.get("lora") else ""))
+
+    def on_eval(self, d):
+        self.fields["val"] = f"{d['val_loss']:.3f}"
+        mark = " [green]best[/]" if d["improved"] else ""
+        line = f"step {d['step']}: {metric_line(d)}{mark}"
+        printer = self.progress.console if self.progress else self.console
+        if self.progress:
+            self.progress.update(self.task, **self.fields)
+        if self.quiet:
+            return
+        printer.print(line, highlight=False)
+        if "confusion" in d:
+            for table in classification_tables(d):
+                printer.print(table)
+        for s in d.get("samples", []):
+            printer.print(f"  [dim]{escape(s['prompt'][-80:])}[/] → {escape(s['output'][:160])}".replace("\n", " ⏎ "),
+                          highlight=False)
+
+    def summary(self, result) -> None:
+        if self.quiet:
+            return
+        st = result.state
+        metric = result.best_metrics.get("metric", "val_loss")
+        if result.best_metrics:
+            self.log(f"best at step {st.best_step} by {metric}: {metric_line(result.best_metrics)}")
+        self.log(f"{st.step} steps; loss curve: {result.out / 'loss.svg'}"
+                 + (f"; merged weights: {result.merged}" if result.merged else ""))
+
+
+def eval_tables(report: dict[str, Any], *, show: int = 0) -> list[Table]:
+    """The tables of ``llmkit eval``: the headline metrics, then per-task detail."""
+    title = f"{report['task']} · {escape(report['checkpoint'])}"
+    t = Table(title=title, title_justify="left", show_header=False, min_width=len(title))
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    rows = [("examples", "examples", "{}"), ("tokens", "tokens", "{:,}"), ("loss", "loss", "{:.4f}"),
+            ("perplexity", "perplexity", "{:.2f}"), ("bits_per_byte", "bits per byte", "{:.4f}"),
+            ("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}"), ("chrf", "chrF", "{:.2f}"),
+            ("bleu", "BLEU", "{:.2f}"), ("exact_match", "exact match (%)", "{:.2f}"),
+            ("token_f1", "token F1 (%)", "{:.2f}")]
+    for key, name, fmt in rows:
+        if key in report:
+            t.add_row(name, fmt.format(report[key]))
+    tables = [t]
+    if "confusion" in report:
+        tables.extend(classification_tables(report))
+    if show and report.get("outputs"):
+        o = Table(title="outputs", title_justify="left")
+        for name in ("prompt", "output", "reference"):
+            o.add_column(name)
+        for row in report["outputs"][:show]:
+            o.add_row(escape(row["prompt"][-120:]), escape(row["output"]), escape(row["reference"]))
+        tables.append(o)
+    return tables

@@ -5,7 +5,12 @@ Layout (docs/checkpoint-format.md is the specification):
     config.yaml            the resolved run config; its model section rebuilds the network
     tokenizer.model/.yaml  the tokenizer and its contract
     optimizer.safetensors  AdamW state as tensors, param groups as JSON metadata (training only)
+    adapter.safetensors    LoRA runs: the adapter (A, B and any trained head); model.safetensors
+                           then holds the frozen base weights, so the directory stands alone
     trainer_state.json     step, tokens, best loss, elapsed time, versions: written last
+
+A classifier's head is part of model.safetensors (``cls_head.*``); ``build_model`` reattaches it
+from the checkpoint's task section, and re-applies (then by default merges) a LoRA adapter.
 
 A directory is written as NAME.tmp, every file fsynced, trainer_state.json last, then renamed into
 place. A directory without trainer_state.json is never loaded. Nothing is ever unpickled.
@@ -27,8 +32,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import llmkit
-from llmkit.core.config import ModelConfig, build_section
+from llmkit.core.config import LoRAConfig, ModelConfig, TaskConfig, build_section
 from llmkit.core.errors import CheckpointError, LlmkitError
+from llmkit.core.heads import attach_classifier
+from llmkit.core.lora import apply_lora, has_lora, load_adapter, merge_lora, split_state
 from llmkit.core.model import Transformer, rope_tables
 from llmkit.core.tokenizer import Tokenizer, atomic_write
 
@@ -57,12 +64,15 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict to save: tied lm_head dropped (it is the embedding), tensors contiguous."""
-    state = model.state_dict()
+def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(weights, adapter) to save: tied lm_head dropped (it is the embedding), tensors contiguous
+    on the CPU. With LoRA, weights are the base under plain names and adapter the trained part."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         state.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if not has_lora(model):
+        return state, None
+    return split_state(model, state)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -94,8 +104,11 @@ def save_checkpoint(dest: Path, *, model: torch.nn.Module, config: dict[str, Any
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(model_tensors(model), str(tmp / "model.safetensors"),
-              metadata={"format": "llmkit", "version": str(FORMAT_VERSION)})
+    weights, adapter = model_tensors(model)
+    meta = {"format": "llmkit", "version": str(FORMAT_VERSION)}
+    save_file(weights, str(tmp / "model.safetensors"), metadata=meta)
+    if adapter is not None:
+        save_file(adapter, str(tmp / "adapter.safetensors"), metadata=meta)
     atomic_write(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False, allow_unicode=True).encode())
     tokenizer.save(tmp)
     if optimizer is not None:
@@ -200,10 +213,16 @@ class Checkpoint:
     model_cfg: ModelConfig
     tokenizer: Tokenizer
     state: dict[str, Any]
+    task: TaskConfig
+    lora: LoRAConfig
 
     @property
     def kind(self) -> str:
-        return self.config.get("task", {}).get("kind", "lm") if isinstance(self.config.get("task"), dict) else "lm"
+        return self.task.kind
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.lora.enabled and (self.path / "adapter.safetensors").is_file()
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -217,17 +236,25 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}/config.yaml has no model section")
     try:
         model_cfg = build_section(ModelConfig, config["model"], "model")
+        task = build_section(TaskConfig, config.get("task") or {}, "task")
+        lora = build_section(LoRAConfig, config.get("lora") or {}, "lora")
         tokenizer = Tokenizer.load(path)
     except LlmkitError as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from None
-    return Checkpoint(path, config, model_cfg, tokenizer, read_state(path))
+    if task.kind == "classify" and len(task.labels) < 2:
+        raise CheckpointError(f"checkpoint {path}: a classifier needs task.labels (found {list(task.labels)})")
+    return Checkpoint(path, config, model_cfg, tokenizer, read_state(path), task, lora)
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} cannot be read: {e}") from None
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    try:
-        tensors = load_file(str(Path(path) / "model.safetensors"))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}/model.safetensors cannot be read: {e}") from None
+    tensors = _read_tensors(Path(path) / "model.safetensors")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         missing = [k for k in missing if k != "lm_head.weight"]
@@ -236,11 +263,16 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             f"{path}/model.safetensors does not fit its config (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Transformer, Checkpoint]:
-    """Rebuild the network from a checkpoint's config and load its weights, ready for inference."""
-    ckpt = read_checkpoint(path)
+def build_model(ckpt: Checkpoint, device: torch.device | str = "cpu", *, merge: bool = True) -> Transformer:
+    """The network of a checkpoint with its weights: trunk, task head, LoRA adapter.
+
+    ``merge`` folds a LoRA adapter into plain weights (inference); without it the LoRA modules stay
+    in place, as training (and resuming) needs them.
+    """
     with torch.device("meta"):
         model = Transformer(ckpt.model_cfg)  # no memory, no init: the weights come next
+        if ckpt.kind == "classify":
+            attach_classifier(model, len(ckpt.task.labels))
     model = model.to_empty(device=device)
     load_weights(model, ckpt.path)
     if ckpt.model_cfg.tie_embeddings:
@@ -248,5 +280,21 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Transfor
     # Non-persistent buffers are not in the file: recompute the rotary tables on the device.
     cos, sin = rope_tables(ckpt.model_cfg.head_dim, ckpt.model_cfg.context, ckpt.model_cfg.rope_theta)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    if ckpt.has_adapter:
+        apply_lora(model, rank=ckpt.lora.rank, alpha=ckpt.lora.alpha, dropout=ckpt.lora.dropout,
+                   targets=ckpt.lora.targets)
+        try:
+            load_adapter(model, {k: v.to(device) for k, v in _read_tensors(ckpt.path / "adapter.safetensors").items()})
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.path}/adapter.safetensors: {e}") from None
+        if merge:
+            merge_lora(model)
+    return model
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Transformer, Checkpoint]:
+    """Rebuild the network from a checkpoint alone, ready for inference (LoRA merged)."""
+    ckpt = read_checkpoint(path)
+    model = build_model(ckpt, device)
     model.eval()
     return model, ckpt

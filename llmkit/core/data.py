@@ -63,7 +63,7 @@ def split_document(text: str, val_fraction: float) -> tuple[str, str]:
     return text[: cut + 1], text[cut + 1:]
 
 
-def _encode_text(tok: Tokenizer, text: str) -> list[int]:
+def encode_text(tok: Tokenizer, text: str) -> list[int]:
     # "\n" is a user symbol, so encoding line by line and joining with its id equals encoding the
     # whole text, and lets SentencePiece spread the lines over all cores.
     lines = text.split("\n")
@@ -109,9 +109,9 @@ def load_or_build(files: list[Path], tok: Tokenizer, cfg: DataConfig, *,
         tr, va = split_document(doc, cfg.val_fraction)
         chars += len(doc)
         val_bytes += len(va.encode("utf-8"))
-        train_parts.append(np.asarray(_encode_text(tok, tr) + [tok.eos_id], dtype=dtype))
+        train_parts.append(np.asarray(encode_text(tok, tr) + [tok.eos_id], dtype=dtype))
         if va:
-            val_parts.append(np.asarray(_encode_text(tok, va) + [tok.eos_id], dtype=dtype))
+            val_parts.append(np.asarray(encode_text(tok, va) + [tok.eos_id], dtype=dtype))
         if on_progress:
             on_progress(i + 1, len(docs))
     train = np.concatenate(train_parts)

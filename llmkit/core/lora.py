@@ -79,3 +79,40 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def split_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a LoRA model's state into (base, adapter).
+
+    base: every non-LoRA tensor under the name it has in the plain model (``q_proj.base.weight``
+    -> ``q_proj.weight``), so model.safetensors loads into an unwrapped Transformer. adapter: the
+    LoRA tensors plus any other trained tensor (e.g. a classification head): what a run learned.
+    """
+    wrapped = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    base, adapter = {}, {}
+    for key, value in state.items():
+        if key.endswith((".lora_a", ".lora_b")):
+            adapter[key] = value
+            continue
+        module, _, leaf = key.rpartition(".")
+        plain = key
+        if module.endswith(".base") and module[: -len(".base")] in wrapped:
+            plain = f"{module[: -len('.base')]}.{leaf}"
+        base[plain] = value
+        if key in trained:
+            adapter[key] = value
+    return base, adapter
+
+
+def load_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors into a LoRA-wrapped model; every tensor must find its place."""
+    own = model.state_dict()
+    unknown = [k for k in tensors if k not in own]
+    if unknown:
+        raise ValueError(f"adapter tensors do not fit the model: {unknown[:3]}")
+    model.load_state_dict(tensors, strict=False)

@@ -1,0 +1,65 @@
+"""Classify texts with a fine-tuned classifier: one label per text, with its probability.
+
+Texts come as arguments, or from --input (one per line, JSONL with --field, CSV/TSV with
+--column, or - for stdin). Output: one tab-separated line per text (label, probability, text),
+or --json objects with every label's probability.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt
+from llmkit.core.errors import CheckpointError, ConfigError
+
+COMMAND_FOR_KIND = {"lm": "llmkit generate", "instruct": "llmkit generate", "translate": "llmkit generate"}
+
+
+def classify(
+    checkpoint: Annotated[Path, typer.Argument(help="A classifier checkpoint or run directory.", show_default=False)],
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.", show_default=False)] = None,
+    input: Annotated[Optional[str], typer.Option("--input", "-i", help="File of texts (lines, JSONL, CSV/TSV) or - for stdin.", show_default=False)] = None,
+    field: Annotated[Optional[str], typer.Option("--field", help="JSONL field holding the text [default: text].", show_default=False)] = None,
+    column: Annotated[Optional[str], typer.Option("--column", help="CSV/TSV column holding the text.", show_default=False)] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Labels shown per text (the most likely first).")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per forward pass.")] = 32,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    device: DeviceOpt = None,
+) -> None:
+    from llmkit.cli.encode import read_items
+    from llmkit.cli.render import err_console
+    from llmkit.core.checkpoint import load_model, read_checkpoint
+    from llmkit.core.device import pick_device
+    from llmkit.core.tasks import classify_texts
+
+    if batch_size <= 0 or top_k <= 0:
+        raise ConfigError("--batch-size and --top-k must be positive")
+    if bool(texts) == (input is not None):
+        raise ConfigError("give texts as arguments or --input FILE (one of the two)")
+    ckpt = read_checkpoint(checkpoint)
+    if ckpt.kind != "classify":
+        raise CheckpointError(f"{ckpt.path} is a {ckpt.kind} checkpoint, not a classifier: use "
+                              f"{COMMAND_FOR_KIND.get(ckpt.kind, 'another command')} (or llmkit finetune --task classify)")
+    items = list(texts) if texts else list(read_items(input, field, column))
+    dev = pick_device(device or "auto")
+    model, ckpt = load_model(ckpt.path, dev)
+    labels = ckpt.task.labels
+    probs, truncated = classify_texts(model, ckpt.tokenizer, labels, items, pooling=ckpt.task.pooling,
+                                      batch_size=batch_size, device=dev)
+    k = min(top_k, len(labels))
+    for text, row in zip(items, probs.tolist()):
+        ranked = sorted(range(len(labels)), key=lambda j: -row[j])
+        if json_out:
+            print(json.dumps({"text": text, "label": labels[ranked[0]], "prob": round(row[ranked[0]], 6),
+                              "probs": {labels[j]: round(row[j], 6) for j in ranked}}, ensure_ascii=False))
+        else:
+            shown = "\t".join(f"{labels[j]}\t{row[j]:.3f}" for j in ranked[:k])
+            print(f"{shown}\t{text}")
+    if truncated and not quiet:
+        err_console().print(f"[yellow]warning:[/] {truncated} text(s) longer than the context "
+                            f"({model.cfg.context} tokens) were truncated", highlight=False)

@@ -1,0 +1,66 @@
+"""Measure a checkpoint on a file, with its own task's metrics.
+
+Language model on text: loss, perplexity, bits per byte. Classifier: accuracy, macro-F1, per-class
+scores and confusion matrix. Translator: chrF and BLEU. Instruct model: exact match and token F1
+(extractive question answering). A table, or --json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt
+from llmkit.core.errors import ConfigError
+
+
+def _opt(help: str, *names: str):
+    return typer.Option(*names, help=help, show_default=False)
+
+
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
+    data: Annotated[list[str], typer.Argument(help="Text files (language model) or one JSONL/CSV/TSV file of examples.", show_default=False)],
+    text_field: Annotated[Optional[str], _opt("Field of the text, if it differs from training's.", "--text-field")] = None,
+    label_field: Annotated[Optional[str], _opt("Field of the label.", "--label-field")] = None,
+    prompt_field: Annotated[Optional[str], _opt("Field of the prompt.", "--prompt-field")] = None,
+    response_field: Annotated[Optional[str], _opt("Field of the response.", "--response-field")] = None,
+    src_field: Annotated[Optional[str], _opt("Field of the source text.", "--src-field")] = None,
+    tgt_field: Annotated[Optional[str], _opt("Field of the reference translation.", "--tgt-field")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Measure the first N examples only (0: all).")] = 0,
+    show: Annotated[int, typer.Option("--show", help="Print this many outputs beside their references.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 16,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    device: DeviceOpt = None,
+) -> None:
+    from llmkit.cli.render import err_console, eval_tables
+    from llmkit.core.device import pick_device
+    from llmkit.core.evaluate import evaluate_checkpoint
+
+    if batch_size <= 0 or limit < 0 or show < 0:
+        raise ConfigError("--batch-size must be positive; --limit and --show must not be negative")
+    console = err_console()
+    fields = {"text_field": text_field, "label_field": label_field, "prompt_field": prompt_field,
+              "response_field": response_field, "src_field": src_field, "tgt_field": tgt_field}
+    report = evaluate_checkpoint(checkpoint, data, fields=fields, batch_size=batch_size, limit=limit,
+                                 device=pick_device(device or "auto"),
+                                 on_progress=lambda s: None if quiet else console.print(f"[dim]{s} …[/]"))
+    if json_out:
+        print(json.dumps(report, ensure_ascii=False))
+        return
+    from rich.console import Console
+
+    out = Console(highlight=False)
+    for table in eval_tables(report, show=show):
+        out.print(table)
+    if not quiet:
+        for key, what in (("blank", "blank row(s) skipped"), ("truncated", "example(s) truncated to the context")):
+            if report.get(key):
+                console.print(f"[yellow]warning:[/] {report[key]} {what}", highlight=False)
+        if report.get("unseen"):
+            console.print(f"[yellow]warning:[/] {sum(report['unseen'].values())} example(s) with labels the "
+                          f"classifier does not know were left out ({', '.join(report['unseen'])})", highlight=False)

@@ -1,0 +1,95 @@
+"""Fine-tune a checkpoint: --task classify, instruct, translate or lm (continued pretraining).
+
+DATA is JSONL, CSV or TSV (text files for --task lm). Without --val, a fixed share of DATA is held
+out for validation. --lora trains low-rank adapters instead of every weight; --freeze-trunk trains
+a classification head only. The task, its template and label map are stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmkit.cli.options import ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, SetOpt
+from llmkit.core.errors import ConfigError
+
+
+def _opt(help: str, *names: str):
+    return typer.Option(*names, help=help, show_default=False)
+
+
+def finetune(
+    checkpoint: Annotated[Path, typer.Argument(help="The checkpoint (or run directory) to start from.", show_default=False)],
+    task: Annotated[Optional[str], _opt("classify, instruct, translate or lm (taken from the run on --resume).", "--task")] = None,
+    data: Annotated[Optional[list[str]], _opt("Training data: JSONL/CSV/TSV (text files for lm; repeatable).", "--data", "-d")] = None,
+    val: Annotated[Optional[Path], _opt("Validation file (default: hold out task.val_fraction of --data).", "--val")] = None,
+    text_field: Annotated[Optional[str], _opt("Field or column of the text [default: text].", "--text-field")] = None,
+    label_field: Annotated[Optional[str], _opt("Field or column of the label [default: label].", "--label-field")] = None,
+    prompt_field: Annotated[Optional[str], _opt("Field of the prompt [default: prompt].", "--prompt-field")] = None,
+    response_field: Annotated[Optional[str], _opt("Field of the response [default: response].", "--response-field")] = None,
+    src_field: Annotated[Optional[str], _opt("Field of the source text [default: src].", "--src-field")] = None,
+    tgt_field: Annotated[Optional[str], _opt("Field of the translation [default: tgt].", "--tgt-field")] = None,
+    template: Annotated[Optional[str], _opt("Prompt template, {prompt} marks the input (instruct, translate).", "--template")] = None,
+    pooling: Annotated[Optional[str], _opt("Classifier input: last (token) or mean [default: last].", "--pooling")] = None,
+    class_weights: Annotated[Optional[str], _opt("none or balanced (for imbalanced classes) [default: none].", "--class-weights")] = None,
+    freeze_trunk: Annotated[Optional[bool], _opt("Train the classification head only (a linear probe).", "--freeze-trunk")] = None,
+    mask_prompt: Annotated[Optional[bool], _opt("Loss on the response only [default: on].", "--mask-prompt/--no-mask-prompt")] = None,
+    lora: Annotated[Optional[bool], _opt("Train LoRA adapters instead of every weight.", "--lora")] = None,
+    lora_rank: Annotated[Optional[int], _opt("LoRA rank [default: 8].", "--lora-rank")] = None,
+    lora_alpha: Annotated[Optional[float], _opt("LoRA alpha; the update is scaled by alpha/rank [default: 16].", "--lora-alpha")] = None,
+    lora_dropout: Annotated[Optional[float], _opt("Dropout on the LoRA input [default: 0.05].", "--lora-dropout")] = None,
+    lora_targets: Annotated[Optional[str], _opt("Comma-separated layers to adapt [default: q_proj,k_proj,v_proj,o_proj].", "--lora-targets")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write OUT/merged: the adapter folded into plain weights.")] = False,
+    out: OutOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    steps: Annotated[Optional[int], _opt("Stop after this many optimizer steps.", "--steps")] = None,
+    epochs: Annotated[Optional[float], _opt("Stop after this many passes over the data [default: 3 when no budget].", "--epochs")] = None,
+    time: Annotated[Optional[str], _opt("Stop after this much time (e.g. 90s, 10m).", "--time")] = None,
+    batch_size: Annotated[Optional[int], _opt("Examples per micro-batch [default: 16].", "--batch-size")] = None,
+    lr: Annotated[Optional[float], _opt("Peak learning rate [default: 3e-4, 1e-3 with --lora].", "--lr")] = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    resume: Annotated[Optional[str], _opt("'auto' (the newest checkpoint in --out) or a checkpoint path.", "--resume")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    from llmkit.cli.render import FinetuneView
+    from llmkit.core.finetune import finetune as run_finetune
+    from llmkit.core.finetune import plan
+
+    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--lr", lr), ("--epochs", epochs)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name} must be positive, not {value}")
+    if not resume and task is None:
+        raise ConfigError("--task is required: classify, instruct, translate or lm")
+    if not data:
+        raise ConfigError("--data is required: the training examples (JSONL, CSV or TSV; text for --task lm)")
+    flags = {
+        "task": {"kind": task, "text_field": text_field, "label_field": label_field, "prompt_field": prompt_field,
+                 "response_field": response_field, "src_field": src_field, "tgt_field": tgt_field,
+                 "template": template, "pooling": pooling, "class_weights": class_weights,
+                 "freeze_trunk": freeze_trunk, "mask_prompt": mask_prompt},
+        "lora": {"enabled": lora, "rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout,
+                 "targets": lora_targets},
+        "train": {"steps": steps, "epochs": epochs, "time": time, "batch_size": batch_size, "device": device,
+                  "seed": seed},
+        "optim": {"lr": lr},
+    }
+    out = out or Path("runs") / f"{Path(checkpoint).name}-{task or 'finetune'}"
+    cfg, base, resume_from = plan(checkpoint, out, resume=resume, config_file=config, sets=set_ or [], flags=flags)
+    if print_config:
+        typer.echo(cfg.to_yaml(), nl=False)
+        return
+    view = FinetuneView(quiet=quiet, json_lines=json_out)
+    result = run_finetune(checkpoint, data, out, cfg, base=base, val=val, resume_from=resume_from, merge=merge,
+                          on_event=view)
+    if result.stop_reason == "interrupted":
+        view.log(f"[yellow]interrupted[/] at step {result.state.step}: continue with --resume auto")
+        raise typer.Exit(130)
+    view.summary(result)
+    if not json_out:
+        typer.echo(str(result.merged or result.best or result.last or out))

@@ -1,0 +1,194 @@
+"""Fine-tuning tasks for the training loop, and the measurements they share with ``llmkit eval``.
+
+- ``ClassifyTask``: texts -> labels through the classification head on the pooled final hidden
+  state; validation reports loss, accuracy, macro-F1, per-class precision/recall/F1 and the
+  confusion matrix.
+- ``PairTask``: prompt -> response (instruct, translate) as next-token prediction on the
+  response (the prompt masked out of the loss by default); validation reports the response loss,
+  and for translation decodes the dev set greedily for chrF and BLEU; instruct shows samples.
+
+Batches follow a fixed shuffle per epoch drawn from (seed, epoch): the examples of step s,
+micro-batch m are a pure function of (seed, s, m), so resume is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llmkit.core.config import RunConfig, SampleConfig
+from llmkit.core.examples import Example, Sequence, classify_ids, encode_prompt
+from llmkit.core.generate import decode_batch
+from llmkit.core.heads import classify_logits
+from llmkit.core.metrics import accuracy, bleu, chrf, confusion_matrix, exact_match, macro_f1, per_class, token_f1
+from llmkit.core.train import lm_loss, mean_token_loss
+
+
+def epoch_indices(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Example indices at global positions [start, start + count) of the epoch-by-epoch shuffle."""
+    out: list[int] = []
+    pos = start
+    while len(out) < count:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = min(count - len(out), n - offset)
+        out.extend(perm[offset: offset + take].tolist())
+        pos += take
+    return out
+
+
+def _by_length(rows: list[list[int]], batch_size: int):
+    """Index batches of similar lengths (longest first): little padding at evaluation."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        yield order[start: start + batch_size]
+
+
+# --- classification -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def classify_rows(model, rows: list[list[int]], *, pooling: str, batch_size: int, device) -> torch.Tensor:
+    """Class logits (N, K) for token rows, in input order."""
+    out = None
+    for idx in _by_length(rows, batch_size):
+        logits = classify_logits(model, [rows[i] for i in idx], pooling=pooling, device=device).float()
+        if out is None:
+            out = torch.empty(len(rows), logits.size(1))
+        out[idx] = logits.cpu()
+    return out
+
+
+def classify_texts(model, tok, labels: tuple[str, ...], texts: list[str], *, pooling: str, batch_size: int = 16,
+                   device="cpu") -> tuple[torch.Tensor, int]:
+    """Class probabilities (N, K) for texts, in input order; and how many were truncated."""
+    rows, cut = zip(*(classify_ids(tok, t, model.cfg.context) for t in texts))
+    logits = classify_rows(model, list(rows), pooling=pooling, batch_size=batch_size, device=device)
+    return logits.softmax(-1), sum(cut)
+
+
+def classification_report(logits: torch.Tensor, gold: list[int], labels: tuple[str, ...]) -> dict[str, Any]:
+    """Loss, accuracy, macro-F1, per-class scores and confusion matrix (rows gold, columns predicted)."""
+    pred = logits.argmax(-1).tolist()
+    idx = list(range(len(labels)))
+    return {
+        "val_loss": F.cross_entropy(logits, torch.tensor(gold)).item(),
+        "accuracy": accuracy(pred, gold),
+        "macro_f1": macro_f1(pred, gold, idx),
+        "per_class": {labels[i]: s for i, s in per_class(pred, gold, idx).items()},
+        "confusion": confusion_matrix(pred, gold, idx),
+        "labels": list(labels),
+        "examples": len(gold),
+    }
+
+
+class ClassifyTask:
+    def __init__(self, train: tuple[list[list[int]], list[int]], dev: tuple[list[list[int]], list[int]],
+                 labels: tuple[str, ...], cfg: RunConfig, device, class_weights: torch.Tensor | None = None):
+        self.rows, self.y = train
+        self.dev_rows, self.dev_y = dev
+        self.labels, self.cfg, self.device = labels, cfg, device
+        self.weights = class_weights.to(device) if class_weights is not None else None
+
+    def train_batch(self, step: int, micro: int):
+        B = self.cfg.train.batch_size
+        start = (step * self.cfg.train.grad_accum + micro) * B
+        idx = epoch_indices(len(self.rows), self.cfg.train.seed, start, B)
+        return [self.rows[i] for i in idx], torch.tensor([self.y[i] for i in idx])
+
+    def loss(self, net, batch):
+        rows, y = batch
+        logits = classify_logits(net, rows, pooling=self.cfg.task.pooling, device=self.device)  # (B, K)
+        return F.cross_entropy(logits.float(), y.to(self.device), weight=self.weights), sum(map(len, rows))
+
+    def evaluate(self, net):
+        logits = classify_rows(net, self.dev_rows, pooling=self.cfg.task.pooling,
+                               batch_size=self.cfg.train.batch_size, device=self.device)
+        return classification_report(logits, self.dev_y, self.labels)
+
+
+def balanced_weights(y: list[int], n_labels: int) -> torch.Tensor:
+    """n / (K * count_k): every class weighs the same in the loss, whatever its frequency."""
+    counts = np.bincount(np.asarray(y), minlength=n_labels).astype(np.float64)
+    return torch.tensor(len(y) / (n_labels * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+# --- prompt -> response ---------------------------------------------------------------------------
+
+def pair_batch(seqs: list[Sequence], mask_prompt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, T) and y (B, T) right-padded; y is -100 on padding and (optionally) on the prompt."""
+    T = max(len(s.ids) for s in seqs) - 1
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    y = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids = torch.tensor(s.ids)
+        n = len(s.ids) - 1
+        x[b, :n] = ids[:-1]
+        y[b, :n] = ids[1:]
+        if mask_prompt:
+            # target j predicts ids[j + 1]: the prompt's own tokens are ids[:n_prompt]
+            y[b, : max(s.n_prompt - 1, 0)] = -100
+    return x, y
+
+
+def decode_responses(model, tok, template: str, examples: list[Example], *, max_new_tokens: int,
+                     batch_size: int, device) -> list[str]:
+    """Greedy responses to each example's prompt (the template applied), in input order."""
+    prompts = [encode_prompt(tok, template, e.turns[:-1]) for e in examples]
+    cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+    out = [""] * len(prompts)
+    for idx in _by_length(prompts, batch_size):
+        texts = decode_batch(model, [prompts[i] for i in idx], cfg, eos_id=tok.eos_id, decode=tok.decode,
+                             device=device)
+        for i, o in zip(idx, texts):
+            out[i] = o.text.strip()
+    return out
+
+
+def response_scores(kind: str, hyps: list[str], refs: list[str]) -> dict[str, float]:
+    """chrF and BLEU for translation; exact match and token F1 (in %) for answers."""
+    if kind == "translate":
+        return {"chrf": chrf(hyps, refs), "bleu": bleu(hyps, refs)}
+    n = max(len(refs), 1)
+    return {"exact_match": 100.0 * sum(exact_match(h, r) for h, r in zip(hyps, refs)) / n,
+            "token_f1": 100.0 * sum(token_f1(h, r) for h, r in zip(hyps, refs)) / n}
+
+
+class PairTask:
+    SAMPLES = 3
+
+    def __init__(self, train: list[Sequence], dev: list[Sequence], dev_examples: list[Example],
+                 cfg: RunConfig, tok, device):
+        self.seqs, self.dev, self.dev_examples = train, dev, dev_examples
+        self.cfg, self.tok, self.device = cfg, tok, device
+
+    def train_batch(self, step: int, micro: int):
+        B = self.cfg.train.batch_size
+        start = (step * self.cfg.train.grad_accum + micro) * B
+        idx = epoch_indices(len(self.seqs), self.cfg.train.seed, start, B)
+        return pair_batch([self.seqs[i] for i in idx], self.cfg.task.mask_prompt)
+
+    def loss(self, net, batch):
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        return lm_loss(net(x), y), int((y != -100).sum())
+
+    def evaluate(self, net):
+        B = self.cfg.train.batch_size
+        batches = (pair_batch([self.dev[i] for i in idx], self.cfg.task.mask_prompt)
+                   for idx in _by_length([s.ids for s in self.dev], B))
+        val_loss, _ = mean_token_loss(net, batches, self.device)
+        metrics: dict[str, Any] = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        task = self.cfg.task
+        n = task.eval_limit if task.kind == "translate" else self.SAMPLES
+        chosen = self.dev_examples[:n]
+        hyps = decode_responses(net, self.tok, task.prompt_template, chosen, max_new_tokens=task.max_new_tokens,
+                                batch_size=B, device=self.device)
+        if task.kind == "translate":
+            metrics.update(response_scores("translate", hyps, [e.response for e in chosen]))
+            metrics["decoded"] = len(chosen)
+        metrics["samples"] = [{"prompt": e.prompt, "output": h, "reference": e.response}
+                              for e, h in zip(chosen[: self.SAMPLES], hyps)]
+        return metrics
