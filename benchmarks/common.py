@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import re
+import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,3 +56,64 @@ def hf_llama(model):
     if c.tie_embeddings:
         hf.tie_weights()
     return hf.eval()
+
+
+def read_classify(name: str, split: str) -> tuple[list[str], list[str]]:
+    rows = [json.loads(line) for line in (SHARED_DATA / "classify_fr" / f"{name}.{split}.jsonl").read_text().splitlines()]
+    return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+def logistic_probe(xtr: np.ndarray, ytr: list[str], xdv: np.ndarray, ydv: list[str], l2: float = 1e-3) -> dict:
+    labels = sorted(set(ytr))
+    index = {c: i for i, c in enumerate(labels)}
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    a = torch.tensor((xtr - mu) / sd, dtype=torch.float32)
+    b = torch.tensor((xdv - mu) / sd, dtype=torch.float32)
+    y = torch.tensor([index[c] for c in ytr])
+    w = torch.zeros(a.size(1), len(labels), requires_grad=True)
+    bias = torch.zeros(len(labels), requires_grad=True)
+    opt = torch.optim.LBFGS([w, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(a @ w + bias, y) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    pred = (b @ w + bias).argmax(1).tolist()
+    gold = [index.get(c, -1) for c in ydv]
+    acc = float(np.mean([p == g for p, g in zip(pred, gold)]))
+    f1s = []
+    for k in range(len(labels)):
+        tp = sum(p == k and g == k for p, g in zip(pred, gold))
+        fp = sum(p == k and g != k for p, g in zip(pred, gold))
+        fn = sum(p != k and g == k for p, g in zip(pred, gold))
+        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
+    return {"accuracy": round(acc, 4), "macro_f1": round(float(np.mean(f1s)), 4)}
+
+
+def bag_of_words(train: list[str], dev: list[str], vocab: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+    words = lambda t: re.findall(r"\w+", t.lower())  # noqa: E731
+    common = [w for w, _ in Counter(w for t in train for w in words(t)).most_common(vocab)]
+    index = {w: i for i, w in enumerate(common)}
+
+    def vec(texts):
+        out = np.zeros((len(texts), len(common)), dtype=np.float32)
+        for r, t in enumerate(texts):
+            for w in words(t):
+                if w in index:
+                    out[r, index[w]] += 1
+        return np.log1p(out)
+
+    return vec(train), vec(dev)
+
+
+def peak_of(cmd: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of one command, measured by GNU time-like wait4 accounting."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        sys.exit(proc.stderr.read())
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024

@@ -12,9 +12,6 @@ same regression on bag-of-words counts and the majority class are the baselines.
 from __future__ import annotations
 
 import argparse
-import json
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,61 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, SHARED_DATA, emit, hf_llama, machine
+from common import SHARED_DATA, bag_of_words, emit, hf_llama, logistic_probe, machine, peak_of, read_classify
 
 from llmkit.core.checkpoint import load_model
-from llmkit.core.embed import pool
-
-
-def read(name: str, split: str) -> tuple[list[str], list[str]]:
-    rows = [json.loads(line) for line in (SHARED_DATA / "classify_fr" / f"{name}.{split}.jsonl").read_text().splitlines()]
-    return [r["text"] for r in rows], [r["label"] for r in rows]
-
-
-def logistic_probe(xtr: np.ndarray, ytr: list[str], xdv: np.ndarray, ydv: list[str], l2: float = 1e-3) -> dict:
-    labels = sorted(set(ytr))
-    index = {c: i for i, c in enumerate(labels)}
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-    a = torch.tensor((xtr - mu) / sd, dtype=torch.float32)
-    b = torch.tensor((xdv - mu) / sd, dtype=torch.float32)
-    y = torch.tensor([index[c] for c in ytr])
-    w = torch.zeros(a.size(1), len(labels), requires_grad=True)
-    bias = torch.zeros(len(labels), requires_grad=True)
-    opt = torch.optim.LBFGS([w, bias], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(a @ w + bias, y) + l2 * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    pred = (b @ w + bias).argmax(1).tolist()
-    gold = [index.get(c, -1) for c in ydv]
-    acc = float(np.mean([p == g for p, g in zip(pred, gold)]))
-    f1s = []
-    for k in range(len(labels)):
-        tp = sum(p == k and g == k for p, g in zip(pred, gold))
-        fp = sum(p == k and g != k for p, g in zip(pred, gold))
-        fn = sum(p != k and g == k for p, g in zip(pred, gold))
-        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
-    return {"accuracy": round(acc, 4), "macro_f1": round(float(np.mean(f1s)), 4)}
-
-
-def bag_of_words(train: list[str], dev: list[str], vocab: int = 20000) -> tuple[np.ndarray, np.ndarray]:
-    words = lambda t: re.findall(r"\w+", t.lower())  # noqa: E731
-    common = [w for w, _ in Counter(w for t in train for w in words(t)).most_common(vocab)]
-    index = {w: i for i, w in enumerate(common)}
-
-    def vec(texts):
-        out = np.zeros((len(texts), len(common)), dtype=np.float32)
-        for r, t in enumerate(texts):
-            for w in words(t):
-                if w in index:
-                    out[r, index[w]] += 1
-        return np.log1p(out)
-
-    return vec(train), vec(dev)
+from llmkit.core.heads import pool
 
 
 @torch.inference_mode()
@@ -104,8 +50,8 @@ def probe(ckpt: str) -> None:
     tok = c.tokenizer
     layers = {"middle": model.cfg.n_layer // 2, "top": -1}
     for name in ("sib200_topic_fr", "theatre17_genre_fr"):
-        xtr_t, ytr = read(name, "train")
-        xdv_t, ydv = read(name, "dev")
+        xtr_t, ytr = read_classify(name, "train")
+        xdv_t, ydv = read_classify(name, "dev")
         majority = Counter(ytr).most_common(1)[0][0]
         emit(event="probe", data=name, features="majority class", accuracy=round(float(np.mean([y == majority for y in ydv])), 4))
         btr, bdv = bag_of_words(xtr_t, xdv_t)
@@ -139,7 +85,7 @@ def speed(ckpt: str, rounds: int = 5) -> None:
     model, c = load_model(Path(ckpt))
     tok = c.tokenizer
     peer = hf_llama(model).model  # the LlamaModel trunk
-    texts = read("sib200_topic_fr", "train")[0] * 2
+    texts = read_classify("sib200_topic_fr", "train")[0] * 2
     from llmkit.core.embed import EmbedSettings, embed_items
 
     def hf_mean(texts):
@@ -169,18 +115,6 @@ def peer_encode(ckpt: str, src: str, out: str) -> None:
     np.save(out, vectors)
 
 
-def _peak_of(cmd: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one command, measured by GNU time-like wait4 accounting."""
-    import os
-
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status:
-        sys.exit(proc.stderr.read())
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024
-
-
 def memory(ckpt: str) -> None:
     """Peak RSS on 10k and 200k synthetic lines: the real `llmkit encode` command against the peer's
     in-memory pooling, each in its own process."""
@@ -198,7 +132,7 @@ def memory(ckpt: str) -> None:
                                  "--out", str(Path(tmp) / f"{n}.peer.npy")],
             }
             for name, cmd in runs.items():
-                seconds, peak = _peak_of(cmd)
+                seconds, peak = peak_of(cmd)
                 emit(event="encode_memory", contender=name, lines=n, seconds=round(seconds, 1),
                      peak_rss_mb=round(peak, 1))
 

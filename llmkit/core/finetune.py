@@ -223,7 +223,7 @@ def finetune(checkpoint: Path, data: list[str], out: Path, cfg: RunConfig, *, ba
     metrics = MetricsLog(out / "metrics.jsonl", summary.get("val_tokens", 0), summary.get("val_bytes", 0))
     save = Checkpointer(out, model=model, config=config_dict, tokenizer=tok, optimizer=optimizer,
                         extra_state={"seed": cfg.train.seed, "kind": cfg.task.kind, "precision": precision.name,
-                                     "device": str(device)},
+                                     "device": str(device), "params": model.num_params(), "trainable": trainable},
                         keep=cfg.train.keep_checkpoints, on_event=on_event)
     best_metrics: dict[str, Any] = {}
 

@@ -1,0 +1,150 @@
+"""`llmkit finetune` on the shared French task data: classification, translation, question answering.
+
+    .venv/bin/python benchmarks/finetune_tasks.py CKPT [--only classify,translate,instruct] [--work DIR]
+
+CKPT is a pretrained checkpoint (docs/benchmarks.md uses the 30-minute corpus_fr `small` model).
+Every llmkit run is the real command in its own process: wall time and peak RSS come from wait4.
+Only dev splits are scored; the test splits stay untouched.
+
+- classify (theatre17_genre_fr, sib200_topic_fr): full fine-tuning and LoRA, scored on dev by
+  `llmkit eval`, beside the majority class and a bag-of-words logistic regression fitted here.
+- translate (translate_fr_en): train on ntrex128 plus tico19_dev minus 200 held-out pairs; chrF and
+  BLEU of greedy translations of those 200, by `llmkit eval`.
+- instruct (instruct_fr/piaf_qa_fr): question + context -> answer; 10% of the articles (by title)
+  held out; exact match and token F1 of greedy answers on 200 of their questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from common import ROOT, SHARED_DATA, bag_of_words, emit, logistic_probe, machine, peak_of, read_classify
+
+LLMKIT = [sys.executable, "-m", "llmkit"]
+
+
+def run(args: list[str]) -> tuple[float, float]:
+    out = Path(args[args.index("--out") + 1])
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time
+    seconds, peak = peak_of(LLMKIT + args)
+    return round(seconds, 1), round(peak)
+
+
+def evaluate(ckpt: Path, data: Path, *extra: str) -> dict:
+    out = subprocess.run(LLMKIT + ["eval", str(ckpt), str(data), "--json", "--quiet", *extra], cwd=ROOT,
+                         capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(out.stderr)
+    report = json.loads(out.stdout)
+    report.pop("outputs", None)
+    return report
+
+
+def trained(out: Path) -> dict:
+    state = json.loads((out / "best" / "trainer_state.json").read_text())
+    model = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"steps": state["step"], "best_step": state["best_step"],
+            "evals": sum(r["event"] == "eval" for r in model)}
+
+
+def params_line(out: Path) -> dict:
+    state = json.loads((out / "best" / "trainer_state.json").read_text())
+    return {"params": state["params"], "trainable": state["trainable"]}
+
+
+def classify(ckpt: str, work: Path) -> None:
+    for name, epochs, limit, every in (("sib200_topic_fr", "8", "6m", "25"), ("theatre17_genre_fr", "2", "8m", "50")):
+        train = SHARED_DATA / "classify_fr" / f"{name}.train.jsonl"
+        dev = SHARED_DATA / "classify_fr" / f"{name}.dev.jsonl"
+        (xtr_t, ytr), (xdv_t, ydv) = read_classify(name, "train"), read_classify(name, "dev")
+        majority = Counter(ytr).most_common(1)[0][0]
+        emit(task="classify", data=name, method="majority", accuracy=round(sum(y == majority for y in ydv) / len(ydv), 4))
+        xtr, xdv = bag_of_words(xtr_t, xdv_t)
+        emit(task="classify", data=name, method="bag-of-words logreg", **logistic_probe(xtr, ytr, xdv, ydv))
+        for method, extra in (("full", []), ("lora", ["--lora"])):
+            out = work / f"{name}-{method}"
+            seconds, peak = run(["finetune", ckpt, "--task", "classify", "--data", str(train), "--val", str(dev),
+                                 "--out", str(out), "--epochs", epochs, "--time", limit, "--quiet", *extra,
+                                 "--set", f"train.eval_every={every}", "--set", "train.patience=6"])
+            report = evaluate(out / "best", dev)
+            emit(task="classify", data=name, method=f"llmkit {method}", accuracy=round(report["accuracy"], 4),
+                 macro_f1=round(report["macro_f1"], 4), seconds=seconds, peak_rss_mb=peak, **trained(out),
+                 **params_line(out))
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def translate(ckpt: str, work: Path) -> None:
+    root = SHARED_DATA / "translate_fr_en"
+    tico = [json.loads(line) for line in (root / "tico19_dev.jsonl").read_text().splitlines()]
+    random.Random(0).shuffle(tico)
+    dev, rest = tico[:200], tico[200:]
+    ntrex = [json.loads(line) for line in (root / "ntrex128.jsonl").read_text().splitlines()]
+    train = _jsonl(work / "translate.train.jsonl", [{"src": r["src"], "tgt": r["tgt"]} for r in ntrex + rest])
+    dev_file = _jsonl(work / "translate.dev.jsonl", [{"src": r["src"], "tgt": r["tgt"]} for r in dev])
+    emit(task="translate", data="translate_fr_en", method="copy source (baseline)",
+         **_scores([r["src"] for r in dev], [r["tgt"] for r in dev]))
+    out = work / "translate-full"
+    seconds, peak = run(["finetune", ckpt, "--task", "translate", "--data", str(train), "--val", str(dev_file),
+                         "--out", str(out), "--epochs", "3", "--time", "10m", "--quiet",
+                         "--set", "train.eval_every=100", "--set", "task.eval_limit=50"])
+    report = evaluate(out / "best", dev_file)
+    emit(task="translate", data="translate_fr_en", method="llmkit full", chrf=round(report["chrf"], 2),
+         bleu=round(report["bleu"], 2), examples=report["examples"], seconds=seconds, peak_rss_mb=peak,
+         **trained(out), **params_line(out))
+
+
+def _scores(hyps: list[str], refs: list[str]) -> dict:
+    from llmkit.core.metrics import bleu, chrf
+
+    return {"chrf": round(chrf(hyps, refs), 2), "bleu": round(bleu(hyps, refs), 2)}
+
+
+def instruct(ckpt: str, work: Path) -> None:
+    rows = [json.loads(line) for line in (SHARED_DATA / "instruct_fr" / "piaf_qa_fr.jsonl").read_text().splitlines()]
+    held = lambda r: int(hashlib.sha256(r["title"].encode()).hexdigest(), 16) % 10 == 0  # noqa: E731
+    as_pair = lambda r: {"prompt": f"{r['context']}\n\nQuestion : {r['question']}", "response": r["answer"]}  # noqa: E731
+    train = _jsonl(work / "qa.train.jsonl", [as_pair(r) for r in rows if not held(r)])
+    dev_rows = [r for r in rows if held(r)]
+    random.Random(0).shuffle(dev_rows)
+    dev = _jsonl(work / "qa.dev.jsonl", [as_pair(r) for r in dev_rows[:200]])
+    titles = len({r["title"] for r in dev_rows})
+    out = work / "qa-full"
+    seconds, peak = run(["finetune", ckpt, "--task", "instruct", "--data", str(train), "--val", str(dev),
+                         "--out", str(out), "--epochs", "1", "--time", "10m", "--quiet",
+                         "--set", "train.eval_every=100", "--set", "task.max_new_tokens=32"])
+    report = evaluate(out / "best", dev)
+    emit(task="instruct", data="piaf_qa_fr", method="llmkit full", held_out_articles=titles,
+         exact_match=round(report["exact_match"], 2), token_f1=round(report["token_f1"], 2),
+         examples=report["examples"], truncated=report["truncated"], seconds=seconds, peak_rss_mb=peak,
+         **trained(out), **params_line(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--only", default="classify,translate,instruct")
+    parser.add_argument("--work", default=str(ROOT / ".bench" / "finetune"))
+    args = parser.parse_args()
+    if not SHARED_DATA.exists():
+        sys.exit(f"skipped: {SHARED_DATA} not present")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    emit(event="machine", **machine())
+    for name in args.only.split(","):
+        {"classify": classify, "translate": translate, "instruct": instruct}[name](str(Path(args.checkpoint).resolve()), work)
+
+
+if __name__ == "__main__":
+    main()
