@@ -64,8 +64,6 @@ def finetune(
     for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--lr", lr), ("--epochs", epochs)):
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be positive, not {value}")
-    if not resume and task is None:
-        raise ConfigError("--task is required: classify, instruct, translate or lm")
     if not data:
         raise ConfigError("--data is required: the training examples (JSONL, CSV or TSV; text for --task lm)")
     flags = {

@@ -222,9 +222,11 @@ class FinetuneView(PretrainView):
         if self.quiet:
             return
         st = result.state
-        metric = result.best_metrics.get("metric", "val_loss")
         if result.best_metrics:
+            metric = result.best_metrics["metric"]
             self.log(f"best at step {st.best_step} by {metric}: {metric_line(result.best_metrics)}")
+        elif st.best_score is not None:
+            self.log(f"best at step {st.best_step}: score {st.best_score:.4f} (no improvement in this session)")
         self.log(f"{st.step} steps; loss curve: {result.out / 'loss.svg'}"
                  + (f"; merged weights: {result.merged}" if result.merged else ""))
 

@@ -49,11 +49,16 @@ def plan(checkpoint: Path, out: Path, *, resume: str | None, config_file: Path |
          flags: Mapping[str, Mapping[str, Any]]) -> tuple[RunConfig, ckpt_io.Checkpoint, Path | None]:
     """The run config, the checkpoint fine-tuning starts from, and the one to resume (if any)."""
     base = ckpt_io.read_checkpoint(checkpoint)
+    if not flags.get("task", {}).get("kind") and resume is None:
+        raise ConfigError("--task is required: classify, instruct, translate or lm")
     resume_from = resume_source(out, resume)
     layers: dict[str, Any] = {k: base.config[k] for k in ("tokenizer", "data", "model") if k in base.config}
     if resume_from is not None:
         saved = ckpt_io.read_checkpoint(resume_from)
         check_compatible(base.tokenizer.contract, saved.tokenizer.contract, what=f"the tokenizer of {resume_from}")
+        asked = flags.get("task", {}).get("kind")
+        if asked and asked != saved.kind:
+            raise ConfigError(f"--task {asked} does not match the run being resumed ({saved.kind})")
         layers = {k: v for k, v in saved.config.items() if k in SECTIONS}
     else:
         layers.update({k: dict(v) for k, v in DEFAULTS.items()})
@@ -160,11 +165,11 @@ def prepare_model(cfg: RunConfig, base: ckpt_io.Checkpoint, resume_from: Path | 
         model = ckpt_io.build_model(saved, device, merge=False)
     else:
         model = ckpt_io.build_model(base, device, merge=True)
+        torch.manual_seed(cfg.train.seed)  # a new head and new adapters start the same for the same seed
         keep_head = base.kind == "classify" and base.task.labels == cfg.task.labels
         if hasattr(model, "cls_head") and not keep_head:
             del model.cls_head
         if cfg.task.kind == "classify" and not keep_head:
-            torch.manual_seed(cfg.train.seed)
             attach_classifier(model, len(cfg.task.labels))
         if cfg.lora.enabled:
             apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
