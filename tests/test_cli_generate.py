@@ -101,14 +101,3 @@ def test_bad_prompt_files(trained_run, tmp_path):
     missing = tmp_path / "m.jsonl"
     missing.write_text('{"prompt": "a"}\n{"text": "b"}\n')
     assert_one_line_error(gen(trained_run, "--prompt-file", missing), "line 2 has no field 'prompt'")
-
-
-def test_checkpoint_that_is_not_a_language_model(trained_run, tmp_path):
-    import shutil
-
-    clf = tmp_path / "clf"
-    shutil.copytree(trained_run / "best", clf)
-    config = yaml.safe_load((clf / "config.yaml").read_text())
-    config["task"] = {"kind": "classify"}
-    (clf / "config.yaml").write_text(yaml.safe_dump(config))
-    assert_one_line_error(gen(clf, "--prompt", "x"), "is a classify checkpoint, not a language model: use llmkit classify")

@@ -89,3 +89,35 @@ def test_qa_metrics_by_hand():
 def test_bits_per_byte():
     # ln 2 nats per token, one byte per token: exactly one bit per byte
     assert metrics.bits_per_byte(math.log(2), 100, 100) == pytest.approx(1.0)
+
+
+def test_bleu_by_hand():
+    # 4-gram precisions 3/4, 2/3, 1/2 and 0/1 (smoothed to 1/(2*1)); equal lengths: no brevity penalty.
+    expected = 100 * (0.75 * (2 / 3) * 0.5 * 0.5) ** 0.25
+    assert metrics.bleu(["a b c d"], ["a b c e"]) == pytest.approx(expected)
+    assert metrics.bleu(["le chat dort ."], ["le chat dort ."]) == pytest.approx(100.0)
+    assert metrics.bleu(["x y z w"], ["a b c d"]) == 0.0
+    # brevity penalty: 4 hypothesis tokens against 8 reference tokens
+    short = metrics.bleu(["a b c d"], ["a b c d e f g h"])
+    assert short == pytest.approx(100 * math.exp(1 - 8 / 4))
+
+
+def test_chrf_by_hand():
+    # "ab" vs "abc": 1-grams P 1, R 2/3; 2-grams P 1, R 1/2; higher orders absent on a side.
+    p, r = 1.0, (2 / 3 + 1 / 2) / 2
+    assert metrics.chrf(["ab"], ["abc"]) == pytest.approx(100 * 5 * p * r / (4 * p + r))
+    assert metrics.chrf(["le chat"], ["lechat"]) == pytest.approx(100.0)  # whitespace is ignored
+    assert metrics.chrf([""], ["abc"]) == 0.0
+
+
+def test_chrf_and_bleu_agree_with_sacrebleu():
+    sacrebleu = pytest.importorskip("sacrebleu", reason="sacrebleu is a development dependency (pip install -e .[dev])")
+    import random
+
+    rng = random.Random(0)
+    words = "le chat noir dort sur la table , mais 3-4 chiens l'ont vu . Il fait « beau » ; dit-il ! 12.5 € & co".split()
+    for _ in range(200):
+        refs = [" ".join(rng.choices(words, k=rng.randint(1, 15))) for _ in range(rng.randint(1, 5))]
+        hyps = [" ".join(rng.choices(words, k=rng.randint(0, 15))) if rng.random() < 0.6 else r for r in refs]
+        assert metrics.chrf(hyps, refs) == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=1e-9)
+        assert metrics.bleu(hyps, refs) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-9)
