@@ -130,15 +130,7 @@ class Session:
         if self.template is not None:
             return self._chat()
         history = ""
-        self.console.print("[bold]llmkit[/] interactive: type text and press Enter; Ctrl-D to quit.", highlight=False)
-        while True:
-            try:
-                line = input("> ")
-            except EOFError:
-                self.console.print("")
-                return
-            if not line.strip():
-                continue
+        for line in self._lines("interactive: type text and press Enter"):
             history += line + "\n"
             ids = self._encode(history)
             outs = self._decode([ids], [self.cfg.seed or 0],
@@ -150,19 +142,23 @@ class Session:
             keep = self.tok.encode(history)[-(self.model.cfg.context - 1):]
             history = self.tok.decode(keep)
 
-    def _chat(self) -> None:
-        from llmkit.core.examples import encode_prompt
-
-        turns: list[tuple[str, str]] = []
-        self.console.print("[bold]llmkit[/] chat: type a message and press Enter; Ctrl-D to quit.", highlight=False)
+    def _lines(self, hello: str):
+        """The user's non-blank lines until Ctrl-D."""
+        self.console.print(f"[bold]llmkit[/] {hello}; Ctrl-D to quit.", highlight=False)
         while True:
             try:
                 line = input("> ")
             except EOFError:
                 self.console.print("")
                 return
-            if not line.strip():
-                continue
+            if line.strip():
+                yield line
+
+    def _chat(self) -> None:
+        from llmkit.core.examples import encode_prompt
+
+        turns: list[tuple[str, str]] = []
+        for line in self._lines("chat: type a message and press Enter"):
             turns.append(("user", line))
             ids = encode_prompt(self.tok, self.template, turns)
             while len(ids) >= self.model.cfg.context and len(turns) > 1:

@@ -15,7 +15,6 @@ trained on.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any, Iterator
 from llmkit.core.config import TaskConfig
 from llmkit.core.corpus import read_text
 from llmkit.core.errors import DataError
+from llmkit.core.records import iter_objects
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
@@ -63,16 +63,7 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise DataError(f"{path}: unknown format {path.suffix or '(no extension)'!r}; use .jsonl, .csv or .tsv")
     text = read_text(path)
     if kind == "jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {n} is not a JSON object")
-            yield n, row
+        yield from iter_objects(text.splitlines(), str(path))
     else:
         import csv
         import io

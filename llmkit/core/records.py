@@ -15,18 +15,27 @@ from typing import Iterable, Iterator
 from llmkit.core.errors import DataError
 
 
+def iter_objects(lines: Iterable[str], name: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank JSONL line; a line that is not a JSON object is an
+    error naming it."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}: line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{name}: line {n} is not a JSON object")
+        yield n, obj
+
+
 def iter_records(lines: Iterable[str], name: str, kind: str, *, field: str = "text",
                  column: str | None = None) -> Iterator[str]:
     """kind 'lines' | 'jsonl' | 'csv' | 'tsv' -> the text of each item, lazily."""
     if kind == "jsonl":
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{name}: line {n} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or field not in obj:
+        for n, obj in iter_objects(lines, name):
+            if field not in obj:
                 raise DataError(f"{name}: line {n} has no field {field!r} (choose it with --field)")
             yield str(obj[field])
     elif kind in ("csv", "tsv"):
