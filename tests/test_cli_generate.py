@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from llmkit.cli.app import app

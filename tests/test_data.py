@@ -38,9 +38,9 @@ def test_token_stream_decodes_back_to_the_corpus(tmp_path, tokenizer, corpus_fil
 
 def test_batches_are_a_pure_function_of_seed_and_step(tmp_path, tokenizer, corpus_file):
     data = load_or_build([corpus_file], tokenizer, DataConfig(cache_dir=str(tmp_path)))
-    x1, y1 = train_batch(data.train, 4, 16, batch_generator(7, 3, 0))
-    x2, _ = train_batch(data.train, 4, 16, batch_generator(7, 3, 0))
-    x3, _ = train_batch(data.train, 4, 16, batch_generator(7, 4, 0))
+    x1, y1 = train_batch(data.train, 4, 16, batch_generator(7, 3))
+    x2, _ = train_batch(data.train, 4, 16, batch_generator(7, 3))
+    x3, _ = train_batch(data.train, 4, 16, batch_generator(7, 4))
     assert x1.equal(x2) and not x1.equal(x3)
     assert x1[:, 1:].equal(y1[:, :-1])
 

@@ -19,6 +19,8 @@ from llmkit.core.errors import LlmkitError
 def _fail(message: str, code: int = 1):
     from llmkit.cli.render import err_console
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: say which process failed
+        message = _escape(f"[rank {os.environ.get('RANK', '?')}] ") + message
     err_console().print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
 

@@ -48,7 +48,9 @@ def finetune(
     steps: Annotated[Optional[int], _opt("Stop after this many optimizer steps.", "--steps")] = None,
     epochs: Annotated[Optional[float], _opt("Stop after this many passes over the data [default: 3 when no budget].", "--epochs")] = None,
     time: Annotated[Optional[str], _opt("Stop after this much time (e.g. 90s, 10m).", "--time")] = None,
-    batch_size: Annotated[Optional[int], _opt("Examples per micro-batch [default: 16].", "--batch-size")] = None,
+    batch_size: Annotated[Optional[int], _opt("Examples per micro-batch, per process [default: 16].", "--batch-size")] = None,
+    global_batch_size: Annotated[Optional[int], _opt("Examples per optimizer step over all processes.", "--global-batch-size")] = None,
+    strategy: Annotated[Optional[str], _opt("Under torchrun: ddp (default) or fsdp (sharded).", "--strategy")] = None,
     lr: Annotated[Optional[float], _opt("Peak learning rate [default: 3e-4, 1e-3 with --lora].", "--lr")] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
@@ -59,6 +61,7 @@ def finetune(
 ) -> None:
     from llmkit.cli.render import FinetuneView
     from llmkit.core.finetune import finetune as run_finetune
+    from llmkit.core.distributed import env_rank
     from llmkit.core.finetune import plan
 
     for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--lr", lr), ("--epochs", epochs)):
@@ -74,7 +77,7 @@ def finetune(
         "lora": {"enabled": lora, "rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout,
                  "targets": lora_targets},
         "train": {"steps": steps, "epochs": epochs, "time": time, "batch_size": batch_size, "device": device,
-                  "seed": seed},
+                  "seed": seed, "global_batch_size": global_batch_size, "strategy": strategy},
         "optim": {"lr": lr},
     }
     out = out or Path("runs") / f"{Path(checkpoint).name}-{task or 'finetune'}"
@@ -82,12 +85,14 @@ def finetune(
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return
-    view = FinetuneView(quiet=quiet, json_lines=json_out)
+    main = env_rank() == 0  # under torchrun, rank 0 speaks for the job
+    quiet = quiet or not main
+    view = FinetuneView(quiet=quiet, json_lines=json_out and main)
     result = run_finetune(checkpoint, data, out, cfg, base=base, val=val, resume_from=resume_from, merge=merge,
                           on_event=view)
     if result.stop_reason == "interrupted":
         view.log(f"[yellow]interrupted[/] at step {result.state.step}: continue with --resume auto")
         raise typer.Exit(130)
     view.summary(result)
-    if not json_out:
+    if not json_out and main:
         typer.echo(str(result.merged or result.best or result.last or out))

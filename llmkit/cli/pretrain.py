@@ -25,7 +25,9 @@ def pretrain(
     steps: Annotated[Optional[int], typer.Option("--steps", help="Stop after this many optimizer steps.", show_default=False)] = None,
     tokens: Annotated[Optional[str], typer.Option("--tokens", help="Stop after this many training tokens (e.g. 5M).", show_default=False)] = None,
     time: Annotated[Optional[str], typer.Option("--time", help="Stop after this much time (e.g. 90s, 10m, 1h).", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per micro-batch.", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per micro-batch (per process).", show_default=False)] = None,
+    global_batch_size: Annotated[Optional[int], typer.Option("--global-batch-size", help="Sequences per optimizer step over all processes; micro-batches accumulate to reach it.", show_default=False)] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", help="Under torchrun: ddp (default) or fsdp (sharded).", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.", show_default=False)] = None,
     device: DeviceOpt = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16.", show_default=False)] = None,
@@ -37,12 +39,14 @@ def pretrain(
 ) -> None:
     from llmkit.cli.render import PretrainView
     from llmkit.core.config import resolve_run_config
+    from llmkit.core.distributed import env_rank
     from llmkit.core.pretrain import plan
 
     for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--lr", lr)):
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be positive, not {value}")
     flags = {"train": {"steps": steps, "tokens": tokens, "time": time, "batch_size": batch_size,
+                       "global_batch_size": global_batch_size, "strategy": strategy,
                        "device": device, "dtype": dtype, "seed": seed},
              "optim": {"lr": lr}}
     out = out or Path("runs") / preset
@@ -54,7 +58,9 @@ def pretrain(
 
     from llmkit.core.pretrain import pretrain as run_pretrain
 
-    view = PretrainView(quiet=quiet, json_lines=json_out)
+    main = env_rank() == 0  # under torchrun, rank 0 speaks for the job
+    quiet = quiet or not main
+    view = PretrainView(quiet=quiet, json_lines=json_out and main)
     result = run_pretrain(corpus, out, cfg, resume_from=resume_from, tokenizer_dir=tokenizer, on_event=view)
     if result.stop_reason == "interrupted":
         view.log(f"[yellow]interrupted[/] at step {result.state.step}: continue with --resume auto")
@@ -67,7 +73,7 @@ def pretrain(
         best = f"best val loss {result.state.best_val_loss:.4f} at step {result.state.best_step}"
         view.log(f"{result.params:,} parameters, {result.state.step} steps, {best}; "
                  f"loss curve: {out / 'loss.svg'}")
-    if not json_out:
+    if not json_out and main:
         typer.echo(str(result.best or result.last or out))
 
 

@@ -64,10 +64,12 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+def model_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """(weights, adapter) to save: tied lm_head dropped (it is the embedding), tensors contiguous
-    on the CPU. With LoRA, weights are the base under plain names and adapter the trained part."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    on the CPU. With LoRA, weights are the base under plain names and adapter the trained part.
+    ``state`` is the model's full state dict when it was gathered already (sharded models)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         state.pop("lm_head.weight", None)
     if not has_lora(model):
@@ -98,13 +100,17 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 
 def save_checkpoint(dest: Path, *, model: torch.nn.Module, config: dict[str, Any], tokenizer: Tokenizer,
-                    state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """Write a complete checkpoint at ``dest`` atomically (replacing any previous one)."""
+                    state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
+                    tensors: tuple[dict, tuple | None] | None = None) -> Path:
+    """Write a complete checkpoint at ``dest`` atomically (replacing any previous one).
+
+    ``tensors`` = (model state, optimizer (tensors, metadata) or None) when they were gathered
+    already (a sharded model); otherwise they are read from ``model`` and ``optimizer``."""
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights, adapter = model_tensors(model)
+    weights, adapter = model_tensors(model, tensors[0] if tensors else None)
     meta = {"format": "llmkit", "version": str(FORMAT_VERSION)}
     save_file(weights, str(tmp / "model.safetensors"), metadata=meta)
     if adapter is not None:
@@ -112,8 +118,8 @@ def save_checkpoint(dest: Path, *, model: torch.nn.Module, config: dict[str, Any
     atomic_write(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False, allow_unicode=True).encode())
     tokenizer.save(tmp)
     if optimizer is not None:
-        tensors, meta = optimizer_tensors(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
+        opt_tensors, meta = tensors[1] if tensors and tensors[1] else optimizer_tensors(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
     for f in tmp.iterdir():
         _fsync_file(f)
     full_state = {"format": FORMAT_VERSION, **state,

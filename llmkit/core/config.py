@@ -141,7 +141,12 @@ class TrainConfig:
     batch_size: int = 16
     """Sequences per micro-batch."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step (per process); derived from global_batch_size when that is set."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all processes and micro-batches (0: batch_size x grad_accum
+    x processes). Keeps its meaning under any number of processes that divides it evenly."""
+    strategy: str = "ddp"
+    """Under torchrun: ddp (replicated weights, DistributedDataParallel) or fsdp (sharded, FSDP2)."""
     steps: int = 0
     """Stop after this many optimizer steps (0: no step limit)."""
     tokens: int = 0
@@ -187,6 +192,8 @@ class TrainConfig:
         _check(self.save_every > 0, "train.save_every", "must be positive")
         _check(self.log_every > 0, "train.log_every", "must be positive")
         _check(self.epochs >= 0, "train.epochs", f"must not be negative, not {self.epochs}")
+        _check(self.global_batch_size >= 0, "train.global_batch_size", "must not be negative")
+        _check(self.strategy in ("ddp", "fsdp"), "train.strategy", f"must be ddp or fsdp, not {self.strategy!r}")
         _check(self.dtype in ("auto", "fp32", "bf16", "fp16"), "train.dtype",
                f"must be auto, fp32, bf16 or fp16, not {self.dtype!r}")
         _check(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)), "train.device",
@@ -197,6 +204,19 @@ class TrainConfig:
     @property
     def time_s(self) -> float:
         return parse_duration(self.time, "train.time") if self.time else 0.0
+
+    def accumulation(self, world: int) -> int:
+        """Micro-batches per process per optimizer step, for a world of ``world`` processes."""
+        if not self.global_batch_size:
+            return self.grad_accum
+        per = self.batch_size * world
+        _check(self.global_batch_size % per == 0, "train.global_batch_size",
+               f"{self.global_batch_size} is not a multiple of train.batch_size {self.batch_size} x {world} "
+               f"process(es) = {per}")
+        return self.global_batch_size // per
+
+    def global_batch(self, world: int) -> int:
+        return self.batch_size * self.accumulation(world) * world
 
     @property
     def has_budget(self) -> bool:

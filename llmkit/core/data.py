@@ -8,8 +8,9 @@ The split is deterministic and follows line boundaries: the tail ``val_fraction`
 document (cut at the first line break past the mark) is validation; a single-file corpus thus
 splits like nanoGPT's first 90% / last 10%. Documents end with EOS in the token stream.
 
-Batches are drawn by a generator seeded from (seed, step, micro-batch, rank): a resumed run sees
-exactly the batches an uninterrupted one would have.
+The windows of a step are drawn by a generator seeded from (seed, step) as one global batch, and
+each process takes its micro-batches' slices of it: a resumed run sees exactly the batches an
+uninterrupted one would have, and one process sees the same global batch as two.
 """
 
 from __future__ import annotations
@@ -156,9 +157,9 @@ def check_fits(data: TokenData, context: int) -> None:
         raise DataError("corpus too small: nothing left for validation; add text or raise data.val_fraction")
 
 
-def batch_generator(seed: int, step: int, micro: int, rank: int = 0) -> np.random.Generator:
-    """The generator for one micro-batch: a pure function of its coordinates (exact resume)."""
-    return np.random.default_rng([seed, step, micro, rank])
+def batch_generator(seed: int, step: int) -> np.random.Generator:
+    """The generator of one step's global batch: a pure function of (seed, step) (exact resume)."""
+    return np.random.default_rng([seed, step])
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, length: int):
@@ -170,10 +171,12 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, length: int):
     return t[:, :-1], t[:, 1:]
 
 
-def train_batch(tokens: np.ndarray, batch_size: int, context: int, rng: np.random.Generator):
-    """Random windows: x (B, T) and y (B, T), y shifted by one."""
-    starts = rng.integers(0, tokens.size - context, size=batch_size)
-    return _windows(tokens, starts, context)
+def train_batch(tokens: np.ndarray, batch_size: int, context: int, rng: np.random.Generator,
+                part: int = 0, parts: int = 1):
+    """Micro-batch ``part`` of a global batch of ``parts`` x batch_size random windows:
+    x (B, T) and y (B, T), y shifted by one."""
+    starts = rng.integers(0, tokens.size - context, size=batch_size * parts)  # the whole global batch
+    return _windows(tokens, starts[part * batch_size: (part + 1) * batch_size], context)
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, context: int, n_batches: int):

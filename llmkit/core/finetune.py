@@ -29,7 +29,9 @@ from llmkit.core.examples import (ExampleSet, classify_ids, drop_unseen, holdout
 from llmkit.core.heads import attach_classifier
 from llmkit.core.lora import apply_lora, trainable_parameters
 from llmkit.core.plot import write_loss_curve
-from llmkit.core.run import Checkpointer, MetricsLog, check_same_model, load_training_state, outcome, resume_source
+from llmkit.core.distributed import Dist
+from llmkit.core.run import (Checkpointer, MetricsLog, check_same_model, load_training_state, main_first, main_only,
+                             outcome, parallelize, resume_source)
 from llmkit.core.tasks import ClassifyTask, PairTask, balanced_weights
 from llmkit.core.tokenizer import check_compatible
 from llmkit.core.train import TrainState, fit, make_optimizer
@@ -194,66 +196,73 @@ def finetune(checkpoint: Path, data: list[str], out: Path, cfg: RunConfig, *, ba
     """Run (or resume) a fine-tuning run in ``out``."""
     if merge and not cfg.lora.enabled:
         raise ConfigError("--merge folds LoRA adapters into the weights: it needs --lora")
+    dist = Dist.from_env(cfg.train.device)
+    on_event = main_only(on_event, dist)
     tok = base.tokenizer
     set_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
-    task, cfg, summary = build_task(cfg, tok, data, val, device)
+    device = dist.device(pick_device(cfg.train.device))
+    task, cfg, summary = main_first(dist, lambda: build_task(cfg, tok, data, val, device))
     on_event("finetune_data", summary)
+    global_batch = cfg.train.global_batch(dist.world)
     if cfg.train.epochs:
-        per_step = cfg.train.batch_size * cfg.train.grad_accum
         n = summary["train_tokens"] / cfg.model.context if cfg.task.kind == "lm" else summary["train"]
-        epoch_steps = math.ceil(cfg.train.epochs * n / per_step)
+        epoch_steps = math.ceil(cfg.train.epochs * n / global_batch)
         cfg = cfg.replace("train", steps=min(s for s in (cfg.train.steps, epoch_steps) if s))
     precision = pick_precision(cfg.train.dtype, device, cfg.model.d_model)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     try:
         model = prepare_model(cfg, base, resume_from, device)
     except BaseException:
-        if created:
+        if created and dist.is_main:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    params, trainable = model.num_params(), trainable_parameters(model)
+    parallelize(model, cfg.train.strategy, dist)
     optimizer = make_optimizer(model, cfg.optim)
     state = TrainState()
     if resume_from is not None:
-        state = load_training_state(optimizer, resume_from)
+        state = load_training_state(model, optimizer, resume_from)
         on_event("resume", {"path": str(resume_from), "step": state.step})
-    trainable = trainable_parameters(model)
-    on_event("model", {"params": model.num_params(), "trainable": trainable, "device": str(device),
+    on_event("model", {"params": params, "trainable": trainable, "device": str(device),
                        "precision": precision.name, "precision_reason": precision.reason, "config": cfg.model,
-                       "lora": cfg.lora.enabled, "task": cfg.task.kind})
+                       "lora": cfg.lora.enabled, "task": cfg.task.kind, "processes": dist.world})
 
     config_dict = cfg.to_dict()
-    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    if dist.is_main:
+        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     metrics = MetricsLog(out / "metrics.jsonl", summary.get("val_tokens", 0), summary.get("val_bytes", 0))
     save = Checkpointer(out, model=model, config=config_dict, tokenizer=tok, optimizer=optimizer,
                         extra_state={"seed": cfg.train.seed, "kind": cfg.task.kind, "precision": precision.name,
-                                     "device": str(device), "params": model.num_params(), "trainable": trainable},
-                        keep=cfg.train.keep_checkpoints, on_event=on_event)
+                                     "device": str(device), "params": params, "trainable": trainable},
+                        keep=cfg.train.keep_checkpoints, on_event=on_event, dist=dist)
     best_metrics: dict[str, Any] = {}
 
     def events(kind: str, d: dict[str, Any]) -> None:
-        metrics(kind, d)
+        if dist.is_main:
+            metrics(kind, d)
         if kind == "eval" and d.get("improved"):
             best_metrics.clear()
             best_metrics.update(d)
         on_event(kind, d)
 
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context
     reason = fit(model, task, optim_cfg=cfg.optim, train_cfg=cfg.train, optimizer=optimizer, state=state,
-                 device=device, precision=precision, tokens_per_step=tokens_per_step, save=save,
-                 on_event=events, metric=cfg.task.best_metric)
-    write_loss_curve(out / "loss.svg", metrics.train, metrics.val, f"{out.name}: loss ({cfg.task.kind})")
+                 device=device, precision=precision, tokens_per_step=global_batch * cfg.model.context, save=save,
+                 on_event=events, metric=cfg.task.best_metric, dist=dist)
+    dist.close()
     best, last = outcome(out)
+    result = FinetuneResult(out, reason, state, params, trainable, precision.name, best, last, None, best_metrics)
+    if not dist.is_main:
+        return result
+    write_loss_curve(out / "loss.svg", metrics.train, metrics.val, f"{out.name}: loss ({cfg.task.kind})")
     if reason == "diverged":
         raise TrainingDiverged(f"training diverged at step {state.step} (loss is NaN or infinite); "
                                f"last good checkpoint: {last or best or 'none'}; lower optim.lr")
-    merged = None
     if merge and (best or last) is not None and reason != "interrupted":
-        merged = merge_checkpoint(best or last, out / "merged")
-        on_event("save", {"kind": "merged", "path": str(merged), "step": state.step})
-    return FinetuneResult(out, reason, state, model.num_params(), trainable, precision.name, best, last, merged,
-                          best_metrics)
+        result.merged = merge_checkpoint(best or last, out / "merged")
+        on_event("save", {"kind": "merged", "path": str(result.merged), "step": state.step})
+    return result
 
 
 def merge_checkpoint(src: Path, dest: Path) -> Path:

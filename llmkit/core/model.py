@@ -225,13 +225,16 @@ def padding_mask(key_valid: torch.Tensor, T: int) -> torch.Tensor:
     return ((causal & key_valid[:, None, :]) | self_key)[:, None]  # (B, 1, T, S)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay matrices of linear layers only (not norms, biases or embeddings)."""
+def param_groups(model: nn.Module, weight_decay: float, *, names: bool = False) -> list[dict]:
+    """AdamW groups: decay matrices of linear layers only (not norms, biases or embeddings).
+
+    With ``names``, each group lists parameter names instead of tensors (the same order): what
+    a sharded optimizer state is keyed by."""
     decay, no_decay, seen = [], [], set()
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 and id(p) not in embedding_params else no_decay).append(p)
+        (decay if p.ndim >= 2 and id(p) not in embedding_params else no_decay).append(name if names else p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -25,10 +25,11 @@ from llmkit.core.errors import ConfigError, TrainingDiverged
 from llmkit.core.generate import decode_batch
 from llmkit.core.model import Transformer
 from llmkit.core.plot import write_loss_curve
-from llmkit.core.run import (Checkpointer, MetricsLog, check_out_dir, check_same_model, load_training_state,
-                             outcome, resume_source)
+from llmkit.core.distributed import Dist
+from llmkit.core.run import (Checkpointer, MetricsLog, check_out_dir, check_same_model, load_training_state, main_only,
+                             outcome, parallelize, resume_source)
 from llmkit.core.tokenizer import Tokenizer, check_compatible, train_tokenizer
-from llmkit.core.train import TrainState, fit, lm_loss, make_optimizer, mean_token_loss
+from llmkit.core.train import TrainState, fit, make_optimizer, mean_token_loss, next_token_loss
 
 EventFn = Callable[[str, dict[str, Any]], None]
 
@@ -61,13 +62,13 @@ class LMTask:
     def __init__(self, data: TokenData, cfg: RunConfig, device: torch.device):
         self.data, self.cfg, self.device = data, cfg, device
 
-    def train_batch(self, step: int, micro: int):
-        rng = batch_generator(self.cfg.train.seed, step, micro)
-        return train_batch(self.data.train, self.cfg.train.batch_size, self.cfg.model.context, rng)
+    def train_batch(self, step: int, part: int, parts: int):
+        rng = batch_generator(self.cfg.train.seed, step)
+        return train_batch(self.data.train, self.cfg.train.batch_size, self.cfg.model.context, rng, part, parts)
 
-    def loss(self, net, batch):
+    def loss(self, run, batch):
         x, y = (t.to(self.device, non_blocking=True) for t in batch)
-        return lm_loss(net(x), y), y.numel()
+        return run(next_token_loss, x, y), y.numel()
 
     def evaluate(self, net):
         batches = eval_batches(self.data.val, self.cfg.train.batch_size, self.cfg.model.context,
@@ -147,61 +148,80 @@ def _prepare(cfg: RunConfig, out: Path, files: list[Path], docs: list[str], samp
 
 def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from: Path | None = None,
              tokenizer_dir: Path | None = None, on_event: EventFn = lambda k, d: None) -> PretrainResult:
-    """Run (or resume) a pretraining run in ``out``; see the module docstring for what it writes."""
+    """Run (or resume) a pretraining run in ``out``; see the module docstring for what it writes.
+
+    Under torchrun each process calls this; rank 0 trains the tokenizer and builds the token cache
+    while the others wait, then every process trains on its share of each global batch."""
+    dist = Dist.from_env(cfg.train.device)
+    on_event = main_only(on_event, dist)
     files = resolve_corpus(corpus) if corpus else sample_corpus()
     docs = read_corpus(files)  # validates every file (UTF-8, not binary, not empty) before any output
     check_out_dir(out)
     created = not out.exists()
     try:
-        tok, data, cfg = _prepare(cfg, out, files, docs, corpus is None, tokenizer_dir, resume_from, on_event)
+        if dist.is_main:
+            tok, data, cfg = _prepare(cfg, out, files, docs, corpus is None, tokenizer_dir, resume_from, on_event)
+        dist.barrier()
+        if not dist.is_main:  # the tokenizer rank 0 trained or was given; the cache it built
+            given = tokenizer_dir or (None if resume_from else out / "tokenizer")
+            tok, data, cfg = _prepare(cfg, out, files, docs, corpus is None, given, resume_from, on_event)
     except BaseException:
-        if created:  # a run that fails before training leaves nothing behind
+        if created and dist.is_main:  # a run that fails before training leaves nothing behind
             shutil.rmtree(out, ignore_errors=True)
         raise
 
     set_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
+    device = dist.device(pick_device(cfg.train.device))
     precision = pick_precision(cfg.train.dtype, device, cfg.model.d_model)
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
-    optimizer = make_optimizer(model, cfg.optim)
-    state = TrainState()
     if resume_from is not None:
         check_same_model(resume_from, ckpt_io.read_checkpoint(resume_from).model_cfg, cfg.model)
         ckpt_io.load_weights(model, resume_from)
-        state = load_training_state(optimizer, resume_from)
+    params = model.num_params()
+    parallelize(model, cfg.train.strategy, dist)
+    optimizer = make_optimizer(model, cfg.optim)
+    state = TrainState()
+    if resume_from is not None:
+        state = load_training_state(model, optimizer, resume_from)
         on_event("resume", {"path": str(resume_from), "step": state.step})
-    on_event("model", {"params": model.num_params(), "device": str(device), "precision": precision.name,
-                       "precision_reason": precision.reason, "config": cfg.model})
+    on_event("model", {"params": params, "device": str(device), "precision": precision.name,
+                       "precision_reason": precision.reason, "config": cfg.model, "processes": dist.world,
+                       "strategy": cfg.train.strategy if dist.enabled else None})
 
     config_dict = cfg.to_dict()
-    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    if dist.is_main:
+        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     metrics = MetricsLog(out / "metrics.jsonl", data.meta["val_tokens"], data.meta["val_bytes"])
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context
+    tokens_per_step = cfg.train.global_batch(dist.world) * cfg.model.context
     if cfg.train.epochs:
         epoch_steps = cfg.train.epochs * data.meta["train_tokens"] / tokens_per_step
         cfg = cfg.replace("train", steps=min(filter(None, (cfg.train.steps, math.ceil(epoch_steps)))))
     save = Checkpointer(out, model=model, config=config_dict, tokenizer=tok, optimizer=optimizer,
                         extra_state={"seed": cfg.train.seed, "kind": "lm", "precision": precision.name,
                                      "device": str(device)},
-                        keep=cfg.train.keep_checkpoints, on_event=on_event)
+                        keep=cfg.train.keep_checkpoints, on_event=on_event, dist=dist)
 
     def events(kind: str, d: dict[str, Any]) -> None:
-        metrics(kind, d)
+        if dist.is_main:
+            metrics(kind, d)
         on_event(kind, d)
 
     compiled = torch.compile(model) if cfg.train.compile else None
     reason = fit(model, LMTask(data, cfg, device), optim_cfg=cfg.optim, train_cfg=cfg.train, optimizer=optimizer,
                  state=state, device=device, precision=precision, tokens_per_step=tokens_per_step,
-                 save=save, on_event=events, compiled=compiled)
-    write_loss_curve(out / "loss.svg", metrics.train, metrics.val, f"{out.name}: loss")
+                 save=save, on_event=events, compiled=compiled, dist=dist)
+    dist.close()
     best, last = outcome(out)
+    if not dist.is_main:
+        return PretrainResult(out, reason, state, params, precision.name, best, last, [])
+    write_loss_curve(out / "loss.svg", metrics.train, metrics.val, f"{out.name}: loss")
     if reason == "diverged":
         keep = last or best
         raise TrainingDiverged(f"training diverged at step {state.step} (loss is NaN or infinite); "
                                f"last good checkpoint: {keep or 'none'}; lower optim.lr or raise warmup")
     samples: list[tuple[str, str]] = []
     if cfg.train.samples and best is not None and reason != "interrupted":
-        ckpt_io.load_weights(model, best)
-        samples = write_samples(model, tok, _sample_prompts(data, tok, cfg.train.samples), device, cfg.train.seed)
-    return PretrainResult(out, reason, state, model.num_params(), precision.name, best, last, samples)
+        trained, _ = ckpt_io.load_model(best, device)
+        samples = write_samples(trained, tok, _sample_prompts(data, tok, cfg.train.samples), device, cfg.train.seed)
+    return PretrainResult(out, reason, state, params, precision.name, best, last, samples)

@@ -19,6 +19,7 @@ import torch
 
 from llmkit.core import checkpoint as ckpt_io
 from llmkit.core.config import ModelConfig
+from llmkit.core.distributed import Dist, gather_for_save, is_sharded, load_sharded_optimizer, shard
 from llmkit.core.errors import CheckpointError, ConfigError
 from llmkit.core.metrics import bits_per_byte
 from llmkit.core.train import TrainState
@@ -53,12 +54,24 @@ def check_same_model(resume_from: Path, saved: ModelConfig, wanted: ModelConfig)
         raise CheckpointError(f"cannot resume {resume_from}: the config changes the model: {', '.join(diff)}")
 
 
-def load_training_state(optimizer: torch.optim.Optimizer, resume_from: Path) -> TrainState:
-    """Optimizer state and trainer state of a checkpoint (its weights are loaded by the caller)."""
+def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, resume_from: Path) -> TrainState:
+    """Optimizer state and trainer state of a checkpoint (its weights are loaded by the caller).
+    The file is the same whether the run that wrote it, or this one, is sharded."""
     if not (resume_from / "optimizer.safetensors").is_file():
         raise CheckpointError(f"cannot resume from {resume_from}: it has no optimizer.safetensors")
-    ckpt_io.load_optimizer_state(optimizer, resume_from / "optimizer.safetensors")
+    if is_sharded(model):
+        load_sharded_optimizer(model, optimizer, resume_from / "optimizer.safetensors")
+    else:
+        ckpt_io.load_optimizer_state(optimizer, resume_from / "optimizer.safetensors")
     return TrainState.from_json(ckpt_io.read_state(resume_from))
+
+
+def parallelize(model: torch.nn.Module, strategy: str, dist: Dist) -> torch.nn.Module:
+    """Under torchrun with ``--strategy fsdp``, shard the model in place (DDP wraps it inside
+    ``fit`` instead: its weights stay whole, so nothing changes here)."""
+    if dist.enabled and strategy == "fsdp":
+        shard(model)
+    return model
 
 
 class MetricsLog:
@@ -97,22 +110,29 @@ class MetricsLog:
 
 class Checkpointer:
     """The ``save`` callback of ``fit``: best/ by the run's metric; step-NNNNNN/ with optimizer
-    state, published as last/; old step directories pruned to ``keep``."""
+    state, published as last/; old step directories pruned to ``keep``.
+
+    Called on every process: a sharded (FSDP) model is gathered by all of them, then rank 0 alone
+    writes the ordinary single-file checkpoint.
+    """
 
     def __init__(self, out: Path, *, model: torch.nn.Module, config: dict[str, Any], tokenizer,
-                 optimizer: torch.optim.Optimizer, extra_state: dict[str, Any], keep: int, on_event: EventFn):
+                 optimizer: torch.optim.Optimizer, extra_state: dict[str, Any], keep: int, on_event: EventFn,
+                 dist: Dist | None = None):
         self.out, self.model, self.config, self.tok = out, model, config, tokenizer
         self.optimizer, self.extra, self.keep, self.on_event = optimizer, extra_state, keep, on_event
+        self.dist = dist or Dist()
 
     def __call__(self, kind: str, state: TrainState) -> Path:
-        payload = {**state.to_json(), **self.extra}
-        if kind == "best":
-            path = ckpt_io.save_checkpoint(self.out / "best", model=self.model, config=self.config,
-                                           tokenizer=self.tok, state=payload, optimizer=None)
-        else:
-            path = ckpt_io.save_checkpoint(self.out / ckpt_io.step_dir_name(state.step), model=self.model,
-                                           config=self.config, tokenizer=self.tok, state=payload,
-                                           optimizer=self.optimizer)
+        with_optimizer = kind != "best"
+        tensors = gather_for_save(self.model, self.optimizer if with_optimizer else None)  # collective if sharded
+        path = self.out / ("best" if kind == "best" else ckpt_io.step_dir_name(state.step))
+        if not self.dist.is_main:
+            return path
+        payload = {**state.to_json(), **self.extra, "processes": self.dist.world}
+        ckpt_io.save_checkpoint(path, model=self.model, config=self.config, tokenizer=self.tok, state=payload,
+                                optimizer=self.optimizer if with_optimizer else None, tensors=tensors)
+        if kind != "best":
             ckpt_io.link_copy(path, self.out / "last")
             prune(self.out, self.keep)
         self.on_event("save", {"kind": kind, "path": str(path), "step": state.step})
@@ -131,3 +151,16 @@ def outcome(out: Path) -> tuple[Path | None, Path | None]:
     best = out / "best" if ckpt_io.is_checkpoint(out / "best") else None
     last = out / "last" if ckpt_io.is_checkpoint(out / "last") else None
     return best, last
+
+
+def main_only(on_event: EventFn, dist: Dist) -> EventFn:
+    """Events reach the listener (progress, logs, metrics.jsonl) from rank 0 only."""
+    return on_event if dist.is_main else (lambda kind, data: None)
+
+
+def main_first(dist: Dist, fn: Callable[[], Any]) -> Any:
+    """Rank 0 runs ``fn`` (e.g. building a token cache) while the others wait, then they run it
+    (reading what rank 0 left)."""
+    result = fn() if dist.is_main else None
+    dist.barrier()
+    return result if dist.is_main else fn()

@@ -25,7 +25,7 @@ from llmkit.core.examples import Example, Sequence, classify_ids, encode_prompt
 from llmkit.core.generate import decode_batch
 from llmkit.core.heads import classify_logits
 from llmkit.core.metrics import accuracy, bleu, chrf, confusion_matrix, exact_match, macro_f1, per_class, token_f1
-from llmkit.core.train import lm_loss, mean_token_loss
+from llmkit.core.train import mean_token_loss, next_token_loss
 
 
 def epoch_indices(n: int, seed: int, start: int, count: int) -> list[int]:
@@ -93,16 +93,18 @@ class ClassifyTask:
         self.labels, self.cfg, self.device = labels, cfg, device
         self.weights = class_weights.to(device) if class_weights is not None else None
 
-    def train_batch(self, step: int, micro: int):
+    def train_batch(self, step: int, part: int, parts: int):
         B = self.cfg.train.batch_size
-        start = (step * self.cfg.train.grad_accum + micro) * B
-        idx = epoch_indices(len(self.rows), self.cfg.train.seed, start, B)
+        idx = epoch_indices(len(self.rows), self.cfg.train.seed, (step * parts + part) * B, B)
         return [self.rows[i] for i in idx], torch.tensor([self.y[i] for i in idx])
 
-    def loss(self, net, batch):
+    def _loss(self, model, rows, y):
+        logits = classify_logits(model, rows, pooling=self.cfg.task.pooling, device=self.device)  # (B, K)
+        return F.cross_entropy(logits.float(), y, weight=self.weights)
+
+    def loss(self, run, batch):
         rows, y = batch
-        logits = classify_logits(net, rows, pooling=self.cfg.task.pooling, device=self.device)  # (B, K)
-        return F.cross_entropy(logits.float(), y.to(self.device), weight=self.weights), sum(map(len, rows))
+        return run(self._loss, rows, y.to(self.device)), sum(map(len, rows))
 
     def evaluate(self, net):
         logits = classify_rows(net, self.dev_rows, pooling=self.cfg.task.pooling,
@@ -165,15 +167,14 @@ class PairTask:
         self.seqs, self.dev, self.dev_examples = train, dev, dev_examples
         self.cfg, self.tok, self.device = cfg, tok, device
 
-    def train_batch(self, step: int, micro: int):
+    def train_batch(self, step: int, part: int, parts: int):
         B = self.cfg.train.batch_size
-        start = (step * self.cfg.train.grad_accum + micro) * B
-        idx = epoch_indices(len(self.seqs), self.cfg.train.seed, start, B)
+        idx = epoch_indices(len(self.seqs), self.cfg.train.seed, (step * parts + part) * B, B)
         return pair_batch([self.seqs[i] for i in idx], self.cfg.task.mask_prompt)
 
-    def loss(self, net, batch):
+    def loss(self, run, batch):
         x, y = (t.to(self.device, non_blocking=True) for t in batch)
-        return lm_loss(net(x), y), int((y != -100).sum())
+        return run(next_token_loss, x, y), int((y != -100).sum())
 
     def evaluate(self, net):
         B = self.cfg.train.batch_size

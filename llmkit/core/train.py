@@ -24,17 +24,24 @@ import torch.nn.functional as F
 
 from llmkit.core.config import HIGHER_IS_BETTER, OptimConfig, TrainConfig
 from llmkit.core.device import Precision, autocast
+from llmkit.core.distributed import Dist
 from llmkit.core.model import param_groups
 
 EventFn = Callable[[str, dict[str, Any]], None]
 
 
+Run = Callable[..., Any]
+"""``run(fn, *args)`` computes ``fn(model, *args)`` through whatever wraps the model (a
+DistributedDataParallel module, torch.compile): a task's forward code never sees the wrapper."""
+
+
 class Task(Protocol):
-    """What ``fit`` trains. Batches are pure functions of (step, micro) so resume is exact."""
+    """What ``fit`` trains. Batches are pure functions of their coordinates so resume is exact."""
 
-    def train_batch(self, step: int, micro: int) -> Any: ...
+    def train_batch(self, step: int, part: int, parts: int) -> Any:
+        """Micro-batch ``part`` of the ``parts`` (processes x accumulation) making up step ``step``."""
 
-    def loss(self, net: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+    def loss(self, run: Run, batch: Any) -> tuple[torch.Tensor, int]:
         """Mean loss of one micro-batch (a scalar tensor) and the tokens it covered."""
 
     def evaluate(self, net: torch.nn.Module) -> dict[str, Any]:
@@ -92,6 +99,11 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -10
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
 
+def next_token_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The language-modelling loss of a batch, as a ``run`` function (see ``Run``)."""
+    return lm_loss(model(x), y)
+
+
 @torch.no_grad()
 def mean_token_loss(model, batches, device) -> tuple[float, int]:
     """Mean next-token loss over (x, y) batches, per target token (-100 targets ignored); and the
@@ -144,25 +156,74 @@ class Budget:
         return None
 
 
+class Through(torch.nn.Module):
+    """Lets DistributedDataParallel wrap any computation on the model: forward(fn, *args) is
+    fn(model, *args). DDP then sees every forward (a classifier reads hidden states and a head, not
+    logits) and synchronises the gradients of whatever the task touched."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
+
+
+def _runner(model: torch.nn.Module, compiled: torch.nn.Module | None, dist: Dist, device: torch.device):
+    """(run, sync) for the training step: how tasks reach the model, and a context manager that
+    turns gradient synchronisation off for all but the last micro-batch of a step."""
+    import contextlib
+
+    if dist.enabled and not getattr(model, "_llmkit_fsdp", False):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp = DDP(Through(compiled or model), device_ids=[device.index] if device.type == "cuda" else None)
+        return (lambda fn, *a: ddp(fn, *a)), (lambda last: contextlib.nullcontext() if last else ddp.no_sync())
+    net = compiled or model
+    if dist.enabled:  # FSDP2: reduce-scatter only after the last micro-batch
+        def sync(last):
+            model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return (lambda fn, *a: fn(net, *a)), sync
+    return (lambda fn, *a: fn(net, *a)), (lambda last: contextlib.nullcontext())
+
+
+def _grad_norm(model: torch.nn.Module, clip: float) -> float:
+    if clip <= 0:
+        return float("nan")
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
+    return norm.item()
+
+
 def fit(model: torch.nn.Module, task: Task, *, optim_cfg: OptimConfig, train_cfg: TrainConfig,
         optimizer: torch.optim.Optimizer, state: TrainState, device: torch.device, precision: Precision,
         tokens_per_step: int, save: Callable[[str, TrainState], Any], on_event: EventFn,
-        compiled: torch.nn.Module | None = None, metric: str = "val_loss") -> str:
+        compiled: torch.nn.Module | None = None, metric: str = "val_loss", dist: Dist | None = None) -> str:
     """Train until a budget, early stopping, divergence or interruption; return why it stopped.
 
     ``save(kind, state)`` is called with kind ``best`` (a new best value of ``metric`` among the
     task's validation metrics) or ``step`` (periodic, final and on interruption). Returns
     ``steps``, ``time``, ``early_stop``, ``diverged`` or ``interrupted``. ``tokens_per_step`` sizes
-    a token budget; throughput counts the tokens the task reports.
+    a token budget; throughput counts the tokens the task reports, over all processes.
+
+    Under torchrun (``dist``), each process takes its share of every global batch; the loss, the
+    token count and the time budget are summed over processes each step (one small all-reduce), so
+    every process makes the same decisions, and ``save`` is called on every process (it decides
+    who writes).
     """
+    dist = dist or Dist()
     budget = Budget(train_cfg, tokens_per_step)
     if not budget.steps and not budget.seconds:
         raise ValueError("fit needs a budget: steps, tokens or time")
-    net = compiled or model
+    accum = train_cfg.accumulation(dist.world)
+    parts = accum * dist.world
+    run, sync = _runner(model, compiled, dist, device)
     scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
     model.train()
     on_event("start", {"step": state.step, "steps": budget.steps, "seconds": budget.seconds,
-                       "tokens_per_step": tokens_per_step})
+                       "tokens_per_step": tokens_per_step, "processes": dist.world, "accumulation": accum})
     window_start, window_tokens = time.perf_counter(), 0
     stop = budget.done(state)
     try:
@@ -171,25 +232,29 @@ def fit(model: torch.nn.Module, task: Task, *, optim_cfg: OptimConfig, train_cfg
             lr = lr_at(optim_cfg, state.step, budget.progress(state))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # Dropout draws from torch's global RNG: seed it per step so resume replays it.
-            torch.manual_seed(train_cfg.seed * 1_000_003 + state.step)
+            # Dropout draws from torch's global RNG: seed it per step (and rank) so resume replays it.
+            torch.manual_seed(train_cfg.seed * 1_000_003 + state.step * 1009 + dist.rank)
             loss_sum, step_tokens = 0.0, 0
-            for micro in range(train_cfg.grad_accum):
-                batch = task.train_batch(state.step, micro)
-                with autocast(device, precision):
-                    loss, n_tokens = task.loss(net, batch)
-                loss = loss / train_cfg.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
+            for micro in range(accum):
+                batch = task.train_batch(state.step, dist.rank * accum + micro, parts)
+                with sync(micro == accum - 1), autocast(device, precision):
+                    loss, n_tokens = task.loss(run, batch)
+                    loss = loss / accum
+                    (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.item()
                 step_tokens += n_tokens
+            elapsed = state.elapsed_s + time.perf_counter() - t0
+            time_up = bool(budget.seconds and elapsed >= budget.seconds)
+            # The step's loss over all processes, their tokens, and whether any ran out of time.
+            loss_sum, step_tokens, any_time_up = dist.sum([loss_sum, step_tokens, float(time_up)], device)
+            loss_sum, step_tokens = loss_sum / dist.world, int(step_tokens)
             if not math.isfinite(loss_sum):
                 optimizer.zero_grad(set_to_none=True)
                 on_event("stop", {"reason": "diverged", "step": state.step, "loss": loss_sum})
                 return "diverged"
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip).item()
-                         if optim_cfg.grad_clip > 0 else float("nan"))
+            grad_norm = _grad_norm(model, optim_cfg.grad_clip)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -200,7 +265,8 @@ def fit(model: torch.nn.Module, task: Task, *, optim_cfg: OptimConfig, train_cfg
             state.tokens_seen += step_tokens
             state.elapsed_s += time.perf_counter() - t0
             window_tokens += step_tokens
-            stop = budget.done(state)
+            # Not budget.done(): each process has its own clock; the summed flag is the shared one.
+            stop = "steps" if budget.steps and state.step >= budget.steps else ("time" if any_time_up else None)
 
             if state.step % train_cfg.log_every == 0 or stop:
                 now = time.perf_counter()
@@ -212,6 +278,7 @@ def fit(model: torch.nn.Module, task: Task, *, optim_cfg: OptimConfig, train_cfg
 
             if state.step % train_cfg.eval_every == 0 or stop:
                 t_eval = time.perf_counter()
+                net = compiled or model
                 net.eval()
                 with autocast(device, precision):
                     metrics = task.evaluate(net)
@@ -239,7 +306,9 @@ def fit(model: torch.nn.Module, task: Task, *, optim_cfg: OptimConfig, train_cfg
                 # Evaluation time is not training time, but it is wall-clock the budget must see.
                 state.elapsed_s += time.perf_counter() - t_eval
                 window_start += time.perf_counter() - t_eval
-                stop = stop or budget.done(state)
+                if budget.seconds:  # every process must agree on stopping for time
+                    up = dist.sum([float(state.elapsed_s >= budget.seconds)], device)[0]
+                    stop = stop or ("time" if up else None)
 
             if state.step % train_cfg.save_every == 0 or stop:
                 save("step", state)
