@@ -123,7 +123,13 @@ class Checkpointer:
         self.optimizer, self.extra, self.keep, self.on_event = optimizer, extra_state, keep, on_event
         self.dist = dist or Dist()
 
-    def __call__(self, kind: str, state: TrainState) -> Path:
+    def __call__(self, kind: str, state: TrainState) -> Path | None:
+        if kind == "interrupt":
+            if is_sharded(self.model):
+                # Gathering needs every rank at the same point, which an interrupt does not
+                # promise: the last periodic checkpoint stands.
+                return None
+            kind = "step"
         with_optimizer = kind != "best"
         tensors = gather_for_save(self.model, self.optimizer if with_optimizer else None)  # collective if sharded
         path = self.out / ("best" if kind == "best" else ckpt_io.step_dir_name(state.step))

@@ -204,7 +204,7 @@ def fit(model: torch.nn.Module, task: Task, *, optim_cfg: OptimConfig, train_cfg
     """Train until a budget, early stopping, divergence or interruption; return why it stopped.
 
     ``save(kind, state)`` is called with kind ``best`` (a new best value of ``metric`` among the
-    task's validation metrics) or ``step`` (periodic, final and on interruption). Returns
+    task's validation metrics), ``step`` (periodic and final) or ``interrupt`` (Ctrl-C). Returns
     ``steps``, ``time``, ``early_stop``, ``diverged`` or ``interrupted``. ``tokens_per_step`` sizes
     a token budget; throughput counts the tokens the task reports, over all processes.
 
@@ -313,7 +313,7 @@ def fit(model: torch.nn.Module, task: Task, *, optim_cfg: OptimConfig, train_cfg
             if state.step % train_cfg.save_every == 0 or stop:
                 save("step", state)
     except KeyboardInterrupt:
-        save("step", state)
+        save("interrupt", state)
         on_event("stop", {"reason": "interrupted", "step": state.step})
         return "interrupted"
     on_event("stop", {"reason": stop, "step": state.step})
