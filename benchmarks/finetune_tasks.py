@@ -49,10 +49,9 @@ def evaluate(ckpt: Path, data: Path, *extra: str) -> dict:
 
 
 def trained(out: Path) -> dict:
-    state = json.loads((out / "best" / "trainer_state.json").read_text())
-    model = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"steps": state["step"], "best_step": state["best_step"],
-            "evals": sum(r["event"] == "eval" for r in model)}
+    last = json.loads((out / "last" / "trainer_state.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"steps": last["step"], "best_step": last["best_step"], "evals": sum(r["event"] == "eval" for r in rows)}
 
 
 def params_line(out: Path) -> dict:
