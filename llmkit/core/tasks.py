@@ -170,11 +170,13 @@ class PairTask:
     def train_batch(self, step: int, part: int, parts: int):
         B = self.cfg.train.batch_size
         idx = epoch_indices(len(self.seqs), self.cfg.train.seed, (step * parts + part) * B, B)
-        return pair_batch([self.seqs[i] for i in idx], self.cfg.task.mask_prompt)
+        seqs = [self.seqs[i] for i in idx]
+        return (*pair_batch(seqs, self.cfg.task.mask_prompt), sum(len(s.ids) - 1 for s in seqs))
 
     def loss(self, run, batch):
-        x, y = (t.to(self.device, non_blocking=True) for t in batch)
-        return run(next_token_loss, x, y), int((y != -100).sum())
+        x, y, n_tokens = batch
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return run(next_token_loss, x, y), n_tokens  # throughput counts every real input token
 
     def evaluate(self, net):
         B = self.cfg.train.batch_size
