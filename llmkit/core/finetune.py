@@ -30,11 +30,11 @@ from llmkit.core.heads import attach_classifier
 from llmkit.core.lora import apply_lora, trainable_parameters
 from llmkit.core.plot import write_loss_curve
 from llmkit.core.distributed import Dist
-from llmkit.core.run import (Checkpointer, MetricsLog, check_same_model, load_training_state, main_first, main_only,
-                             outcome, parallelize, resume_source)
+from llmkit.core.run import (Checkpointer, MetricsLog, check_same_model, main_first, main_only,
+                             outcome, resume_source, start_training)
 from llmkit.core.tasks import ClassifyTask, PairTask, balanced_weights
 from llmkit.core.tokenizer import check_compatible
-from llmkit.core.train import TrainState, fit, make_optimizer
+from llmkit.core.train import TrainState, fit
 
 EventFn = Callable[[str, dict[str, Any]], None]
 
@@ -219,12 +219,7 @@ def finetune(checkpoint: Path, data: list[str], out: Path, cfg: RunConfig, *, ba
             shutil.rmtree(out, ignore_errors=True)
         raise
     params, trainable = model.num_params(), trainable_parameters(model)
-    parallelize(model, cfg.train.strategy, dist)
-    optimizer = make_optimizer(model, cfg.optim)
-    state = TrainState()
-    if resume_from is not None:
-        state = load_training_state(model, optimizer, resume_from)
-        on_event("resume", {"path": str(resume_from), "step": state.step})
+    optimizer, state = start_training(model, cfg, dist, resume_from, on_event)
     on_event("model", {"params": params, "trainable": trainable, "device": str(device),
                        "precision": precision.name, "precision_reason": precision.reason, "config": cfg.model,
                        "lora": cfg.lora.enabled, "task": cfg.task.kind, "processes": dist.world})

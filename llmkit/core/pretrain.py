@@ -26,10 +26,10 @@ from llmkit.core.generate import decode_batch
 from llmkit.core.model import Transformer
 from llmkit.core.plot import write_loss_curve
 from llmkit.core.distributed import Dist
-from llmkit.core.run import (Checkpointer, MetricsLog, check_out_dir, check_same_model, load_training_state, main_only,
-                             outcome, parallelize, resume_source)
+from llmkit.core.run import (Checkpointer, MetricsLog, check_out_dir, check_same_model, main_only,
+                             outcome, resume_source, start_training)
 from llmkit.core.tokenizer import Tokenizer, check_compatible, train_tokenizer
-from llmkit.core.train import TrainState, fit, make_optimizer, mean_token_loss, next_token_loss
+from llmkit.core.train import TrainState, fit, mean_token_loss, next_token_loss
 
 EventFn = Callable[[str, dict[str, Any]], None]
 
@@ -179,12 +179,7 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
         check_same_model(resume_from, ckpt_io.read_checkpoint(resume_from).model_cfg, cfg.model)
         ckpt_io.load_weights(model, resume_from)
     params = model.num_params()
-    parallelize(model, cfg.train.strategy, dist)
-    optimizer = make_optimizer(model, cfg.optim)
-    state = TrainState()
-    if resume_from is not None:
-        state = load_training_state(model, optimizer, resume_from)
-        on_event("resume", {"path": str(resume_from), "step": state.step})
+    optimizer, state = start_training(model, cfg, dist, resume_from, on_event)
     on_event("model", {"params": params, "device": str(device), "precision": precision.name,
                        "precision_reason": precision.reason, "config": cfg.model, "processes": dist.world,
                        "strategy": cfg.train.strategy if dist.enabled else None})

@@ -22,7 +22,7 @@ from llmkit.core.config import ModelConfig
 from llmkit.core.distributed import Dist, gather_for_save, is_sharded, load_sharded_optimizer, shard
 from llmkit.core.errors import CheckpointError, ConfigError
 from llmkit.core.metrics import bits_per_byte
-from llmkit.core.train import TrainState
+from llmkit.core.train import TrainState, make_optimizer
 
 EventFn = Callable[[str, dict[str, Any]], None]
 
@@ -64,6 +64,18 @@ def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     else:
         ckpt_io.load_optimizer_state(optimizer, resume_from / "optimizer.safetensors")
     return TrainState.from_json(ckpt_io.read_state(resume_from))
+
+
+def start_training(model: torch.nn.Module, cfg, dist: Dist, resume_from: Path | None,
+                   on_event: EventFn) -> tuple[torch.optim.Optimizer, TrainState]:
+    """Shard the model if asked, then its optimizer and trainer state (fresh, or resumed)."""
+    parallelize(model, cfg.train.strategy, dist)
+    optimizer = make_optimizer(model, cfg.optim)
+    state = TrainState()
+    if resume_from is not None:
+        state = load_training_state(model, optimizer, resume_from)
+        on_event("resume", {"path": str(resume_from), "step": state.step})
+    return optimizer, state
 
 
 def parallelize(model: torch.nn.Module, strategy: str, dist: Dist) -> torch.nn.Module:
