@@ -65,13 +65,7 @@ def plan(checkpoint: Path, out: Path, *, resume: str | None, config_file: Path |
     else:
         layers.update({k: dict(v) for k, v in DEFAULTS.items()})
 
-    def resolve(extra: Mapping[str, Any]) -> RunConfig:
-        merged = {k: dict(v) for k, v in layers.items()}
-        for section, values in extra.items():
-            merged.setdefault(section, {}).update(values)
-        return resolve_run_config(base=merged, config_file=config_file, sets=sets, flags=flags)
-
-    cfg = resolve({})
+    cfg = resolve_run_config(base=layers, config_file=config_file, sets=sets, flags=flags)
     if resume_from is None and cfg.lora.enabled and not _lr_given(config_file, sets, flags):
         cfg = cfg.replace("optim", lr=LORA_LR)  # LoRA's default rate, unless the user chose one
     if resume_from is None:
