@@ -132,7 +132,7 @@ def test_a_tiny_classifier_learns_a_separable_task(trained_run, seasons, tmp_pat
     assert result.best is not None
     model, ckpt = ckpt_io.load_model(result.last)
     assert ckpt.kind == "classify" and ckpt.task.labels == ("hiver", "été")
-    probs, _ = classify_texts(model, ckpt.tokenizer, ckpt.task.labels, SUMMER + WINTER, pooling="last")
+    probs, _ = classify_texts(model, ckpt.tokenizer, SUMMER + WINTER, pooling="last")
     pred = [ckpt.task.labels[i] for i in probs.argmax(-1).tolist()]
     assert pred == ["été"] * len(SUMMER) + ["hiver"] * len(WINTER)
     evals = [d for k, d in events if k == "eval"]

@@ -49,8 +49,9 @@ def classify(
     dev = pick_device(device or "auto")
     model, ckpt = load_model(ckpt.path, dev)
     labels = ckpt.task.labels
-    probs, truncated = classify_texts(model, ckpt.tokenizer, labels, items, pooling=ckpt.task.pooling,
-                                      batch_size=batch_size, device=dev)
+    logits, truncated = classify_texts(model, ckpt.tokenizer, items, pooling=ckpt.task.pooling,
+                                       batch_size=batch_size, device=dev)
+    probs = logits.softmax(-1)
     k = min(top_k, len(labels))
     for text, row in zip(items, probs.tolist()):
         ranked = sorted(range(len(labels)), key=lambda j: -row[j])

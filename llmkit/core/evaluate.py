@@ -23,9 +23,9 @@ from llmkit.core.checkpoint import load_model
 from llmkit.core.corpus import read_corpus, resolve_corpus
 from llmkit.core.data import encode_text
 from llmkit.core.errors import ConfigError
-from llmkit.core.examples import classify_ids, drop_unseen, pair_sequence, read_examples
+from llmkit.core.examples import drop_unseen, pair_sequence, read_examples
 from llmkit.core.metrics import bits_per_byte
-from llmkit.core.tasks import classification_report, classify_rows, decode_responses, pair_batch, response_scores
+from llmkit.core.tasks import classification_report, classify_texts, decode_responses, pair_loss, response_scores
 from llmkit.core.train import mean_token_loss
 
 
@@ -70,18 +70,15 @@ def evaluate_checkpoint(checkpoint: Path, data: list[str], *, fields: dict[str, 
         if task.kind == "classify":
             examples, unseen = drop_unseen(examples, task.labels)
             items = examples.examples[:limit] if limit else examples.examples
-            rows, cut = zip(*(classify_ids(tok, e.text, context) for e in items))
             index = {label: i for i, label in enumerate(task.labels)}
-            logits = classify_rows(model, list(rows), pooling=task.pooling, batch_size=batch_size, device=device)
+            logits, cut = classify_texts(model, tok, [e.text for e in items], pooling=task.pooling,
+                                         batch_size=batch_size, device=device)
             out = classification_report(logits, [index[e.label] for e in items], task.labels)
             out["loss"] = out.pop("val_loss")
-            return {**report, **out, "unseen": dict(unseen), "truncated": sum(cut)}
+            return {**report, **out, "unseen": dict(unseen), "truncated": cut}
         items = examples.examples[:limit] if limit else examples.examples
         seqs = [pair_sequence(tok, task.prompt_template, e.turns, context) for e in items]
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].ids))
-        batches = (pair_batch([seqs[i] for i in order[s: s + batch_size]], task.mask_prompt)
-                   for s in range(0, len(order), batch_size))
-        loss, _ = mean_token_loss(model, batches, device)
+        loss = pair_loss(model, seqs, mask_prompt=task.mask_prompt, batch_size=batch_size, device=device)
         on_progress(f"decoding {len(items)} prompts")
         hyps = decode_responses(model, tok, task.prompt_template, items, max_new_tokens=task.max_new_tokens,
                                 batch_size=batch_size, device=device)

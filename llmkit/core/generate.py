@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from llmkit.core.config import SampleConfig
+from llmkit.core.heads import pad_batch
 from llmkit.core.model import KVCache, Transformer
 from llmkit.core.sampling import NGramIndex, pick, process_logits, token_counts
 
@@ -152,15 +153,13 @@ class _Batch:
 
     def prefill(self, rows: list[list[int]]) -> torch.Tensor:
         """Fill slots [0, P) with left-padded rows; return the last logits (B, V)."""
-        P = max(len(r) for r in rows)
-        pad = torch.tensor([P - len(r) for r in rows], device=self.device)  # (B,)
-        self.pad = pad
-        ids = torch.tensor([[0] * (P - len(r)) + r for r in rows], dtype=torch.long, device=self.device)  # (B, P)
+        ids, valid, positions = pad_batch(rows, "left", self.device)  # each (B, P)
+        P = ids.size(1)
+        self.pad = P - valid.sum(1)  # (B,) padding slots before each row's text
         self.key_valid.zero_()
-        slots = torch.arange(P, device=self.device)
-        self.key_valid[:, :P] = slots[None, :] >= pad[:, None]
-        self.padded = bool(pad.any())
-        positions = (slots[None, :] - pad[:, None]).clamp(min=0) if self.padded else None  # (B, P)
+        self.key_valid[:, :P] = valid
+        self.padded = not bool(valid.all())
+        positions = positions if self.padded else None
         self.slot = P
         logits = self.model(ids, cache=self.cache, pos=0, positions=positions,
                             key_valid=self.key_valid[:, :P] if self.padded else None, last_only=True)

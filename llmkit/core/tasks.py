@@ -62,12 +62,11 @@ def classify_rows(model, rows: list[list[int]], *, pooling: str, batch_size: int
     return out
 
 
-def classify_texts(model, tok, labels: tuple[str, ...], texts: list[str], *, pooling: str, batch_size: int = 16,
+def classify_texts(model, tok, texts: list[str], *, pooling: str, batch_size: int = 16,
                    device="cpu") -> tuple[torch.Tensor, int]:
-    """Class probabilities (N, K) for texts, in input order; and how many were truncated."""
+    """Class logits (N, K) for texts, in input order; and how many were truncated to the context."""
     rows, cut = zip(*(classify_ids(tok, t, model.cfg.context) for t in texts))
-    logits = classify_rows(model, list(rows), pooling=pooling, batch_size=batch_size, device=device)
-    return logits.softmax(-1), sum(cut)
+    return classify_rows(model, list(rows), pooling=pooling, batch_size=batch_size, device=device), sum(cut)
 
 
 def classification_report(logits: torch.Tensor, gold: list[int], labels: tuple[str, ...]) -> dict[str, Any]:
@@ -136,6 +135,12 @@ def pair_batch(seqs: list[Sequence], mask_prompt: bool) -> tuple[torch.Tensor, t
     return x, y
 
 
+def pair_loss(model, seqs: list[Sequence], *, mask_prompt: bool, batch_size: int, device) -> float:
+    """Mean loss per target token of prompt/response sequences, batched by length."""
+    batches = (pair_batch([seqs[i] for i in idx], mask_prompt) for idx in _by_length([s.ids for s in seqs], batch_size))
+    return mean_token_loss(model, batches, device)[0]
+
+
 def decode_responses(model, tok, template: str, examples: list[Example], *, max_new_tokens: int,
                      batch_size: int, device) -> list[str]:
     """Greedy responses to each example's prompt (the template applied), in input order."""
@@ -180,9 +185,7 @@ class PairTask:
 
     def evaluate(self, net):
         B = self.cfg.train.batch_size
-        batches = (pair_batch([self.dev[i] for i in idx], self.cfg.task.mask_prompt)
-                   for idx in _by_length([s.ids for s in self.dev], B))
-        val_loss, _ = mean_token_loss(net, batches, self.device)
+        val_loss = pair_loss(net, self.dev, mask_prompt=self.cfg.task.mask_prompt, batch_size=B, device=self.device)
         metrics: dict[str, Any] = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
         task = self.cfg.task
         n = task.eval_limit if task.kind == "translate" else self.SAMPLES

@@ -14,6 +14,7 @@ checkpoint stays as it was) and on Ctrl-C (a checkpoint is written so ``--resume
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -172,8 +173,6 @@ class Through(torch.nn.Module):
 def _runner(model: torch.nn.Module, compiled: torch.nn.Module | None, dist: Dist, device: torch.device):
     """(run, sync) for the training step: how tasks reach the model, and a context manager that
     turns gradient synchronisation off for all but the last micro-batch of a step."""
-    import contextlib
-
     if dist.enabled and not getattr(model, "_llmkit_fsdp", False):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
