@@ -86,12 +86,12 @@ def speed(ckpt: str, rounds: int = 5) -> None:
     tok = c.tokenizer
     peer = hf_llama(model).model  # the LlamaModel trunk
     texts = read_classify("sib200_topic_fr", "train")[0] * 2
-    from llmkit.core.embed import EmbedSettings, embed_items
+    from llmkit.core.embed import EmbedConfig, embed_items
 
     def hf_mean(texts):
         return peer_mean_pool(peer, [r[:128] for r in tok.encode_batch(texts)], model.cfg.d_model, batch=32)
 
-    ours = lambda texts: embed_items(model, tok, texts, EmbedSettings(max_length=128))[0]  # noqa: E731
+    ours = lambda texts: embed_items(model, tok, texts, EmbedConfig(max_length=128))[0]  # noqa: E731
     a, b = ours(texts[:64]), hf_mean(texts[:64])
     emit(event="parity", max_abs_diff=float(np.abs(a - b).max()))
     times = {"llmkit": [], "transformers": []}

@@ -45,7 +45,7 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
 @pytest.mark.parametrize("item, message", [
     ("train.batch_size=0", "train.batch_size: must be positive"),
     ("optim.lr=-1", "optim.lr: must be positive"),
-    ("train.steps=-5", "train.steps: must be positive"),
+    ("train.steps=-5", "train.steps: must not be negative"),
     ("model.n_layer=abc", "model.n_layer: expected an integer"),
     ("train.time=soon", "train.time: cannot read 'soon'"),
 ])

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from llmkit.cli.app import app
 from llmkit.core import embed
-from llmkit.core.embed import EmbedSettings, embed_batch, embed_items, encode_to_file, load_index
+from llmkit.core.config import POOLINGS
+from llmkit.core.embed import EmbedConfig, embed_batch, embed_items, encode_to_file, load_index
 from llmkit.core.model import Transformer
 from test_cli import assert_one_line_error
 
@@ -23,11 +24,11 @@ def model(tiny_model_cfg):
     return Transformer(tiny_model_cfg).eval()
 
 
-@pytest.mark.parametrize("pooling", embed.POOLINGS)
+@pytest.mark.parametrize("pooling", POOLINGS)
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("layer", [-1, 1])
 def test_padding_never_changes_a_vector(model, tokenizer, pooling, side, layer):
-    s = EmbedSettings(pooling=pooling, pad_side=side, layer=layer)
+    s = EmbedConfig(pooling=pooling, pad_side=side, layer=layer)
     rows = [tokenizer.encode(t) for t in ITEMS]
     batched = embed_batch(model, rows, s)
     for i, r in enumerate(rows):
@@ -36,7 +37,7 @@ def test_padding_never_changes_a_vector(model, tokenizer, pooling, side, layer):
 
 
 def test_order_is_restored_after_length_sorting(model, tokenizer):
-    s = EmbedSettings()
+    s = EmbedConfig()
     vectors, truncated = embed_items(model, tokenizer, ITEMS, s, batch_size=4)
     assert truncated == 0
     for i, text in enumerate(ITEMS):
@@ -45,7 +46,7 @@ def test_order_is_restored_after_length_sorting(model, tokenizer):
 
 
 def test_normalize_gives_unit_vectors_and_truncation_is_counted(model, tokenizer):
-    vectors, truncated = embed_items(model, tokenizer, ITEMS, EmbedSettings(normalize=True, max_length=4))
+    vectors, truncated = embed_items(model, tokenizer, ITEMS, EmbedConfig(normalize=True, max_length=4))
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert truncated == sum(len(tokenizer.encode(t)) > 4 for t in ITEMS) > 0
 
@@ -53,7 +54,7 @@ def test_normalize_gives_unit_vectors_and_truncation_is_counted(model, tokenizer
 @pytest.mark.parametrize("ext", embed.FORMATS)
 def test_each_format_round_trips(model, tokenizer, tmp_path, ext):
     out = tmp_path / f"index{ext}"
-    s = EmbedSettings(pooling="last")
+    s = EmbedConfig(pooling="last")
     meta = encode_to_file(model, tokenizer, ITEMS, out, s, model_id="m1", chunk=4)
     vectors, texts, saved = load_index(out)
     expected, _ = embed_items(model, tokenizer, ITEMS, s)
@@ -67,8 +68,8 @@ def test_each_format_round_trips(model, tokenizer, tmp_path, ext):
 @pytest.mark.parametrize("ext", [".npy", ".safetensors", ".jsonl"])
 def test_chunked_writing_equals_one_pass(model, tokenizer, tmp_path, ext):
     a, b = tmp_path / f"a{ext}", tmp_path / f"b{ext}"
-    encode_to_file(model, tokenizer, ITEMS, a, EmbedSettings(), model_id="m", chunk=2)
-    encode_to_file(model, tokenizer, ITEMS, b, EmbedSettings(), model_id="m", chunk=100)
+    encode_to_file(model, tokenizer, ITEMS, a, EmbedConfig(), model_id="m", chunk=2)
+    encode_to_file(model, tokenizer, ITEMS, b, EmbedConfig(), model_id="m", chunk=100)
     va, ta, _ = load_index(a)
     vb, tb, _ = load_index(b)
     assert ta == tb and np.allclose(va, vb, atol=1e-6)
@@ -82,24 +83,24 @@ def test_interrupted_run_resumes_from_rows_written(model, tokenizer, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        encode_to_file(model, tokenizer, ITEMS, out, EmbedSettings(), model_id="m", chunk=2,
+        encode_to_file(model, tokenizer, ITEMS, out, EmbedConfig(), model_id="m", chunk=2,
                        on_progress=stop_after_first_chunk)
     seen = []
-    encode_to_file(model, tokenizer, ITEMS, out, EmbedSettings(), model_id="m", chunk=2, resume=True,
+    encode_to_file(model, tokenizer, ITEMS, out, EmbedConfig(), model_id="m", chunk=2, resume=True,
                    on_progress=lambda d, t, x: seen.append(d))
     assert seen[0] == 2  # started where it stopped
     full = tmp_path / "full.npy"
-    encode_to_file(model, tokenizer, ITEMS, full, EmbedSettings(), model_id="m")
+    encode_to_file(model, tokenizer, ITEMS, full, EmbedConfig(), model_id="m")
     assert np.allclose(load_index(out)[0], load_index(full)[0], atol=1e-6)
     assert load_index(out)[1] == ITEMS
 
 
 def test_search_returns_the_item_itself_first(model, tokenizer, tmp_path):
     out = tmp_path / "i.npy"
-    encode_to_file(model, tokenizer, ITEMS, out, EmbedSettings(), model_id="m")
+    encode_to_file(model, tokenizer, ITEMS, out, EmbedConfig(), model_id="m")
     vectors, texts, _ = load_index(out)
     for i, text in enumerate(ITEMS):
-        q, _ = embed_items(model, tokenizer, [text], EmbedSettings())
+        q, _ = embed_items(model, tokenizer, [text], EmbedConfig())
         assert embed.search(vectors, q[0], 3)[0][0] == i
 
 
@@ -149,9 +150,9 @@ def test_cli_encode_errors(trained_run, tmp_path):
 
 def test_float16_output_is_stored_as_float16(model, tokenizer, tmp_path):
     out = tmp_path / "h.npy"
-    encode_to_file(model, tokenizer, ITEMS, out, EmbedSettings(dtype="float16"), model_id="m")
+    encode_to_file(model, tokenizer, ITEMS, out, EmbedConfig(dtype="float16"), model_id="m")
     assert np.load(out).dtype == np.float16
-    full, _ = embed_items(model, tokenizer, ITEMS, EmbedSettings())
+    full, _ = embed_items(model, tokenizer, ITEMS, EmbedConfig())
     assert np.allclose(load_index(out)[0], full, atol=1e-2)
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from llmkit.core import checkpoint as ckpt_io
 from llmkit.core.config import TaskConfig
-from llmkit.core.examples import pair_sequence, read_examples
+from llmkit.core.task_data import pair_sequence, read_examples
 from llmkit.core.finetune import finetune, plan
 from llmkit.core.heads import attach_classifier, classify_logits
 from llmkit.core.model import Transformer

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from llmkit.core.config import ModelConfig, SampleConfig
-from llmkit.core.generate import Finished, TextStream, beam_search, decode_batch, generate_ids
+from llmkit.core.generate import TextStream, beam_search, decode_batch
 from llmkit.core.model import Transformer
 from llmkit.core.sampling import next_token, top_k_filter
 
@@ -19,7 +19,7 @@ def char_decode(ids):
 
 def _gen(model, prompt, **kw):
     cfg = SampleConfig(**{"max_new_tokens": 12, **kw})
-    return [t for t in generate_ids(model, prompt, cfg, eos_id=None) if not isinstance(t, Finished)]
+    return decode_batch(model, [prompt], cfg, eos_id=None, decode=char_decode)[0].ids
 
 
 def _model(cfg):
@@ -42,9 +42,10 @@ def test_same_seed_same_tokens_and_different_seeds_differ(tiny_model_cfg):
 
 def test_generation_slides_past_the_context(tiny_model_cfg):
     model = _model(tiny_model_cfg)
-    out = list(generate_ids(model, [1] * 30, SampleConfig(max_new_tokens=50, temperature=0), eos_id=None))
-    assert isinstance(out[-1], Finished) and out[-1].reason == "length"
-    assert len(out) - 1 == 50  # 30 + 50 tokens > context 32: the window slid instead of failing
+    out = decode_batch(model, [[1] * 30], SampleConfig(max_new_tokens=50, temperature=0), eos_id=None,
+                       decode=char_decode)[0]
+    assert out.finish_reason == "length"
+    assert len(out.ids) == 50  # 30 + 50 tokens > context 32: the window slid instead of failing
 
 
 def test_batched_equals_unbatched(tiny_model_cfg):

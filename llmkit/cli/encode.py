@@ -37,6 +37,7 @@ def encode(
     from llmkit.cli.render import err_console
     from llmkit.core import embed
     from llmkit.core.checkpoint import load_model, resolve_checkpoint
+    from llmkit.core.config import EmbedConfig
     from llmkit.core.device import pick_device
 
     if batch_size <= 0:
@@ -46,28 +47,22 @@ def encode(
         if index is None:
             raise ConfigError("--query needs --index (a file written by llmkit encode)")
         vectors, texts, meta = embed.load_index(index)
-        settings = embed.EmbedSettings(pooling=meta["pooling"], layer=meta["layer"], normalize=meta["normalize"],
-                                       max_length=meta["max_length"])
+        settings = embed.index_settings(meta)
     else:
         if input is None or out is None:
             raise ConfigError("give INPUT and -o OUT (or --query with --index to search)")
-        settings = embed.EmbedSettings(pooling=pooling, layer=layer, normalize=normalize, max_length=max_length,
-                                       dtype=dtype)
+        settings = EmbedConfig(pooling=pooling, layer=layer, normalize=normalize, max_length=max_length, dtype=dtype)
         if out.suffix.lower() not in embed.FORMATS:
             raise ConfigError(f"output {out}: unsupported extension {out.suffix or '(none)'}; "
                               f"use {', '.join(embed.FORMATS)}")
         items = read_items(input, field, column)
     dev = pick_device(device or "auto")
     model, ckpt = load_model(path, dev)
-    n = model.cfg.n_layer
-    if not -(n + 1) <= settings.layer <= n:
-        raise ConfigError(f"--layer {settings.layer} is out of range: this model has layers {-(n + 1)}..{n}")
+    embed.check_layer(model, settings.layer)
     model_id = embed.model_hash(ckpt.path)
     console = err_console()
     if query is not None:
-        if vectors.shape[1] != model.cfg.d_model or meta["model_hash"] != model_id:
-            raise DataError(f"index {index} was built by another model (dimension {vectors.shape[1]}, model "
-                            f"{meta['model_hash']}); this checkpoint gives dimension {model.cfg.d_model}, model {model_id}")
+        embed.check_index(index, vectors, meta, model, model_id)
         vec, _ = embed.embed_items(model, ckpt.tokenizer, [query], settings, device=dev)
         _show_hits(embed.search(vectors, vec[0], top_k), texts)
         return

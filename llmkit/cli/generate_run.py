@@ -22,7 +22,7 @@ class Session:
 
     def _encode(self, text: str) -> list[int]:
         if self.template is not None:
-            from llmkit.core.examples import encode_prompt
+            from llmkit.core.task_data import encode_prompt
 
             return encode_prompt(self.tok, self.template, [("user", text)])
         return self.tok.encode(text) if text else [self.tok.bos_id]
@@ -155,7 +155,7 @@ class Session:
                 yield line
 
     def _chat(self) -> None:
-        from llmkit.core.examples import encode_prompt
+        from llmkit.core.task_data import encode_prompt
 
         turns: list[tuple[str, str]] = []
         for line in self._lines("chat: type a message and press Enter"):

@@ -16,11 +16,29 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
 from llmkit.core.errors import ConfigError
+
+
+# --- the value lists, each defined once and imported wherever it is checked or offered ----------
+
+POOLINGS = ("mean", "last", "max", "first")
+"""How a sequence's hidden states become one vector (encode); over real tokens only."""
+CLASSIFIER_POOLINGS = ("last", "mean")
+"""The poolings a classification head reads."""
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The linear layers of a block, by attribute name: what LoRA may adapt."""
+METRICS = ("val_loss", "accuracy", "macro_f1", "chrf", "bleu", "exact_match", "token_f1")
+"""Validation metrics a run can select its best checkpoint by."""
+HIGHER_IS_BETTER = frozenset(METRICS) - {"val_loss"}
+STRATEGIES = ("ddp", "fsdp")
+"""Data-parallel strategies under torchrun."""
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+TOKENIZER_MODELS = ("bpe", "unigram", "char")
+EMBED_DTYPES = ("float32", "float16")
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -48,8 +66,8 @@ class TokenizerConfig:
     """Trainer threads; 0 means all cores."""
 
     def __post_init__(self) -> None:
-        _check(self.model_type in ("bpe", "unigram", "char"), "tokenizer.model_type",
-               f"must be bpe, unigram or char, not {self.model_type!r}")
+        _check(self.model_type in TOKENIZER_MODELS, "tokenizer.model_type",
+               f"must be {_one_of(TOKENIZER_MODELS)}, not {self.model_type!r}")
         _check(self.vocab_size >= 8, "tokenizer.vocab_size", "must be at least 8")
         _check(0.9 <= self.character_coverage <= 1.0, "tokenizer.character_coverage",
                "must be between 0.9 and 1.0")
@@ -183,8 +201,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "train.batch_size", f"must be positive, not {self.batch_size}")
         _check(self.grad_accum > 0, "train.grad_accum", f"must be positive, not {self.grad_accum}")
-        _check(self.steps >= 0, "train.steps", f"must be positive, not {self.steps}")
-        _check(self.tokens >= 0, "train.tokens", f"must be positive, not {self.tokens}")
+        _check(self.steps >= 0, "train.steps", f"must not be negative, not {self.steps}")
+        _check(self.tokens >= 0, "train.tokens", f"must not be negative, not {self.tokens}")
         _check(self.eval_every > 0, "train.eval_every", "must be positive")
         _check(self.eval_batches > 0, "train.eval_batches", "must be positive")
         _check(self.patience >= 0, "train.patience", "must not be negative")
@@ -193,9 +211,8 @@ class TrainConfig:
         _check(self.log_every > 0, "train.log_every", "must be positive")
         _check(self.epochs >= 0, "train.epochs", f"must not be negative, not {self.epochs}")
         _check(self.global_batch_size >= 0, "train.global_batch_size", "must not be negative")
-        _check(self.strategy in ("ddp", "fsdp"), "train.strategy", f"must be ddp or fsdp, not {self.strategy!r}")
-        _check(self.dtype in ("auto", "fp32", "bf16", "fp16"), "train.dtype",
-               f"must be auto, fp32, bf16 or fp16, not {self.dtype!r}")
+        _check(self.strategy in STRATEGIES, "train.strategy", f"must be {_one_of(STRATEGIES)}, not {self.strategy!r}")
+        _check(self.dtype in DTYPES, "train.dtype", f"must be {_one_of(DTYPES)}, not {self.dtype!r}")
         _check(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)), "train.device",
                f"must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
         if self.time:
@@ -229,7 +246,6 @@ DEFAULT_TEMPLATES = {
     "translate": "Texte :\n{prompt}\nTraduction :\n",
 }
 DEFAULT_METRICS = {"lm": "val_loss", "classify": "macro_f1", "instruct": "val_loss", "translate": "chrf"}
-HIGHER_IS_BETTER = {"accuracy", "macro_f1", "chrf", "bleu", "exact_match", "token_f1"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,7 +285,8 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         _check(self.kind in TASK_KINDS, "task.kind", f"must be one of {', '.join(TASK_KINDS)}, not {self.kind!r}")
-        _check(self.pooling in ("last", "mean"), "task.pooling", f"must be last or mean, not {self.pooling!r}")
+        _check(self.pooling in CLASSIFIER_POOLINGS, "task.pooling",
+               f"must be {_one_of(CLASSIFIER_POOLINGS)}, not {self.pooling!r}")
         _check(self.class_weights in ("none", "balanced"), "task.class_weights",
                f"must be none or balanced, not {self.class_weights!r}")
         _check(not self.template or self.template.count("{prompt}") == 1, "task.template",
@@ -277,9 +294,8 @@ class TaskConfig:
         _check(0.0 < self.val_fraction < 0.5, "task.val_fraction", "must be in (0, 0.5)")
         _check(self.eval_limit > 0, "task.eval_limit", "must be positive")
         _check(self.max_new_tokens > 0, "task.max_new_tokens", "must be positive")
-        known = {"val_loss", "accuracy", "macro_f1", "chrf", "bleu"}
-        _check(not self.metric or self.metric in known, "task.metric",
-               f"must be one of {', '.join(sorted(known))}, not {self.metric!r}")
+        _check(not self.metric or self.metric in METRICS, "task.metric",
+               f"must be one of {', '.join(METRICS)}, not {self.metric!r}")
 
     @property
     def prompt_template(self) -> str:
@@ -303,14 +319,13 @@ class LoRAConfig:
     """The update is scaled by alpha / rank."""
     dropout: float = 0.05
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    """Linear layers to adapt, by name: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj."""
+    """Linear layers to adapt, by name (any of LORA_TARGETS)."""
 
     def __post_init__(self) -> None:
         _check(self.rank > 0, "lora.rank", f"must be positive, not {self.rank}")
         _check(self.alpha > 0, "lora.alpha", f"must be positive, not {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
-        allowed = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-        bad = [t for t in self.targets if t not in allowed]
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
         _check(bool(self.targets) and not bad, "lora.targets",
                f"unknown layer {bad[0]!r}" if bad else "must name at least one layer")
 
@@ -372,6 +387,30 @@ class SampleConfig:
         """Whether any setting depends on the tokens generated so far."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0 or self.no_repeat_ngram > 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """How ``encode`` turns items into vectors (recorded in every index it writes)."""
+
+    pooling: str = "mean"
+    """mean, last, max or first, over real tokens."""
+    layer: int = -1
+    """Hidden layer: 0 the embeddings, n_layer (= -1) the final normalised states."""
+    normalize: bool = False
+    """Unit-length vectors."""
+    max_length: int = 0
+    """Truncate items to this many tokens (0: the model's context)."""
+    dtype: str = "float32"
+    """Stored vectors: float32 or float16."""
+    pad_side: str = "right"
+    """Padding side inside a batch (the vectors are the same either way)."""
+
+    def __post_init__(self) -> None:
+        _check(self.pooling in POOLINGS, "--pooling", f"must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
+        _check(self.dtype in EMBED_DTYPES, "--dtype", f"must be {_one_of(EMBED_DTYPES)}, not {self.dtype!r}")
+        _check(self.max_length >= 0, "--max-length", f"must not be negative, not {self.max_length}")
+        _check(self.pad_side in ("left", "right"), "pad_side", "must be left or right")
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "num_samples")
@@ -445,6 +484,17 @@ class RunConfig:
 
     def replace(self, section: str, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    """('a', 'b', 'c') -> 'a, b or c'."""
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def default_of(cls: type, name: str) -> Any:
+    """A field's default value: help texts and constants take it from here, never repeat it."""
+    f = cls.__dataclass_fields__[name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -581,15 +631,23 @@ def resolve_run_config(
     sets: list[str] | tuple[str, ...] = (),
     flags: Mapping[str, Mapping[str, Any]] | None = None,
     base: Mapping[str, Any] | None = None,
+    defaults: Callable[[RunConfig], Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> RunConfig:
-    """Layer defaults < base < preset < config file < --set < flags into a RunConfig."""
-    merged: dict[str, dict[str, Any]] = {}
+    """Layer defaults < base < preset < config file < --set < flags into a RunConfig.
+
+    ``defaults(cfg)`` adds defaults that depend on what the user chose (fine-tuning with LoRA
+    takes a higher learning rate): it sees the config resolved without them, and what it returns
+    is layered under the user's own layers (config file, --set, flags), so a value the user gave
+    always wins. One precedence system: nothing re-reads the user's files to find what was given.
+    """
+    below: dict[str, dict[str, Any]] = {}
     if base:
-        _merge(merged, base, "base config")
+        _merge(below, base, "base config")
     if preset:
-        _merge(merged, load_preset(preset), f"preset {preset}")
+        _merge(below, load_preset(preset), f"preset {preset}")
+    user: dict[str, dict[str, Any]] = {}
     if config_file:
-        _merge(merged, load_yaml(config_file), str(config_file))
+        _merge(user, load_yaml(config_file), str(config_file))
     for item in sets:
         section, key, value = parse_set(item)
         # A --set value is parsed as YAML so lists and booleans work; coercion follows the field.
@@ -597,11 +655,24 @@ def resolve_run_config(
             parsed = yaml.safe_load(value) if value else ""
         except yaml.YAMLError:
             parsed = value
-        _merge(merged, {section: {key: parsed}}, f"--set {item}")
+        _merge(user, {section: {key: parsed}}, f"--set {item}")
     for section, values in (flags or {}).items():
         given = {k: v for k, v in values.items() if v is not None}
         if given:
-            _merge(merged, {section: given}, "flags")
+            _merge(user, {section: given}, "flags")
+    cfg = _build(below, user)
+    extra = defaults(cfg) if defaults else None
+    if extra:
+        _merge(below, extra, "derived defaults")
+        cfg = _build(below, user)
+    return cfg
+
+
+def _build(*layers: Mapping[str, Mapping[str, Any]]) -> RunConfig:
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, values in layer.items():
+            merged.setdefault(section, {}).update(values)
     return RunConfig(**{name: build_section(cls, merged.get(name, {}), name) for name, cls in SECTIONS.items()})
 
 

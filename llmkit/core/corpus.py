@@ -88,10 +88,6 @@ def read_corpus(files: list[Path]) -> list[str]:
     return docs
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def corpus_hash(files: list[Path]) -> str:
     """A hash of the corpus content (and order), independent of where the files live."""
     h = hashlib.sha256()

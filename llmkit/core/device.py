@@ -89,7 +89,3 @@ def autocast(device: torch.device, precision: Precision):
 def set_threads(n: int) -> None:
     if n > 0:
         torch.set_num_threads(n)
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)

@@ -19,9 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-STRATEGIES = ("ddp", "fsdp")
-
-
 @dataclass
 class Dist:
     rank: int = 0

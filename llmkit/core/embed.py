@@ -20,7 +20,7 @@ import itertools
 import json
 import os
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -28,30 +28,11 @@ import numpy as np
 import torch
 
 from llmkit.core.errors import ConfigError, DataError
-from llmkit.core.heads import POOLINGS, pooled_hidden
+from llmkit.core.config import EmbedConfig
+from llmkit.core.heads import pooled_hidden
 from llmkit.core.records import iter_records
 FORMATS = (".npy", ".safetensors", ".jsonl")
 CHUNK = 2048
-
-
-@dataclass(frozen=True)
-class EmbedSettings:
-    pooling: str = "mean"
-    layer: int = -1
-    normalize: bool = False
-    max_length: int = 0  # 0: the model's context
-    dtype: str = "float32"  # float32 | float16
-    pad_side: str = "right"
-
-    def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
-        if self.dtype not in ("float32", "float16"):
-            raise ConfigError(f"--dtype must be float32 or float16, not {self.dtype!r}")
-        if self.max_length < 0:
-            raise ConfigError("--max-length must be positive")
-        if self.pad_side not in ("left", "right"):
-            raise ConfigError("pad side must be left or right")
 
 
 # --- input ----------------------------------------------------------------------------------------
@@ -122,7 +103,7 @@ def input_format(path: str, field: str | None, column: str | None) -> str:
 # --- pooling and encoding -------------------------------------------------------------------------
 
 @torch.inference_mode()
-def embed_batch(model, rows: list[list[int]], s: EmbedSettings, device="cpu") -> torch.Tensor:
+def embed_batch(model, rows: list[list[int]], s: EmbedConfig, device="cpu") -> torch.Tensor:
     """Token rows -> pooled vectors (B, C); padding on ``s.pad_side``."""
     vec = pooled_hidden(model, rows, pooling=s.pooling, layer=s.layer, side=s.pad_side, device=device)  # (B, C)
     if s.normalize:
@@ -130,7 +111,7 @@ def embed_batch(model, rows: list[list[int]], s: EmbedSettings, device="cpu") ->
     return vec
 
 
-def embed_items(model, tokenizer, items: list[str], s: EmbedSettings, *, batch_size: int = 32,
+def embed_items(model, tokenizer, items: list[str], s: EmbedConfig, *, batch_size: int = 32,
                 device="cpu") -> tuple[np.ndarray, int]:
     """Vectors (N, C) for items in input order, and how many items were truncated to max_length."""
     limit = min(s.max_length or model.cfg.context, model.cfg.context)
@@ -243,7 +224,7 @@ class Writer:
         self._save_meta()
 
 
-def encode_to_file(model, tokenizer, items: list[str] | ItemSource, out: Path, s: EmbedSettings, *, model_id: str,
+def encode_to_file(model, tokenizer, items: list[str] | ItemSource, out: Path, s: EmbedConfig, *, model_id: str,
                    batch_size: int = 32, device="cpu", resume: bool = False, chunk: int = CHUNK,
                    on_progress: Callable[[int, int, int], None] | None = None) -> dict:
     """Encode items into OUT chunk by chunk; return the final metadata (with 'truncated')."""
@@ -287,6 +268,26 @@ def load_index(out: Path) -> tuple[np.ndarray, list[str], dict]:
         return vectors, [r["text"] for r in rows], meta
     texts = [json.loads(line)["text"] for line in items_path(out).read_text(encoding="utf-8").splitlines()][:n]
     return np.asarray(vectors, dtype=np.float32), texts, meta
+
+
+def check_layer(model, layer: int) -> None:
+    """Refuse a --layer this model does not have, naming the range it has."""
+    n = model.cfg.n_layer
+    if not -(n + 1) <= layer <= n:
+        raise ConfigError(f"--layer {layer} is out of range: this model has layers {-(n + 1)}..{n}")
+
+
+def index_settings(meta: dict) -> EmbedConfig:
+    """The settings an index was built with: a query must be encoded the same way."""
+    return EmbedConfig(pooling=meta["pooling"], layer=meta["layer"], normalize=meta["normalize"],
+                       max_length=meta["max_length"])
+
+
+def check_index(index: Path, vectors: np.ndarray, meta: dict, model, model_id: str) -> None:
+    """Refuse to search an index another model built (its vectors live in another space)."""
+    if vectors.shape[1] != model.cfg.d_model or meta["model_hash"] != model_id:
+        raise DataError(f"index {index} was built by another model (dimension {vectors.shape[1]}, model "
+                        f"{meta['model_hash']}); this checkpoint gives dimension {model.cfg.d_model}, model {model_id}")
 
 
 def search(index: np.ndarray, query: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -23,7 +23,7 @@ from llmkit.core.checkpoint import load_model
 from llmkit.core.corpus import read_corpus, resolve_corpus
 from llmkit.core.data import encode_text
 from llmkit.core.errors import ConfigError
-from llmkit.core.examples import drop_unseen, pair_sequence, read_examples
+from llmkit.core.task_data import drop_unseen, pair_sequence, read_examples
 from llmkit.core.metrics import bits_per_byte
 from llmkit.core.tasks import classification_report, classify_texts, decode_responses, pair_loss, response_scores
 from llmkit.core.train import mean_token_loss

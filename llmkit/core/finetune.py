@@ -24,7 +24,7 @@ from llmkit.core.corpus import resolve_corpus
 from llmkit.core.data import check_fits, load_or_build
 from llmkit.core.device import pick_device, pick_precision, set_threads
 from llmkit.core.errors import ConfigError, DataError, TrainingDiverged
-from llmkit.core.examples import (ExampleSet, classify_ids, drop_unseen, holdout, label_map, pair_sequence,
+from llmkit.core.task_data import (ExampleSet, classify_ids, drop_unseen, holdout, label_map, pair_sequence,
                                   read_examples)
 from llmkit.core.heads import attach_classifier
 from llmkit.core.lora import apply_lora, trainable_parameters

@@ -1,9 +1,11 @@
 """Decoding: batched prefill + cached decode, beam search, stop strings, incremental text.
 
-- ``decode_batch`` decodes many prompts together. Prompts are left-padded; each row gets its own
+- ``decode_batch`` decodes many prompts together, in gpt-fast's shape: prefill (one forward pass
+  over the prompts), choose a token per row (``_Rows.choose``: penalties, filters, each row's own
+  generator), step (one forward pass of T=1), until every row has ended. Prompts are left-padded; each row gets its own
   rotary positions and a mask that hides its padding, so a prompt's output does not depend on
   what it is batched with (greedy: identical tokens; sampling: each row draws from its own
-  generator, seeded from the seed and the row's index).
+  generator, seeded by ``row_seed`` from the seed, the prompt's index and the sample's).
 - The KV cache is preallocated once for the whole context and written in place; prefill is one
   forward pass; each new token is one forward pass of T=1. When the context is full, the window
   slides: the cache is rebuilt from the most recent half-context of tokens and decoding goes on.
@@ -23,16 +25,10 @@ from typing import Callable
 import torch
 
 from llmkit.core.config import SampleConfig
-from llmkit.core.heads import pad_batch
-from llmkit.core.model import KVCache, Transformer
+from llmkit.core.model import KVCache, Transformer, pad_batch
 from llmkit.core.sampling import NGramIndex, pick, process_logits, token_counts
 
 TOP_ALTERNATIVES = 5
-
-
-@dataclass
-class Finished:
-    reason: str  # "eos" | "length" | "context"
 
 
 @dataclass
@@ -133,7 +129,7 @@ class TextStream:
 
 def _record(processed: torch.Tensor, chosen: torch.Tensor) -> list[StepProbs]:
     probs = torch.softmax(processed, dim=-1)  # (B, V) the distribution the token was drawn from
-    top_p, top_i = probs.topk(TOP_ALTERNATIVES, dim=-1)  # (B, K)
+    top_p, top_i = probs.topk(min(TOP_ALTERNATIVES, probs.size(-1)), dim=-1)  # (B, K)
     out = []
     for b in range(probs.size(0)):
         t = int(chosen[b])
@@ -141,15 +137,32 @@ def _record(processed: torch.Tensor, chosen: torch.Tensor) -> list[StepProbs]:
     return out
 
 
-class _Batch:
-    """The cache and bookkeeping of rows decoded together (left-padded)."""
+def row_seed(base: int, prompt: int, sample: int = 0) -> int:
+    """The seed of one output row: a function of (base seed, prompt index, sample index) only, so
+    an output never depends on what it is batched with. The one seeding rule of decoding."""
+    return base + 1_000_003 * prompt + sample
 
-    def __init__(self, model: Transformer, rows: list[list[int]], device):
+
+def random_seed() -> int:
+    """A fresh base seed when the user gave none."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
+class DecodeState:
+    """The KV cache and bookkeeping of rows decoded together (left-padded).
+
+    ``prefill`` writes the prompts at slots [0, P); each ``step`` writes one token per row at the
+    next slot. Both return the next-token logits (B, V). ``key_valid`` (B, L) marks the slots that
+    hold real tokens, so padding is never attended to.
+    """
+
+    def __init__(self, model: Transformer, batch_size: int, device):
         self.model, self.device = model, device
         self.length = model.cfg.context
         dtype = next(model.parameters()).dtype
-        self.cache = KVCache(model.cfg, len(rows), self.length, device=device, dtype=dtype)
-        self.key_valid = torch.zeros(len(rows), self.length, dtype=torch.bool, device=device)  # (B, L)
+        self.cache = KVCache(model.cfg, batch_size, self.length, device=device, dtype=dtype)
+        self.key_valid = torch.zeros(batch_size, self.length, dtype=torch.bool, device=device)  # (B, L)
+        self.slot = 0
 
     def prefill(self, rows: list[list[int]]) -> torch.Tensor:
         """Fill slots [0, P) with left-padded rows; return the last logits (B, V)."""
@@ -159,10 +172,9 @@ class _Batch:
         self.key_valid.zero_()
         self.key_valid[:, :P] = valid
         self.padded = not bool(valid.all())
-        positions = positions if self.padded else None
         self.slot = P
-        logits = self.model(ids, cache=self.cache, pos=0, positions=positions,
-                            key_valid=self.key_valid[:, :P] if self.padded else None, last_only=True)
+        logits = self.model(ids, cache=self.cache, pos=0, positions=positions if self.padded else None,
+                            key_valid=self.key_valid if self.padded else None, last_only=True)
         return logits[:, -1]  # (B, V)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -171,13 +183,76 @@ class _Batch:
         self.key_valid[:, s] = True
         positions = (s - self.pad)[:, None] if self.padded else None  # (B, 1)
         logits = self.model(tokens[:, None], cache=self.cache, pos=s, positions=positions,
-                            key_valid=self.key_valid[:, : s + 1] if self.padded else None, last_only=True)
+                            key_valid=self.key_valid if self.padded else None, last_only=True)
         self.slot = s + 1
         return logits[:, -1]
 
     @property
     def full(self) -> bool:
         return self.slot >= self.length
+
+
+class _Rows:
+    """Per-row decoding state: outputs, text streams, who is still going, the token history that
+    penalties and no-repeat-n-gram read, and each row's random generator."""
+
+    def __init__(self, rows: list[list[int]], outs: list[Output], cfg: SampleConfig, vocab: int,
+                 decode: Callable[[list[int]], str], seeds: list[int], device):
+        B = len(rows)
+        self.cfg, self.outs = cfg, outs
+        self.history = [list(r) for r in rows]  # every row's full token list, for penalties and sliding
+        self.streams = [TextStream(decode, cfg.stop) for _ in range(B)]
+        self.alive = torch.ones(B, dtype=torch.bool, device=device)
+        self.gens = None if cfg.greedy else [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.counts = None
+        if cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty:
+            ids, valid, _ = pad_batch(rows, "left", device)  # each (B, P)
+            self.counts = token_counts(ids, valid, vocab)  # (B, V)
+        self.ngrams = [NGramIndex(cfg.no_repeat_ngram, r) for r in rows] if cfg.no_repeat_ngram else None
+
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits (B, V) -> (the processed logits, the chosen token of each row (B,))."""
+        banned = [g.banned() for g in self.ngrams] if self.ngrams else None
+        processed = process_logits(logits, self.cfg, counts=self.counts, banned=banned)
+        if self.gens is None:
+            return processed, pick(processed, 0.0)
+        return processed, torch.stack([pick(processed[b: b + 1], self.cfg.temperature, g)[0]
+                                       for b, g in enumerate(self.gens)])
+
+    def advance(self, tokens: torch.Tensor, eos_id: int | None, probs: list[StepProbs] | None,
+                on_text: Callable[[int, str], None] | None) -> None:
+        """Append each live row's token: end rows at EOS or a stop string, stream the new text."""
+        for b, t in enumerate(tokens.tolist()):
+            if not self.alive[b]:
+                continue
+            out = self.outs[b]
+            if eos_id is not None and t == eos_id:
+                self.alive[b] = False
+                out.finish_reason = "eos"
+                continue
+            out.ids.append(t)
+            self.history[b].append(t)
+            if self.ngrams:
+                self.ngrams[b].add(t)
+            if probs is not None:
+                out.probs.append(probs[b])
+            shown = self.streams[b].push(t)
+            if on_text and shown:
+                on_text(b, shown)
+            if self.streams[b].stopped:
+                self.alive[b] = False
+                out.finish_reason = "stop"
+        if self.counts is not None:
+            B = tokens.size(0)
+            self.counts[torch.arange(B, device=tokens.device), tokens] += self.alive.float()
+
+    def finish(self, seconds: float, on_text: Callable[[int, str], None] | None) -> None:
+        for b, out in enumerate(self.outs):
+            rest = self.streams[b].flush()
+            if on_text and rest:
+                on_text(b, rest)
+            out.text = self.streams[b].text
+            out.seconds = seconds
 
 
 @torch.inference_mode()
@@ -187,7 +262,7 @@ def decode_batch(model: Transformer, prompts: list[list[int]], cfg: SampleConfig
                  on_text: Callable[[int, str], None] | None = None) -> list[Output]:
     """Greedy or sampled decoding of several prompts at once (see the module docstring).
 
-    ``seeds`` gives each row its own generator (default: cfg.seed + row index); ``on_text(row,
+    ``seeds`` gives each row its own generator (default: ``row_seed(cfg.seed, row)``); ``on_text(row,
     text)`` receives each row's newly visible text as it is decoded, for streaming.
     """
     context = model.cfg.context
@@ -197,79 +272,25 @@ def decode_batch(model: Transformer, prompts: list[list[int]], cfg: SampleConfig
         ids, truncated = fit_prompt(p or [eos_id if eos_id is not None else 0], context)
         outs.append(Output(prompt_ids=list(ids), truncated_prompt=truncated))
         rows.append(list(ids))
-    B = len(rows)
-    gens = None
-    if not cfg.greedy:
-        base = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
-        gens = [torch.Generator(device=device).manual_seed((seeds[b] if seeds else base + b)) for b in range(B)]
-    streams = [TextStream(decode, cfg.stop) for _ in range(B)]
-    alive = torch.ones(B, dtype=torch.bool, device=device)
-    history = [list(r) for r in rows]  # every row's full token list, for penalties and sliding
-    counts = None
-    if cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty:
-        P = max(map(len, rows))
-        padded = torch.tensor([[0] * (P - len(r)) + r for r in rows], device=device)  # (B, P)
-        valid = torch.tensor([[False] * (P - len(r)) + [True] * len(r) for r in rows], device=device)  # (B, P)
-        counts = token_counts(padded, valid, model.cfg.vocab_size)  # (B, V)
-    ngrams = [NGramIndex(cfg.no_repeat_ngram, r) for r in rows] if cfg.no_repeat_ngram else None
+    if seeds is None:
+        base = cfg.seed if cfg.seed is not None else random_seed()
+        seeds = [row_seed(base, b) for b in range(len(rows))]
+    state = _Rows(rows, outs, cfg, model.cfg.vocab_size, decode, seeds, device)
     t0 = time.perf_counter()
-    batch = _Batch(model, rows, device)
+    batch = DecodeState(model, len(rows), device)
     logits = batch.prefill(rows)
     for _ in range(cfg.max_new_tokens):
-        processed = process_logits(logits, cfg, counts=counts,
-                                   banned=[g.banned() for g in ngrams] if ngrams else None)
-        if gens is None:
-            tokens = pick(processed, 0.0)
-        else:
-            tokens = torch.stack([pick(processed[b: b + 1], cfg.temperature, gens[b])[0] for b in range(B)])
-        if record_probs:
-            steps = _record(processed, tokens)
-        tok_list = tokens.tolist()
-        for b in range(B):
-            if not alive[b]:
-                continue
-            t = tok_list[b]
-            if eos_id is not None and t == eos_id:
-                alive[b] = False
-                outs[b].finish_reason = "eos"
-                continue
-            outs[b].ids.append(t)
-            history[b].append(t)
-            if ngrams:
-                ngrams[b].add(t)
-            if record_probs:
-                outs[b].probs.append(steps[b])
-            shown = streams[b].push(t)
-            if on_text and shown:
-                on_text(b, shown)
-            if streams[b].stopped:
-                alive[b] = False
-                outs[b].finish_reason = "stop"
-        if counts is not None:
-            counts[torch.arange(B, device=device), tokens] += alive.float()
-        if not bool(alive.any()):
+        processed, tokens = state.choose(logits)
+        state.advance(tokens, eos_id, _record(processed, tokens) if record_probs else None, on_text)
+        if not bool(state.alive.any()):
             break
         if batch.full:
             # Slide: rebuild the cache from each row's most recent half-context and go on.
-            logits = batch.prefill([h[-window:] for h in history])
+            logits = batch.prefill([h[-window:] for h in state.history])
         else:
             logits = batch.step(tokens)
-    elapsed = time.perf_counter() - t0
-    for b, out in enumerate(outs):
-        rest = streams[b].flush()
-        if on_text and rest:
-            on_text(b, rest)
-        out.text = streams[b].text
-        out.seconds = elapsed
+    state.finish(time.perf_counter() - t0, on_text)
     return outs
-
-
-def generate_ids(model: Transformer, prompt: list[int], cfg: SampleConfig, *, eos_id: int | None,
-                 device: torch.device | str = "cpu"):
-    """One prompt, token by token: yields ids, then a Finished (the reason decoding ended)."""
-    out = decode_batch(model, [prompt], cfg, eos_id=eos_id, decode=lambda ids: "", device=device)[0]
-    yield from out.ids
-    yield Finished(out.finish_reason)
 
 
 @torch.inference_mode()
@@ -285,7 +306,7 @@ def beam_search(model: Transformer, prompt: list[int], cfg: SampleConfig, *, eos
     ids, truncated = fit_prompt(prompt or [eos_id if eos_id is not None else 0], model.cfg.context)
 
     t0 = time.perf_counter()
-    batch = _Batch(model, [ids] * K, device)
+    batch = DecodeState(model, K, device)
     logits = batch.prefill([ids] * K)  # (K, V)
     scores = torch.full((K,), -math.inf, device=device)
     scores[0] = 0.0  # all beams start identical: expand only one of them at first
@@ -338,8 +359,7 @@ def beam_search(model: Transformer, prompt: list[int], cfg: SampleConfig, *, eos
         while len(new_beams) < K:  # keep the batch shape: pad with dead copies
             new_beams.append((new_beams[0][0], new_beams[0][1], -math.inf))
         order = torch.tensor([b for b, _, _ in new_beams], device=device)
-        batch.cache.k.copy_(batch.cache.k.index_select(1, order))  # (n_layer, K, G, L, D) rows reordered
-        batch.cache.v.copy_(batch.cache.v.index_select(1, order))
+        batch.cache.reorder(order)
         seqs = [seqs[b] + [t] for b, t, _ in new_beams]
         scores = torch.tensor([s for _, _, s in new_beams], device=device)
         if batch.full or step == cfg.max_new_tokens - 1:

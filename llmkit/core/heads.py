@@ -16,22 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-POOLINGS = ("mean", "last", "max", "first")
-
-
-def pad_batch(rows: list[list[int]], side: str, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Token rows -> ids (B, T), valid (B, T) bool, positions (B, T) for left padding (else None)."""
-    T = max(len(r) for r in rows)
-    pads = [T - len(r) for r in rows]
-    if side == "right":
-        ids = torch.tensor([r + [0] * p for r, p in zip(rows, pads)], device=device)  # (B, T)
-        valid = torch.tensor([[True] * len(r) + [False] * p for r, p in zip(rows, pads)], device=device)
-        return ids, valid, None
-    ids = torch.tensor([[0] * p + r for r, p in zip(rows, pads)], device=device)  # (B, T)
-    valid = torch.tensor([[False] * p + [True] * len(r) for r, p in zip(rows, pads)], device=device)
-    pad = torch.tensor(pads, device=device)
-    positions = (torch.arange(T, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
-    return ids, valid, positions
+from llmkit.core.config import POOLINGS
+from llmkit.core.model import pad_batch
 
 
 def pool(hidden: torch.Tensor, valid: torch.Tensor, how: str) -> torch.Tensor:

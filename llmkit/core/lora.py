@@ -12,7 +12,9 @@ import math
 import torch
 from torch import nn
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+from llmkit.core.config import LoRAConfig, default_of
+
+DEFAULT_TARGETS: tuple[str, ...] = default_of(LoRAConfig, "targets")
 
 
 class LoRALinear(nn.Module):

@@ -1,13 +1,15 @@
 """The transformer: a Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU).
 
 Shape legend:
-    B  batch            T  tokens in this call      S  tokens attended to (cache + T)
+    B  batch            T  tokens in this call      S  key slots (T, or the cache length L)
     C  d_model          H  query heads              G  key/value heads (H % G == 0)
     D  head size (C/H)  V  vocabulary               F  SwiGLU hidden width
 
 ``forward`` returns logits (and the final hidden states on request); losses live in train.py.
 With a :class:`KVCache`, a call processes T new tokens at positions [pos, pos + T) and attends to
-everything cached before them, so decoding one token costs one small forward pass.
+everything cached before them, so decoding one token costs one small forward pass. The cache is
+indexed by position and always read whole; the attention mask (``attention_mask``, one policy for
+training, padding and decoding) decides what each query sees.
 """
 
 from __future__ import annotations
@@ -54,7 +56,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values for every layer: (n_layer, B, G, L, D) each, written in place."""
+    """Preallocated keys and values for every layer: (n_layer, B, G, L, D) each, written in place.
+
+    Indexed by position (gpt-fast's ``input_pos``): ``update`` writes the new keys at their slots
+    and hands back the whole buffer, so every decode step has the same shapes (a compiled step is
+    reused) and the attention mask alone decides which slots a query sees.
+    """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, length: int, *, device=None, dtype=None):
         super().__init__()
@@ -63,15 +70,23 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.length = length
 
-    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, G, T, D) at [pos, pos + T); return the filled prefix (B, G, pos + T, D)."""
-        end = pos + k.size(2)
-        self.k[layer, :, :, pos:end] = k
-        self.v[layer, :, :, pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, G, T, D) at slots ``input_pos`` (T,); return all slots (B, G, L, D) each."""
+        self.k[layer].index_copy_(2, input_pos, k)
+        self.v[layer].index_copy_(2, input_pos, v)
+        return self.k[layer], self.v[layer]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows ``rows`` (B,) of the batch, in that order (beam search's reshuffle)."""
+        self.k.copy_(self.k.index_select(1, rows))  # (n_layer, B, G, L, D)
+        self.v.copy_(self.v.index_select(1, rows))
 
 
 class Attention(nn.Module):
+    """Causal self-attention with rotary positions and grouped-query heads (H queries share G
+    key/value heads). Which keys a query may see is the caller's decision, passed in as ``mask``
+    (or ``causal`` for the plain triangle of training): this module only computes."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -82,26 +97,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache: KVCache | None, pos: int, mask: torch.Tensor | None):
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None = None, input_pos: torch.Tensor | None = None):
         B, T, _ = x.shape
+        cos, sin = rope
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, pos, k.to(cache.k.dtype), v.to(cache.v.dtype))  # (B, G, S, D)
+            k, v = cache.update(self.layer, input_pos, k.to(cache.k.dtype), v.to(cache.v.dtype))  # (B, G, L, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        S = k.size(2)
-        causal = False
-        if mask is None:
-            if T == S:
-                causal = True  # no past: the plain causal triangle
-            elif T > 1:
-                # T new tokens after S - T cached ones: token i sees positions <= (S - T) + i.
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            # T == 1 without padding: the new token sees every cached position, no mask at all.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
+            q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0,
             # Grouped-query attention: each key/value head serves H/G query heads, without copies.
             enable_gqa=self.n_kv != self.n_head)  # (B, H, T, D)
@@ -133,12 +141,20 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache, pos, mask):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, pos, mask))
+    def forward(self, x, rope, mask, cache=None, input_pos=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, cache, input_pos))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
 class Transformer(nn.Module):
+    """The decoder: token embedding, ``n_layer`` blocks, final RMSNorm, LM head (tied to the
+    embedding by default).
+
+    Two reads of the same trunk: ``forward`` (logits, optionally through a KV cache: training,
+    scoring, decoding) and ``hidden_states`` (the states after any layer: pooling, classifier
+    heads, embeddings). Both go through ``_trunk``, which owns positions and the attention mask.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size <= 0:
@@ -167,27 +183,38 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, pos: int = 0,
-                positions: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
-                return_hidden: bool = False, last_only: bool = False):
-        """idx (B, T) token ids written at cache slots [pos, pos + T) -> logits (B, T, V).
-
-        For left-padded batches, ``positions`` (B, T) gives each token's rotary position (its
-        index within its own row's text) and ``key_valid`` (B, pos + T) marks the slots holding real
-        tokens; padding is then never attended to. ``last_only`` computes logits for the final
-        position only (B, 1, V): all that decoding needs.
-        """
+    def _trunk(self, idx: torch.Tensor, n_blocks: int, *, cache: KVCache | None, pos: int,
+               positions: torch.Tensor | None, key_valid: torch.Tensor | None) -> torch.Tensor:
+        """Embed idx (B, T) and run the first ``n_blocks`` blocks -> (B, T, C), not normalised."""
         B, T = idx.shape
         if pos + T > self.cfg.context:
             raise ValueError(f"positions {pos}..{pos + T} exceed the context of {self.cfg.context}")
         if positions is None:
-            cos, sin = self.rope_cos[pos: pos + T], self.rope_sin[pos: pos + T]  # (T, D/2)
+            rope = self.rope_cos[pos: pos + T], self.rope_sin[pos: pos + T]  # each (T, D/2)
         else:
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, D/2)
-        mask = None if key_valid is None else padding_mask(key_valid, T)  # (B, 1, T, S)
+            rope = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # each (B, 1, T, D/2)
+        input_pos = None
+        if cache is not None:
+            input_pos = torch.arange(pos, pos + T, device=idx.device)  # (T,) the cache slots written
+        mask = attention_mask(T, pos, cache.length if cache is not None else T, key_valid, idx.device)
         x = self.embed(idx)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, cos, sin, cache, pos, mask)
+        for block in self.blocks[:n_blocks]:
+            x = block(x, rope, mask, cache, input_pos)
+        return x
+
+    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, pos: int = 0,
+                positions: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
+                return_hidden: bool = False, last_only: bool = False):
+        """idx (B, T) token ids at positions [pos, pos + T) -> logits (B, T, V).
+
+        With a ``cache``, the new keys and values go to slots [pos, pos + T) and the tokens attend
+        to every earlier slot. For left-padded batches, ``positions`` (B, T) gives each token's
+        rotary position (its index within its own row's text) and ``key_valid`` marks the slots
+        holding real tokens, (B, L) with a cache of length L, else (B, T): padding is then never
+        attended to. ``last_only`` computes logits for the final position only (B, 1, V): all
+        that decoding needs.
+        """
+        x = self._trunk(idx, self.cfg.n_layer, cache=cache, pos=pos, positions=positions, key_valid=key_valid)
         h = self.norm(x)  # (B, T, C)
         logits = self.lm_head(h[:, -1:] if last_only else h)  # (B, T, V)
         return (logits, h) if return_hidden else logits
@@ -200,28 +227,41 @@ class Transformer(nn.Module):
         if not -(n + 1) <= layer <= n:
             raise ValueError(f"layer {layer} out of range {-(n + 1)}..{n}")
         layer = layer % (n + 1)
-        B, T = idx.shape
-        if positions is None:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
-        else:
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, D/2)
-        mask = None if key_valid is None else padding_mask(key_valid, T)  # (B, 1, T, T)
-        x = self.embed(idx)  # (B, T, C)
-        for block in self.blocks[:layer]:
-            x = block(x, cos, sin, None, 0, mask)
+        x = self._trunk(idx, layer, cache=None, pos=0, positions=positions, key_valid=key_valid)
         return self.norm(x) if layer == n else x
 
 
-def padding_mask(key_valid: torch.Tensor, T: int) -> torch.Tensor:
-    """Attention mask (B, 1, T, S) for T queries at the last T of S slots: causal, real keys only.
+def pad_batch(rows: list[list[int]], side: str, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Token rows -> ids (B, T), valid (B, T) bool, positions (B, T) for left padding (else None)."""
+    T = max(len(r) for r in rows)
+    pads = [T - len(r) for r in rows]
+    if side == "right":
+        ids = torch.tensor([r + [0] * p for r, p in zip(rows, pads)], device=device)  # (B, T)
+        valid = torch.tensor([[True] * len(r) + [False] * p for r, p in zip(rows, pads)], device=device)
+        return ids, valid, None
+    ids = torch.tensor([[0] * p + r for r, p in zip(rows, pads)], device=device)  # (B, T)
+    valid = torch.tensor([[False] * p + [True] * len(r) for r, p in zip(rows, pads)], device=device)
+    pad = torch.tensor(pads, device=device)
+    positions = (torch.arange(T, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+    return ids, valid, positions
 
-    Every query also sees itself, so a padding query never has an empty row (an all-masked row
-    would give NaN, and NaN values poison the keys and values of later layers).
+
+def attention_mask(T: int, pos: int, S: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Which of S key slots each of T queries (at slots [pos, pos + T)) may see: (B or 1, 1, T, S)
+    bool, or None for the plain causal triangle (no cache, no padding: SDPA's fastest path).
+
+    Causal: a query sees slots up to its own. With ``key_valid`` (B, S), padding slots are hidden,
+    but every query still sees itself, so a padding query never has an empty row (an all-masked
+    row gives NaN, and NaN values poison the keys and values of later layers).
     """
-    S = key_valid.size(1)
-    causal = torch.ones(T, S, dtype=torch.bool, device=key_valid.device).tril(diagonal=S - T)  # (T, S)
-    self_key = torch.zeros(T, S, dtype=torch.bool, device=key_valid.device)
-    self_key[torch.arange(T), torch.arange(S - T, S)] = True  # (T, S) the query's own slot
+    if key_valid is None and S == T and pos == 0:
+        return None
+    slots = torch.arange(S, device=device)  # (S,)
+    own = pos + torch.arange(T, device=device)  # (T,) each query's slot
+    causal = slots[None, :] <= own[:, None]  # (T, S)
+    if key_valid is None:
+        return causal[None, None]  # (1, 1, T, S)
+    self_key = slots[None, :] == own[:, None]  # (T, S)
     return ((causal & key_valid[:, None, :]) | self_key)[:, None]  # (B, 1, T, S)
 
 

@@ -30,19 +30,30 @@ def iter_objects(lines: Iterable[str], name: str) -> Iterator[tuple[int, dict]]:
         yield n, obj
 
 
+def iter_rows(lines: Iterable[str], name: str, kind: str, *, column: str | None = None
+              ) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a 'jsonl' | 'csv' | 'tsv' input: JSON objects, or CSV/TSV rows keyed
+    by the header. With ``column``, a CSV/TSV header without it is an error naming the columns."""
+    if kind == "jsonl":
+        yield from iter_objects(lines, name)
+        return
+    reader = csv.DictReader(lines, delimiter="\t" if kind == "tsv" else ",")
+    if column is not None and (not reader.fieldnames or column not in reader.fieldnames):
+        raise DataError(f"{name}: no column {column!r} (columns: {', '.join(reader.fieldnames or [])})")
+    for row in reader:
+        yield reader.line_num, row
+
+
 def iter_records(lines: Iterable[str], name: str, kind: str, *, field: str = "text",
                  column: str | None = None) -> Iterator[str]:
     """kind 'lines' | 'jsonl' | 'csv' | 'tsv' -> the text of each item, lazily."""
     if kind == "jsonl":
-        for n, obj in iter_objects(lines, name):
+        for n, obj in iter_rows(lines, name, kind):
             if field not in obj:
                 raise DataError(f"{name}: line {n} has no field {field!r} (choose it with --field)")
             yield str(obj[field])
     elif kind in ("csv", "tsv"):
-        reader = csv.DictReader(lines, delimiter="\t" if kind == "tsv" else ",")
-        if not reader.fieldnames or column not in reader.fieldnames:
-            raise DataError(f"{name}: no column {column!r} (columns: {', '.join(reader.fieldnames or [])})")
-        for row in reader:
+        for _, row in iter_rows(lines, name, kind, column=column):
             yield row[column] or ""
     else:
         for line in lines:

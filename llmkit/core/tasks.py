@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.core.config import RunConfig, SampleConfig
-from llmkit.core.examples import Example, Sequence, classify_ids, encode_prompt
+from llmkit.core.task_data import Example, Sequence, classify_ids, encode_prompt
 from llmkit.core.generate import decode_batch
 from llmkit.core.heads import classify_logits
 from llmkit.core.metrics import accuracy, bleu, chrf, confusion_matrix, exact_match, macro_f1, per_class, token_f1

@@ -15,6 +15,7 @@ trained on.
 
 from __future__ import annotations
 
+import io
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any, Iterator
 from llmkit.core.config import TaskConfig
 from llmkit.core.corpus import read_text
 from llmkit.core.errors import DataError
-from llmkit.core.records import iter_objects
+from llmkit.core.records import iter_rows as iter_table
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
@@ -62,15 +63,7 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if kind is None:
         raise DataError(f"{path}: unknown format {path.suffix or '(no extension)'!r}; use .jsonl, .csv or .tsv")
     text = read_text(path)
-    if kind == "jsonl":
-        yield from iter_objects(text.splitlines(), str(path))
-    else:
-        import csv
-        import io
-
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if kind == "tsv" else ",")
-        for row in reader:
-            yield reader.line_num, row
+    yield from iter_table(io.StringIO(text), str(path), kind)
 
 
 def _need(row: dict, key: str, path: Path, n: int, flag: str) -> Any:
