@@ -55,7 +55,7 @@ def run_finetune(base, out, data, *sets, val=None, merge=False, resume=None, tas
         if kind == "step" and data["step"] == stop_at:
             raise KeyboardInterrupt
 
-    result = finetune(base, [str(d) for d in data], out, cfg, base=ckpt, val=val, resume_from=resume_from,
+    result = finetune([str(d) for d in data], out, cfg, base=ckpt, val=val, resume_from=resume_from,
                       merge=merge, on_event=on_event)
     return result, events
 

@@ -88,7 +88,7 @@ def finetune(
     main = env_rank() == 0  # under torchrun, rank 0 speaks for the job
     quiet = quiet or not main
     view = FinetuneView(quiet=quiet, json_lines=json_out and main)
-    result = run_finetune(checkpoint, data, out, cfg, base=base, val=val, resume_from=resume_from, merge=merge,
+    result = run_finetune(data, out, cfg, base=base, val=val, resume_from=resume_from, merge=merge,
                           on_event=view)
     if result.stop_reason == "interrupted":
         view.log(f"[yellow]interrupted[/] at step {result.state.step}: continue with --resume auto")

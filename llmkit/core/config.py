@@ -449,7 +449,18 @@ def parse_duration(text: str, key: str = "time") -> float:
     return seconds
 
 
-# --- the run config: the sections a pretraining run composes -------------------------------------
+# Fine-tuning starts from a trained model: a short warmup, a lower rate, frequent validation.
+FINETUNE_DEFAULTS = {
+    "optim": {"lr": 3e-4, "warmup_steps": 20, "weight_decay": 0.0},
+    "train": {"batch_size": 16, "eval_every": 50, "save_every": 200, "patience": 5, "samples": 0},
+}
+LORA_LR = 1e-3
+"""Fine-tuning's rate with LoRA: adapters start at zero and are small, so they take a higher one."""
+FINETUNE_EPOCHS = 3.0
+"""Fine-tuning's budget when none is given."""
+
+
+# --- the run config: the sections a run composes -------------------------------------------------
 
 SECTIONS: dict[str, type] = {
     "tokenizer": TokenizerConfig,

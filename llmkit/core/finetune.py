@@ -3,49 +3,32 @@
 Tasks: ``classify`` (a head on the pooled hidden state), ``instruct`` and ``translate``
 (prompt -> response through a template, loss on the response), ``lm`` (continued pretraining on
 text). Full fine-tuning, a frozen trunk (linear probe) or LoRA adapters. The run directory is the
-same as pretraining's (core/run.py), and every checkpoint carries the task, its template and label
+same as pretraining's (core/rundir.py), and every checkpoint carries the task, its template and label
 map, so ``generate``, ``classify``, ``encode`` and ``eval`` need no flags to use it.
 """
 
 from __future__ import annotations
 
-import math
-import shutil
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from llmkit.core import checkpoint as ckpt_io
-from llmkit.core.config import SECTIONS, RunConfig, resolve_run_config
+from llmkit.core.config import FINETUNE_DEFAULTS, FINETUNE_EPOCHS, LORA_LR, SECTIONS, RunConfig, resolve_run_config
 from llmkit.core.corpus import resolve_corpus
 from llmkit.core.data import check_fits, load_or_build
-from llmkit.core.device import pick_device, pick_precision, set_threads
-from llmkit.core.errors import ConfigError, DataError, TrainingDiverged
+from llmkit.core.errors import ConfigError, DataError
 from llmkit.core.task_data import (ExampleSet, classify_ids, drop_unseen, holdout, label_map, pair_sequence,
                                   read_examples)
 from llmkit.core.heads import attach_classifier
-from llmkit.core.lora import apply_lora, trainable_parameters
-from llmkit.core.plot import write_loss_curve
-from llmkit.core.distributed import Dist
-from llmkit.core.run import (Checkpointer, MetricsLog, check_same_model, main_first, main_only,
-                             outcome, resume_source, start_training)
-from llmkit.core.tasks import ClassifyTask, PairTask, balanced_weights
+from llmkit.core.lora import apply_lora
+from llmkit.core.rundir import (RunResult, check_same_model, main_first, main_only, new_run_dir, resume_source,
+                                start_process, train_run, with_epoch_budget)
+from llmkit.core.tasks import ClassifyTask, LMTask, PairTask, balanced_weights
 from llmkit.core.tokenizer import check_compatible
-from llmkit.core.train import TrainState, fit
-
-EventFn = Callable[[str, dict[str, Any]], None]
-
-# Fine-tuning starts from a trained model: a short warmup, a lower rate, frequent validation.
-DEFAULTS = {
-    "optim": {"lr": 3e-4, "warmup_steps": 20, "weight_decay": 0.0},
-    "train": {"batch_size": 16, "eval_every": 50, "save_every": 200, "patience": 5, "samples": 0},
-}
-LORA_LR = 1e-3  # adapters start at zero and are small: they take a higher rate
-DEFAULT_EPOCHS = 3
-
+from llmkit.core.train import EventFn
 
 def plan(checkpoint: Path, out: Path, *, resume: str | None, config_file: Path | None, sets: list[str],
          flags: Mapping[str, Mapping[str, Any]]) -> tuple[RunConfig, ckpt_io.Checkpoint, Path | None]:
@@ -63,40 +46,20 @@ def plan(checkpoint: Path, out: Path, *, resume: str | None, config_file: Path |
             raise ConfigError(f"--task {asked} does not match the run being resumed ({saved.kind})")
         layers = {k: v for k, v in saved.config.items() if k in SECTIONS}
     else:
-        layers.update({k: dict(v) for k, v in DEFAULTS.items()})
+        layers.update({k: dict(v) for k, v in FINETUNE_DEFAULTS.items()})
 
-    cfg = resolve_run_config(base=layers, config_file=config_file, sets=sets, flags=flags)
-    if resume_from is None and cfg.lora.enabled and not _lr_given(config_file, sets, flags):
-        cfg = cfg.replace("optim", lr=LORA_LR)  # LoRA's default rate, unless the user chose one
-    if resume_from is None:
-        cfg = cfg.replace("task", init_from=str(base.path))
-        if not cfg.train.has_budget:
-            cfg = cfg.replace("train", epochs=float(DEFAULT_EPOCHS))
+    def defaults(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+        """A new run's defaults that depend on the user's choices (which always win over them)."""
+        if resume_from is not None:
+            return {}
+        return {"optim": {"lr": LORA_LR} if cfg.lora.enabled else {},
+                "train": {} if cfg.train.has_budget else {"epochs": FINETUNE_EPOCHS},
+                "task": {"init_from": str(base.path)}}
+
+    cfg = resolve_run_config(base=layers, config_file=config_file, sets=sets, flags=flags, defaults=defaults)
     if cfg.task.kind != "classify" and cfg.task.freeze_trunk:
         raise ConfigError("--freeze-trunk trains a classification head only: it needs --task classify")
     return cfg, base, resume_from
-
-
-def _lr_given(config_file: Path | None, sets: list[str], flags: Mapping[str, Mapping[str, Any]]) -> bool:
-    from llmkit.core.config import load_yaml
-
-    in_file = bool(config_file) and "lr" in (load_yaml(config_file).get("optim") or {})
-    return in_file or any(s.replace(" ", "").startswith("optim.lr=") for s in sets) \
-        or flags.get("optim", {}).get("lr") is not None
-
-
-@dataclass
-class FinetuneResult:
-    out: Path
-    stop_reason: str
-    state: TrainState
-    params: int
-    trainable: int
-    precision: str
-    best: Path | None
-    last: Path | None
-    merged: Path | None = None
-    best_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def _split(cfg: RunConfig, data: Path, val: Path | None) -> tuple[ExampleSet, ExampleSet, str]:
@@ -115,8 +78,6 @@ def build_task(cfg: RunConfig, tok, data: list[str], val: Path | None, device) -
         if val is not None:
             raise ConfigError("--val is not used by --task lm: the tail of each document is held out "
                               "(data.val_fraction)")
-        from llmkit.core.pretrain import LMTask
-
         corpus = load_or_build(resolve_corpus(data), tok, cfg.data)
         check_fits(corpus, context)
         summary = {k: corpus.meta[k] for k in ("documents", "train_tokens", "val_tokens")}
@@ -184,73 +145,27 @@ def prepare_model(cfg: RunConfig, base: ckpt_io.Checkpoint, resume_from: Path | 
     return model
 
 
-def finetune(checkpoint: Path, data: list[str], out: Path, cfg: RunConfig, *, base: ckpt_io.Checkpoint,
-             val: Path | None = None, resume_from: Path | None = None, merge: bool = False,
-             on_event: EventFn = lambda k, d: None) -> FinetuneResult:
-    """Run (or resume) a fine-tuning run in ``out``."""
+def finetune(data: list[str], out: Path, cfg: RunConfig, *, base: ckpt_io.Checkpoint, val: Path | None = None,
+             resume_from: Path | None = None, merge: bool = False,
+             on_event: EventFn = lambda k, d: None) -> RunResult:
+    """Run (or resume) a fine-tuning run of ``base`` in ``out``."""
     if merge and not cfg.lora.enabled:
         raise ConfigError("--merge folds LoRA adapters into the weights: it needs --lora")
-    dist = Dist.from_env(cfg.train.device)
+    dist, device = start_process(cfg)
     on_event = main_only(on_event, dist)
-    tok = base.tokenizer
-    set_threads(cfg.train.threads)
-    device = dist.device(pick_device(cfg.train.device))
-    task, cfg, summary = main_first(dist, lambda: build_task(cfg, tok, data, val, device))
+    task, cfg, summary = main_first(dist, lambda: build_task(cfg, base.tokenizer, data, val, device))
     on_event("finetune_data", summary)
-    global_batch = cfg.train.global_batch(dist.world)
-    if cfg.train.epochs:
-        n = summary["train_tokens"] / cfg.model.context if cfg.task.kind == "lm" else summary["train"]
-        epoch_steps = math.ceil(cfg.train.epochs * n / global_batch)
-        cfg = cfg.replace("train", steps=min(s for s in (cfg.train.steps, epoch_steps) if s))
-    precision = pick_precision(cfg.train.dtype, device, cfg.model.d_model)
-    created = not out.exists()
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    try:
+    sequences = summary["train_tokens"] / cfg.model.context if cfg.task.kind == "lm" else summary["train"]
+    cfg = with_epoch_budget(cfg, sequences, dist.world)
+    with new_run_dir(out, dist):
         model = prepare_model(cfg, base, resume_from, device)
-    except BaseException:
-        if created and dist.is_main:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    params, trainable = model.num_params(), trainable_parameters(model)
-    optimizer, state = start_training(model, cfg, dist, resume_from, on_event)
-    on_event("model", {"params": params, "trainable": trainable, "device": str(device),
-                       "precision": precision.name, "precision_reason": precision.reason, "config": cfg.model,
-                       "lora": cfg.lora.enabled, "task": cfg.task.kind, "processes": dist.world})
-
-    config_dict = cfg.to_dict()
-    if dist.is_main:
-        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    metrics = MetricsLog(out / "metrics.jsonl", summary.get("val_tokens", 0), summary.get("val_bytes", 0))
-    save = Checkpointer(out, model=model, config=config_dict, tokenizer=tok, optimizer=optimizer,
-                        extra_state={"seed": cfg.train.seed, "kind": cfg.task.kind, "precision": precision.name,
-                                     "device": str(device), "params": params, "trainable": trainable},
-                        keep=cfg.train.keep_checkpoints, on_event=on_event, dist=dist)
-    best_metrics: dict[str, Any] = {}
-
-    def events(kind: str, d: dict[str, Any]) -> None:
-        if dist.is_main:
-            metrics(kind, d)
-        if kind == "eval" and d.get("improved"):
-            best_metrics.clear()
-            best_metrics.update(d)
-        on_event(kind, d)
-
-    reason = fit(model, task, optim_cfg=cfg.optim, train_cfg=cfg.train, optimizer=optimizer, state=state,
-                 device=device, precision=precision, tokens_per_step=global_batch * cfg.model.context, save=save,
-                 on_event=events, metric=cfg.task.best_metric, dist=dist)
-    dist.close()
-    best, last = outcome(out)
-    result = FinetuneResult(out, reason, state, params, trainable, precision.name, best, last, None, best_metrics)
-    if not dist.is_main:
-        return result
-    write_loss_curve(out / "loss.svg", metrics.train, metrics.val, f"{out.name}: loss ({cfg.task.kind})")
-    if reason == "diverged":
-        raise TrainingDiverged(f"training diverged at step {state.step} (loss is NaN or infinite); "
-                               f"last good checkpoint: {last or best or 'none'}; lower optim.lr")
-    if merge and (best or last) is not None and reason != "interrupted":
-        result.merged = merge_checkpoint(best or last, out / "merged")
-        on_event("save", {"kind": "merged", "path": str(result.merged), "step": state.step})
+    result = train_run(out, cfg, model=model, task=task, tokenizer=base.tokenizer, dist=dist, device=device,
+                       resume_from=resume_from, kind=cfg.task.kind, on_event=on_event,
+                       val_tokens=summary.get("val_tokens", 0), val_bytes=summary.get("val_bytes", 0),
+                       extra={"lora": cfg.lora.enabled})
+    if dist.is_main and merge and (result.best or result.last) is not None and result.stop_reason != "interrupted":
+        result.merged = merge_checkpoint(result.best or result.last, out / "merged")
+        on_event("save", {"kind": "merged", "path": str(result.merged), "step": result.state.step})
     return result
 
 

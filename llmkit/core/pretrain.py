@@ -1,17 +1,16 @@
-"""Pretraining a run end to end: corpus -> tokenizer -> token cache -> model -> fit -> checkpoints.
+"""Pretraining end to end: corpus -> tokenizer -> token cache -> model, then the shared run driver.
 
-This module owns the run directory (docs/checkpoint-format.md):
-    runs/NAME/config.yaml, metrics.jsonl, loss.svg, tokenizer/, step-NNNNNN/, best/, last/
-and resuming it. Progress goes out through ``on_event(kind, data)``; nothing here prints.
+This module owns what is particular to pretraining: resolving its config (a preset, or the run
+being resumed), the tokenizer (trained into ``runs/NAME/tokenizer/``, given, or the resumed
+run's), the token cache, a fresh model, and the sample lines written from best/ at the end.
+The run directory, checkpoints, resume and the loop belong to ``core/rundir.py`` and
+``core/train.py``. Progress goes out through ``on_event(kind, data)``; nothing here prints.
 """
 
 from __future__ import annotations
 
-import math
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -19,19 +18,15 @@ import torch
 from llmkit.core import checkpoint as ckpt_io
 from llmkit.core.config import SECTIONS, RunConfig, SampleConfig, resolve_run_config
 from llmkit.core.corpus import corpus_hash, read_corpus, resolve_corpus, sample_corpus
-from llmkit.core.data import TokenData, batch_generator, check_fits, eval_batches, load_or_build, train_batch
-from llmkit.core.device import pick_device, pick_precision, set_threads
-from llmkit.core.errors import ConfigError, TrainingDiverged
-from llmkit.core.generate import decode_batch
+from llmkit.core.data import TokenData, check_fits, load_or_build
+from llmkit.core.errors import ConfigError
+from llmkit.core.generate import decode_batch, row_seed
 from llmkit.core.model import Transformer
-from llmkit.core.plot import write_loss_curve
-from llmkit.core.distributed import Dist
-from llmkit.core.run import (Checkpointer, MetricsLog, check_out_dir, check_same_model, main_only,
-                             outcome, resume_source, start_training)
+from llmkit.core.rundir import (RunResult, check_same_model, main_only, new_run_dir, resume_source, start_process,
+                                train_run, with_epoch_budget)
+from llmkit.core.tasks import LMTask
 from llmkit.core.tokenizer import Tokenizer, check_compatible, train_tokenizer
-from llmkit.core.train import TrainState, fit, mean_token_loss, next_token_loss
-
-EventFn = Callable[[str, dict[str, Any]], None]
+from llmkit.core.train import EventFn
 
 
 def plan(out: Path, *, resume: str | None, preset: str | None, config_file: Path | None,
@@ -54,38 +49,6 @@ def plan(out: Path, *, resume: str | None, preset: str | None, config_file: Path
         raise ConfigError(f"task.kind is {cfg.task.kind!r}: pretraining is next-token prediction (kind lm); "
                           "use llmkit finetune for other tasks")
     return cfg, resume_from
-
-
-class LMTask:
-    """Next-token prediction on a token cache: random training windows, fixed validation ones."""
-
-    def __init__(self, data: TokenData, cfg: RunConfig, device: torch.device):
-        self.data, self.cfg, self.device = data, cfg, device
-
-    def train_batch(self, step: int, part: int, parts: int):
-        rng = batch_generator(self.cfg.train.seed, step)
-        return train_batch(self.data.train, self.cfg.train.batch_size, self.cfg.model.context, rng, part, parts)
-
-    def loss(self, run, batch):
-        x, y = (t.to(self.device, non_blocking=True) for t in batch)
-        return run(next_token_loss, x, y), y.numel()
-
-    def evaluate(self, net):
-        batches = eval_batches(self.data.val, self.cfg.train.batch_size, self.cfg.model.context,
-                               self.cfg.train.eval_batches)
-        return {"val_loss": mean_token_loss(net, batches, self.device)[0]}
-
-
-@dataclass
-class PretrainResult:
-    out: Path
-    stop_reason: str
-    state: TrainState
-    params: int
-    precision: str
-    best: Path | None
-    last: Path | None
-    samples: list[tuple[str, str]]
 
 
 def _given_tokenizer(tokenizer_dir: Path | None, resume_from: Path | None, on_event: EventFn) -> Tokenizer | None:
@@ -119,7 +82,7 @@ def write_samples(model: Transformer, tok: Tokenizer, prompts: list[list[int]], 
     model.eval()
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50)
     outs = decode_batch(model, prompts, cfg, eos_id=tok.eos_id, decode=tok.decode, device=device,
-                        seeds=[seed + i for i in range(len(prompts))])
+                        seeds=[row_seed(seed, i) for i in range(len(prompts))])
     return [(tok.decode(p), o.text) for p, o in zip(prompts, outs)]
 
 
@@ -147,76 +110,34 @@ def _prepare(cfg: RunConfig, out: Path, files: list[Path], docs: list[str], samp
 
 
 def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from: Path | None = None,
-             tokenizer_dir: Path | None = None, on_event: EventFn = lambda k, d: None) -> PretrainResult:
+             tokenizer_dir: Path | None = None, on_event: EventFn = lambda k, d: None) -> RunResult:
     """Run (or resume) a pretraining run in ``out``; see the module docstring for what it writes.
 
     Under torchrun each process calls this; rank 0 trains the tokenizer and builds the token cache
     while the others wait, then every process trains on its share of each global batch."""
-    dist = Dist.from_env(cfg.train.device)
+    dist, device = start_process(cfg)
     on_event = main_only(on_event, dist)
     files = resolve_corpus(corpus) if corpus else sample_corpus()
     docs = read_corpus(files)  # validates every file (UTF-8, not binary, not empty) before any output
-    check_out_dir(out)
-    created = not out.exists()
-    try:
+    with new_run_dir(out, dist):
         if dist.is_main:
             tok, data, cfg = _prepare(cfg, out, files, docs, corpus is None, tokenizer_dir, resume_from, on_event)
         dist.barrier()
         if not dist.is_main:  # the tokenizer rank 0 trained or was given; the cache it built
             given = tokenizer_dir or (None if resume_from else out / "tokenizer")
             tok, data, cfg = _prepare(cfg, out, files, docs, corpus is None, given, resume_from, on_event)
-    except BaseException:
-        if created and dist.is_main:  # a run that fails before training leaves nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        cfg = with_epoch_budget(cfg, data.meta["train_tokens"] / cfg.model.context, dist.world)
+        torch.manual_seed(cfg.train.seed)
+        model = Transformer(cfg.model).to(device)
+        if resume_from is not None:
+            check_same_model(resume_from, ckpt_io.read_checkpoint(resume_from).model_cfg, cfg.model)
+            ckpt_io.load_weights(model, resume_from)
 
-    set_threads(cfg.train.threads)
-    device = dist.device(pick_device(cfg.train.device))
-    precision = pick_precision(cfg.train.dtype, device, cfg.model.d_model)
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model).to(device)
-    if resume_from is not None:
-        check_same_model(resume_from, ckpt_io.read_checkpoint(resume_from).model_cfg, cfg.model)
-        ckpt_io.load_weights(model, resume_from)
-    params = model.num_params()
-    optimizer, state = start_training(model, cfg, dist, resume_from, on_event)
-    on_event("model", {"params": params, "device": str(device), "precision": precision.name,
-                       "precision_reason": precision.reason, "config": cfg.model, "processes": dist.world,
-                       "strategy": cfg.train.strategy if dist.enabled else None})
-
-    config_dict = cfg.to_dict()
-    if dist.is_main:
-        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    metrics = MetricsLog(out / "metrics.jsonl", data.meta["val_tokens"], data.meta["val_bytes"])
-    tokens_per_step = cfg.train.global_batch(dist.world) * cfg.model.context
-    if cfg.train.epochs:
-        epoch_steps = cfg.train.epochs * data.meta["train_tokens"] / tokens_per_step
-        cfg = cfg.replace("train", steps=min(filter(None, (cfg.train.steps, math.ceil(epoch_steps)))))
-    save = Checkpointer(out, model=model, config=config_dict, tokenizer=tok, optimizer=optimizer,
-                        extra_state={"seed": cfg.train.seed, "kind": "lm", "precision": precision.name,
-                                     "device": str(device)},
-                        keep=cfg.train.keep_checkpoints, on_event=on_event, dist=dist)
-
-    def events(kind: str, d: dict[str, Any]) -> None:
-        if dist.is_main:
-            metrics(kind, d)
-        on_event(kind, d)
-
-    compiled = torch.compile(model) if cfg.train.compile else None
-    reason = fit(model, LMTask(data, cfg, device), optim_cfg=cfg.optim, train_cfg=cfg.train, optimizer=optimizer,
-                 state=state, device=device, precision=precision, tokens_per_step=tokens_per_step,
-                 save=save, on_event=events, compiled=compiled, dist=dist)
-    dist.close()
-    best, last = outcome(out)
-    if not dist.is_main:
-        return PretrainResult(out, reason, state, params, precision.name, best, last, [])
-    write_loss_curve(out / "loss.svg", metrics.train, metrics.val, f"{out.name}: loss")
-    if reason == "diverged":
-        keep = last or best
-        raise TrainingDiverged(f"training diverged at step {state.step} (loss is NaN or infinite); "
-                               f"last good checkpoint: {keep or 'none'}; lower optim.lr or raise warmup")
-    samples: list[tuple[str, str]] = []
-    if cfg.train.samples and best is not None and reason != "interrupted":
-        trained, _ = ckpt_io.load_model(best, device)
-        samples = write_samples(trained, tok, _sample_prompts(data, tok, cfg.train.samples), device, cfg.train.seed)
-    return PretrainResult(out, reason, state, params, precision.name, best, last, samples)
+    result = train_run(out, cfg, model=model, task=LMTask(data, cfg, device), tokenizer=tok, dist=dist,
+                       device=device, resume_from=resume_from, kind="lm", on_event=on_event,
+                       val_tokens=data.meta["val_tokens"], val_bytes=data.meta["val_bytes"])
+    if dist.is_main and cfg.train.samples and result.best is not None and result.stop_reason != "interrupted":
+        trained, _ = ckpt_io.load_model(result.best, device)
+        prompts = _sample_prompts(data, tok, cfg.train.samples)
+        result.samples = write_samples(trained, tok, prompts, device, cfg.train.seed)
+    return result

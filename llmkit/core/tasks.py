@@ -1,5 +1,7 @@
-"""Fine-tuning tasks for the training loop, and the measurements they share with ``llmkit eval``.
+"""The tasks the training loop trains, and the measurements they share with ``llmkit eval``.
 
+- ``LMTask``: next-token prediction on a token cache (pretraining, and fine-tuning ``--task lm``):
+  random training windows drawn from (seed, step), a fixed set of validation windows.
 - ``ClassifyTask``: texts -> labels through the classification head on the pooled final hidden
   state; validation reports loss, accuracy, macro-F1, per-class precision/recall/F1 and the
   confusion matrix.
@@ -21,12 +23,37 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.core.config import RunConfig, SampleConfig
+from llmkit.core.data import TokenData, batch_generator, eval_batches, train_batch
 from llmkit.core.task_data import Example, Sequence, classify_ids, encode_prompt
 from llmkit.core.generate import decode_batch
 from llmkit.core.heads import classify_logits
 from llmkit.core.metrics import accuracy, bleu, chrf, confusion_matrix, exact_match, macro_f1, per_class, token_f1
 from llmkit.core.train import mean_token_loss, next_token_loss
 
+
+# --- language modelling ---------------------------------------------------------------------------
+
+class LMTask:
+    """Next-token prediction on a token cache: random training windows, fixed validation ones."""
+
+    def __init__(self, data: TokenData, cfg: RunConfig, device: torch.device):
+        self.data, self.cfg, self.device = data, cfg, device
+
+    def train_batch(self, step: int, part: int, parts: int):
+        rng = batch_generator(self.cfg.train.seed, step)
+        return train_batch(self.data.train, self.cfg.train.batch_size, self.cfg.model.context, rng, part, parts)
+
+    def loss(self, forward, batch):
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        return forward(next_token_loss, x, y), y.numel()
+
+    def evaluate(self, net):
+        batches = eval_batches(self.data.val, self.cfg.train.batch_size, self.cfg.model.context,
+                               self.cfg.train.eval_batches)
+        return {"val_loss": mean_token_loss(net, batches, self.device)[0]}
+
+
+# --- shuffling fine-tuning examples ---------------------------------------------------------------
 
 def epoch_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     """Example indices at global positions [start, start + count) of the epoch-by-epoch shuffle."""
@@ -101,9 +128,9 @@ class ClassifyTask:
         logits = classify_logits(model, rows, pooling=self.cfg.task.pooling, device=self.device)  # (B, K)
         return F.cross_entropy(logits.float(), y, weight=self.weights)
 
-    def loss(self, run, batch):
+    def loss(self, forward, batch):
         rows, y = batch
-        return run(self._loss, rows, y.to(self.device)), sum(map(len, rows))
+        return forward(self._loss, rows, y.to(self.device)), sum(map(len, rows))
 
     def evaluate(self, net):
         logits = classify_rows(net, self.dev_rows, pooling=self.cfg.task.pooling,
@@ -178,10 +205,10 @@ class PairTask:
         seqs = [self.seqs[i] for i in idx]
         return (*pair_batch(seqs, self.cfg.task.mask_prompt), sum(len(s.ids) - 1 for s in seqs))
 
-    def loss(self, run, batch):
+    def loss(self, forward, batch):
         x, y, n_tokens = batch
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        return run(next_token_loss, x, y), n_tokens  # throughput counts every real input token
+        return forward(next_token_loss, x, y), n_tokens  # throughput counts every real input token
 
     def evaluate(self, net):
         B = self.cfg.train.batch_size

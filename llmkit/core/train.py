@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
@@ -31,8 +31,8 @@ from llmkit.core.model import param_groups
 EventFn = Callable[[str, dict[str, Any]], None]
 
 
-Run = Callable[..., Any]
-"""``run(fn, *args)`` computes ``fn(model, *args)`` through whatever wraps the model (a
+Forward = Callable[..., Any]
+"""``forward(fn, *args)`` computes ``fn(model, *args)`` through whatever wraps the model (a
 DistributedDataParallel module, torch.compile): a task's forward code never sees the wrapper."""
 
 
@@ -42,7 +42,7 @@ class Task(Protocol):
     def train_batch(self, step: int, part: int, parts: int) -> Any:
         """Micro-batch ``part`` of the ``parts`` (processes x accumulation) making up step ``step``."""
 
-    def loss(self, run: Run, batch: Any) -> tuple[torch.Tensor, int]:
+    def loss(self, forward: Forward, batch: Any) -> tuple[torch.Tensor, int]:
         """Mean loss of one micro-batch (a scalar tensor) and the tokens it covered."""
 
     def evaluate(self, net: torch.nn.Module) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -10
 
 
 def next_token_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The language-modelling loss of a batch, as a ``run`` function (see ``Run``)."""
+    """The language-modelling loss of a batch, as a ``forward`` function (see ``Forward``)."""
     return lm_loss(model(x), y)
 
 
@@ -171,7 +171,7 @@ class Through(torch.nn.Module):
 
 
 def _runner(model: torch.nn.Module, compiled: torch.nn.Module | None, dist: Dist, device: torch.device):
-    """(run, sync) for the training step: how tasks reach the model, and a context manager that
+    """(forward, sync) for the training step: how tasks reach the model, and a context manager that
     turns gradient synchronisation off for all but the last micro-batch of a step."""
     if dist.enabled and not getattr(model, "_llmkit_fsdp", False):
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -187,133 +187,163 @@ def _runner(model: torch.nn.Module, compiled: torch.nn.Module | None, dist: Dist
     return (lambda fn, *a: fn(net, *a)), (lambda last: contextlib.nullcontext())
 
 
-def _grad_norm(model: torch.nn.Module, clip: float) -> float:
+def _grad_norm(model: torch.nn.Module, clip: float) -> torch.Tensor | None:
+    """Clip the gradients; their global norm before clipping, as a tensor (read only when logged)."""
     if clip <= 0:
-        return float("nan")
+        return None
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
-        norm = norm.full_tensor()
-    return norm.item()
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
 
 
-def fit(model: torch.nn.Module, task: Task, *, optim_cfg: OptimConfig, train_cfg: TrainConfig,
-        optimizer: torch.optim.Optimizer, state: TrainState, device: torch.device, precision: Precision,
-        tokens_per_step: int, save: Callable[[str, TrainState], Any], on_event: EventFn,
-        compiled: torch.nn.Module | None = None, metric: str = "val_loss", dist: Dist | None = None) -> str:
-    """Train until a budget, early stopping, divergence or interruption; return why it stopped.
+@dataclass
+class Trainer:
+    """One training run's loop: ``fit`` until a budget, early stopping, divergence or interruption.
 
     ``save(kind, state)`` is called with kind ``best`` (a new best value of ``metric`` among the
-    task's validation metrics), ``step`` (periodic and final) or ``interrupt`` (Ctrl-C). Returns
-    ``steps``, ``time``, ``early_stop``, ``diverged`` or ``interrupted``. ``tokens_per_step`` sizes
-    a token budget; throughput counts the tokens the task reports, over all processes.
+    task's validation metrics), ``step`` (periodic and final) or ``interrupt`` (Ctrl-C).
+    ``tokens_per_step`` sizes a token budget; throughput counts the tokens the task reports, over
+    all processes.
 
     Under torchrun (``dist``), each process takes its share of every global batch; the loss, the
     token count and the time budget are summed over processes each step (one small all-reduce), so
     every process makes the same decisions, and ``save`` is called on every process (it decides
     who writes).
     """
-    dist = dist or Dist()
-    budget = Budget(train_cfg, tokens_per_step)
-    if not budget.steps and not budget.seconds:
-        raise ValueError("fit needs a budget: steps, tokens or time")
-    accum = train_cfg.accumulation(dist.world)
-    parts = accum * dist.world
-    run, sync = _runner(model, compiled, dist, device)
-    scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
-    model.train()
-    on_event("start", {"step": state.step, "steps": budget.steps, "seconds": budget.seconds,
-                       "tokens_per_step": tokens_per_step, "processes": dist.world, "accumulation": accum})
-    window_start, window_tokens = time.perf_counter(), 0
-    stop = budget.done(state)
-    try:
-        while stop is None:
-            t0 = time.perf_counter()
-            lr = lr_at(optim_cfg, state.step, budget.progress(state))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # Dropout draws from torch's global RNG: seed it per step (and rank) so resume replays it.
-            torch.manual_seed(train_cfg.seed * 1_000_003 + state.step * 1009 + dist.rank)
-            loss_sum, step_tokens = 0.0, 0
-            for micro in range(accum):
-                batch = task.train_batch(state.step, dist.rank * accum + micro, parts)
-                with sync(micro == accum - 1), autocast(device, precision):
-                    loss, n_tokens = task.loss(run, batch)
-                    loss = loss / accum
-                    (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += loss.item()
-                step_tokens += n_tokens
-            elapsed = state.elapsed_s + time.perf_counter() - t0
-            time_up = bool(budget.seconds and elapsed >= budget.seconds)
-            # The step's loss over all processes, their tokens, and whether any ran out of time.
-            loss_sum, step_tokens, any_time_up = dist.sum([loss_sum, step_tokens, float(time_up)], device)
-            loss_sum, step_tokens = loss_sum / dist.world, int(step_tokens)
-            if not math.isfinite(loss_sum):
-                optimizer.zero_grad(set_to_none=True)
-                on_event("stop", {"reason": "diverged", "step": state.step, "loss": loss_sum})
-                return "diverged"
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = _grad_norm(model, optim_cfg.grad_clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.tokens_seen += step_tokens
-            state.elapsed_s += time.perf_counter() - t0
-            window_tokens += step_tokens
-            # Not budget.done(): each process has its own clock; the summed flag is the shared one.
-            stop = "steps" if budget.steps and state.step >= budget.steps else ("time" if any_time_up else None)
 
-            if state.step % train_cfg.log_every == 0 or stop:
-                now = time.perf_counter()
-                on_event("step", {"step": state.step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                                  "tokens": state.tokens_seen, "elapsed_s": state.elapsed_s,
-                                  "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                                  "progress": budget.progress(state)})
-                window_start, window_tokens = now, 0
+    model: torch.nn.Module
+    task: Task
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    optim_cfg: OptimConfig
+    train_cfg: TrainConfig
+    device: torch.device
+    precision: Precision
+    tokens_per_step: int
+    save: Callable[[str, TrainState], Any]
+    on_event: EventFn
+    compiled: torch.nn.Module | None = None
+    metric: str = "val_loss"
+    dist: Dist = field(default_factory=Dist)
 
-            if state.step % train_cfg.eval_every == 0 or stop:
-                t_eval = time.perf_counter()
-                net = compiled or model
-                net.eval()
-                with autocast(device, precision):
-                    metrics = task.evaluate(net)
-                net.train()
-                val = metrics["val_loss"]
-                score = metrics[metric]
-                state.last_val_loss = val
-                state.best_val_loss = min(state.best_val_loss, val)
-                improved = is_improvement(metric, score, state.best_score, train_cfg.min_delta)
-                if improved:
-                    state.best_score, state.best_step, state.bad_evals = score, state.step, 0
-                else:
-                    state.bad_evals += 1
-                on_event("eval", {**metrics, "step": state.step, "best_val_loss": state.best_val_loss,
-                                  "metric": metric, "score": score, "best_score": state.best_score,
-                                  "improved": improved, "tokens": state.tokens_seen,
-                                  "elapsed_s": state.elapsed_s})
-                if not math.isfinite(val):
-                    on_event("stop", {"reason": "diverged", "step": state.step, "loss": val})
-                    return "diverged"
-                if improved:
-                    save("best", state)
-                if train_cfg.patience and state.bad_evals >= train_cfg.patience and not stop:
-                    stop = "early_stop"
-                # Evaluation time is not training time, but it is wall-clock the budget must see.
-                state.elapsed_s += time.perf_counter() - t_eval
-                window_start += time.perf_counter() - t_eval
-                if budget.seconds:  # every process must agree on stopping for time
-                    up = dist.sum([float(state.elapsed_s >= budget.seconds)], device)[0]
-                    stop = stop or ("time" if up else None)
+    def fit(self) -> str:
+        """Train; return why it stopped: steps, time, early_stop, diverged or interrupted."""
+        state, cfg = self.state, self.train_cfg
+        self.budget = Budget(cfg, self.tokens_per_step)
+        if not self.budget.steps and not self.budget.seconds:
+            raise ValueError("fit needs a budget: steps, tokens or time")
+        self.accum = cfg.accumulation(self.dist.world)
+        self.forward, self.sync = _runner(self.model, self.compiled, self.dist, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.name == "fp16" else None
+        self.model.train()
+        self.on_event("start", {"step": state.step, "steps": self.budget.steps, "seconds": self.budget.seconds,
+                                "tokens_per_step": self.tokens_per_step, "processes": self.dist.world,
+                                "accumulation": self.accum})
+        self.window = (time.perf_counter(), 0)  # throughput since the last logged step: (start, tokens)
+        stop = self.budget.done(state)
+        try:
+            while stop is None:
+                stop = self._optimizer_step()
+                if stop == "diverged":
+                    return stop
+                if state.step % cfg.eval_every == 0 or stop:
+                    stop = self._validate(stop)
+                    if stop == "diverged":
+                        return stop
+                if state.step % cfg.save_every == 0 or stop:
+                    self.save("step", state)
+        except KeyboardInterrupt:
+            self.save("interrupt", state)
+            self.on_event("stop", {"reason": "interrupted", "step": state.step})
+            return "interrupted"
+        self.on_event("stop", {"reason": stop, "step": state.step})
+        return stop
 
-            if state.step % train_cfg.save_every == 0 or stop:
-                save("step", state)
-    except KeyboardInterrupt:
-        save("interrupt", state)
-        on_event("stop", {"reason": "interrupted", "step": state.step})
-        return "interrupted"
-    on_event("stop", {"reason": stop, "step": state.step})
-    return stop
+    def _optimizer_step(self) -> str | None:
+        """One optimizer step over ``accum`` micro-batches; the stop reason it reaches, if any."""
+        state, dist = self.state, self.dist
+        t0 = time.perf_counter()
+        lr = lr_at(self.optim_cfg, state.step, self.budget.progress(state))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # Dropout draws from torch's global RNG: seed it per step (and rank) so resume replays it.
+        torch.manual_seed(self.train_cfg.seed * 1_000_003 + state.step * 1009 + dist.rank)
+        loss_sum, step_tokens = torch.zeros((), device=self.device), 0
+        parts = self.accum * dist.world
+        for micro in range(self.accum):
+            batch = self.task.train_batch(state.step, dist.rank * self.accum + micro, parts)
+            with self.sync(micro == self.accum - 1), autocast(self.device, self.precision):
+                loss, n_tokens = self.task.loss(self.forward, batch)
+                loss = loss / self.accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach().float()  # stays on the device: no sync per micro-batch
+            step_tokens += n_tokens
+        elapsed = state.elapsed_s + time.perf_counter() - t0
+        time_up = bool(self.budget.seconds and elapsed >= self.budget.seconds)
+        # The step's loss (read once) over all processes, their tokens, and whether any ran out of time.
+        loss_value, step_tokens, any_time_up = dist.sum([loss_sum.item(), step_tokens, float(time_up)], self.device)
+        loss_value, step_tokens = loss_value / dist.world, int(step_tokens)
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.on_event("stop", {"reason": "diverged", "step": state.step, "loss": loss_value})
+            return "diverged"
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = _grad_norm(self.model, self.optim_cfg.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens_seen += step_tokens
+        state.elapsed_s += time.perf_counter() - t0
+        start, tokens = self.window
+        self.window = (start, tokens + step_tokens)
+        # Not budget.done(): each process has its own clock; the summed flag is the shared one.
+        stop = "steps" if self.budget.steps and state.step >= self.budget.steps else ("time" if any_time_up else None)
+        if state.step % self.train_cfg.log_every == 0 or stop:
+            now = time.perf_counter()
+            self.on_event("step", {"step": state.step, "loss": loss_value, "lr": lr,
+                                   "grad_norm": float("nan") if grad_norm is None else grad_norm.item(),
+                                   "tokens": state.tokens_seen, "elapsed_s": state.elapsed_s,
+                                   "tokens_per_s": self.window[1] / max(now - start, 1e-9),
+                                   "progress": self.budget.progress(state)})
+            self.window = (now, 0)
+        return stop
+
+    def _validate(self, stop: str | None) -> str | None:
+        """Evaluate, keep best/, count patience; the stop reason after it (early_stop, time, diverged)."""
+        state, cfg = self.state, self.train_cfg
+        t_eval = time.perf_counter()
+        net = self.compiled or self.model
+        net.eval()
+        with autocast(self.device, self.precision):
+            metrics = self.task.evaluate(net)
+        net.train()
+        val, score = metrics["val_loss"], metrics[self.metric]
+        state.last_val_loss = val
+        state.best_val_loss = min(state.best_val_loss, val)
+        improved = is_improvement(self.metric, score, state.best_score, cfg.min_delta)
+        if improved:
+            state.best_score, state.best_step, state.bad_evals = score, state.step, 0
+        else:
+            state.bad_evals += 1
+        self.on_event("eval", {**metrics, "step": state.step, "best_val_loss": state.best_val_loss,
+                               "metric": self.metric, "score": score, "best_score": state.best_score,
+                               "improved": improved, "tokens": state.tokens_seen, "elapsed_s": state.elapsed_s})
+        if not math.isfinite(val):
+            self.on_event("stop", {"reason": "diverged", "step": state.step, "loss": val})
+            return "diverged"
+        if improved:
+            self.save("best", state)
+        if cfg.patience and state.bad_evals >= cfg.patience and not stop:
+            stop = "early_stop"
+        # Evaluation time is not training time, but it is wall-clock the budget must see.
+        spent = time.perf_counter() - t_eval
+        state.elapsed_s += spent
+        self.window = (self.window[0] + spent, self.window[1])
+        if self.budget.seconds:  # every process must agree on stopping for time
+            up = self.dist.sum([float(state.elapsed_s >= self.budget.seconds)], self.device)[0]
+            stop = stop or ("time" if up else None)
+        return stop

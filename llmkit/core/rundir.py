@@ -2,30 +2,143 @@
 
     runs/NAME/config.yaml, metrics.jsonl, loss.svg, step-NNNNNN/, best/, last/ (+ merged/)
 
-This module owns writing checkpoints into it during training (best by the run's metric, periodic
-step checkpoints published as last/, pruning), its metrics log, and resuming from it.
+This module owns the run driver (``train_run``: from a built model and task to a finished run,
+the same for pretraining and fine-tuning), writing checkpoints into the directory during training
+(best by the run's metric, periodic step checkpoints published as last/, pruning), its metrics
+log, and resuming from it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from llmkit.core import checkpoint as ckpt_io
-from llmkit.core.config import ModelConfig
+from llmkit.core.config import ModelConfig, RunConfig
+from llmkit.core.device import pick_device, pick_precision, set_threads
 from llmkit.core.distributed import Dist, gather_for_save, is_sharded, load_sharded_optimizer, shard
-from llmkit.core.errors import CheckpointError, ConfigError
+from llmkit.core.errors import CheckpointError, ConfigError, TrainingDiverged
+from llmkit.core.lora import trainable_parameters
 from llmkit.core.metrics import bits_per_byte
-from llmkit.core.train import TrainState, make_optimizer
+from llmkit.core.plot import write_loss_curve
+from llmkit.core.train import EventFn, Task, Trainer, TrainState, make_optimizer
 
-EventFn = Callable[[str, dict[str, Any]], None]
 
+# --- the run driver ---------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    """How a pretraining or fine-tuning run ended, and what it left in its directory."""
+
+    out: Path
+    stop_reason: str
+    state: TrainState
+    params: int
+    trainable: int
+    precision: str
+    best: Path | None
+    last: Path | None
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    """The validation metrics of the evaluation that made best/ (this session's)."""
+    samples: list[tuple[str, str]] = field(default_factory=list)
+    merged: Path | None = None
+
+
+def start_process(cfg: RunConfig) -> tuple[Dist, torch.device]:
+    """This process's place in a torchrun job (or a world of one), its threads and its device."""
+    dist = Dist.from_env(cfg.train.device)
+    set_threads(cfg.train.threads)
+    return dist, dist.device(pick_device(cfg.train.device))
+
+
+@contextlib.contextmanager
+def new_run_dir(out: Path, dist: Dist) -> Iterator[None]:
+    """A run that fails while it is being set up leaves no half-made directory behind (an
+    existing one, being resumed, is never removed)."""
+    check_out_dir(out)
+    created = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if created and dist.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def with_epoch_budget(cfg: RunConfig, sequences_per_epoch: float, world: int) -> RunConfig:
+    """train.epochs as a step budget: epochs x sequences per epoch / global batch, rounded up
+    (the smaller of that and train.steps when both are given)."""
+    if not cfg.train.epochs:
+        return cfg
+    epoch_steps = math.ceil(cfg.train.epochs * sequences_per_epoch / cfg.train.global_batch(world))
+    return cfg.replace("train", steps=min(s for s in (cfg.train.steps, epoch_steps) if s))
+
+
+def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, tokenizer, dist: Dist,
+              device: torch.device, resume_from: Path | None, kind: str, on_event: EventFn,
+              val_tokens: int = 0, val_bytes: int = 0, extra: dict[str, Any] | None = None) -> RunResult:
+    """Train a built model on a task in ``out``, fresh or resumed, to a finished run directory.
+
+    Everything that is the same for pretraining and fine-tuning happens here: the optimizer and
+    trainer state (resumed when asked), config.yaml, metrics.jsonl (with perplexity and bits per
+    byte when ``val_tokens``/``val_bytes`` are known), the checkpointer, ``Trainer.fit``, the loss
+    curve, and a diverged run turned into one clear error. ``extra`` goes into the ``model`` event
+    and every checkpoint's trainer state.
+    """
+    extra = extra or {}
+    precision = pick_precision(cfg.train.dtype, device, cfg.model.d_model)
+    params = model.num_params()
+    trainable = trainable_parameters(model)
+    optimizer, state = start_training(model, cfg, dist, resume_from, on_event)
+    on_event("model", {"params": params, "trainable": trainable, "device": str(device), "precision": precision.name,
+                       "precision_reason": precision.reason, "config": cfg.model, "task": kind,
+                       "processes": dist.world, "strategy": cfg.train.strategy if dist.enabled else None, **extra})
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    metrics = MetricsLog(out / "metrics.jsonl", val_tokens, val_bytes)
+    save = Checkpointer(out, model=model, config=cfg.to_dict(), tokenizer=tokenizer, optimizer=optimizer,
+                        extra_state={"seed": cfg.train.seed, "kind": kind, "precision": precision.name,
+                                     "device": str(device), "params": params, "trainable": trainable, **extra},
+                        keep=cfg.train.keep_checkpoints, on_event=on_event, dist=dist)
+    best_metrics: dict[str, Any] = {}
+
+    def events(kind: str, d: dict[str, Any]) -> None:
+        if dist.is_main:
+            metrics(kind, d)
+        if kind == "eval" and d.get("improved"):
+            best_metrics.clear()
+            best_metrics.update(d)
+        on_event(kind, d)
+
+    trainer = Trainer(model, task, optimizer, state, cfg.optim, cfg.train, device, precision,
+                      tokens_per_step=cfg.train.global_batch(dist.world) * cfg.model.context, save=save,
+                      on_event=events, compiled=torch.compile(model) if cfg.train.compile else None,
+                      metric=cfg.task.best_metric, dist=dist)
+    reason = trainer.fit()
+    dist.close()
+    best, last = outcome(out)
+    result = RunResult(out, reason, state, params, trainable, precision.name, best, last, best_metrics)
+    if not dist.is_main:
+        return result
+    title = f"{out.name}: loss" + (f" ({kind})" if kind != "lm" else "")
+    write_loss_curve(out / "loss.svg", metrics.train, metrics.val, title)
+    if reason == "diverged":
+        raise TrainingDiverged(f"training diverged at step {state.step} (loss is NaN or infinite); "
+                               f"last good checkpoint: {last or best or 'none'}; lower optim.lr or raise "
+                               "optim.warmup_steps")
+    return result
+
+
+# --- the directory: where a run starts from, how it is written ------------------------------------
 
 def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
