@@ -13,6 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from llmkit import __version__
+from llmkit.cli.options import escape
 from llmkit.core.errors import LlmkitError
 
 
@@ -20,7 +21,7 @@ def _fail(message: str, code: int = 1):
     from llmkit.cli.render import err_console
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: say which process failed
-        message = _escape(f"[rank {os.environ.get('RANK', '?')}] ") + message
+        message = escape(f"[rank {os.environ.get('RANK', '?')}] ") + message
     err_console().print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -34,17 +35,11 @@ class LlmkitGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except LlmkitError as e:
-            _fail(_escape(str(e)))
+            _fail(escape(str(e)))
         except OSError as e:
-            _fail(_escape(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)))
+            _fail(escape(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)))
         except KeyboardInterrupt:
             _fail("interrupted", 130)
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 app = typer.Typer(cls=LlmkitGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

@@ -13,10 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt
-from llmkit.core.errors import CheckpointError, ConfigError
-
-COMMAND_FOR_KIND = {"lm": "llmkit generate", "instruct": "llmkit generate", "translate": "llmkit generate"}
+from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, require_kind
+from llmkit.core.errors import ConfigError
 
 
 def classify(
@@ -42,12 +40,10 @@ def classify(
     if bool(texts) == (input is not None):
         raise ConfigError("give texts as arguments or --input FILE (one of the two)")
     ckpt = read_checkpoint(checkpoint)
-    if ckpt.kind != "classify":
-        raise CheckpointError(f"{ckpt.path} is a {ckpt.kind} checkpoint, not a classifier: use "
-                              f"{COMMAND_FOR_KIND.get(ckpt.kind, 'another command')} (or llmkit finetune --task classify)")
+    require_kind(ckpt, ("classify",), "a classifier", hint=" (or llmkit finetune --task classify)")
     items = list(texts) if texts else list(read_items(input, field, column))
     dev = pick_device(device or "auto")
-    model, ckpt = load_model(ckpt.path, dev)
+    model, ckpt = load_model(ckpt, dev)
     labels = ckpt.task.labels
     logits, truncated = classify_texts(model, ckpt.tokenizer, items, pooling=ckpt.task.pooling,
                                        batch_size=batch_size, device=dev)

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmkit.cli.options import DeviceOpt, OutOpt, QuietOpt
+from llmkit.core.config import EmbedConfig as E
 from llmkit.core.errors import ConfigError, DataError
 
 
@@ -21,12 +22,12 @@ def encode(
     out: OutOpt = None,
     field: Annotated[Optional[str], typer.Option("--field", help="JSONL field holding the text [default: text].", show_default=False)] = None,
     column: Annotated[Optional[str], typer.Option("--column", help="CSV/TSV column holding the text.", show_default=False)] = None,
-    pooling: Annotated[str, typer.Option("--pooling", help="mean, last, max or first (over real tokens).")] = "mean",
-    layer: Annotated[int, typer.Option("--layer", help="Hidden layer: 0 embeddings … n_layer (= -1) final.")] = -1,
-    normalize: Annotated[bool, typer.Option("--normalize", help="Unit-length vectors.")] = False,
-    max_length: Annotated[int, typer.Option("--max-length", help="Truncate items to this many tokens (0: the context).")] = 0,
+    pooling: Annotated[str, typer.Option("--pooling", help="mean, last, max or first (over real tokens).")] = E.pooling,
+    layer: Annotated[int, typer.Option("--layer", help="Hidden layer: 0 embeddings … n_layer (= -1) final.")] = E.layer,
+    normalize: Annotated[bool, typer.Option("--normalize", help="Unit-length vectors.")] = E.normalize,
+    max_length: Annotated[int, typer.Option("--max-length", help="Truncate items to this many tokens (0: the context).")] = E.max_length,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Items per forward pass.")] = 32,
-    dtype: Annotated[str, typer.Option("--dtype", help="Stored vectors: float32 or float16.")] = "float32",
+    dtype: Annotated[str, typer.Option("--dtype", help="Stored vectors: float32 or float16.")] = E.dtype,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from the rows already written.")] = False,
     query: Annotated[Optional[str], typer.Option("--query", help="Search --index for the items nearest to this text.", show_default=False)] = None,
     index: Annotated[Optional[Path], typer.Option("--index", help="An index written by llmkit encode.", show_default=False)] = None,
@@ -37,7 +38,6 @@ def encode(
     from llmkit.cli.render import err_console
     from llmkit.core import embed
     from llmkit.core.checkpoint import load_model, resolve_checkpoint
-    from llmkit.core.config import EmbedConfig
     from llmkit.core.device import pick_device
 
     if batch_size <= 0:
@@ -51,7 +51,7 @@ def encode(
     else:
         if input is None or out is None:
             raise ConfigError("give INPUT and -o OUT (or --query with --index to search)")
-        settings = EmbedConfig(pooling=pooling, layer=layer, normalize=normalize, max_length=max_length, dtype=dtype)
+        settings = E(pooling=pooling, layer=layer, normalize=normalize, max_length=max_length, dtype=dtype)
         if out.suffix.lower() not in embed.FORMATS:
             raise ConfigError(f"output {out}: unsupported extension {out.suffix or '(none)'}; "
                               f"use {', '.join(embed.FORMATS)}")

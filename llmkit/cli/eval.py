@@ -13,23 +13,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt
+from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, opt
 from llmkit.core.errors import ConfigError
-
-
-def _opt(help: str, *names: str):
-    return typer.Option(*names, help=help, show_default=False)
 
 
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
     data: Annotated[list[str], typer.Argument(help="Text files (language model) or one JSONL/CSV/TSV file of examples.", show_default=False)],
-    text_field: Annotated[Optional[str], _opt("Field of the text, if it differs from training's.", "--text-field")] = None,
-    label_field: Annotated[Optional[str], _opt("Field of the label.", "--label-field")] = None,
-    prompt_field: Annotated[Optional[str], _opt("Field of the prompt.", "--prompt-field")] = None,
-    response_field: Annotated[Optional[str], _opt("Field of the response.", "--response-field")] = None,
-    src_field: Annotated[Optional[str], _opt("Field of the source text.", "--src-field")] = None,
-    tgt_field: Annotated[Optional[str], _opt("Field of the reference translation.", "--tgt-field")] = None,
+    text_field: Annotated[Optional[str], opt("Field of the text, if it differs from training's.", "--text-field")] = None,
+    label_field: Annotated[Optional[str], opt("Field of the label.", "--label-field")] = None,
+    prompt_field: Annotated[Optional[str], opt("Field of the prompt.", "--prompt-field")] = None,
+    response_field: Annotated[Optional[str], opt("Field of the response.", "--response-field")] = None,
+    src_field: Annotated[Optional[str], opt("Field of the source text.", "--src-field")] = None,
+    tgt_field: Annotated[Optional[str], opt("Field of the reference translation.", "--tgt-field")] = None,
     limit: Annotated[int, typer.Option("--limit", help="Measure the first N examples only (0: all).")] = 0,
     show: Annotated[int, typer.Option("--show", help="Print this many outputs beside their references.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 16,

@@ -12,49 +12,46 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, SetOpt
+from llmkit.cli.options import ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, SetOpt, default, opt
+from llmkit.core.config import FINETUNE_DEFAULTS, FINETUNE_EPOCHS, LORA_LR, LoRAConfig as L, TaskConfig as T
 from llmkit.core.errors import ConfigError
-
-
-def _opt(help: str, *names: str):
-    return typer.Option(*names, help=help, show_default=False)
 
 
 def finetune(
     checkpoint: Annotated[Path, typer.Argument(help="The checkpoint (or run directory) to start from.", show_default=False)],
-    task: Annotated[Optional[str], _opt("classify, instruct, translate or lm (taken from the run on --resume).", "--task")] = None,
-    data: Annotated[Optional[list[str]], _opt("Training data: JSONL/CSV/TSV (text files for lm; repeatable).", "--data", "-d")] = None,
-    val: Annotated[Optional[Path], _opt("Validation file (default: hold out task.val_fraction of --data).", "--val")] = None,
-    text_field: Annotated[Optional[str], _opt("Field or column of the text [default: text].", "--text-field")] = None,
-    label_field: Annotated[Optional[str], _opt("Field or column of the label [default: label].", "--label-field")] = None,
-    prompt_field: Annotated[Optional[str], _opt("Field of the prompt [default: prompt].", "--prompt-field")] = None,
-    response_field: Annotated[Optional[str], _opt("Field of the response [default: response].", "--response-field")] = None,
-    src_field: Annotated[Optional[str], _opt("Field of the source text [default: src].", "--src-field")] = None,
-    tgt_field: Annotated[Optional[str], _opt("Field of the translation [default: tgt].", "--tgt-field")] = None,
-    template: Annotated[Optional[str], _opt("Prompt template, {prompt} marks the input (instruct, translate).", "--template")] = None,
-    pooling: Annotated[Optional[str], _opt("Classifier input: last (token) or mean [default: last].", "--pooling")] = None,
-    class_weights: Annotated[Optional[str], _opt("none or balanced (for imbalanced classes) [default: none].", "--class-weights")] = None,
-    freeze_trunk: Annotated[Optional[bool], _opt("Train the classification head only (a linear probe).", "--freeze-trunk")] = None,
-    mask_prompt: Annotated[Optional[bool], _opt("Loss on the response only [default: on].", "--mask-prompt/--no-mask-prompt")] = None,
-    lora: Annotated[Optional[bool], _opt("Train LoRA adapters instead of every weight.", "--lora")] = None,
-    lora_rank: Annotated[Optional[int], _opt("LoRA rank [default: 8].", "--lora-rank")] = None,
-    lora_alpha: Annotated[Optional[float], _opt("LoRA alpha; the update is scaled by alpha/rank [default: 16].", "--lora-alpha")] = None,
-    lora_dropout: Annotated[Optional[float], _opt("Dropout on the LoRA input [default: 0.05].", "--lora-dropout")] = None,
-    lora_targets: Annotated[Optional[str], _opt("Comma-separated layers to adapt [default: q_proj,k_proj,v_proj,o_proj].", "--lora-targets")] = None,
+    task: Annotated[Optional[str], opt("classify, instruct, translate or lm (taken from the run on --resume).", "--task")] = None,
+    data: Annotated[Optional[list[str]], opt("Training data: JSONL/CSV/TSV (text files for lm; repeatable).", "--data", "-d")] = None,
+    val: Annotated[Optional[Path], opt("Validation file (default: hold out task.val_fraction of --data).", "--val")] = None,
+    text_field: Annotated[Optional[str], opt("Field or column of the text." + default(T, "text_field"), "--text-field")] = None,
+    label_field: Annotated[Optional[str], opt("Field or column of the label." + default(T, "label_field"), "--label-field")] = None,
+    prompt_field: Annotated[Optional[str], opt("Field of the prompt." + default(T, "prompt_field"), "--prompt-field")] = None,
+    response_field: Annotated[Optional[str], opt("Field of the response." + default(T, "response_field"), "--response-field")] = None,
+    src_field: Annotated[Optional[str], opt("Field of the source text." + default(T, "src_field"), "--src-field")] = None,
+    tgt_field: Annotated[Optional[str], opt("Field of the translation." + default(T, "tgt_field"), "--tgt-field")] = None,
+    template: Annotated[Optional[str], opt("Prompt template, {prompt} marks the input (instruct, translate).", "--template")] = None,
+    pooling: Annotated[Optional[str], opt("Classifier input: last (token) or mean." + default(T, "pooling"), "--pooling")] = None,
+    class_weights: Annotated[Optional[str], opt("none or balanced (for imbalanced classes)." + default(T, "class_weights"), "--class-weights")] = None,
+    freeze_trunk: Annotated[Optional[bool], opt("Train the classification head only (a linear probe).", "--freeze-trunk")] = None,
+    mask_prompt: Annotated[Optional[bool], opt("Loss on the response only." + default(T, "mask_prompt"), "--mask-prompt/--no-mask-prompt")] = None,
+    lora: Annotated[Optional[bool], opt("Train LoRA adapters instead of every weight.", "--lora")] = None,
+    lora_rank: Annotated[Optional[int], opt("LoRA rank." + default(L, "rank"), "--lora-rank")] = None,
+    lora_alpha: Annotated[Optional[float], opt("LoRA alpha; the update is scaled by alpha/rank." + default(L, "alpha"), "--lora-alpha")] = None,
+    lora_dropout: Annotated[Optional[float], opt("Dropout on the LoRA input." + default(L, "dropout"), "--lora-dropout")] = None,
+    lora_targets: Annotated[Optional[str], opt("Comma-separated layers to adapt." + default(L, "targets"), "--lora-targets")] = None,
     merge: Annotated[bool, typer.Option("--merge", help="Also write OUT/merged: the adapter folded into plain weights.")] = False,
     out: OutOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    steps: Annotated[Optional[int], _opt("Stop after this many optimizer steps.", "--steps")] = None,
-    epochs: Annotated[Optional[float], _opt("Stop after this many passes over the data [default: 3 when no budget].", "--epochs")] = None,
-    time: Annotated[Optional[str], _opt("Stop after this much time (e.g. 90s, 10m).", "--time")] = None,
-    batch_size: Annotated[Optional[int], _opt("Examples per micro-batch, per process [default: 16].", "--batch-size")] = None,
-    global_batch_size: Annotated[Optional[int], _opt("Examples per optimizer step over all processes.", "--global-batch-size")] = None,
-    strategy: Annotated[Optional[str], _opt("Under torchrun: ddp (default) or fsdp (sharded).", "--strategy")] = None,
-    lr: Annotated[Optional[float], _opt("Peak learning rate [default: 3e-4, 1e-3 with --lora].", "--lr")] = None,
+    steps: Annotated[Optional[int], opt("Stop after this many optimizer steps.", "--steps")] = None,
+    epochs: Annotated[Optional[float], opt(f"Stop after this many passes over the data [default: {FINETUNE_EPOCHS:g} when no budget].", "--epochs")] = None,
+    time: Annotated[Optional[str], opt("Stop after this much time (e.g. 90s, 10m).", "--time")] = None,
+    batch_size: Annotated[Optional[int], opt(f"Examples per micro-batch, per process [default: {FINETUNE_DEFAULTS['train']['batch_size']}].", "--batch-size")] = None,
+    global_batch_size: Annotated[Optional[int], opt("Examples per optimizer step over all processes.", "--global-batch-size")] = None,
+    strategy: Annotated[Optional[str], opt("Under torchrun: ddp (default) or fsdp (sharded).", "--strategy")] = None,
+    lr: Annotated[Optional[float], opt(f"Peak learning rate [default: {FINETUNE_DEFAULTS['optim']['lr']:g}, {LORA_LR:g} with --lora].", "--lr")] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
-    resume: Annotated[Optional[str], _opt("'auto' (the newest checkpoint in --out) or a checkpoint path.", "--resume")] = None,
+    resume: Annotated[Optional[str], opt("'auto' (the newest checkpoint in --out) or a checkpoint path.", "--resume")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,

@@ -15,37 +15,32 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
-from llmkit.core.errors import CheckpointError, DataError
-
-COMMAND_FOR_KIND = {"classify": "llmkit classify (or llmkit encode for its embeddings)"}
-
-
-def _opt(help: str, *names: str):
-    return typer.Option(*names, help=help, show_default=False)
+from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt, default, opt, require_kind
+from llmkit.core.config import SampleConfig as S
+from llmkit.core.errors import DataError
 
 
 def generate(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
-    prompt: Annotated[Optional[str], _opt("Text to continue.", "--prompt", "-p")] = None,
-    prompt_file: Annotated[Optional[Path], _opt("One prompt per line, or JSONL (see --field).", "--prompt-file")] = None,
+    prompt: Annotated[Optional[str], opt("Text to continue.", "--prompt", "-p")] = None,
+    prompt_file: Annotated[Optional[Path], opt("One prompt per line, or JSONL (see --field).", "--prompt-file")] = None,
     field: Annotated[str, typer.Option("--field", help="JSONL field holding the prompt.")] = "prompt",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 100,
-    temperature: Annotated[Optional[float], _opt("Randomness: 0 is greedy [default: 0.8].", "--temperature", "-t")] = None,
-    top_k: Annotated[Optional[int], _opt("Sample among the k most likely tokens; 0: all [default: 50].", "--top-k")] = None,
-    top_p: Annotated[Optional[float], _opt("Nucleus: smallest set of tokens with this probability [default: 1].", "--top-p")] = None,
-    min_p: Annotated[Optional[float], _opt("Drop tokens under min-p × the top token's probability [default: 0].", "--min-p")] = None,
-    repetition_penalty: Annotated[Optional[float], _opt("> 1 discourages tokens already present [default: 1].", "--repetition-penalty")] = None,
-    presence_penalty: Annotated[Optional[float], _opt("Subtract from tokens already present [default: 0].", "--presence-penalty")] = None,
-    frequency_penalty: Annotated[Optional[float], _opt("Subtract per previous occurrence [default: 0].", "--frequency-penalty")] = None,
-    no_repeat_ngram: Annotated[Optional[int], _opt("Never repeat an n-gram of this size [default: off].", "--no-repeat-ngram")] = None,
-    num_beams: Annotated[Optional[int], _opt("Beam search with this many beams [default: 1].", "--num-beams")] = None,
-    length_penalty: Annotated[Optional[float], _opt("Beam score / length**this; > 1 favours long [default: 1].", "--length-penalty")] = None,
-    early_stopping: Annotated[Optional[bool], _opt("Stop beam search once num-beams hypotheses ended [default: on].", "--early-stopping/--no-early-stopping")] = None,
-    stop: Annotated[Optional[list[str]], _opt("End the output before this text (repeatable).", "--stop")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = S.max_new_tokens,
+    temperature: Annotated[Optional[float], opt("Randomness: 0 is greedy." + default(S, "temperature"), "--temperature", "-t")] = None,
+    top_k: Annotated[Optional[int], opt("Sample among the k most likely tokens; 0: all." + default(S, "top_k"), "--top-k")] = None,
+    top_p: Annotated[Optional[float], opt("Nucleus: smallest set of tokens with this probability." + default(S, "top_p"), "--top-p")] = None,
+    min_p: Annotated[Optional[float], opt("Drop tokens under min-p × the top token's probability." + default(S, "min_p"), "--min-p")] = None,
+    repetition_penalty: Annotated[Optional[float], opt("> 1 discourages tokens already present." + default(S, "repetition_penalty"), "--repetition-penalty")] = None,
+    presence_penalty: Annotated[Optional[float], opt("Subtract from tokens already present." + default(S, "presence_penalty"), "--presence-penalty")] = None,
+    frequency_penalty: Annotated[Optional[float], opt("Subtract per previous occurrence." + default(S, "frequency_penalty"), "--frequency-penalty")] = None,
+    no_repeat_ngram: Annotated[Optional[int], opt("Never repeat an n-gram of this size; 0: off." + default(S, "no_repeat_ngram"), "--no-repeat-ngram")] = None,
+    num_beams: Annotated[Optional[int], opt("Beam search with this many beams." + default(S, "num_beams"), "--num-beams")] = None,
+    length_penalty: Annotated[Optional[float], opt("Beam score / length**this; > 1 favours long." + default(S, "length_penalty"), "--length-penalty")] = None,
+    early_stopping: Annotated[Optional[bool], opt("Stop beam search once num-beams hypotheses ended." + default(S, "early_stopping"), "--early-stopping/--no-early-stopping")] = None,
+    stop: Annotated[Optional[list[str]], opt("End the output before this text (repeatable).", "--stop")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Always take the most likely token (= --temperature 0).")] = False,
-    num_samples: Annotated[Optional[int], _opt("Outputs per prompt [default: 1].", "--num-samples")] = None,
-    batch_size: Annotated[Optional[int], _opt("Prompts decoded together [default: 8].", "--batch-size")] = None,
+    num_samples: Annotated[Optional[int], opt("Outputs per prompt." + default(S, "num_samples"), "--num-samples")] = None,
+    batch_size: Annotated[Optional[int], opt("Prompts decoded together." + default(S, "batch_size"), "--batch-size")] = None,
     seed: SeedOpt = None,
     show_probs: Annotated[bool, typer.Option("--show-probs", help="Table of each token's probability and the top alternatives.")] = False,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="A prompt loop in the terminal.")] = False,
@@ -54,17 +49,15 @@ def generate(
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
 ) -> None:
+    from llmkit.cli.generate_run import GenerateView
     from llmkit.cli.render import err_console
-    from llmkit.core.checkpoint import load_model
+    from llmkit.core.checkpoint import load_model, read_checkpoint
     from llmkit.core.config import sample_config
+    from llmkit.core.decoding import Decoder
     from llmkit.core.device import pick_device
 
-    from llmkit.core.checkpoint import read_checkpoint
-
     ckpt = read_checkpoint(checkpoint)  # a bad path fails before any prompt is read
-    if ckpt.kind not in ("lm", "instruct", "translate"):
-        fits = COMMAND_FOR_KIND.get(ckpt.kind, "the command for that task")
-        raise CheckpointError(f"{ckpt.path} is a {ckpt.kind} checkpoint, not a language model: use {fits}")
+    require_kind(ckpt, ("lm", "instruct", "translate"), "a language model")
     sampling = (temperature, top_k, top_p, min_p, num_samples)
     if ckpt.kind == "translate" and not greedy and all(v is None for v in sampling):
         greedy = True  # a translation is wanted, not a draw: decode greedily unless asked otherwise
@@ -77,16 +70,14 @@ def generate(
         "num_samples": num_samples, "batch_size": batch_size})
     prompts = None if interactive else _prompts(prompt, prompt_file, field)
     dev = pick_device(device or "auto")
-    model, ckpt = load_model(ckpt.path, dev)
+    model, ckpt = load_model(ckpt, dev)
     template = ckpt.task.prompt_template if ckpt.task.uses_template and not raw else None
-
-    from llmkit.cli.generate_run import Session
-
-    session = Session(model, ckpt.tokenizer, cfg, dev, console=err_console(), quiet=quiet, template=template)
+    view = GenerateView(Decoder(model, ckpt.tokenizer, cfg, dev, template=template), console=err_console(),
+                        quiet=quiet)
     if interactive:
-        session.interactive()
+        view.interactive()
     else:
-        session.run(prompts, json_out=json_out, show_probs=show_probs)
+        view.run(prompts, json_out=json_out, show_probs=show_probs)
 
 
 def _prompts(prompt: str | None, prompt_file: Path | None, field: str) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from rich.console import Console
@@ -11,75 +10,52 @@ from rich.markup import escape
 from rich.table import Table
 
 
-class Session:
-    """Decoding for the CLI. With a ``template`` (instruct/translate checkpoints) each prompt is
-    wrapped in it and only the response is printed."""
+class GenerateView:
+    """Renders what ``core.decoding.Decoder`` produces: streamed text, batches with a progress bar,
+    JSON lines, probability tables, and the interactive loop."""
 
-    def __init__(self, model, tokenizer, cfg, device, *, console: Console, quiet: bool, template: str | None = None):
-        self.model, self.tok, self.cfg, self.device = model, tokenizer, cfg, device
-        self.console, self.quiet, self.template = console, quiet, template
+    def __init__(self, decoder, *, console: Console, quiet: bool):
+        self.decoder, self.tok = decoder, decoder.tok
+        self.console, self.quiet = console, quiet
         self.warned = False
-
-    def _encode(self, text: str) -> list[int]:
-        if self.template is not None:
-            from llmkit.core.task_data import encode_prompt
-
-            return encode_prompt(self.tok, self.template, [("user", text)])
-        return self.tok.encode(text) if text else [self.tok.bos_id]
 
     def _shown(self, prompt: str) -> str:
         """What precedes the output on stdout: the prompt it continues, or nothing for a response."""
-        return "" if self.template is not None else prompt
+        return prompt if self.decoder.continues_prompt else ""
 
     def _warn_truncated(self, outputs) -> None:
         if not self.warned and any(o.truncated_prompt for o in outputs):
             self.warned = True
-            self.console.print(f"[yellow]warning:[/] a prompt is longer than the context ({self.model.cfg.context} "
-                               "tokens): keeping its most recent tokens", highlight=False)
+            self.console.print(f"[yellow]warning:[/] a prompt is longer than the context "
+                               f"({self.decoder.model.cfg.context} tokens): keeping its most recent tokens",
+                               highlight=False)
 
-    def _decode(self, prompts: list[list[int]], seeds: list[int], *, on_text=None, record=False):
-        from llmkit.core.generate import beam_search, decode_batch
-
-        if self.cfg.num_beams > 1:
-            outs = []
-            for p in prompts:
-                out = beam_search(self.model, p, self.cfg, eos_id=self.tok.eos_id, decode=self.tok.decode,
-                                  device=self.device)
-                if on_text:
-                    on_text(0, out.text)
-                outs.append(out)
-            return outs
-        return decode_batch(self.model, prompts, self.cfg, eos_id=self.tok.eos_id, decode=self.tok.decode,
-                            device=self.device, seeds=seeds, record_probs=record, on_text=on_text)
+    @staticmethod
+    def _write(_row: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
     def run(self, prompts: list[str], *, json_out: bool, show_probs: bool) -> None:
-        """Decode every (prompt, sample) pair in batches; stream when there is only one."""
-        jobs = [(i, s) for i, _ in enumerate(prompts) for s in range(self.cfg.num_samples)]
-        base = self.cfg.seed if self.cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
-        stream = len(jobs) == 1 and not json_out
+        """Every (prompt, sample) output, in batches; streamed when there is only one."""
+        total = len(self.decoder.jobs(len(prompts)))
+        stream = total == 1 and not json_out
         progress = None
-        if len(jobs) > 1 and not self.quiet and self.console.is_terminal:
+        if total > 1 and not self.quiet and self.console.is_terminal:
             from rich.progress import Progress
 
             progress = Progress(console=self.console, transient=True)
             progress.start()
-            task = progress.add_task("generating", total=len(jobs))
+            task = progress.add_task("generating", total=total)
         try:
-            for start in range(0, len(jobs), self.cfg.batch_size):
-                chunk = jobs[start: start + self.cfg.batch_size]
-                ids = [self._encode(prompts[i]) for i, _ in chunk]
-                # A row's seed depends only on its prompt and sample index: batching never changes it.
-                seeds = [base + 1_000_003 * i + s for i, s in chunk]
-                if stream:
-                    sys.stdout.write(self._shown(prompts[chunk[0][0]]))
-                    sys.stdout.flush()
-                on_text = (lambda _b, text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
-                outs = self._decode(ids, seeds, on_text=on_text, record=show_probs)
-                self._warn_truncated(outs)
-                for (i, s), out in zip(chunk, outs):
-                    self._emit(prompts[i], s, out, json_out=json_out, streamed=stream, show_probs=show_probs)
+            if stream:
+                self._write(0, self._shown(prompts[0]))
+            for batch in self.decoder.run(prompts, on_text=self._write if stream else None, record_probs=show_probs):
+                self._warn_truncated([out for _, out in batch])
+                for job, out in batch:
+                    self._emit(prompts[job.prompt], job.sample, out, json_out=json_out, streamed=stream,
+                               show_probs=show_probs)
                 if progress:
-                    progress.advance(task, len(chunk))
+                    progress.advance(task, len(batch))
         finally:
             if progress:
                 progress.stop()
@@ -98,7 +74,7 @@ class Session:
             if not streamed:
                 sys.stdout.write(self._shown(prompt) + out.text)
             # outputs of a batch: one blank line apart (responses: one per line, like their prompts)
-            sys.stdout.write("\n" if streamed or self.template is not None else "\n\n")
+            sys.stdout.write("\n" if streamed or not self.decoder.continues_prompt else "\n\n")
             sys.stdout.flush()
             if show_probs:
                 Console(highlight=False).print(self.probs_table(out))
@@ -123,24 +99,16 @@ class Session:
         return table
 
     def interactive(self) -> None:
-        """Read a line, continue the conversation so far, stream the answer; Ctrl-D ends.
+        """Read a line, continue the conversation so far, stream the answer; Ctrl-D ends."""
+        from llmkit.core.decoding import Conversation
 
-        With a template (an instruct checkpoint) the conversation is kept as turns, each user line
-        through the template and each answer closed by EOS, as in training."""
-        if self.template is not None:
-            return self._chat()
-        history = ""
-        for line in self._lines("interactive: type text and press Enter"):
-            history += line + "\n"
-            ids = self._encode(history)
-            outs = self._decode([ids], [self.cfg.seed or 0],
-                                on_text=lambda _b, text: (sys.stdout.write(text), sys.stdout.flush()))
-            self._warn_truncated(outs)
-            history += outs[0].text + "\n"
+        chat = Conversation(self.decoder)
+        hello = "interactive: type text and press Enter" if self.decoder.continues_prompt else \
+            "chat: type a message and press Enter"
+        for line in self._lines(hello):
+            out = chat.send(line, on_text=self._write)
+            self._warn_truncated([out])
             sys.stdout.write("\n")
-            # Keep the history within the context window: the oldest text goes first.
-            keep = self.tok.encode(history)[-(self.model.cfg.context - 1):]
-            history = self.tok.decode(keep)
 
     def _lines(self, hello: str):
         """The user's non-blank lines until Ctrl-D."""
@@ -153,19 +121,3 @@ class Session:
                 return
             if line.strip():
                 yield line
-
-    def _chat(self) -> None:
-        from llmkit.core.task_data import encode_prompt
-
-        turns: list[tuple[str, str]] = []
-        for line in self._lines("chat: type a message and press Enter"):
-            turns.append(("user", line))
-            ids = encode_prompt(self.tok, self.template, turns)
-            while len(ids) >= self.model.cfg.context and len(turns) > 1:
-                turns = turns[2:]  # the oldest exchange goes first
-                ids = encode_prompt(self.tok, self.template, turns)
-            outs = self._decode([ids], [self.cfg.seed or 0],
-                                on_text=lambda _b, text: (sys.stdout.write(text), sys.stdout.flush()))
-            self._warn_truncated(outs)
-            turns.append(("assistant", outs[0].text))
-            sys.stdout.write("\n")

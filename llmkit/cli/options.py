@@ -1,4 +1,6 @@
-"""Option types shared by every command, defined once so they behave the same everywhere."""
+"""What every command shares, defined once so it behaves the same everywhere: option types, the
+option helper, help text defaults taken from the config dataclasses, markup escaping, and which
+command fits which kind of checkpoint."""
 
 from __future__ import annotations
 
@@ -14,3 +16,47 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, c
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.", show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs on stderr; results only.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON lines on stdout.")]
+
+
+def opt(help: str, *names: str):
+    """An option whose help says its default itself (or has none worth showing)."""
+    return typer.Option(*names, help=help, show_default=False)
+
+
+def default(cls: type, name: str) -> str:
+    """' [default: X]' for a help text, X read from the dataclass field: never repeated by hand."""
+    from llmkit.core.config import default_of
+
+    value = default_of(cls, name)
+    if isinstance(value, tuple):
+        value = ",".join(value) if value else "none"
+    elif isinstance(value, bool):
+        value = "on" if value else "off"
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f" [default: {value}]"
+
+
+def escape(text: str) -> str:
+    """Text shown through rich markup, with its own brackets kept literal."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+COMMAND_FOR_KIND = {
+    "lm": "llmkit generate",
+    "instruct": "llmkit generate",
+    "translate": "llmkit generate",
+    "classify": "llmkit classify (or llmkit encode for its embeddings)",
+}
+"""The command that uses a checkpoint of each kind, for refusals that say where to go instead."""
+
+
+def require_kind(ckpt, kinds: tuple[str, ...], what: str, hint: str = "") -> None:
+    """Refuse a checkpoint of another kind, naming the command that fits it (and ``hint``)."""
+    from llmkit.core.errors import CheckpointError
+
+    if ckpt.kind not in kinds:
+        fits = COMMAND_FOR_KIND.get(ckpt.kind, "the command for that task")
+        raise CheckpointError(f"{ckpt.path} is a {ckpt.kind} checkpoint, not {what}: use {fits}{hint}")

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, SetOpt
+from llmkit.cli.options import ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, SetOpt, escape
 from llmkit.core.errors import ConfigError
 
 
@@ -38,7 +38,6 @@ def pretrain(
     json_out: JsonOpt = False,
 ) -> None:
     from llmkit.cli.render import PretrainView
-    from llmkit.core.config import resolve_run_config
     from llmkit.core.distributed import env_rank
     from llmkit.core.pretrain import plan
 
@@ -50,11 +49,11 @@ def pretrain(
                        "device": device, "dtype": dtype, "seed": seed},
              "optim": {"lr": lr}}
     out = out or Path("runs") / preset
+    # The config the run will use: with --resume, the resumed run's own, with what is given on top.
+    cfg, resume_from = plan(out, resume=resume, preset=preset, config_file=config, sets=set_ or [], flags=flags)
     if print_config:
-        cfg = resolve_run_config(preset=preset, config_file=config, sets=set_ or [], flags=flags)
         typer.echo(cfg.to_yaml(), nl=False)
         return
-    cfg, resume_from = plan(out, resume=resume, preset=preset, config_file=config, sets=set_ or [], flags=flags)
 
     from llmkit.core.pretrain import pretrain as run_pretrain
 
@@ -68,16 +67,10 @@ def pretrain(
     if not quiet and result.samples:
         view.log("[bold]samples[/] (from best/):")
         for prompt, text in result.samples:
-            view.log(f"  [dim]{_escape(prompt)}[/]{_escape(text)}".replace("\n", " ⏎ "))
+            view.log(f"  [dim]{escape(prompt)}[/]{escape(text)}".replace("\n", " ⏎ "))
     if not quiet:
         best = f"best val loss {result.state.best_val_loss:.4f} at step {result.state.best_step}"
         view.log(f"{result.params:,} parameters, {result.state.step} steps, {best}; "
                  f"loss curve: {out / 'loss.svg'}")
     if not json_out and main:
         typer.echo(str(result.best or result.last or out))
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)

@@ -17,17 +17,6 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 TokArg = Annotated[Path, typer.Argument(help="A tokenizer directory, a checkpoint or a run directory.", show_default=False)]
 
 
-def _load_tokenizer(path: Path):
-    from llmkit.core.checkpoint import read_checkpoint
-    from llmkit.core.tokenizer import Tokenizer
-
-    if (path / "tokenizer.model").is_file():
-        return Tokenizer.load(path)
-    if (path / "tokenizer" / "tokenizer.model").is_file():
-        return Tokenizer.load(path / "tokenizer")
-    return read_checkpoint(path).tokenizer
-
-
 def _read_stdin(what: str) -> str:
     if sys.stdin is None or (sys.stdin.isatty() if hasattr(sys.stdin, "isatty") else False):
         raise DataError(f"no {what} given: pass it as an argument or pipe it on stdin")
@@ -91,7 +80,9 @@ def encode(
     json_out: JsonOpt = False,
 ) -> None:
     """Encode text into token ids (or show its pieces)."""
-    tok = _load_tokenizer(tokenizer)
+    from llmkit.core.checkpoint import find_tokenizer
+
+    tok = find_tokenizer(tokenizer)
     if text is None or text == "-":
         text = _read_stdin("text")
     ids = tok.encode(text)
@@ -117,7 +108,9 @@ def decode(
     ids: Annotated[Optional[list[str]], typer.Argument(help="Token ids; nothing reads them from stdin.", show_default=False)] = None,
 ) -> None:
     """Decode token ids (arguments or stdin, separated by spaces or commas) back into text."""
-    tok = _load_tokenizer(tokenizer)
+    from llmkit.core.checkpoint import find_tokenizer
+
+    tok = find_tokenizer(tokenizer)
     raw = " ".join(ids) if ids else _read_stdin("ids")
     values = []
     for item in raw.replace(",", " ").replace("[", " ").replace("]", " ").split():

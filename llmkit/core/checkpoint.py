@@ -298,9 +298,20 @@ def build_model(ckpt: Checkpoint, device: torch.device | str = "cpu", *, merge: 
     return model
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Transformer, Checkpoint]:
-    """Rebuild the network from a checkpoint alone, ready for inference (LoRA merged)."""
-    ckpt = read_checkpoint(path)
+def find_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer in a tokenizer directory, a run directory's tokenizer/, or any checkpoint."""
+    path = Path(path)
+    if (path / "tokenizer.model").is_file():
+        return Tokenizer.load(path)
+    if (path / "tokenizer" / "tokenizer.model").is_file():
+        return Tokenizer.load(path / "tokenizer")
+    return read_checkpoint(path).tokenizer
+
+
+def load_model(source: Path | Checkpoint, device: torch.device | str = "cpu") -> tuple[Transformer, Checkpoint]:
+    """Rebuild the network from a checkpoint alone (a path, or one already read), ready for
+    inference (LoRA merged)."""
+    ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
     model = build_model(ckpt, device)
     model.eval()
     return model, ckpt

@@ -1,0 +1,120 @@
+"""The decoding entry point: texts in, outputs out, with the policy every front end shares.
+
+``generate.py`` owns the mechanics (prefill, choose, step; beam search; text streams). This module
+owns the decisions around them, so the terminal command and any other front end (an HTTP server)
+decide the same way:
+
+- how a text becomes a prompt: through the checkpoint's template (instruct and translate
+  checkpoints: only the response is produced), as plain text, or the beginning-of-text token;
+- beam search or batched decoding;
+- the seeds: one base seed (given, or drawn once), and ``row_seed(base, prompt, sample)`` for every
+  output, so an output never depends on its batch;
+- batching (prompt, sample) jobs;
+- keeping a conversation inside the context window (the oldest exchange, or the oldest text, goes
+  first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from llmkit.core.config import SampleConfig
+from llmkit.core.generate import Output, beam_search, decode_batch, random_seed, row_seed
+from llmkit.core.task_data import encode_prompt
+
+TextFn = Callable[[int, str], None]
+"""``on_text(row, text)``: newly visible text of one row of a batch, for streaming."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output to produce: sample ``sample`` of prompt ``prompt`` (indexes into the input)."""
+
+    prompt: int
+    sample: int
+
+
+class Decoder:
+    """Decoding settings bound to a model and its tokenizer (and template, for instruct and
+    translate checkpoints)."""
+
+    def __init__(self, model, tokenizer, cfg: SampleConfig, device, *, template: str | None = None):
+        self.model, self.tok, self.cfg, self.device, self.template = model, tokenizer, cfg, device, template
+        self.base_seed = cfg.seed if cfg.seed is not None else random_seed()
+
+    @property
+    def continues_prompt(self) -> bool:
+        """Whether an output continues its prompt's text (a plain model) or stands alone (a response)."""
+        return self.template is None
+
+    def encode(self, text: str) -> list[int]:
+        if self.template is not None:
+            return encode_prompt(self.tok, self.template, [("user", text)])
+        return self.tok.encode(text) if text else [self.tok.bos_id]
+
+    def decode(self, prompts: list[list[int]], seeds: list[int], *, on_text: TextFn | None = None,
+               record_probs: bool = False) -> list[Output]:
+        """Outputs for token prompts: beam search one by one when asked for, else one batch."""
+        if self.cfg.num_beams > 1:
+            outs = []
+            for p in prompts:
+                out = beam_search(self.model, p, self.cfg, eos_id=self.tok.eos_id, decode=self.tok.decode,
+                                  device=self.device)
+                if on_text and out.text:
+                    on_text(len(outs), out.text)
+                outs.append(out)
+            return outs
+        return decode_batch(self.model, prompts, self.cfg, eos_id=self.tok.eos_id, decode=self.tok.decode,
+                            device=self.device, seeds=seeds, record_probs=record_probs, on_text=on_text)
+
+    def jobs(self, n_prompts: int) -> list[Job]:
+        return [Job(i, s) for i in range(n_prompts) for s in range(self.cfg.num_samples)]
+
+    def run(self, texts: list[str], *, on_text: TextFn | None = None, record_probs: bool = False
+            ) -> Iterator[list[tuple[Job, Output]]]:
+        """Every (prompt, sample) output of ``texts``, a batch at a time, in input order."""
+        jobs = self.jobs(len(texts))
+        for start in range(0, len(jobs), self.cfg.batch_size):
+            chunk = jobs[start: start + self.cfg.batch_size]
+            prompts = [self.encode(texts[j.prompt]) for j in chunk]
+            seeds = [row_seed(self.base_seed, j.prompt, j.sample) for j in chunk]
+            yield list(zip(chunk, self.decode(prompts, seeds, on_text=on_text, record_probs=record_probs)))
+
+
+@dataclass
+class Conversation:
+    """An interactive session: each user line continues the conversation so far.
+
+    With a template (an instruct checkpoint) the conversation is kept as turns, each user line
+    through the template and each answer closed by EOS, as in training; without one, as plain
+    text that the model continues. Either way the oldest part goes first when the context is full.
+    """
+
+    decoder: Decoder
+    turns: list[tuple[str, str]] = field(default_factory=list)
+    history: str = ""
+
+    def send(self, line: str, *, on_text: TextFn | None = None) -> Output:
+        d = self.decoder
+        seed = [row_seed(d.base_seed, len(self.turns) + len(self.history), 0)]
+        if d.template is not None:
+            self.turns.append(("user", line))
+            ids = self._fit_turns()
+            out = d.decode([ids], seed, on_text=on_text)[0]
+            self.turns.append(("assistant", out.text))
+            return out
+        self.history += line + "\n"
+        out = d.decode([d.encode(self.history)], seed, on_text=on_text)[0]
+        self.history += out.text + "\n"
+        # Keep the history within the context window: the oldest text goes first.
+        self.history = d.tok.decode(d.tok.encode(self.history)[-(d.model.cfg.context - 1):])
+        return out
+
+    def _fit_turns(self) -> list[int]:
+        d = self.decoder
+        ids = encode_prompt(d.tok, d.template, self.turns)
+        while len(ids) >= d.model.cfg.context and len(self.turns) > 1:
+            self.turns = self.turns[2:]  # the oldest exchange goes first
+            ids = encode_prompt(d.tok, d.template, self.turns)
+        return ids
