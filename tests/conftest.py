@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -53,10 +55,26 @@ def corpus_file(tmp_path, sample_docs):
     return path
 
 
+def skip_or_fail(reason: str):
+    """Skip a test whose data or dependency is missing here, saying why (-ra lists the reasons);
+    under CI, where everything must be present, the same absence fails the test instead."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must provide it: a skip there would hide an untested path)")
+    pytest.skip(reason)
+
+
+def need_module(name: str, why: str):
+    """Import an optional dependency, or skip (fail under CI) naming it and why it is needed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        skip_or_fail(f"{name} is not installed ({why})")
+
+
 def shared(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} not present (the shared data folder sits beside the repository)")
+        skip_or_fail(f"{path} not present (the shared data folder sits beside the repository)")
     return path
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from llmkit.core.config import ModelConfig, parse_duration, resolve_run_config
+from llmkit.core.config import ModelConfig, OptimConfig, parse_duration, resolve_run_config
 from llmkit.core.errors import ConfigError
 
 
@@ -56,7 +56,28 @@ def test_invalid_values_name_the_key(item, message):
 
 def test_derived_values_are_properties():
     cfg = ModelConfig(d_model=96, n_head=4, n_kv_head=0)
-    assert cfg.head_dim == 24 and cfg.kv_heads == 4 and cfg.ff_dim % 64 == 0
+    # 8/3 * 96 = 256, already a multiple of 64; 8/3 * 104 = 277 rounds up to 320.
+    assert (cfg.head_dim, cfg.kv_heads, cfg.ff_dim) == (24, 4, 256)
+    assert ModelConfig(d_model=104, n_head=4).ff_dim == 320
+    assert ModelConfig(d_model=96, n_head=4, n_kv_head=2, d_ff=100).ff_dim == 100  # given, not derived
+    assert ModelConfig(d_model=96, n_head=4, n_kv_head=2).kv_heads == 2
+    # Derived values are never stored: the saved config holds only what was chosen.
+    names = set(ModelConfig.__dataclass_fields__)
+    assert not names & {"head_dim", "kv_heads", "ff_dim"}
+
+
+def test_user_choices_win_over_derived_defaults():
+    lora_lr = {"optim": {"lr": 1e-3}}
+
+    def defaults(cfg):
+        return lora_lr if cfg.lora.enabled else {}
+
+    assert resolve_run_config(sets=["lora.enabled=true"], defaults=defaults).optim.lr == 1e-3
+    assert resolve_run_config(defaults=defaults).optim.lr == OptimConfig().lr
+    given = resolve_run_config(sets=["lora.enabled=true", "optim.lr=5e-5"], defaults=defaults)
+    assert given.optim.lr == 5e-5
+    base = {"optim": {"lr": 3e-4}}  # a layer below the user's (fine-tuning's defaults)
+    assert resolve_run_config(base=base, flags={"lora": {"enabled": True}}, defaults=defaults).optim.lr == 1e-3
 
 
 def test_durations():

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import need_module
 from llmkit.core import metrics
 from llmkit.core.lora import LoRALinear, adapter_state, apply_lora, merge_lora, trainable_parameters
 from llmkit.core.model import Transformer
@@ -111,7 +112,7 @@ def test_chrf_by_hand():
 
 
 def test_chrf_and_bleu_agree_with_sacrebleu():
-    sacrebleu = pytest.importorskip("sacrebleu", reason="sacrebleu is a development dependency (pip install -e .[dev])")
+    sacrebleu = need_module("sacrebleu", "the reference for chrF/BLEU: a development dependency, pip install -e .[dev]")
     import random
 
     rng = random.Random(0)
