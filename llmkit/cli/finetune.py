@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, SetOpt, default, opt
+from llmkit.cli.options import (ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, SetOpt, check_positive,
+                                default, opt)
 from llmkit.core.config import FINETUNE_DEFAULTS, FINETUNE_EPOCHS, LORA_LR, LoRAConfig as L, TaskConfig as T
 from llmkit.core.errors import ConfigError
 
@@ -56,14 +57,11 @@ def finetune(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from llmkit.cli.render import FinetuneView
+    from llmkit.cli.render import FinetuneView, end_interrupted, training_view
     from llmkit.core.finetune import finetune as run_finetune
-    from llmkit.core.distributed import env_rank
     from llmkit.core.finetune import plan
 
-    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--lr", lr), ("--epochs", epochs)):
-        if value is not None and value <= 0:
-            raise ConfigError(f"{name} must be positive, not {value}")
+    check_positive(steps=steps, batch_size=batch_size, lr=lr, epochs=epochs)
     if not data:
         raise ConfigError("--data is required: the training examples (JSONL, CSV or TSV; text for --task lm)")
     flags = {
@@ -82,14 +80,10 @@ def finetune(
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return
-    main = env_rank() == 0  # under torchrun, rank 0 speaks for the job
-    quiet = quiet or not main
-    view = FinetuneView(quiet=quiet, json_lines=json_out and main)
+    view, main = training_view(FinetuneView, quiet=quiet, json_out=json_out)
     result = run_finetune(data, out, cfg, base=base, val=val, resume_from=resume_from, merge=merge,
                           on_event=view)
-    if result.stop_reason == "interrupted":
-        view.log(f"[yellow]interrupted[/] at step {result.state.step}: continue with --resume auto")
-        raise typer.Exit(130)
+    end_interrupted(view, result)
     view.summary(result)
     if not json_out and main:
         typer.echo(str(result.merged or result.best or result.last or out))

@@ -44,6 +44,15 @@ def escape(text: str) -> str:
     return rich_escape(text)
 
 
+def check_positive(**given) -> None:
+    """Refuse a flag given as zero or less: ``check_positive(steps=...)`` names it ``--steps``."""
+    from llmkit.core.errors import ConfigError
+
+    for name, value in given.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, not {value}")
+
+
 COMMAND_FOR_KIND = {
     "lm": "llmkit generate",
     "instruct": "llmkit generate",

@@ -11,8 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, SetOpt, escape
-from llmkit.core.errors import ConfigError
+from llmkit.cli.options import ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, SetOpt, check_positive, escape
 
 
 def pretrain(
@@ -37,13 +36,10 @@ def pretrain(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from llmkit.cli.render import PretrainView
-    from llmkit.core.distributed import env_rank
+    from llmkit.cli.render import PretrainView, end_interrupted, training_view
     from llmkit.core.pretrain import plan
 
-    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--lr", lr)):
-        if value is not None and value <= 0:
-            raise ConfigError(f"{name} must be positive, not {value}")
+    check_positive(steps=steps, batch_size=batch_size, lr=lr)
     flags = {"train": {"steps": steps, "tokens": tokens, "time": time, "batch_size": batch_size,
                        "global_batch_size": global_batch_size, "strategy": strategy,
                        "device": device, "dtype": dtype, "seed": seed},
@@ -57,13 +53,10 @@ def pretrain(
 
     from llmkit.core.pretrain import pretrain as run_pretrain
 
-    main = env_rank() == 0  # under torchrun, rank 0 speaks for the job
-    quiet = quiet or not main
-    view = PretrainView(quiet=quiet, json_lines=json_out and main)
+    view, main = training_view(PretrainView, quiet=quiet, json_out=json_out)
+    quiet = view.quiet
     result = run_pretrain(corpus, out, cfg, resume_from=resume_from, tokenizer_dir=tokenizer, on_event=view)
-    if result.stop_reason == "interrupted":
-        view.log(f"[yellow]interrupted[/] at step {result.state.step}: continue with --resume auto")
-        raise typer.Exit(130)
+    end_interrupted(view, result)
     if not quiet and result.samples:
         view.log("[bold]samples[/] (from best/):")
         for prompt, text in result.samples:

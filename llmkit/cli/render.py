@@ -256,3 +256,22 @@ def eval_tables(report: dict[str, Any], *, show: int = 0) -> list[Table]:
             o.add_row(escape(row["prompt"][-120:]), escape(row["output"]), escape(row["reference"]))
         tables.append(o)
     return tables
+
+
+def training_view(cls, *, quiet: bool, json_out: bool):
+    """The progress view of a pretraining or fine-tuning command; under torchrun rank 0 alone
+    speaks for the job. Returns (view, whether this process is rank 0)."""
+    from llmkit.core.distributed import env_rank
+
+    main = env_rank() == 0
+    return cls(quiet=quiet or not main, json_lines=json_out and main), main
+
+
+def end_interrupted(view, result) -> None:
+    """An interrupted run has written its checkpoint: say how to go on, exit 130 as Ctrl-C does."""
+    if result.stop_reason == "interrupted":
+        import typer
+
+        view.log(f"[yellow]interrupted[/] at step {result.state.step}: continue with --resume auto")
+        raise typer.Exit(130)
+
