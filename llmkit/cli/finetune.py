@@ -39,6 +39,7 @@ def finetune(
     lora_alpha: Annotated[Optional[float], opt("LoRA alpha; the update is scaled by alpha/rank." + default(L, "alpha"), "--lora-alpha")] = None,
     lora_dropout: Annotated[Optional[float], opt("Dropout on the LoRA input." + default(L, "dropout"), "--lora-dropout")] = None,
     lora_targets: Annotated[Optional[str], opt("Comma-separated layers to adapt." + default(L, "targets"), "--lora-targets")] = None,
+    context: Annotated[Optional[int], opt("Context length for fine-tuning [default: the base's].", "--context")] = None,
     merge: Annotated[bool, typer.Option("--merge", help="Also write OUT/merged: the adapter folded into plain weights.")] = False,
     out: OutOpt = None,
     config: ConfigOpt = None,
@@ -61,7 +62,7 @@ def finetune(
     from llmkit.core.finetune import finetune as run_finetune
     from llmkit.core.finetune import plan
 
-    check_positive(steps=steps, batch_size=batch_size, lr=lr, epochs=epochs)
+    check_positive(steps=steps, batch_size=batch_size, lr=lr, epochs=epochs, context=context)
     if not data:
         raise ConfigError("--data is required: the training examples (JSONL, CSV or TSV; text for --task lm)")
     flags = {
@@ -74,6 +75,7 @@ def finetune(
         "train": {"steps": steps, "epochs": epochs, "time": time, "batch_size": batch_size, "device": device,
                   "seed": seed, "global_batch_size": global_batch_size, "strategy": strategy},
         "optim": {"lr": lr},
+        "model": {"context": context},
     }
     out = out or Path("runs") / f"{Path(checkpoint).name}-{task or 'finetune'}"
     cfg, base, resume_from = plan(checkpoint, out, resume=resume, config_file=config, sets=set_ or [], flags=flags)

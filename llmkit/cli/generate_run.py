@@ -46,11 +46,13 @@ class GenerateView:
             progress = Progress(console=self.console, transient=True)
             progress.start()
             task = progress.add_task("generating", total=total)
+        blank = 0
         try:
             if stream:
                 self._write(0, self._shown(prompts[0]))
             for batch in self.decoder.run(prompts, on_text=self._write if stream else None, record_probs=show_probs):
                 self._warn_truncated([out for _, out in batch])
+                blank += sum(not out.text.strip() for _, out in batch)
                 for job, out in batch:
                     self._emit(prompts[job.prompt], job.sample, out, json_out=json_out, streamed=stream,
                                show_probs=show_probs)
@@ -59,6 +61,12 @@ class GenerateView:
         finally:
             if progress:
                 progress.stop()
+        if blank == total and not self.quiet:
+            self.console.print(
+                f"[yellow]warning:[/] {'every output was' if total > 1 else 'the output is'} empty: the model ended "
+                "at once (end-of-text) or wrote only blank space. It is likely undertrained for this input: train "
+                "longer, check the prompt format (--raw sends it as is), or sample (--temperature 0.8).",
+                highlight=False)
 
     def _emit(self, prompt: str, sample: int, out, *, json_out: bool, streamed: bool, show_probs: bool) -> None:
         if json_out:
@@ -67,8 +75,8 @@ class GenerateView:
             if out.score is not None:
                 row["score"] = out.score
             if show_probs:
-                row["probs"] = [{"token": self.tok.decode([p.token]), "prob": p.prob,
-                                 "top": [[self.tok.decode([t]), q] for t, q in p.top]} for p in out.probs]
+                row["probs"] = [{"token": self.tok.token_text(p.token), "prob": p.prob,
+                                 "top": [[self.tok.token_text(t), q] for t, q in p.top]} for p in out.probs]
             print(json.dumps(row, ensure_ascii=False), flush=True)
         else:
             if not streamed:
@@ -90,7 +98,7 @@ class GenerateView:
         table.add_column("top alternatives")
 
         def show(t: int) -> str:
-            return escape(repr(self.tok.decode([t]))[1:-1] or self.tok.id_to_piece(t))
+            return escape(repr(self.tok.token_text(t))[1:-1])
 
         for n, step in enumerate(out.probs, 1):
             colour = "green" if step.prob >= 0.5 else "yellow" if step.prob >= 0.1 else "red"

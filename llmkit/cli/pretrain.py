@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, SetOpt, check_positive, escape
+from llmkit.cli.options import ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, SetOpt, check_positive
 
 
 def pretrain(
@@ -36,7 +36,7 @@ def pretrain(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from llmkit.cli.render import PretrainView, end_interrupted, training_view
+    from llmkit.cli.render import PretrainView, end_interrupted, sample_block, training_view
     from llmkit.core.pretrain import plan
 
     check_positive(steps=steps, batch_size=batch_size, lr=lr)
@@ -60,7 +60,7 @@ def pretrain(
     if not quiet and result.samples:
         view.log("[bold]samples[/] (from best/):")
         for prompt, text in result.samples:
-            view.log(f"  [dim]{escape(prompt)}[/]{escape(text)}".replace("\n", " ⏎ "))
+            view.log(sample_block(prompt, text))
     if not quiet:
         best = f"best val loss {result.state.best_val_loss:.4f} at step {result.state.best_step}"
         view.log(f"{result.params:,} parameters, {result.state.step} steps, {best}; "

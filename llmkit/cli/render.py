@@ -95,11 +95,14 @@ class PretrainView:
                  f"{' (cached)' if d['cached'] else ''}")
 
     def on_resume(self, d):
-        self.log(f"[cyan]resuming[/] from {d['path']} at step {d['step']}")
+        self.log(f"[cyan]resuming[/] from {d['path']} at step {d['step']}; budget: {d['budget']}")
 
     def on_model(self, d):
         self.log(f"model: {human(d['params'])} parameters on {d['device']}, "
                  f"precision [bold]{d['precision']}[/] ({d['precision_reason']})")
+        if d.get("device") == "cpu" and d.get("threads"):
+            busy = "fewer" in d.get("threads_reason", "")
+            self.log(f"{'[yellow]busy machine:[/] ' if busy else ''}{d['threads']} CPU thread(s) ({d['threads_reason']})")
 
     def on_start(self, d):
         if not self.live:
@@ -187,7 +190,13 @@ class FinetuneView(PretrainView):
         if d["blank"]:
             self.log(f"[yellow]warning:[/] skipped {d['blank']} blank row(s)")
         if d.get("truncated"):
-            self.log(f"[yellow]warning:[/] {d['truncated']} example(s) longer than the context were truncated")
+            n = d["train"] + d["val"]
+            self.log(f"[yellow]warning:[/] {d['truncated']} example(s) longer than the context were truncated "
+                     f"({d['truncated'] / max(n, 1):.0%} of {n}, context {d['context']} tokens)")
+            if d["truncated"] >= 0.05 * n:
+                self.log(f"  a context of {d['fits_95']} tokens fits 95% of them ({d['fits_all']} fits all): "
+                         "fine-tune with --context N (positions past the base's context were never trained, "
+                         "so expect a weaker start there), or shorten the examples")
         if d.get("unseen"):
             total = sum(d["unseen"].values())
             names = ", ".join(escape(k) for k in list(d["unseen"])[:5])
@@ -215,8 +224,7 @@ class FinetuneView(PretrainView):
             for table in classification_tables(d):
                 printer.print(table)
         for s in d.get("samples", []):
-            printer.print(f"  [dim]{escape(s['prompt'][-80:])}[/] → {escape(s['output'][:160])}".replace("\n", " ⏎ "),
-                          highlight=False)
+            printer.print(sample_block(s["prompt"][-80:], s["output"][:160], arrow=True), highlight=False)
 
     def summary(self, result) -> None:
         if self.quiet:
@@ -256,6 +264,14 @@ def eval_tables(report: dict[str, Any], *, show: int = 0) -> list[Table]:
             o.add_row(escape(row["prompt"][-120:]), escape(row["output"]), escape(row["reference"]))
         tables.append(o)
     return tables
+
+
+def sample_block(prompt: str, text: str, *, arrow: bool = False) -> str:
+    """A generated sample as the reader will read it: the prompt dimmed, then the text, its own
+    line breaks kept and indented under the first line."""
+    sep = " → " if arrow else ""
+    body = f"[dim]{escape(prompt)}[/]{sep}{escape(text.strip() if arrow else text)}"
+    return "  " + body.replace("\n", "\n    ")
 
 
 def training_view(cls, *, quiet: bool, json_out: bool):

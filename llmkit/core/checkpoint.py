@@ -269,14 +269,17 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             f"{path}/model.safetensors does not fit its config (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
 
 
-def build_model(ckpt: Checkpoint, device: torch.device | str = "cpu", *, merge: bool = True) -> Transformer:
+def build_model(ckpt: Checkpoint, device: torch.device | str = "cpu", *, merge: bool = True,
+                model_cfg: ModelConfig | None = None) -> Transformer:
     """The network of a checkpoint with its weights: trunk, task head, LoRA adapter.
 
     ``merge`` folds a LoRA adapter into plain weights (inference); without it the LoRA modules stay
-    in place, as training (and resuming) needs them.
+    in place, as training (and resuming) needs them. ``model_cfg`` may change what holds no
+    weights (the context, dropout): fine-tuning on longer examples than the base saw.
     """
+    cfg = model_cfg or ckpt.model_cfg
     with torch.device("meta"):
-        model = Transformer(ckpt.model_cfg)  # no memory, no init: the weights come next
+        model = Transformer(cfg)  # no memory, no init: the weights come next
         if ckpt.kind == "classify":
             attach_classifier(model, len(ckpt.task.labels))
     model = model.to_empty(device=device)
@@ -284,7 +287,7 @@ def build_model(ckpt: Checkpoint, device: torch.device | str = "cpu", *, merge: 
     if ckpt.model_cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     # Non-persistent buffers are not in the file: recompute the rotary tables on the device.
-    cos, sin = rope_tables(ckpt.model_cfg.head_dim, ckpt.model_cfg.context, ckpt.model_cfg.rope_theta)
+    cos, sin = rope_tables(cfg.head_dim, cfg.context, cfg.rope_theta)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     if ckpt.has_adapter:
         apply_lora(model, rank=ckpt.lora.rank, alpha=ckpt.lora.alpha, dropout=ckpt.lora.dropout,

@@ -239,6 +239,16 @@ class TrainConfig:
     def has_budget(self) -> bool:
         return bool(self.steps or self.tokens or self.time or self.epochs)
 
+    def budget_text(self) -> str:
+        """The stopping budget in words, e.g. '20000 steps' or '90s or 500 steps'."""
+        parts = [f"{self.steps} steps" if self.steps else "", f"{self.tokens:,} tokens" if self.tokens else "",
+                 self.time, f"{self.epochs:g} epochs" if self.epochs else ""]
+        return " or ".join(p for p in parts if p) or "none"
+
+
+BUDGET_KEYS = ("steps", "tokens", "time", "epochs")
+"""train keys that together make the stopping budget: one given replaces the others of a base."""
+
 
 TASK_KINDS = ("lm", "classify", "instruct", "translate")
 DEFAULT_TEMPLATES = {
@@ -671,6 +681,10 @@ def resolve_run_config(
         given = {k: v for k, v in values.items() if v is not None}
         if given:
             _merge(user, {section: given}, "flags")
+    if any(k in user.get("train", {}) for k in BUDGET_KEYS):
+        # A budget given now replaces the base's whole budget (a resumed run's --time 90s must not
+        # outlive a new --steps 20000), while other base values stay.
+        below["train"] = {k: v for k, v in below.get("train", {}).items() if k not in BUDGET_KEYS}
     cfg = _build(below, user)
     extra = defaults(cfg) if defaults else None
     if extra:

@@ -20,8 +20,8 @@ from llmkit.core.config import FINETUNE_DEFAULTS, FINETUNE_EPOCHS, LORA_LR, SECT
 from llmkit.core.corpus import resolve_corpus
 from llmkit.core.data import check_fits, load_or_build
 from llmkit.core.errors import ConfigError, DataError
-from llmkit.core.task_data import (ExampleSet, classify_ids, drop_unseen, holdout, label_map, pair_sequence,
-                                  read_examples)
+from llmkit.core.task_data import (ExampleSet, classify_ids, context_report, drop_unseen, holdout, label_map,
+                                   pair_sequence, read_examples)
 from llmkit.core.heads import attach_classifier
 from llmkit.core.lora import apply_lora
 from llmkit.core.rundir import (RunResult, check_same_model, main_first, main_only, new_run_dir, resume_source,
@@ -57,6 +57,11 @@ def plan(checkpoint: Path, out: Path, *, resume: str | None, config_file: Path |
                 "task": {"init_from": str(base.path)}}
 
     cfg = resolve_run_config(base=layers, config_file=config_file, sets=sets, flags=flags, defaults=defaults)
+    weighted = [k for k in cfg.model.__dataclass_fields__ if k not in ("context", "dropout")
+                and getattr(cfg.model, k) != getattr(base.model_cfg, k)]
+    if weighted and resume_from is None:
+        raise ConfigError(f"model.{weighted[0]} differs from the base checkpoint's: fine-tuning keeps the base's "
+                          "network (only model.context and model.dropout can change)")
     if cfg.task.kind != "classify" and cfg.task.freeze_trunk:
         raise ConfigError("--freeze-trunk trains a classification head only: it needs --task classify")
     return cfg, base, resume_from
@@ -94,22 +99,22 @@ def build_task(cfg: RunConfig, tok, data: list[str], val: Path | None, device) -
             raise DataError(f"{train.path}: label {unknown[0]!r} is not in the checkpoint's label map")
         dev, unseen = drop_unseen(dev, labels)
         index = {label: i for i, label in enumerate(labels)}
-        rows, cut = zip(*(classify_ids(tok, e.text, context) for e in train.examples))
-        dev_rows, dev_cut = zip(*(classify_ids(tok, e.text, context) for e in dev.examples))
+        rows, lengths = zip(*(classify_ids(tok, e.text, context) for e in train.examples))
+        dev_rows, dev_lengths = zip(*(classify_ids(tok, e.text, context) for e in dev.examples))
         y = [index[e.label] for e in train.examples]
         weights = balanced_weights(y, len(labels)) if cfg.task.class_weights == "balanced" else None
         cfg = cfg.replace("task", labels=tuple(labels))
         counts = Counter(e.label for e in train.examples)
-        summary.update(val=len(dev.examples), labels={lab: counts[lab] for lab in labels},
-                       unseen=dict(unseen), truncated=sum(cut) + sum(dev_cut))
+        summary.update(val=len(dev.examples), labels={lab: counts[lab] for lab in labels}, unseen=dict(unseen),
+                       **context_report([*lengths, *dev_lengths], context), context=context)
         task = ClassifyTask((list(rows), y), (list(dev_rows), [index[e.label] for e in dev.examples]),
                             labels, cfg, device, weights)
         return task, cfg, summary
     template = cfg.task.prompt_template
     seqs = [pair_sequence(tok, template, e.turns, context) for e in train.examples]
     dev_seqs = [pair_sequence(tok, template, e.turns, context) for e in dev.examples]
-    summary.update(val=len(dev.examples), template=template,
-                   truncated=sum(s.truncated for s in seqs) + sum(s.truncated for s in dev_seqs))
+    summary.update(val=len(dev.examples), template=template, context=context,
+                   **context_report([s.length for s in seqs + dev_seqs], context, room=context + 1))
     return PairTask(seqs, dev_seqs, dev.examples, cfg, tok, device), cfg, summary
 
 
@@ -121,7 +126,7 @@ def prepare_model(cfg: RunConfig, base: ckpt_io.Checkpoint, resume_from: Path | 
         check_same_model(resume_from, saved.model_cfg, cfg.model)
         model = ckpt_io.build_model(saved, device, merge=False)
     else:
-        model = ckpt_io.build_model(base, device, merge=True)
+        model = ckpt_io.build_model(base, device, merge=True, model_cfg=cfg.model)
         torch.manual_seed(cfg.train.seed)  # a new head and new adapters start the same for the same seed
         keep_head = base.kind == "classify" and base.task.labels == cfg.task.labels
         if hasattr(model, "cls_head") and not keep_head:
@@ -151,7 +156,7 @@ def finetune(data: list[str], out: Path, cfg: RunConfig, *, base: ckpt_io.Checkp
     """Run (or resume) a fine-tuning run of ``base`` in ``out``."""
     if merge and not cfg.lora.enabled:
         raise ConfigError("--merge folds LoRA adapters into the weights: it needs --lora")
-    dist, device = start_process(cfg)
+    dist, device, threads = start_process(cfg)
     on_event = main_only(on_event, dist)
     task, cfg, summary = main_first(dist, lambda: build_task(cfg, base.tokenizer, data, val, device))
     on_event("finetune_data", summary)
@@ -160,7 +165,7 @@ def finetune(data: list[str], out: Path, cfg: RunConfig, *, base: ckpt_io.Checkp
     with new_run_dir(out, dist):
         model = prepare_model(cfg, base, resume_from, device)
     result = train_run(out, cfg, model=model, task=task, tokenizer=base.tokenizer, dist=dist, device=device,
-                       resume_from=resume_from, kind=cfg.task.kind, on_event=on_event,
+                       resume_from=resume_from, threads=threads, kind=cfg.task.kind, on_event=on_event,
                        val_tokens=summary.get("val_tokens", 0), val_bytes=summary.get("val_bytes", 0),
                        extra={"lora": cfg.lora.enabled})
     if dist.is_main and merge and (result.best or result.last) is not None and result.stop_reason != "interrupted":

@@ -75,7 +75,7 @@ class TextStream:
     COMMIT_EVERY = 16
 
     def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...] = ()):
-        self.decode, self.stops = decode, tuple(stops)
+        self.decode, self.stops = (lambda ids: drop_invalid(decode(ids))), tuple(stops)
         self.committed = ""  # text of tokens no longer re-decoded
         self.pending: list[int] = []
         self.shown = 0  # characters handed out so far
@@ -84,8 +84,10 @@ class TextStream:
 
     @property
     def text(self) -> str:
+        """The whole output; an incomplete UTF-8 sequence at its very end (decoding stopped
+        between the bytes of one character) is left out."""
         full = self.committed + self.decode(self.pending)
-        return self._cut(full)[0]
+        return self._cut(full.rstrip(REPLACEMENT))[0]
 
     def _cut(self, full: str) -> tuple[str, bool]:
         start = max(0, self.shown - self.longest_stop)
@@ -104,10 +106,10 @@ class TextStream:
             out = full[self.shown:]
             self.shown = len(full)
             return out
-        if len(self.pending) >= self.COMMIT_EVERY and not tail.endswith("\ufffd"):
+        if len(self.pending) >= self.COMMIT_EVERY and not tail.endswith(REPLACEMENT):
             self.committed += tail
             self.pending = []
-        safe = len(full.rstrip("\ufffd"))  # an incomplete UTF-8 sequence waits for its next bytes
+        safe = len(full.rstrip(REPLACEMENT))  # an incomplete UTF-8 sequence waits for its next bytes
         hold = 0
         for stop in self.stops:  # hold back the longest suffix that may begin a stop string
             for k in range(min(len(stop) - 1, safe), 0, -1):
@@ -125,6 +127,18 @@ class TextStream:
         out = full[self.shown:]
         self.shown = len(full)
         return out
+
+
+REPLACEMENT = "\ufffd"
+
+
+def drop_invalid(text: str) -> str:
+    """Text decoded from generated ids, without the U+FFFD marks of byte sequences that are not
+    UTF-8 (a small model can emit byte-fallback tokens in an impossible order): they carry no
+    character, and a reader should never see them. A trailing run is kept: it may be the start of a
+    character whose next bytes are still to come (``TextStream`` holds it back until then)."""
+    head = text.rstrip(REPLACEMENT)
+    return head.replace(REPLACEMENT, "") + text[len(head):]
 
 
 def _record(processed: torch.Tensor, chosen: torch.Tensor) -> list[StepProbs]:

@@ -115,7 +115,7 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
 
     Under torchrun each process calls this; rank 0 trains the tokenizer and builds the token cache
     while the others wait, then every process trains on its share of each global batch."""
-    dist, device = start_process(cfg)
+    dist, device, threads = start_process(cfg)
     on_event = main_only(on_event, dist)
     files = resolve_corpus(corpus) if corpus else sample_corpus()
     docs = read_corpus(files)  # validates every file (UTF-8, not binary, not empty) before any output
@@ -134,7 +134,7 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
             ckpt_io.load_weights(model, resume_from)
 
     result = train_run(out, cfg, model=model, task=LMTask(data, cfg, device), tokenizer=tok, dist=dist,
-                       device=device, resume_from=resume_from, kind="lm", on_event=on_event,
+                       device=device, resume_from=resume_from, threads=threads, kind="lm", on_event=on_event,
                        val_tokens=data.meta["val_tokens"], val_bytes=data.meta["val_bytes"])
     if dist.is_main and cfg.train.samples and result.best is not None and result.stop_reason != "interrupted":
         trained, _ = ckpt_io.load_model(result.best, device)

@@ -52,11 +52,14 @@ class RunResult:
     merged: Path | None = None
 
 
-def start_process(cfg: RunConfig) -> tuple[Dist, torch.device]:
-    """This process's place in a torchrun job (or a world of one), its threads and its device."""
+def start_process(cfg: RunConfig) -> tuple[Dist, torch.device, tuple[int, str]]:
+    """This process's place in a torchrun job (or a world of one), its device, and its CPU threads
+    with the reason for their number."""
     dist = Dist.from_env(cfg.train.device)
-    set_threads(cfg.train.threads)
-    return dist, dist.device(pick_device(cfg.train.device))
+    device = dist.device(pick_device(cfg.train.device))
+    # Several processes on one CPU share its cores: each keeps torch's choice (or the user's).
+    threads = set_threads(cfg.train.threads) if not dist.enabled else (torch.get_num_threads(), "torchrun")
+    return dist, device, threads
 
 
 @contextlib.contextmanager
@@ -84,7 +87,8 @@ def with_epoch_budget(cfg: RunConfig, sequences_per_epoch: float, world: int) ->
 
 def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, tokenizer, dist: Dist,
               device: torch.device, resume_from: Path | None, kind: str, on_event: EventFn,
-              val_tokens: int = 0, val_bytes: int = 0, extra: dict[str, Any] | None = None) -> RunResult:
+              val_tokens: int = 0, val_bytes: int = 0, extra: dict[str, Any] | None = None,
+              threads: tuple[int, str] = (0, "")) -> RunResult:
     """Train a built model on a task in ``out``, fresh or resumed, to a finished run directory.
 
     Everything that is the same for pretraining and fine-tuning happens here: the optimizer and
@@ -100,7 +104,8 @@ def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, 
     optimizer, state = start_training(model, cfg, dist, resume_from, on_event)
     on_event("model", {"params": params, "trainable": trainable, "device": str(device), "precision": precision.name,
                        "precision_reason": precision.reason, "config": cfg.model, "task": kind,
-                       "processes": dist.world, "strategy": cfg.train.strategy if dist.enabled else None, **extra})
+                       "processes": dist.world, "strategy": cfg.train.strategy if dist.enabled else None,
+                       "threads": threads[0], "threads_reason": threads[1], **extra})
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
@@ -187,7 +192,7 @@ def start_training(model: torch.nn.Module, cfg, dist: Dist, resume_from: Path | 
     state = TrainState()
     if resume_from is not None:
         state = load_training_state(model, optimizer, resume_from)
-        on_event("resume", {"path": str(resume_from), "step": state.step})
+        on_event("resume", {"path": str(resume_from), "step": state.step, "budget": cfg.train.budget_text()})
     return optimizer, state
 
 

@@ -182,6 +182,8 @@ class Sequence:
     n_prompt: int
     """How many leading ids are prompt (masked out of the loss when mask_prompt)."""
     truncated: bool
+    length: int = 0
+    """Tokens the example would take untruncated (prompt + response + EOS)."""
 
 
 def pair_sequence(tok, template: str, turns: list[tuple[str, str]], context: int) -> Sequence:
@@ -190,16 +192,28 @@ def pair_sequence(tok, template: str, turns: list[tuple[str, str]], context: int
     prompt = encode_prompt(tok, template, turns[:-1])
     response = tok.encode(turns[-1][1]) + [tok.eos_id]
     room = context + 1
-    truncated = len(prompt) + len(response) > room
+    length = len(prompt) + len(response)
+    truncated = length > room
     if truncated:
         keep_response = min(len(response), max(room - len(prompt), room // 2))
         keep_prompt = room - keep_response
         prompt = prompt[len(prompt) - keep_prompt:] if keep_prompt else []
         response = response[:keep_response]
-    return Sequence(prompt + response, len(prompt), truncated)
+    return Sequence(prompt + response, len(prompt), truncated, length)
 
 
-def classify_ids(tok, text: str, context: int) -> tuple[list[int], bool]:
-    """A text's token ids for classification: its first ``context`` tokens."""
+def classify_ids(tok, text: str, context: int) -> tuple[list[int], int]:
+    """A text's token ids for classification (its first ``context`` tokens), and its full length."""
     ids = tok.encode(text) or [tok.bos_id]
-    return ids[:context], len(ids) > context
+    return ids[:context], len(ids)
+
+
+def context_report(lengths: list[int], context: int, room: int | None = None) -> dict[str, int]:
+    """How many examples a context cuts, and the context that would fit 95% of them (and all)."""
+    room = context if room is None else room
+    ordered = sorted(lengths)
+    if not ordered:
+        return {"truncated": 0, "fits_95": 0, "fits_all": 0}
+    fits_95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    extra = room - context  # a pair sequence holds context + 1 tokens (inputs and shifted targets)
+    return {"truncated": sum(n > room for n in ordered), "fits_95": fits_95 - extra, "fits_all": ordered[-1] - extra}

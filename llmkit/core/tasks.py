@@ -92,8 +92,10 @@ def classify_rows(model, rows: list[list[int]], *, pooling: str, batch_size: int
 def classify_texts(model, tok, texts: list[str], *, pooling: str, batch_size: int = 16,
                    device="cpu") -> tuple[torch.Tensor, int]:
     """Class logits (N, K) for texts, in input order; and how many were truncated to the context."""
-    rows, cut = zip(*(classify_ids(tok, t, model.cfg.context) for t in texts))
-    return classify_rows(model, list(rows), pooling=pooling, batch_size=batch_size, device=device), sum(cut)
+    context = model.cfg.context
+    rows, lengths = zip(*(classify_ids(tok, t, context) for t in texts))
+    cut = sum(n > context for n in lengths)
+    return classify_rows(model, list(rows), pooling=pooling, batch_size=batch_size, device=device), cut
 
 
 def classification_report(logits: torch.Tensor, gold: list[int], labels: tuple[str, ...]) -> dict[str, Any]:

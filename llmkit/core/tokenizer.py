@@ -121,6 +121,12 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
+    def token_text(self, i: int) -> str:
+        """One token shown on its own: its text, or its piece (``<0xC3>``) when it is a byte of a
+        longer UTF-8 sequence that means nothing alone."""
+        text = self.decode([i])
+        return self.id_to_piece(i) if not text or "\ufffd" in text else text
+
     def is_byte(self, i: int) -> bool:
         return i in self._byte_ids
 
