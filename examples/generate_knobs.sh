@@ -9,6 +9,7 @@ P="La ville de"
 show() { echo "--- $*"; $LLMKIT generate "$RUN" --prompt "$P" -n 40 --quiet "$@"; }
 show --greedy
 show --greedy --repetition-penalty 1.3
+show --greedy --repetition-penalty 1.15 --frequency-penalty 0.3
 show --greedy --no-repeat-ngram 3
 show --temperature 0.7 --top-p 0.9 --seed 0
 show --temperature 1.2 --min-p 0.1 --seed 0

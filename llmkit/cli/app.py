@@ -6,6 +6,7 @@ torch. ``LLMKIT_DEBUG=1`` shows the full traceback of any error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -34,6 +35,8 @@ class LlmkitGroup(TyperGroup):
             return super().invoke(ctx)
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            quiet_broken_pipe()
         except LlmkitError as e:
             _fail(escape(str(e)))
         except OSError as e:
@@ -76,8 +79,21 @@ def _register() -> None:
 _register()
 
 
+def quiet_broken_pipe() -> None:
+    """The reader of stdout went away (``llmkit generate … | head``): end quietly, as ``cat`` does.
+
+    stdout is pointed at /dev/null first, so the interpreter's final flush cannot fail again and
+    print its own complaint; the exit code is the shell's for a process ended by SIGPIPE.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(128 + 13)
+
+
 def main() -> None:
     try:
         app()
+    except BrokenPipeError:  # pragma: no cover - raised outside a command's body
+        quiet_broken_pipe()
     except KeyboardInterrupt:  # pragma: no cover - outside a command
         sys.exit(130)

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import DeviceOpt, OutOpt, QuietOpt
+from llmkit.cli.options import DeviceOpt, JsonOpt, OutOpt, QuietOpt
 from llmkit.core.config import EmbedConfig as E
 from llmkit.core.errors import ConfigError, DataError
 
@@ -32,6 +32,7 @@ def encode(
     query: Annotated[Optional[str], typer.Option("--query", help="Search --index for the items nearest to this text.", show_default=False)] = None,
     index: Annotated[Optional[Path], typer.Option("--index", help="An index written by llmkit encode.", show_default=False)] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Neighbours to show.")] = 5,
+    json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
 ) -> None:
@@ -64,7 +65,15 @@ def encode(
     if query is not None:
         embed.check_index(index, vectors, meta, model, model_id)
         vec, _ = embed.embed_items(model, ckpt.tokenizer, [query], settings, device=dev)
-        _show_hits(embed.search(vectors, vec[0], top_k), texts)
+        hits = embed.search(vectors, vec[0], top_k)
+        if json_out:
+            import json
+
+            for rank, (row, score) in enumerate(hits, 1):
+                print(json.dumps({"rank": rank, "score": round(score, 6), "id": row, "text": texts[row]},
+                                 ensure_ascii=False))
+        else:
+            _show_hits(hits, texts)
         return
     progress = None
     if console.is_terminal and not quiet:

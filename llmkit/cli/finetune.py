@@ -58,7 +58,7 @@ def finetune(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from llmkit.cli.render import FinetuneView, end_interrupted, training_view
+    from llmkit.cli.render import FinetuneView, end_interrupted, print_result, training_view
     from llmkit.core.finetune import finetune as run_finetune
     from llmkit.core.finetune import plan
 
@@ -87,5 +87,5 @@ def finetune(
                           on_event=view)
     end_interrupted(view, result)
     view.summary(result)
-    if not json_out and main:
-        typer.echo(str(result.merged or result.best or result.last or out))
+    if main:
+        print_result(result, json_out)

@@ -36,7 +36,7 @@ def pretrain(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from llmkit.cli.render import PretrainView, end_interrupted, sample_block, training_view
+    from llmkit.cli.render import PretrainView, end_interrupted, print_result, sample_block, training_view
     from llmkit.core.pretrain import plan
 
     check_positive(steps=steps, batch_size=batch_size, lr=lr)
@@ -65,5 +65,5 @@ def pretrain(
         best = f"best val loss {result.state.best_val_loss:.4f} at step {result.state.best_step}"
         view.log(f"{result.params:,} parameters, {result.state.step} steps, {best}; "
                  f"loss curve: {out / 'loss.svg'}")
-    if not json_out and main:
-        typer.echo(str(result.best or result.last or out))
+    if main:
+        print_result(result, json_out)

@@ -7,6 +7,7 @@ with --quiet it draws nothing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -15,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 
@@ -56,18 +57,41 @@ class PretrainView:
         self.live = self.console.is_terminal and not quiet
         self.progress: Progress | None = None
         self.task = None
-        self.fields = {"loss": "-", "val": "-", "tps": "-", "step": "0"}
+        self.fields = {"loss": "-", "val": "-", "tps": "-", "step": "0", "eta": "-:--:--"}
+        self.seconds = 0.0  # the time budget, when there is one
 
     def log(self, message: str) -> None:
         if not self.quiet:
             (self.progress.console if self.progress else self.console).print(message, highlight=False)
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
-        if self.json_lines and kind in ("step", "eval", "save", "stop"):
-            print(json.dumps({"event": kind, **data}, default=str), flush=True)
-        handler = getattr(self, f"on_{kind}", None)
-        if handler:
-            handler(data)
+        try:
+            if self.json_lines and kind in ("step", "eval", "save", "stop"):
+                print(json.dumps({"event": kind, **data}, default=str), flush=True)
+            handler = getattr(self, f"on_{kind}", None)
+            if handler:
+                handler(data)
+        except (OSError, ValueError):
+            # stderr (or stdout) was closed under us: the run matters more than its progress bar.
+            # Go quiet for good and let training go on to its checkpoints.
+            if self.progress:
+                with contextlib.suppress(Exception):
+                    self.progress.stop()
+            self.progress, self.quiet, self.live, self.json_lines = None, True, False, False
+
+    def _eta(self, d) -> str:
+        """Time left: the budget's own deadline when it is a time budget; else from the pace so far."""
+        p, elapsed = d.get("progress", 0.0), d.get("elapsed_s", 0.0)
+        if self.seconds:
+            left = self.seconds - elapsed
+            if p > 0 and elapsed > 0:  # a step budget may end first
+                left = min(left, elapsed * (1 - p) / p)
+        elif p > 0:
+            left = elapsed * (1 - p) / p
+        else:
+            return "-:--:--"
+        left = max(int(left), 0)
+        return f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
 
     def on_corpus(self, d):
         if d["sample"]:
@@ -105,20 +129,28 @@ class PretrainView:
             self.log(f"{'[yellow]busy machine:[/] ' if busy else ''}{d['threads']} CPU thread(s) ({d['threads_reason']})")
 
     def on_start(self, d):
+        self.seconds = d.get("seconds") or 0.0
+        if self.seconds:
+            self.fields["eta"] = self._eta({"elapsed_s": 0.0, "progress": 0.0})
         if not self.live:
             return
         self.progress = Progress(
             TextColumn("[bold]train[/]"), BarColumn(), TextColumn("step {task.fields[step]}"),
             TextColumn("loss {task.fields[loss]}"), TextColumn("val {task.fields[val]}"),
-            TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
-            TimeRemainingColumn(), console=self.console, transient=False)
+            TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("left {task.fields[eta]}"),
+            console=self.console, transient=False)
         self.progress.start()
         self.task = self.progress.add_task("train", total=1000, **self.fields)
 
-    def on_step(self, d):
-        self.fields.update(loss=f"{d['loss']:.3f}", tps=human(d["tokens_per_s"]), step=str(d["step"]))
+    def on_tick(self, d):
+        """Every optimizer step: move the bar by time, not only at logged steps."""
+        self.fields.update(step=str(d["step"]), eta=self._eta(d))
         if self.progress:
             self.progress.update(self.task, completed=1000 * min(d["progress"], 1.0), **self.fields)
+
+    def on_step(self, d):
+        self.fields.update(loss=f"{d['loss']:.3f}", tps=human(d["tokens_per_s"]))
+        self.on_tick(d)
 
     def on_eval(self, d):
         self.fields["val"] = f"{d['val_loss']:.3f}"
@@ -150,14 +182,15 @@ def classification_tables(report: dict[str, Any]) -> tuple[Table, Table]:
         s = report["per_class"][label]
         scores.add_row(escape(label), f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}",
                        str(s["support"]))
-    confusion = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
-    confusion.add_column("")
-    short = [escape(label[:8]) for label in labels]
-    for name in short:
-        confusion.add_column(name, justify="right")
+    # Columns are numbered, rows carry the numbers and the whole labels: long labels are never cut.
+    confusion = Table(title="confusion (rows: true, columns: predicted, by number)", title_justify="left")
+    confusion.add_column("true label")
+    for j in range(len(labels)):
+        confusion.add_column(str(j + 1), justify="right")
     for i, row in enumerate(report["confusion"]):
-        confusion.add_row(short[i], *(f"[bold green]{n}[/]" if i == j and n else (str(n) if n else "[dim]·[/]")
-                                      for j, n in enumerate(row)))
+        confusion.add_row(f"{i + 1} {escape(labels[i])}",
+                          *(f"[bold green]{n}[/]" if i == j and n else (str(n) if n else "[dim]·[/]")
+                            for j, n in enumerate(row)))
     return scores, confusion
 
 
@@ -272,6 +305,25 @@ def sample_block(prompt: str, text: str, *, arrow: bool = False) -> str:
     sep = " → " if arrow else ""
     body = f"[dim]{escape(prompt)}[/]{sep}{escape(text.strip() if arrow else text)}"
     return "  " + body.replace("\n", "\n    ")
+
+
+def print_result(result, json_out: bool) -> None:
+    """stdout's last word on a run: the checkpoint to use next, or with --json one ``result``
+    event that sums the run up (the stream of step/eval/save/stop events ends with it)."""
+    use = result.merged or result.best or result.last or result.out
+    if not json_out:
+        print(use, flush=True)
+        return
+    st = result.state
+    row = {"event": "result", "checkpoint": str(use), "out": str(result.out), "best": result.best,
+           "last": result.last, "merged": result.merged, "stop_reason": result.stop_reason, "steps": st.step,
+           "tokens": st.tokens_seen, "elapsed_s": round(st.elapsed_s, 3), "best_step": st.best_step,
+           "best_val_loss": st.best_val_loss if math.isfinite(st.best_val_loss) else None,
+           "best_score": st.best_score, "params": result.params, "trainable": result.trainable,
+           "precision": result.precision, "samples": [{"prompt": p, "text": t} for p, t in result.samples]}
+    if result.best_metrics:
+        row["best_metrics"] = {k: v for k, v in result.best_metrics.items() if k not in ("samples", "confusion")}
+    print(json.dumps(row, default=str, ensure_ascii=False), flush=True)
 
 
 def training_view(cls, *, quiet: bool, json_out: bool):

@@ -92,11 +92,14 @@ def encode(
         from rich.console import Console
         from rich.text import Text
 
-        shown = Text()
-        for n, i in enumerate(ids):
-            piece = tok.id_to_piece(i).replace("\n", "\\n").replace("\t", "\\t")
-            shown.append(piece, style="black on " + ("cyan" if n % 2 else "yellow"))
-        Console(highlight=False).print(shown)
+        shown = [tok.id_to_piece(i).replace("\n", "\\n").replace("\t", "\\t") for i in ids]
+        if sys.stdout.isatty():  # colours tell the pieces apart
+            text_out = Text()
+            for n, piece in enumerate(shown):
+                text_out.append(piece, style="black on " + ("cyan" if n % 2 else "yellow"))
+            Console(highlight=False).print(text_out)
+        else:  # piped: no colours, so a separator that no piece contains (tabs are escaped)
+            typer.echo("\t".join(shown))
         Console(stderr=True).print(f"{len(ids)} tokens, {len(text)} characters", highlight=False)
     else:
         typer.echo(" ".join(map(str, ids)))

@@ -18,6 +18,7 @@ place. A directory without trainer_state.json is never loaded. Nothing is ever u
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -36,7 +37,7 @@ from llmkit.core.config import LoRAConfig, ModelConfig, TaskConfig, build_sectio
 from llmkit.core.errors import CheckpointError, LlmkitError
 from llmkit.core.heads import attach_classifier
 from llmkit.core.lora import apply_lora, has_lora, load_adapter, merge_lora, split_state
-from llmkit.core.model import Transformer, rope_tables
+from llmkit.core.model import Transformer, rope_tables, skip_init
 from llmkit.core.tokenizer import Tokenizer, atomic_write
 
 FORMAT_VERSION = 1
@@ -57,6 +58,14 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@functools.lru_cache(maxsize=1)
+def _file_mode() -> int:
+    """The mode a new file gets here (0644 under the usual umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync_file(path: Path) -> None:
@@ -120,7 +129,9 @@ def save_checkpoint(dest: Path, *, model: torch.nn.Module, config: dict[str, Any
     if optimizer is not None:
         opt_tensors, meta = tensors[1] if tensors and tensors[1] else optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
+    mode = _file_mode()
     for f in tmp.iterdir():
+        os.chmod(f, mode)  # safetensors writes 0600; every file of a checkpoint gets the same mode
         _fsync_file(f)
     full_state = {"format": FORMAT_VERSION, **state,
                   "versions": {"llmkit": llmkit.__version__, "torch": torch.__version__}}
@@ -278,11 +289,11 @@ def build_model(ckpt: Checkpoint, device: torch.device | str = "cpu", *, merge: 
     weights (the context, dropout): fine-tuning on longer examples than the base saw.
     """
     cfg = model_cfg or ckpt.model_cfg
-    with torch.device("meta"):
-        model = Transformer(cfg)  # no memory, no init: the weights come next
+    with skip_init():
+        model = Transformer(cfg)  # no init: the weights come next
         if ckpt.kind == "classify":
             attach_classifier(model, len(ckpt.task.labels))
-    model = model.to_empty(device=device)
+    model = model.to(device)
     load_weights(model, ckpt.path)
     if ckpt.model_cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight

@@ -24,7 +24,7 @@ from llmkit.core.task_data import (ExampleSet, classify_ids, context_report, dro
                                    pair_sequence, read_examples)
 from llmkit.core.heads import attach_classifier
 from llmkit.core.lora import apply_lora
-from llmkit.core.rundir import (RunResult, check_same_model, main_first, main_only, new_run_dir, resume_source,
+from llmkit.core.rundir import (RunResult, check_launch, check_same_model, main_first, main_only, new_run_dir, resume_source,
                                 start_process, train_run, with_epoch_budget)
 from llmkit.core.tasks import ClassifyTask, LMTask, PairTask, balanced_weights
 from llmkit.core.tokenizer import check_compatible
@@ -64,6 +64,7 @@ def plan(checkpoint: Path, out: Path, *, resume: str | None, config_file: Path |
                           "network (only model.context and model.dropout can change)")
     if cfg.task.kind != "classify" and cfg.task.freeze_trunk:
         raise ConfigError("--freeze-trunk trains a classification head only: it needs --task classify")
+    check_launch(cfg)
     return cfg, base, resume_from
 
 

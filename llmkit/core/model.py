@@ -14,6 +14,7 @@ training, padding and decoding) decides what each query sees.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -169,11 +170,14 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.context, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (L, D/2)
         self.register_buffer("rope_sin", sin, persistent=False)  # (L, D/2)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
         self.apply(self._init)
         # GPT-2's scaled init: residual projections shrink with depth so activations stay O(1).
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -229,6 +233,27 @@ class Transformer(nn.Module):
         layer = layer % (n + 1)
         x = self._trunk(idx, layer, cache=None, pos=0, positions=positions, key_valid=key_valid)
         return self.norm(x) if layer == n else x
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Build modules without initialising their weights (the checkpoint's come next).
+
+    The same saving as building on the ``meta`` device, without its cost: a meta-device context
+    imports torch's decomposition machinery on first use, about two seconds of start-up for every
+    command that loads a model.
+    """
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    saved_init = Transformer._init_weights
+    try:
+        for cls in saved:
+            cls.reset_parameters = lambda self: None
+        Transformer._init_weights = lambda self: None
+        yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn
+        Transformer._init_weights = saved_init
 
 
 def pad_batch(rows: list[list[int]], side: str, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -22,7 +22,7 @@ from llmkit.core.data import TokenData, check_fits, load_or_build
 from llmkit.core.errors import ConfigError
 from llmkit.core.generate import decode_batch, row_seed
 from llmkit.core.model import Transformer
-from llmkit.core.rundir import (RunResult, check_same_model, main_only, new_run_dir, resume_source, start_process,
+from llmkit.core.rundir import (RunResult, check_launch, check_same_model, main_only, new_run_dir, resume_source, start_process,
                                 train_run, with_epoch_budget)
 from llmkit.core.tasks import LMTask
 from llmkit.core.tokenizer import Tokenizer, check_compatible, train_tokenizer
@@ -48,6 +48,7 @@ def plan(out: Path, *, resume: str | None, preset: str | None, config_file: Path
     if cfg.task.kind != "lm":
         raise ConfigError(f"task.kind is {cfg.task.kind!r}: pretraining is next-token prediction (kind lm); "
                           "use llmkit finetune for other tasks")
+    check_launch(cfg)
     return cfg, resume_from
 
 

@@ -52,6 +52,15 @@ class RunResult:
     merged: Path | None = None
 
 
+def check_launch(cfg: RunConfig) -> None:
+    """Refuse, before any work and on every rank, what the launch makes impossible: a global batch
+    the processes cannot share evenly, a device this machine does not have."""
+    import os
+
+    cfg.train.accumulation(int(os.environ.get("WORLD_SIZE", "1")))
+    pick_device(cfg.train.device)
+
+
 def start_process(cfg: RunConfig) -> tuple[Dist, torch.device, tuple[int, str]]:
     """This process's place in a torchrun job (or a world of one), its device, and its CPU threads
     with the reason for their number."""
@@ -135,7 +144,8 @@ def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, 
     if not dist.is_main:
         return result
     title = f"{out.name}: loss" + (f" ({kind})" if kind != "lm" else "")
-    write_loss_curve(out / "loss.svg", metrics.train, metrics.val, title)
+    unit = "loss (nats/example)" if kind == "classify" else "loss (nats/token)"
+    write_loss_curve(out / "loss.svg", metrics.train, metrics.val, title, unit)
     if reason == "diverged":
         raise TrainingDiverged(f"training diverged at step {state.step} (loss is NaN or infinite); "
                                f"last good checkpoint: {last or best or 'none'}; lower optim.lr or raise "

@@ -302,6 +302,8 @@ class Trainer:
         self.window = (start, tokens + step_tokens)
         # Not budget.done(): each process has its own clock; the summed flag is the shared one.
         stop = "steps" if self.budget.steps and state.step >= self.budget.steps else ("time" if any_time_up else None)
+        self.on_event("tick", {"step": state.step, "elapsed_s": state.elapsed_s,
+                               "progress": self.budget.progress(state)})
         if state.step % self.train_cfg.log_every == 0 or stop:
             now = time.perf_counter()
             self.on_event("step", {"step": state.step, "loss": loss_value, "lr": lr,
