@@ -183,7 +183,7 @@ def classification_tables(report: dict[str, Any]) -> tuple[Table, Table]:
         scores.add_row(escape(label), f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}",
                        str(s["support"]))
     # Columns are numbered, rows carry the numbers and the whole labels: long labels are never cut.
-    confusion = Table(title="confusion (rows: true, columns: predicted, by number)", title_justify="left")
+    confusion = Table(title="confusion (rows true, columns predicted)", title_justify="left")
     confusion.add_column("true label")
     for j in range(len(labels)):
         confusion.add_column(str(j + 1), justify="right")
