@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 
 import typer
@@ -15,7 +16,7 @@ from typer.core import TyperGroup
 
 from llmkit import __version__
 from llmkit.cli.options import escape
-from llmkit.core.errors import LlmkitError
+from llmkit.core.errors import LlmkitError, Terminated
 
 
 def _fail(message: str, code: int = 1):
@@ -37,6 +38,8 @@ class LlmkitGroup(TyperGroup):
             return super().invoke(ctx)
         except BrokenPipeError:
             quiet_broken_pipe()
+        except Terminated:
+            _fail("terminated (SIGTERM)", 143)
         except LlmkitError as e:
             _fail(escape(str(e)))
         except OSError as e:
@@ -90,7 +93,13 @@ def quiet_broken_pipe() -> None:
     raise SystemExit(128 + 13)
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main() -> None:
+    # SIGTERM is handled like Ctrl-C (a training run writes its checkpoint first), exit 143.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except BrokenPipeError:  # pragma: no cover - raised outside a command's body

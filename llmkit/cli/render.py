@@ -168,7 +168,8 @@ class PretrainView:
             self.progress.stop()
             self.progress = None
         why = {"steps": "step budget reached", "time": "time budget reached", "early_stop": "early stopping",
-               "diverged": "loss diverged", "interrupted": "interrupted"}.get(d["reason"], d["reason"])
+               "diverged": "loss diverged", "interrupted": "interrupted",
+               "terminated": "terminated (SIGTERM)"}.get(d["reason"], d["reason"])
         self.log(f"stopped at step {d['step']}: {why}")
 
 
@@ -336,10 +337,12 @@ def training_view(cls, *, quiet: bool, json_out: bool):
 
 
 def end_interrupted(view, result) -> None:
-    """An interrupted run has written its checkpoint: say how to go on, exit 130 as Ctrl-C does."""
-    if result.stop_reason == "interrupted":
+    """A run stopped by Ctrl-C or SIGTERM has written its checkpoint: say how to go on, and exit as
+    the signal's convention says (130 for SIGINT, 143 for SIGTERM)."""
+    if result.stop_reason in ("interrupted", "terminated"):
         import typer
 
-        view.log(f"[yellow]interrupted[/] at step {result.state.step}: continue with --resume auto")
-        raise typer.Exit(130)
+        what = "interrupted" if result.stop_reason == "interrupted" else "terminated (SIGTERM)"
+        view.log(f"[yellow]{what}[/] at step {result.state.step}: checkpoint written; continue with --resume auto")
+        raise typer.Exit(130 if result.stop_reason == "interrupted" else 143)
 

@@ -18,6 +18,7 @@ place. A directory without trainer_state.json is never loaded. Nothing is ever u
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 import llmkit
 from llmkit.core.config import LoRAConfig, ModelConfig, TaskConfig, build_section
-from llmkit.core.errors import CheckpointError, LlmkitError
+from llmkit.core.errors import check_format, CheckpointError, LlmkitError
 from llmkit.core.heads import attach_classifier
 from llmkit.core.lora import apply_lora, has_lora, load_adapter, merge_lora, split_state
 from llmkit.core.model import Transformer, rope_tables, skip_init
@@ -99,13 +100,18 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        groups = json.loads(f.metadata()["param_groups"])
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key in f.keys():
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = f.get_tensor(key)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            groups = json.loads(f.metadata()["param_groups"])
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for key in f.keys():
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = f.get_tensor(key)
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except Exception as e:  # a torn, foreign or tampered file: never a traceback, never half-loaded
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} cannot be read as optimizer state ({reason}): the checkpoint is damaged; "
+                              f"resume from an earlier one with --resume {path.parent.parent}/step-NNNNNN") from None
 
 
 def save_checkpoint(dest: Path, *, model: torch.nn.Module, config: dict[str, Any], tokenizer: Tokenizer,
@@ -117,10 +123,30 @@ def save_checkpoint(dest: Path, *, model: torch.nn.Module, config: dict[str, Any
     already (a sharded model); otherwise they are read from ``model`` and ``optimizer``."""
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        _write_checkpoint(tmp, model=model, config=config, tokenizer=tokenizer, state=state, optimizer=optimizer,
+                          tensors=tensors)
+        _swap_into_place(tmp, dest)
+    except (OSError, SafetensorError) as e:
+        # A full disk, a vanished directory, a permission: the half-written tmp/ goes, and every
+        # earlier checkpoint stays as it was (dest/ itself is only ever replaced by a rename).
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+        hint = ("free some space (or lower train.keep_checkpoints), then --resume auto" if full
+                else "fix the cause, then --resume auto")
+        raise CheckpointError(f"cannot write checkpoint {dest}: {reason}; earlier checkpoints are intact; {hint}") \
+            from None
+    return dest
+
+
+def _write_checkpoint(tmp: Path, *, model, config, tokenizer: Tokenizer, state, optimizer, tensors) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weights, adapter = model_tensors(model, tensors[0] if tensors else None)
-    meta = {"format": "llmkit", "version": str(FORMAT_VERSION)}
+    # The weights name the tokenizer they were trained with: a swapped tokenizer is refused on load.
+    meta = {"format": "llmkit", "version": str(FORMAT_VERSION), "llmkit": llmkit.__version__,
+            "tokenizer_sha256": tokenizer.contract.get("model_sha256", "")}
     save_file(weights, str(tmp / "model.safetensors"), metadata=meta)
     if adapter is not None:
         save_file(adapter, str(tmp / "adapter.safetensors"), metadata=meta)
@@ -137,8 +163,6 @@ def save_checkpoint(dest: Path, *, model: torch.nn.Module, config: dict[str, Any
                   "versions": {"llmkit": llmkit.__version__, "torch": torch.__version__}}
     atomic_write(tmp / "trainer_state.json", json.dumps(full_state, indent=1).encode())  # last
     _fsync_dir(tmp)
-    _swap_into_place(tmp, dest)
-    return dest
 
 
 def _swap_into_place(tmp: Path, dest: Path) -> None:
@@ -260,7 +284,29 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path}: {e}") from None
     if task.kind == "classify" and len(task.labels) < 2:
         raise CheckpointError(f"checkpoint {path}: a classifier needs task.labels (found {list(task.labels)})")
-    return Checkpoint(path, config, model_cfg, tokenizer, read_state(path), task, lora)
+    state = read_state(path)
+    check_format(state.get("format", 1), FORMAT_VERSION, f"{path}/trainer_state.json",
+                 (state.get("versions") or {}).get("llmkit"))
+    meta = weights_metadata(path / "model.safetensors")
+    check_format(meta.get("version", 1), FORMAT_VERSION, f"{path}/model.safetensors", meta.get("llmkit"))
+    trained_with = meta.get("tokenizer_sha256")
+    if trained_with and trained_with != tokenizer.contract.get("model_sha256"):
+        raise CheckpointError(f"{path}: tokenizer.model is not the tokenizer these weights were trained with "
+                              f"(model.safetensors records {trained_with[:12]}…, the folder holds "
+                              f"{str(tokenizer.contract.get('model_sha256'))[:12]}…): restore the checkpoint's own "
+                              "tokenizer.model and tokenizer.yaml")
+    return Checkpoint(path, config, model_cfg, tokenizer, state, task, lora)
+
+
+def weights_metadata(file: Path) -> dict[str, str]:
+    """The metadata header of a safetensors file (read without loading any tensor)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise CheckpointError(f"{file} cannot be read: {str(e).splitlines()[0] if str(e) else e}") from None
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -272,7 +318,12 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     tensors = _read_tensors(Path(path) / "model.safetensors")
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shapes that disagree with config.yaml (an edited config, a foreign file)
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise CheckpointError(f"{path}/model.safetensors does not fit {path}/config.yaml ({first.rstrip('.')}): "
+                              "was config.yaml edited? Restore it, or use the checkpoint it belongs to") from None
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:

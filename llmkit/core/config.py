@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -376,6 +377,10 @@ class SampleConfig:
     """Prompts decoded together."""
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty", "length_penalty"):
+            value = getattr(self, name)
+            _check(math.isfinite(value), f"--{name.replace('_', '-')}", f"must be a finite number, not {value}")
         _check(self.max_new_tokens > 0, "--max-new-tokens", f"must be positive, not {self.max_new_tokens}")
         _check(self.temperature >= 0, "--temperature", f"must be >= 0, not {self.temperature}")
         _check(self.top_k >= 0, "--top-k", f"must be >= 0, not {self.top_k}")
@@ -563,9 +568,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
             # PyYAML reads 3e-4 (no dot) as a string: coerce by the declared type instead.
-            return float(str(value).replace("_", "")) if isinstance(value, str) else float(value)
+            number = float(str(value).replace("_", "")) if isinstance(value, str) else float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan and inf pass every comparison check silently
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected text, got {value!r}")

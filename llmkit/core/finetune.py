@@ -24,8 +24,8 @@ from llmkit.core.task_data import (ExampleSet, classify_ids, context_report, dro
                                    pair_sequence, read_examples)
 from llmkit.core.heads import attach_classifier
 from llmkit.core.lora import apply_lora
-from llmkit.core.rundir import (RunResult, check_launch, check_same_model, main_first, main_only, new_run_dir, resume_source,
-                                start_process, train_run, with_epoch_budget)
+from llmkit.core.rundir import (RunResult, check_launch, check_same_model, main_first, main_only, new_run_dir,
+                                resume_source, run_lock, start_process, train_run, with_epoch_budget)
 from llmkit.core.tasks import ClassifyTask, LMTask, PairTask, balanced_weights
 from llmkit.core.tokenizer import check_compatible
 from llmkit.core.train import EventFn
@@ -163,15 +163,17 @@ def finetune(data: list[str], out: Path, cfg: RunConfig, *, base: ckpt_io.Checkp
     on_event("finetune_data", summary)
     sequences = summary["train_tokens"] / cfg.model.context if cfg.task.kind == "lm" else summary["train"]
     cfg = with_epoch_budget(cfg, sequences, dist.world)
-    with new_run_dir(out, dist):
-        model = prepare_model(cfg, base, resume_from, device)
-    result = train_run(out, cfg, model=model, task=task, tokenizer=base.tokenizer, dist=dist, device=device,
-                       resume_from=resume_from, threads=threads, kind=cfg.task.kind, on_event=on_event,
-                       val_tokens=summary.get("val_tokens", 0), val_bytes=summary.get("val_bytes", 0),
-                       extra={"lora": cfg.lora.enabled})
-    if dist.is_main and merge and (result.best or result.last) is not None and result.stop_reason != "interrupted":
-        result.merged = merge_checkpoint(result.best or result.last, out / "merged")
-        on_event("save", {"kind": "merged", "path": str(result.merged), "step": result.state.step})
+    with run_lock(out, dist):
+        with new_run_dir(out, dist):
+            model = prepare_model(cfg, base, resume_from, device)
+        result = train_run(out, cfg, model=model, task=task, tokenizer=base.tokenizer, dist=dist, device=device,
+                           resume_from=resume_from, threads=threads, kind=cfg.task.kind, on_event=on_event,
+                           val_tokens=summary.get("val_tokens", 0), val_bytes=summary.get("val_bytes", 0),
+                           extra={"lora": cfg.lora.enabled})
+        finished = result.stop_reason not in ("interrupted", "terminated")
+        if dist.is_main and merge and (result.best or result.last) is not None and finished:
+            result.merged = merge_checkpoint(result.best or result.last, out / "merged")
+            on_event("save", {"kind": "merged", "path": str(result.merged), "step": result.state.step})
     return result
 
 

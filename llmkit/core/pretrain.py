@@ -22,8 +22,8 @@ from llmkit.core.data import TokenData, check_fits, load_or_build
 from llmkit.core.errors import ConfigError
 from llmkit.core.generate import decode_batch, row_seed
 from llmkit.core.model import Transformer
-from llmkit.core.rundir import (RunResult, check_launch, check_same_model, main_only, new_run_dir, resume_source, start_process,
-                                train_run, with_epoch_budget)
+from llmkit.core.rundir import (RunResult, check_launch, check_same_model, main_only, new_run_dir, resume_source,
+                                run_lock, start_process, train_run, with_epoch_budget)
 from llmkit.core.tasks import LMTask
 from llmkit.core.tokenizer import Tokenizer, check_compatible, train_tokenizer
 from llmkit.core.train import EventFn
@@ -120,25 +120,27 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
     on_event = main_only(on_event, dist)
     files = resolve_corpus(corpus) if corpus else sample_corpus()
     docs = read_corpus(files)  # validates every file (UTF-8, not binary, not empty) before any output
-    with new_run_dir(out, dist):
-        if dist.is_main:
-            tok, data, cfg = _prepare(cfg, out, files, docs, corpus is None, tokenizer_dir, resume_from, on_event)
-        dist.barrier()
-        if not dist.is_main:  # the tokenizer rank 0 trained or was given; the cache it built
-            given = tokenizer_dir or (None if resume_from else out / "tokenizer")
-            tok, data, cfg = _prepare(cfg, out, files, docs, corpus is None, given, resume_from, on_event)
-        cfg = with_epoch_budget(cfg, data.meta["train_tokens"] / cfg.model.context, dist.world)
-        torch.manual_seed(cfg.train.seed)
-        model = Transformer(cfg.model).to(device)
-        if resume_from is not None:
-            check_same_model(resume_from, ckpt_io.read_checkpoint(resume_from).model_cfg, cfg.model)
-            ckpt_io.load_weights(model, resume_from)
+    with run_lock(out, dist):
+        with new_run_dir(out, dist):
+            if dist.is_main:
+                tok, data, cfg = _prepare(cfg, out, files, docs, corpus is None, tokenizer_dir, resume_from, on_event)
+            dist.barrier()
+            if not dist.is_main:  # the tokenizer rank 0 trained or was given; the cache it built
+                given = tokenizer_dir or (None if resume_from else out / "tokenizer")
+                tok, data, cfg = _prepare(cfg, out, files, docs, corpus is None, given, resume_from, on_event)
+            cfg = with_epoch_budget(cfg, data.meta["train_tokens"] / cfg.model.context, dist.world)
+            torch.manual_seed(cfg.train.seed)
+            model = Transformer(cfg.model).to(device)
+            if resume_from is not None:
+                check_same_model(resume_from, ckpt_io.read_checkpoint(resume_from).model_cfg, cfg.model)
+                ckpt_io.load_weights(model, resume_from)
 
-    result = train_run(out, cfg, model=model, task=LMTask(data, cfg, device), tokenizer=tok, dist=dist,
-                       device=device, resume_from=resume_from, threads=threads, kind="lm", on_event=on_event,
-                       val_tokens=data.meta["val_tokens"], val_bytes=data.meta["val_bytes"])
-    if dist.is_main and cfg.train.samples and result.best is not None and result.stop_reason != "interrupted":
-        trained, _ = ckpt_io.load_model(result.best, device)
-        prompts = _sample_prompts(data, tok, cfg.train.samples)
-        result.samples = write_samples(trained, tok, prompts, device, cfg.train.seed)
+        result = train_run(out, cfg, model=model, task=LMTask(data, cfg, device), tokenizer=tok, dist=dist,
+                           device=device, resume_from=resume_from, threads=threads, kind="lm", on_event=on_event,
+                           val_tokens=data.meta["val_tokens"], val_bytes=data.meta["val_bytes"])
+        stopped_by_signal = result.stop_reason in ("interrupted", "terminated")
+        if dist.is_main and cfg.train.samples and result.best is not None and not stopped_by_signal:
+            trained, _ = ckpt_io.load_model(result.best, device)
+            prompts = _sample_prompts(data, tok, cfg.train.samples)
+            result.samples = write_samples(trained, tok, prompts, device, cfg.train.seed)
     return result

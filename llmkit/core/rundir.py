@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +85,67 @@ def new_run_dir(out: Path, dist: Dist) -> Iterator[None]:
         if created and dist.is_main:
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot, /proc/PID/stat field 22): with the PID it
+    names one process, even after the PID is reused. None where /proc cannot tell."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    now = _start_time(pid)
+    return started is None or now is None or now == started
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, dist: Dist) -> Iterator[None]:
+    """One writer per run directory: a second run on the same ``--out`` is refused while the first
+    lives. The lock (``.NAME.llmkit-lock`` beside the directory) records host, PID and the process's
+    start time; a lock whose process is gone (killed, crashed) is stale and taken over. Under
+    torchrun, rank 0 holds it for the job."""
+    if not dist.is_main:
+        yield
+        return
+    out = Path(out)
+    lock = out.parent / f".{out.name}.llmkit-lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                held = {}  # torn while being written: its writer died at once
+            same_host = held.get("host") == me["host"]
+            if held and (not same_host or _alive(int(held.get("pid", 0)), held.get("started"))):
+                where = f"PID {held.get('pid')}" + ("" if same_host else f" on host {held.get('host')}")
+                hint = "" if same_host else f" (if that run is gone, delete {lock})"
+                raise ConfigError(f"another llmkit run ({where}, since {held.get('since')}) is writing to {out}: "
+                                  f"wait for it to end, or choose another --out{hint}")
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    else:  # pragma: no cover - another process took the stale lock between our two tries
+        raise ConfigError(f"another llmkit run just started writing to {out}: choose another --out")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def with_epoch_budget(cfg: RunConfig, sequences_per_epoch: float, world: int) -> RunConfig:
@@ -214,6 +277,31 @@ def parallelize(model: torch.nn.Module, strategy: str, dist: Dist) -> torch.nn.M
     return model
 
 
+def read_metrics(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A torn last line (the run was killed while appending it) is
+    dropped, and with ``repair`` cut from the file so appending goes on cleanly; a damaged line
+    anywhere else is an error naming it."""
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    rows, kept = [], 0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            kept += len(line) + 1
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if any(rest.strip() for rest in lines[n:]):
+                raise CheckpointError(f"{path}: line {n} is damaged (not JSON); remove that line to go on") from None
+            if repair:
+                with open(path, "r+b") as f:
+                    f.truncate(kept)
+            break
+        rows.append(row)
+        kept += len(line) + 1
+    return rows
+
+
 class MetricsLog:
     """Appends one JSON line per step/eval event to metrics.jsonl, and keeps the loss curves.
 
@@ -226,8 +314,7 @@ class MetricsLog:
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
         if path.exists():  # a resumed run keeps its history
-            for line in path.read_text().splitlines():
-                row = json.loads(line)
+            for row in read_metrics(path, repair=True):
                 if row.get("event") == "step":
                     self.train.append((row["step"], row["loss"]))
                 elif row.get("event") == "eval":

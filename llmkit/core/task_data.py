@@ -16,6 +16,7 @@ trained on.
 from __future__ import annotations
 
 import io
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -66,10 +67,17 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     yield from iter_table(io.StringIO(text), str(path), kind)
 
 
-def _need(row: dict, key: str, path: Path, n: int, flag: str) -> Any:
+def _need(row: dict, key: str, path: Path, n: int, flag: str, kinds: tuple[type, ...] = (str,)) -> Any:
+    """A field of a row, which must be present and of one of ``kinds`` (text by default): a number
+    where text is expected, or a list as a label, is refused rather than trained on as its repr."""
     if key not in row or row[key] is None:
         raise DataError(f"{path}: line {n} has no field {key!r} (choose it with {flag})")
-    return row[key]
+    value = row[key]
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        wanted = "text" if kinds == (str,) else "text or a whole number"
+        raise DataError(f"{path}: line {n}: field {key!r} must be {wanted}, not {type(value).__name__} "
+                        f"({json.dumps(value, ensure_ascii=False)[:40]})")
+    return value
 
 
 def _turns(row: dict, task: TaskConfig, path: Path, n: int) -> list[tuple[str, str]]:
@@ -107,7 +115,7 @@ def read_examples(path: Path, task: TaskConfig) -> ExampleSet:
     for n, row in iter_rows(path):
         if task.kind == "classify":
             text = str(_need(row, task.text_field, path, n, "--text-field"))
-            label = str(_need(row, task.label_field, path, n, "--label-field")).strip()
+            label = str(_need(row, task.label_field, path, n, "--label-field", (str, int))).strip()
             if not text.strip() or not label:
                 blank += 1
                 continue

@@ -26,8 +26,9 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
+from llmkit import __version__
 from llmkit.core.config import TokenizerConfig
-from llmkit.core.errors import TokenizerError
+from llmkit.core.errors import check_format, TokenizerError
 
 FORMAT_VERSION = 1
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
@@ -70,6 +71,7 @@ class Tokenizer:
         model_bytes = model_path.read_bytes()
         if not isinstance(contract, dict) or "vocab_size" not in contract:
             raise TokenizerError(f"{contract_path}: not a tokenizer contract")
+        check_format(contract.get("format", 1), FORMAT_VERSION, str(contract_path), contract.get("llmkit_version"))
         if hashlib.sha256(model_bytes).hexdigest() != contract.get("model_sha256"):
             raise TokenizerError(f"{model_path} does not match the model_sha256 in {contract_path.name}")
         try:
@@ -175,8 +177,34 @@ def _lines(docs: list[str]) -> Iterator[str]:
                 yield line
 
 
-def _split_held_out(docs: list[str]) -> tuple[list[str], list[str]]:
-    lines = list(_lines(docs))
+def cut_long_line(line: str, limit: int) -> list[str]:
+    """A line as pieces of at most ``limit`` UTF-8 bytes, cut after a space where there is one.
+
+    SentencePiece's trainer silently skips lines longer than its max_sentence_length; a corpus of
+    long lines (one paragraph per line, a minified dump) would then train on nothing at all.
+    """
+    if len(line.encode("utf-8")) <= limit:
+        return [line]
+    pieces, start = [], 0
+    while start < len(line):
+        end = min(len(line), start + limit)  # characters: at most ``limit`` bytes only for ASCII
+        while len(line[start:end].encode("utf-8")) > limit:
+            end = start + max(1, (end - start) * 3 // 4)
+        if end < len(line):
+            space = line.rfind(" ", start + 1, end)
+            end = space + 1 if space > start else end
+        pieces.append(line[start:end])
+        start = end
+    return pieces
+
+
+def _split_held_out(docs: list[str], limit: int = 0) -> tuple[list[str], list[str], int]:
+    """(training lines, held-out lines, how many long lines were cut for the trainer)."""
+    lines, cut = [], 0
+    for line in _lines(docs):
+        pieces = cut_long_line(line, limit) if limit else [line]
+        cut += len(pieces) > 1
+        lines.extend(pieces)
     every = min(max(len(lines) // 100, 10), 50)
     train, held = [], []
     for i, line in enumerate(lines):
@@ -186,7 +214,7 @@ def _split_held_out(docs: list[str]) -> tuple[list[str], list[str]]:
             train.append(line)
     if not train:
         train, held = held, []
-    return train, held
+    return train, held, cut
 
 
 def _train_proto(lines: list[str], cfg: TokenizerConfig, vocab_size: int) -> bytes:
@@ -219,10 +247,14 @@ def _train_proto(lines: list[str], cfg: TokenizerConfig, vocab_size: int) -> byt
 
 def train_tokenizer(docs: list[str], cfg: TokenizerConfig, *, corpus_sha256: str) -> tuple[Tokenizer, TokenizerReport]:
     """Train a SentencePiece model on documents; return it with a quality report."""
-    train_lines, held_out = _split_held_out(docs)
+    train_lines, held_out, cut = _split_held_out(docs, cfg.max_sentence_length)
     if not train_lines:
         raise TokenizerError("corpus has no non-blank lines to train a tokenizer on")
     warnings: list[str] = []
+    if cut:
+        warnings.append(f"{cut} line(s) longer than tokenizer.max_sentence_length ({cfg.max_sentence_length} bytes) "
+                        "were cut into pieces for tokenizer training (SentencePiece skips longer lines; "
+                        "encoding is not affected)")
     vocab_size = cfg.vocab_size
     for _attempt in range(3):
         try:
@@ -248,6 +280,7 @@ def train_tokenizer(docs: list[str], cfg: TokenizerConfig, *, corpus_sha256: str
 
     contract = {
         "format": FORMAT_VERSION,
+        "llmkit_version": __version__,
         "vocab_size": 0,  # filled below from the trained model
         "model_type": cfg.model_type,
         "special_ids": dict(SPECIAL_IDS),

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from llmkit.core.config import HIGHER_IS_BETTER, OptimConfig, TrainConfig
 from llmkit.core.device import Precision, autocast
 from llmkit.core.distributed import Dist
+from llmkit.core.errors import Terminated
 from llmkit.core.model import param_groups
 
 EventFn = Callable[[str, dict[str, Any]], None]
@@ -226,7 +227,8 @@ class Trainer:
     dist: Dist = field(default_factory=Dist)
 
     def fit(self) -> str:
-        """Train; return why it stopped: steps, time, early_stop, diverged or interrupted."""
+        """Train; return why it stopped: steps, time, early_stop, diverged, interrupted (Ctrl-C) or
+        terminated (SIGTERM)."""
         state, cfg = self.state, self.train_cfg
         self.budget = Budget(cfg, self.tokens_per_step)
         if not self.budget.steps and not self.budget.seconds:
@@ -251,10 +253,11 @@ class Trainer:
                         return stop
                 if state.step % cfg.save_every == 0 or stop:
                     self.save("step", state)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop_signal:  # Ctrl-C, or SIGTERM (errors.Terminated)
             self.save("interrupt", state)
-            self.on_event("stop", {"reason": "interrupted", "step": state.step})
-            return "interrupted"
+            reason = "terminated" if isinstance(stop_signal, Terminated) else "interrupted"
+            self.on_event("stop", {"reason": reason, "step": state.step})
+            return reason
         self.on_event("stop", {"reason": stop, "step": state.step})
         return stop
 
