@@ -241,6 +241,8 @@ def resolve_checkpoint(path: Path) -> Path:
     if latest is not None:
         return resolve_checkpoint(latest)
     present = {p.name for p in path.iterdir()}
+    if {"tokenizer.model", "tokenizer.yaml"} <= present and "model.safetensors" not in present:
+        raise CheckpointError(f"{path} is a tokenizer, not a checkpoint: give a run or checkpoint directory")
     missing = [n for n in REQUIRED if n not in present]
     if present & set(REQUIRED):
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
@@ -370,6 +372,8 @@ def find_tokenizer(path: Path) -> Tokenizer:
         return Tokenizer.load(path)
     if (path / "tokenizer" / "tokenizer.model").is_file():
         return Tokenizer.load(path / "tokenizer")
+    if path.is_dir() and not any((path / n).exists() for n in ("trainer_state.json", "best", "last")):
+        raise CheckpointError(f"{path} holds no tokenizer (tokenizer.model and tokenizer.yaml), run or checkpoint")
     return read_checkpoint(path).tokenizer
 
 

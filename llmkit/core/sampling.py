@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from llmkit.core.config import SampleConfig
+from llmkit.core.errors import CheckpointError
 
 NEG_INF = float("-inf")
 
@@ -130,6 +131,16 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, NEG_INF)
 
 
+def check_logits(logits: torch.Tensor) -> None:
+    """Refuse logits no distribution can come from: NaN or +inf anywhere, or a row with no finite
+    value. They come from a broken model (trained to divergence, damaged weights), never from a
+    setting, and sampling from them would fail deep inside torch or return garbage."""
+    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()) \
+            or not bool(torch.isfinite(logits).any(dim=-1).all()):
+        raise CheckpointError("the model produced NaN or infinite scores: its weights are broken (was it trained "
+                              "until the loss diverged?); use an earlier checkpoint")
+
+
 def process_logits(logits: torch.Tensor, s: SampleConfig, *, counts: torch.Tensor | None = None,
                    banned: list[list[int]] | None = None) -> torch.Tensor:
     """All of the above in the documented order; the result is what gets sampled (or arg-maxed).
@@ -138,6 +149,7 @@ def process_logits(logits: torch.Tensor, s: SampleConfig, *, counts: torch.Tenso
     row's no-repeat-n-gram bans (from :class:`NGramIndex`).
     """
     logits = logits.float()
+    check_logits(logits)
     if counts is not None:
         logits = repetition_penalty(logits, counts, s.repetition_penalty)
         logits = presence_frequency_penalty(logits, counts, s.presence_penalty, s.frequency_penalty)
