@@ -76,7 +76,7 @@ def test_tokenize_errors(tmp_path, corpus_file):
     assert_one_line_error(invoke("tokenize", "train", corpus_file, "-o", afile), "is a file")
     assert_one_line_error(invoke("tokenize", "train", corpus_file, "-o", tmp_path / "t", "--model-type", "wordpiece"),
                           "tokenizer.model_type")
-    assert_one_line_error(invoke("tokenize", "encode", tmp_path, "x"), "not a checkpoint")
+    assert_one_line_error(invoke("tokenize", "encode", tmp_path, "x"), "holds no tokenizer")
     invoke("tokenize", "train", corpus_file, "-o", tmp_path / "t", "--vocab-size", 400)
     assert_one_line_error(invoke("tokenize", "decode", tmp_path / "t", "12", "99999"), "not a token id")
 
