@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 from llmkit import __version__
 from llmkit.cli.options import escape
 from llmkit.core.errors import LlmkitError, Terminated
+from llmkit.core.signals import deliver
 
 
 def _fail(message: str, code: int = 1):
@@ -93,13 +94,15 @@ def quiet_broken_pipe() -> None:
     raise SystemExit(128 + 13)
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+def _on_signal(signum, frame):
+    deliver(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
 
 
 def main() -> None:
-    # SIGTERM is handled like Ctrl-C (a training run writes its checkpoint first), exit 143.
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # SIGTERM is handled like Ctrl-C (a training run writes its checkpoint first), exit 143; both
+    # wait for an optimizer update in progress to finish (core/signals.py).
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         app()
     except BrokenPipeError:  # pragma: no cover - raised outside a command's body

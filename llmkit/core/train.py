@@ -27,6 +27,7 @@ from llmkit.core.config import HIGHER_IS_BETTER, OptimConfig, TrainConfig
 from llmkit.core.device import Precision, autocast
 from llmkit.core.distributed import Dist
 from llmkit.core.errors import Terminated
+from llmkit.core.signals import uninterruptible
 from llmkit.core.model import param_groups
 
 EventFn = Callable[[str, dict[str, Any]], None]
@@ -289,18 +290,20 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.on_event("stop", {"reason": "diverged", "step": state.step, "loss": loss_value})
             return "diverged"
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = _grad_norm(self.model, self.optim_cfg.grad_clip)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.tokens_seen += step_tokens
-        state.elapsed_s += time.perf_counter() - t0
+        # The update and the step count change together or not at all: a signal waits for them.
+        with uninterruptible():
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = _grad_norm(self.model, self.optim_cfg.grad_clip)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += step_tokens
+            state.elapsed_s += time.perf_counter() - t0
         start, tokens = self.window
         self.window = (start, tokens + step_tokens)
         # Not budget.done(): each process has its own clock; the summed flag is the shared one.
