@@ -161,14 +161,15 @@ def test_a_signal_mid_run_writes_the_current_step_and_resume_is_exact(tmp_path, 
                             text=True, env=env(tmp_path))
     log = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and log.read_text().count('"step"') >= 30):
+    while time.time() < deadline and not (log.exists() and log.read_text().count('"event": "step"') >= 12):
         time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert "continue with --resume auto" in err and "Traceback" not in err
     state = json.loads((tmp_path / "run" / "last" / "trainer_state.json").read_text())
-    assert 300 <= state["step"] < 1500  # the step it had reached, not a periodic checkpoint (there is none)
+    # The step it had reached (at least the 120 logged), not a periodic checkpoint: there is none.
+    assert 120 <= state["step"] < 1500
     resumed = run(args(tmp_path / "run"), tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     same_checkpoint(tmp_path / "ref" / "last", tmp_path / "run" / "last")
