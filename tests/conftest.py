@@ -8,6 +8,15 @@ from pathlib import Path
 
 import pytest
 
+try:  # property tests: random examples while developing, the same examples in CI (no flaky reds)
+    from hypothesis import settings as _hsettings
+
+    _hsettings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+    if os.environ.get("CI"):
+        _hsettings.load_profile("ci")
+except ImportError:  # pragma: no cover - hypothesis is a dev dependency
+    pass
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # A model small enough that a training step takes milliseconds: 2 layers, width 32.

@@ -351,7 +351,7 @@ def build_model(ckpt: Checkpoint, device: torch.device | str = "cpu", *, merge: 
     if ckpt.model_cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     # Non-persistent buffers are not in the file: recompute the rotary tables on the device.
-    cos, sin = rope_tables(cfg.head_dim, cfg.context, cfg.rope_theta)
+    cos, sin = rope_tables(cfg)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     if ckpt.has_adapter:
         apply_lora(model, rank=ckpt.lora.rank, alpha=ckpt.lora.alpha, dropout=ckpt.lora.dropout,

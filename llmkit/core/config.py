@@ -40,6 +40,7 @@ STRATEGIES = ("ddp", "fsdp")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 TOKENIZER_MODELS = ("bpe", "unigram", "char")
 EMBED_DTYPES = ("float32", "float16")
+ROPE_SCALINGS = ("", "linear", "llama3")
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -103,22 +104,39 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dropout: float = 0.0
     tie_embeddings: bool = True
+    d_head: int = 0
+    """Size of one attention head; 0 means d_model / n_head (imported models may differ)."""
+    attn_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2)."""
+    rope_scaling: str = ""
+    """'' (none), linear, or llama3 (Llama 3.1+: long wavelengths stretched, short ones kept)."""
+    rope_factor: float = 1.0
+    """How much the context was stretched (rope_scaling linear and llama3)."""
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 0
+    """The context the model was pretrained with before scaling (llama3)."""
 
     def __post_init__(self) -> None:
         for key in ("context", "d_model", "n_layer", "n_head"):
             _check(getattr(self, key) > 0, f"model.{key}", "must be positive")
         _check(self.vocab_size >= 0, "model.vocab_size", "must not be negative")
-        _check(self.d_model % self.n_head == 0, "model.d_model",
-               f"{self.d_model} is not divisible by model.n_head={self.n_head}")
-        _check((self.d_model // self.n_head) % 2 == 0, "model.d_model",
-               "head size (d_model / n_head) must be even for rotary embeddings")
+        _check(self.d_head >= 0, "model.d_head", "must not be negative")
+        if not self.d_head:
+            _check(self.d_model % self.n_head == 0, "model.d_model",
+                   f"{self.d_model} is not divisible by model.n_head={self.n_head}")
+        _check(self.head_dim % 2 == 0, "model.d_model",
+               "head size (d_model / n_head, or model.d_head) must be even for rotary embeddings")
+        _check(self.rope_scaling in ROPE_SCALINGS, "model.rope_scaling",
+               f"must be {_one_of(ROPE_SCALINGS)}, not {self.rope_scaling!r}")
+        _check(self.rope_factor >= 1.0, "model.rope_factor", "must be at least 1")
         _check(self.n_head % self.kv_heads == 0, "model.n_kv_head",
                f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.d_head or self.d_model // self.n_head
 
     @property
     def kv_heads(self) -> int:

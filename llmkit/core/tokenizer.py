@@ -1,4 +1,5 @@
-"""SentencePiece tokenizers: training with safe defaults, loading, encoding, and the contract.
+"""Tokenizers: SentencePiece training with safe defaults; loading, encoding and the contract for
+SentencePiece and Hugging Face ``tokenizers`` models alike (pretrained models bring either).
 
 The contract (``tokenizer.yaml`` beside ``tokenizer.model``) records everything a checkpoint
 depends on: vocab size, special ids, normalization, byte fallback, model type and hashes of the
@@ -47,66 +48,17 @@ def _sp():
     return sentencepiece
 
 
-class Tokenizer:
-    """A loaded SentencePiece model plus its contract."""
+class _SentencePiece:
+    """The SentencePiece backend: llmkit's own tokenizers, and Llama 2 / Mistral / TinyLlama's."""
 
-    def __init__(self, model_bytes: bytes, contract: dict[str, Any]):
-        self.model_bytes = model_bytes
-        self.contract = contract
+    file = "tokenizer.model"
+
+    def __init__(self, model_bytes: bytes):
         self.sp = _sp().SentencePieceProcessor(model_proto=model_bytes)
-        self._byte_ids = {i for i in range(self.sp.get_piece_size()) if self.sp.is_byte(i)}
+        self.byte_ids = {i for i in range(self.sp.get_piece_size()) if self.sp.is_byte(i)}
 
-    # --- loading and saving -----------------------------------------------------------------------
-    @classmethod
-    def load(cls, directory: Path) -> Tokenizer:
-        directory = Path(directory)
-        model_path, contract_path = directory / "tokenizer.model", directory / "tokenizer.yaml"
-        for p in (model_path, contract_path):
-            if not p.is_file():
-                raise TokenizerError(f"{directory} has no {p.name} (is it a tokenizer or checkpoint directory?)")
-        try:
-            contract = yaml.safe_load(contract_path.read_text("utf-8"))
-        except yaml.YAMLError as e:
-            raise TokenizerError(f"{contract_path}: invalid YAML ({str(e).splitlines()[0]})") from None
-        model_bytes = model_path.read_bytes()
-        if not isinstance(contract, dict) or "vocab_size" not in contract:
-            raise TokenizerError(f"{contract_path}: not a tokenizer contract")
-        check_format(contract.get("format", 1), FORMAT_VERSION, str(contract_path), contract.get("llmkit_version"))
-        if hashlib.sha256(model_bytes).hexdigest() != contract.get("model_sha256"):
-            raise TokenizerError(f"{model_path} does not match the model_sha256 in {contract_path.name}")
-        try:
-            return cls(model_bytes, contract)
-        except RuntimeError as e:
-            raise TokenizerError(f"{model_path}: not a SentencePiece model ({e})") from None
-
-    def save(self, directory: Path) -> None:
-        """Write tokenizer.model then tokenizer.yaml (the contract last), each atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / "tokenizer.model", self.model_bytes)
-        text = yaml.safe_dump(self.contract, sort_keys=False, allow_unicode=True)
-        atomic_write(directory / "tokenizer.yaml", text.encode("utf-8"))
-
-    # --- encoding ---------------------------------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
+    def size(self) -> int:
         return self.sp.get_piece_size()
-
-    @property
-    def pad_id(self) -> int:
-        return SPECIAL_IDS["pad"]
-
-    @property
-    def bos_id(self) -> int:
-        return SPECIAL_IDS["bos"]
-
-    @property
-    def eos_id(self) -> int:
-        return SPECIAL_IDS["eos"]
-
-    @property
-    def newline_id(self) -> int:
-        return self.sp.piece_to_id("\n")
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -114,14 +66,168 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
-
-    def pieces(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
 
     def id_to_piece(self, i: int) -> str:
-        return self.sp.id_to_piece(int(i))
+        return self.sp.id_to_piece(i)
+
+    def piece_to_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
+
+
+class _HFTokenizers:
+    """The Hugging Face ``tokenizers`` backend: byte-level BPE (Llama 3, Qwen, SmolLM, GPT-2) and
+    anything else a ``tokenizer.json`` describes. Special tokens in text (``<|im_start|>``) are
+    recognised as such, which chat templates rely on."""
+
+    file = "tokenizer.json"
+
+    def __init__(self, model_bytes: bytes):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.tk = HFTokenizer.from_str(model_bytes.decode("utf-8"))
+        self.byte_ids: set[int] = set()
+
+    def size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tk.decode(ids, skip_special_tokens=False)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tk.id_to_token(i) or ""
+
+    def piece_to_id(self, piece: str) -> int | None:
+        return self.tk.token_to_id(piece)
+
+
+BACKENDS = {"sentencepiece": _SentencePiece, "hf": _HFTokenizers}
+
+
+class Tokenizer:
+    """A loaded tokenizer (SentencePiece or Hugging Face ``tokenizers``) plus its contract.
+
+    Every command sees the same interface whatever the backend: encode/decode, special ids, the
+    contract that checkpoints check, and the model's chat template when it has one.
+    """
+
+    def __init__(self, model_bytes: bytes, contract: dict[str, Any]):
+        self.model_bytes = model_bytes
+        self.contract = contract
+        self.backend_name = contract.get("backend", "sentencepiece")
+        if self.backend_name not in BACKENDS:
+            raise TokenizerError(f"tokenizer backend {self.backend_name!r} is not one llmkit reads "
+                                 f"({', '.join(BACKENDS)})")
+        self.backend = BACKENDS[self.backend_name](model_bytes)
+        self._byte_ids = self.backend.byte_ids
+
+    @property
+    def sp(self):
+        """The SentencePiece processor (SentencePiece tokenizers only)."""
+        return self.backend.sp
+
+    @property
+    def file(self) -> str:
+        """The model file's name in a tokenizer or checkpoint directory."""
+        return self.backend.file
+
+    # --- loading and saving -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: Path) -> Tokenizer:
+        directory = Path(directory)
+        contract_path = directory / "tokenizer.yaml"
+        model_path = directory / ("tokenizer.json" if (directory / "tokenizer.json").is_file()
+                                  and not (directory / "tokenizer.model").is_file() else "tokenizer.model")
+        for p in (model_path, contract_path):
+            if not p.is_file():
+                raise TokenizerError(f"{directory} has no {p.name} (is it a tokenizer or checkpoint directory?)")
+        try:
+            contract = yaml.safe_load(contract_path.read_text("utf-8"))
+        except yaml.YAMLError as e:
+            raise TokenizerError(f"{contract_path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(contract, dict) or "vocab_size" not in contract:
+            raise TokenizerError(f"{contract_path}: not a tokenizer contract")
+        check_format(contract.get("format", 1), FORMAT_VERSION, str(contract_path), contract.get("llmkit_version"))
+        model_path = directory / BACKENDS.get(contract.get("backend", "sentencepiece"), _SentencePiece).file
+        if not model_path.is_file():
+            raise TokenizerError(f"{directory} has no {model_path.name} (its tokenizer.yaml names it)")
+        model_bytes = model_path.read_bytes()
+        if hashlib.sha256(model_bytes).hexdigest() != contract.get("model_sha256"):
+            raise TokenizerError(f"{model_path} does not match the model_sha256 in {contract_path.name}")
+        try:
+            return cls(model_bytes, contract)
+        except (RuntimeError, ValueError, Exception) as e:
+            if isinstance(e, TokenizerError):
+                raise
+            raise TokenizerError(f"{model_path}: not a tokenizer model llmkit can read ({e})") from None
+
+    def save(self, directory: Path) -> None:
+        """Write the model file then tokenizer.yaml (the contract last), each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / self.file, self.model_bytes)
+        text = yaml.safe_dump(self.contract, sort_keys=False, allow_unicode=True)
+        atomic_write(directory / "tokenizer.yaml", text.encode("utf-8"))
+
+    # --- encoding ---------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.size()
+
+    def _special(self, name: str) -> int | None:
+        value = (self.contract.get("special_ids") or SPECIAL_IDS).get(name)
+        return None if value is None else int(value)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self._special("pad")
+        return self.eos_id if pad is None else pad  # many pretrained models have none: EOS pads
+
+    @property
+    def bos_id(self) -> int:
+        bos = self._special("bos")
+        return self.eos_id if bos is None else bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._special("eos")
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._special("unk")
+
+    @property
+    def newline_id(self) -> int:
+        piece = self.backend.piece_to_id("\n")
+        return piece if piece is not None else self.encode("\n")[-1]
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own chat template (Jinja), when it came with one."""
+        return self.contract.get("chat_template") or None
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.backend.encode_batch(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.backend.decode([int(i) for i in ids])
+
+    def pieces(self, text: str) -> list[str]:
+        return [self.id_to_piece(i) for i in self.encode(text)]
+
+    def id_to_piece(self, i: int) -> str:
+        return self.backend.id_to_piece(int(i))
 
     def token_text(self, i: int) -> str:
         """One token shown on its own: its text, or its piece (``<0xC3>``) when it is a byte of a
