@@ -51,7 +51,7 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path, tokenizer, tiny_mo
 def test_layout_and_trainer_state_written(tmp_path, tokenizer, tiny_model_cfg):
     path, _, _ = _save(tmp_path, tokenizer, tiny_model_cfg)
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        [*ck.REQUIRED, "optimizer.safetensors"])
+        [*ck.REQUIRED, "tokenizer.model", "optimizer.safetensors"])
     state = json.loads((path / "trainer_state.json").read_text())
     assert state["step"] == 1 and "torch" in state["versions"]
     assert not (tmp_path / "ckpt.tmp").exists()

@@ -42,7 +42,8 @@ from llmkit.core.model import Transformer, rope_tables, skip_init
 from llmkit.core.tokenizer import Tokenizer, atomic_write
 
 FORMAT_VERSION = 1
-REQUIRED = ("model.safetensors", "config.yaml", "tokenizer.model", "tokenizer.yaml", "trainer_state.json")
+REQUIRED = ("model.safetensors", "config.yaml", "tokenizer.yaml", "trainer_state.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # one of them: SentencePiece or Hugging Face
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -80,6 +81,8 @@ def model_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor] | None 
     on the CPU. With LoRA, weights are the base under plain names and adapter the trained part.
     ``state`` is the model's full state dict when it was gathered already (sharded models)."""
     state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
+    if model is None:  # tensors converted elsewhere (an import): saved as they are
+        return state, None
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         state.pop("lm_head.weight", None)
     if not has_lora(model):
@@ -223,15 +226,27 @@ def find_latest(run_dir: Path) -> Path | None:
     return max(candidates, key=lambda p: read_state(p).get("step", 0))
 
 
+def _missing(path: Path) -> list[str]:
+    missing = [n for n in REQUIRED if not (path / n).is_file()]
+    if not any((path / n).is_file() for n in TOKENIZER_FILES):
+        missing.insert(2, "tokenizer.model (or tokenizer.json)")
+    return missing
+
+
 def resolve_checkpoint(path: Path) -> Path:
-    """Accept a checkpoint directory, or a run directory (its best/, else its newest checkpoint)."""
+    """Accept a checkpoint directory, a run directory (its best/, else its newest checkpoint), or
+    a pretrained model (a Hugging Face folder or a .gguf file, imported once into the cache)."""
+    from llmkit.core import interop
+
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if interop.kind_of(path):
+        return interop.resolve(path)
     if not path.is_dir():
-        raise CheckpointError(f"not a checkpoint directory: {path} is a file")
+        raise CheckpointError(f"not a checkpoint directory: {path} is a file (nor a .gguf model)")
     if is_checkpoint(path):
-        missing = [n for n in REQUIRED if not (path / n).is_file()]
+        missing = _missing(path)
         if missing:
             raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
         return path
@@ -241,10 +256,10 @@ def resolve_checkpoint(path: Path) -> Path:
     if latest is not None:
         return resolve_checkpoint(latest)
     present = {p.name for p in path.iterdir()}
-    if {"tokenizer.model", "tokenizer.yaml"} <= present and "model.safetensors" not in present:
+    if "tokenizer.yaml" in present and present & set(TOKENIZER_FILES) and "model.safetensors" not in present:
         raise CheckpointError(f"{path} is a tokenizer, not a checkpoint: give a run or checkpoint directory")
-    missing = [n for n in REQUIRED if n not in present]
-    if present & set(REQUIRED):
+    missing = _missing(path)
+    if present & {*REQUIRED, *TOKENIZER_FILES}:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     raise CheckpointError(f"{path} is not a checkpoint or run directory (no trainer_state.json, best/ or last/)")
 
@@ -366,13 +381,16 @@ def build_model(ckpt: Checkpoint, device: torch.device | str = "cpu", *, merge: 
 
 
 def find_tokenizer(path: Path) -> Tokenizer:
-    """The tokenizer in a tokenizer directory, a run directory's tokenizer/, or any checkpoint."""
+    """The tokenizer in a tokenizer directory, a run directory's tokenizer/, any checkpoint, or a
+    pretrained model (Hugging Face folder, .gguf)."""
+    from llmkit.core import interop
+
     path = Path(path)
-    if (path / "tokenizer.model").is_file():
-        return Tokenizer.load(path)
-    if (path / "tokenizer" / "tokenizer.model").is_file():
-        return Tokenizer.load(path / "tokenizer")
-    if path.is_dir() and not any((path / n).exists() for n in ("trainer_state.json", "best", "last")):
+    for where in (path, path / "tokenizer"):
+        if (where / "tokenizer.yaml").is_file():
+            return Tokenizer.load(where)
+    if path.exists() and not interop.kind_of(path) and path.is_dir() \
+            and not any((path / n).exists() for n in ("trainer_state.json", "best", "last")):
         raise CheckpointError(f"{path} holds no tokenizer (tokenizer.model and tokenizer.yaml), run or checkpoint")
     return read_checkpoint(path).tokenizer
 

@@ -300,7 +300,8 @@ class TaskConfig:
     mask_prompt: bool = True
     """instruct/translate: the loss covers the response only."""
     template: str = ""
-    """The prompt template ({prompt} marks the input); '' means the task's default."""
+    """The prompt template ({prompt} marks the input); 'chat' uses the model's own chat template;
+    '' means the task's default (the chat template for instruct when the model has one)."""
     val_fraction: float = 0.1
     """Share of the training examples held out when no --val file is given."""
     eval_limit: int = 200
@@ -318,8 +319,8 @@ class TaskConfig:
                f"must be {_one_of(CLASSIFIER_POOLINGS)}, not {self.pooling!r}")
         _check(self.class_weights in ("none", "balanced"), "task.class_weights",
                f"must be none or balanced, not {self.class_weights!r}")
-        _check(not self.template or self.template.count("{prompt}") == 1, "task.template",
-               "must contain {prompt} exactly once")
+        _check(not self.template or self.template == "chat" or self.template.count("{prompt}") == 1,
+               "task.template", "must contain {prompt} exactly once (or be 'chat': the model's chat template)")
         _check(0.0 < self.val_fraction < 0.5, "task.val_fraction", "must be in (0, 0.5)")
         _check(self.eval_limit > 0, "task.eval_limit", "must be positive")
         _check(self.max_new_tokens > 0, "task.max_new_tokens", "must be positive")

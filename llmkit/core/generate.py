@@ -170,9 +170,11 @@ class DecodeState:
     hold real tokens, so padding is never attended to.
     """
 
-    def __init__(self, model: Transformer, batch_size: int, device):
+    def __init__(self, model: Transformer, batch_size: int, device, length: int | None = None):
         self.model, self.device = model, device
-        self.length = model.cfg.context
+        # Only as many slots as this decoding can fill: a pretrained model's context (8k, 128k)
+        # would otherwise cost gigabytes of cache per row.
+        self.length = min(model.cfg.context, length or model.cfg.context)
         dtype = next(model.parameters()).dtype
         self.cache = KVCache(model.cfg, batch_size, self.length, device=device, dtype=dtype)
         self.key_valid = torch.zeros(batch_size, self.length, dtype=torch.bool, device=device)  # (B, L)
@@ -291,7 +293,7 @@ def decode_batch(model: Transformer, prompts: list[list[int]], cfg: SampleConfig
         seeds = [row_seed(base, b) for b in range(len(rows))]
     state = _Rows(rows, outs, cfg, model.cfg.vocab_size, decode, seeds, device)
     t0 = time.perf_counter()
-    batch = DecodeState(model, len(rows), device)
+    batch = DecodeState(model, len(rows), device, max(map(len, rows)) + cfg.max_new_tokens)
     logits = batch.prefill(rows)
     for _ in range(cfg.max_new_tokens):
         processed, tokens = state.choose(logits)
@@ -320,7 +322,7 @@ def beam_search(model: Transformer, prompt: list[int], cfg: SampleConfig, *, eos
     ids, truncated = fit_prompt(prompt or [eos_id if eos_id is not None else 0], model.cfg.context)
 
     t0 = time.perf_counter()
-    batch = DecodeState(model, K, device)
+    batch = DecodeState(model, K, device, len(ids) + cfg.max_new_tokens)
     logits = batch.prefill([ids] * K)  # (K, V)
     scores = torch.full((K,), -math.inf, device=device)
     scores[0] = 0.0  # all beams start identical: expand only one of them at first

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from llmkit.core.chat import CHAT
+from llmkit.core.chat import render as render_chat
 from llmkit.core.config import TaskConfig
 from llmkit.core.corpus import read_text
 from llmkit.core.errors import DataError
@@ -171,7 +173,10 @@ def fill(template: str, prompt: str) -> str:
 
 def encode_prompt(tok, template: str, turns: list[tuple[str, str]]) -> list[int]:
     """Token ids of everything before the response: system text, then each user turn through the
-    template, earlier assistant turns followed by EOS."""
+    template, earlier assistant turns followed by EOS. With the template ``chat``, the model's own
+    chat template renders the whole conversation, ending with the assistant's opening."""
+    if template == CHAT:
+        return tok.encode(render_chat(tok, turns, add_generation_prompt=True))
     ids: list[int] = []
     for role, content in turns:
         if role == "system":

@@ -1,0 +1,58 @@
+"""Export: an llmkit checkpoint as a Hugging Face folder or a GGUF file, with a model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmkit.core.errors import ConfigError
+
+
+def model_card(ckpt) -> str:
+    """README.md of an exported model: what it is, how it was made, how it scored."""
+    m, st, task = ckpt.model_cfg, ckpt.state, ckpt.task
+    lines = [f"# {ckpt.path.parent.name if ckpt.path.name in ('best', 'last') else ckpt.path.name}", "",
+             "A decoder-only language model (Llama architecture) written by `llmkit export`.", "",
+             "## Model", "",
+             f"- {m.n_layer} layers, width {m.d_model}, {m.n_head} attention heads ({m.kv_heads} key/value heads), "
+             f"SwiGLU width {m.ff_dim}, context {m.context} tokens, vocabulary {m.vocab_size}",
+             f"- task: {task.kind}" + (f" (template `{task.template}`)" if task.template else ""), ""]
+    source = st.get("imported_from")
+    lines += ["## How it was made", ""]
+    if source:
+        lines.append(f"- imported from `{Path(source).name}` ({st.get('source_format')})")
+    if task.init_from:
+        lines.append(f"- fine-tuned from `{task.init_from}`")
+    if st.get("step"):
+        lines.append(f"- {st['step']} optimizer steps, {st.get('tokens_seen', 0):,} training tokens, "
+                     f"precision {st.get('precision', '?')}, seed {st.get('seed', '?')}")
+    opt = ckpt.config.get("optim", {})
+    if opt and st.get("step"):
+        lines.append(f"- AdamW, peak learning rate {opt.get('lr')}, warmup {opt.get('warmup_steps')} steps, "
+                     f"weight decay {opt.get('weight_decay')}")
+    lines.append("")
+    if st.get("best_val_loss") is not None or st.get("best_score") is not None:
+        lines += ["## Validation", ""]
+        if st.get("best_val_loss") is not None:
+            lines.append(f"- best validation loss {st['best_val_loss']:.4f} (step {st.get('best_step')})")
+        if st.get("best_score") is not None and task.best_metric != "val_loss":
+            lines.append(f"- best {task.best_metric} {st['best_score']:.4f}")
+        lines.append("")
+    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              'tok = AutoTokenizer.from_pretrained("this-folder")',
+              'model = AutoModelForCausalLM.from_pretrained("this-folder")', "```", ""]
+    return "\n".join(lines)
+
+
+def export(ckpt, out: Path, *, format: str, quant: str = "f16") -> Path:
+    from llmkit.core.interop import gguf_io, hf
+
+    out = Path(out)
+    if format == "hf":
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"--out {out} exists and is not an empty folder: choose a new one")
+        return hf.export_folder(ckpt, out, card=model_card(ckpt))
+    if out.suffix.lower() != ".gguf":
+        raise ConfigError(f"--out {out}: a GGUF file name ends in .gguf")
+    if out.exists():
+        raise ConfigError(f"--out {out} already exists")
+    return gguf_io.export_file(ckpt, out, quant=quant)

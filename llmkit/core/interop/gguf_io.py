@@ -1,0 +1,232 @@
+"""GGUF files (llama.cpp, Ollama, LM Studio) read and written with the ``gguf`` package.
+
+Reading: the ``llama`` and ``qwen2`` architectures (Llama 1–3, Mistral, SmolLM, TinyLlama and
+Qwen2 all come as these); tensors in F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K are
+dequantised to fp32 by ``gguf.quants`` (llama.cpp's own reference code), and the row permutation
+llama.cpp's converter applies to the query and key projections (its RoPE pairs neighbouring
+dimensions, ours the two halves) is undone. Anything else is refused in one line naming it.
+
+Writing: f32, f16 or q8_0 weights (norms and biases stay f32, as llama.cpp expects), the
+permutation applied, the tokenizer and chat template embedded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmkit.core.errors import CheckpointError
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+ARCHS = ("llama", "qwen2")
+BLOCK = {"attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
+         "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+         "attn_norm": "attn_norm", "ffn_norm": "mlp_norm"}
+TOP = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_OURS_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
+QUANTS = ("f32", "f16", "q8_0")
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Hugging Face q/k rows -> llama.cpp's (each head's two halves interleaved)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k rows -> Hugging Face's (the inverse of ``_permute``)."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_fields(reader) -> dict[str, Any]:
+    """Every metadata key of a GGUF as a Python value (strings, numbers, lists)."""
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        try:
+            out[key] = field.contents()
+        except Exception:  # an exotic type: llmkit reads none of those keys
+            continue
+    return out
+
+
+def open_reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise CheckpointError(f"{path} cannot be read as GGUF (truncated or not a GGUF file): {e}") from None
+
+
+def config_from_gguf(f: dict[str, Any], where: str) -> dict[str, Any]:
+    arch = f.get("general.architecture")
+    if arch not in ARCHS:
+        raise CheckpointError(f"{where}: architecture {arch!r} is not supported ({', '.join(ARCHS)} are)")
+
+    def key(name: str, default: Any = None) -> Any:
+        value = f.get(f"{arch}.{name}", default)
+        if value is None:
+            raise CheckpointError(f"{where}: no {arch}.{name} in its metadata")
+        return value
+
+    d_model, n_head = int(key("embedding_length")), int(key("attention.head_count"))
+    section: dict[str, Any] = {
+        "d_model": d_model, "n_layer": int(key("block_count")), "n_head": n_head,
+        "n_kv_head": int(key("attention.head_count_kv", n_head)), "d_ff": int(key("feed_forward_length")),
+        "context": int(key("context_length", 2048)), "norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(key("rope.freq_base", 10000.0)), "dropout": 0.0, "attn_bias": arch == "qwen2",
+    }
+    head = f.get(f"{arch}.attention.key_length")
+    if head and int(head) != d_model // n_head:
+        section["d_head"] = int(head)
+    scaling = f.get(f"{arch}.rope.scaling.type")
+    if scaling == "linear":
+        section.update(rope_scaling="linear", rope_factor=float(f[f"{arch}.rope.scaling.factor"]))
+    elif scaling not in (None, "none"):
+        raise CheckpointError(f"{where}: rope scaling {scaling!r} is not supported")
+    return section
+
+
+def _tensor(t, where: str) -> np.ndarray:
+    """One GGUF tensor as fp32, in PyTorch's shape (GGUF lists dimensions fastest first)."""
+    from gguf import quants
+
+    name = t.tensor_type.name
+    if name not in SUPPORTED_TYPES:
+        raise CheckpointError(f"{where}: tensor {t.name} is {name}, which llmkit does not read "
+                              f"({', '.join(SUPPORTED_TYPES)})")
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    data = np.asarray(t.data)
+    if name in ("F32", "F16"):
+        values = data.astype(np.float32)
+    else:
+        values = quants.dequantize(data, t.tensor_type)
+    return values.reshape(shape)
+
+
+def import_to(src: Path, dest: Path, *, on_event=lambda k, d: None) -> Path:
+    from llmkit.core.interop import base_state
+    from llmkit.core.interop.hf import write_checkpoint
+    from llmkit.core.interop.tokenizer_io import from_gguf
+
+    reader = open_reader(src)
+    fields = read_fields(reader)
+    section = config_from_gguf(fields, str(src))
+    tokenizer = from_gguf(fields, str(src))
+    section["vocab_size"] = int(fields.get(f"{fields['general.architecture']}.vocab_size") or tokenizer.vocab_size)
+    heads, kv = section["n_head"], section["n_kv_head"]
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        ours = TOP.get(t.name)
+        m = _GGUF_BLOCK.match(t.name)
+        if ours is None and m and m.group(2) in BLOCK:
+            ours = f"blocks.{m.group(1)}.{BLOCK[m.group(2)]}.{m.group(3)}"
+        if ours is None:
+            continue  # rope_freqs and other tables llmkit computes itself
+        w = _tensor(t, str(src))
+        if m and m.group(2) == "attn_q":
+            w = _unpermute(w, heads)
+        elif m and m.group(2) == "attn_k":
+            w = _unpermute(w, kv)
+        tensors[ours] = torch.from_numpy(np.ascontiguousarray(w))
+    section["tie_embeddings"] = "lm_head.weight" not in tensors
+    on_event("import", {"source": str(src), "format": "gguf", "tensors": len(tensors)})
+    state = base_state(src, "gguf", {"architecture": fields["general.architecture"],
+                                     "gguf_file_type": fields.get("general.file_type")})
+    return write_checkpoint(dest, tensors, section, tokenizer, state)
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+def to_gguf_name(name: str) -> str:
+    for theirs, ours in TOP.items():
+        if name == ours:
+            return theirs
+    m = _OURS_BLOCK.match(name)
+    inverse = {v: k for k, v in BLOCK.items()}
+    if not m or m.group(2) not in inverse:
+        raise CheckpointError(f"no GGUF name for tensor {name!r}")
+    return f"blk.{m.group(1)}.{inverse[m.group(2)]}.{m.group(3)}"
+
+
+def export_file(ckpt, dest: Path, *, quant: str = "f16", name: str = "") -> Path:
+    """A GGUF llama.cpp and Ollama run: ``llama`` (or ``qwen2`` with attention biases)."""
+    import gguf
+
+    from llmkit.core.checkpoint import build_model
+    from llmkit.core.interop.tokenizer_io import gguf_metadata
+
+    if quant not in QUANTS:
+        raise CheckpointError(f"--quant {quant!r}: choose {', '.join(QUANTS)}")
+    if ckpt.kind == "classify":
+        raise CheckpointError(f"{ckpt.path} is a classifier: llama.cpp runs language models; export the model "
+                              "it was fine-tuned from")
+    model = build_model(ckpt, "cpu", merge=True)
+    c = model.cfg
+    if c.rope_scaling == "llama3":
+        raise CheckpointError("llama3 RoPE scaling is not written to GGUF yet")
+    arch = "qwen2" if c.attn_bias else "llama"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(dest), arch)
+    w.add_name(name or ckpt.path.parent.name or "llmkit model")
+    w.add_context_length(c.context)
+    w.add_embedding_length(c.d_model)
+    w.add_block_count(c.n_layer)
+    w.add_feed_forward_length(c.ff_dim)
+    w.add_head_count(c.n_head)
+    w.add_head_count_kv(c.kv_heads)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_vocab_size(c.vocab_size)
+    if c.rope_scaling == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(c.rope_factor)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])
+    for key, value in gguf_metadata(ckpt.tokenizer).items():
+        _add(w, key, value)
+    state = model.state_dict()
+    if c.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    for key, tensor in state.items():
+        data = tensor.detach().float().numpy()
+        if key.endswith("attn.q_proj.weight") or key.endswith("attn.q_proj.bias"):
+            data = _permute(data, c.n_head)
+        elif key.endswith("attn.k_proj.weight") or key.endswith("attn.k_proj.bias"):
+            data = _permute(data, c.kv_heads)
+        kind = gguf.GGMLQuantizationType.F32
+        if data.ndim == 2 and quant != "f32":
+            kind = gguf.GGMLQuantizationType.F16 if quant == "f16" else gguf.GGMLQuantizationType.Q8_0
+            if quant == "q8_0" and data.shape[-1] % 32:
+                kind = gguf.GGMLQuantizationType.F16  # Q8_0 packs rows by 32
+        stored = data.astype(np.float16) if kind == gguf.GGMLQuantizationType.F16 else (
+            gguf.quants.quantize(data, kind) if kind == gguf.GGMLQuantizationType.Q8_0 else data.astype(np.float32))
+        w.add_tensor(to_gguf_name(key), stored, raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dest
+
+
+def _add(w, key: str, value: Any) -> None:
+    """One metadata key with the type its value calls for."""
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, list):
+        w.add_array(key, value)
+    else:  # pragma: no cover - every key llmkit writes is one of the above
+        raise TypeError(f"{key}: {type(value).__name__}")
