@@ -45,6 +45,7 @@ def generate(
     show_probs: Annotated[bool, typer.Option("--show-probs", help="Table of each token's probability and the top alternatives.")] = False,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="A prompt loop in the terminal.")] = False,
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply an instruct/translate checkpoint's prompt template.")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Put each prompt through the model's own chat template (pretrained chat models; --interactive does it by itself).")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
@@ -72,6 +73,12 @@ def generate(
     dev = pick_device(device or "auto")
     model, ckpt = load_model(ckpt, dev)
     template = ckpt.task.prompt_template if ckpt.task.uses_template and not raw else None
+    if ckpt.tokenizer.chat_template and not raw and (chat or (interactive and template is None)):
+        template = "chat"  # a pretrained chat model talks in its own format
+    elif chat:
+        from llmkit.core.errors import ConfigError
+
+        raise ConfigError(f"--chat: {ckpt.path} has no chat template")
     view = GenerateView(Decoder(model, ckpt.tokenizer, cfg, dev, template=template), console=err_console(),
                         quiet=quiet)
     if interactive:

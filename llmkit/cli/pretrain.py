@@ -21,6 +21,7 @@ def pretrain(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Use this tokenizer instead of training one.", show_default=False)] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Continue pretraining this checkpoint or pretrained model (folder, .gguf): its network and tokenizer.", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Stop after this many optimizer steps.", show_default=False)] = None,
     tokens: Annotated[Optional[str], typer.Option("--tokens", help="Stop after this many training tokens (e.g. 5M).", show_default=False)] = None,
     time: Annotated[Optional[str], typer.Option("--time", help="Stop after this much time (e.g. 90s, 10m, 1h).", show_default=False)] = None,
@@ -46,7 +47,8 @@ def pretrain(
              "optim": {"lr": lr}}
     out = out or Path("runs") / preset
     # The config the run will use: with --resume, the resumed run's own, with what is given on top.
-    cfg, resume_from = plan(out, resume=resume, preset=preset, config_file=config, sets=set_ or [], flags=flags)
+    cfg, resume_from = plan(out, resume=resume, preset=preset, config_file=config, sets=set_ or [], flags=flags,
+                            init=init)
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return

@@ -52,9 +52,10 @@ def plan(checkpoint: Path, out: Path, *, resume: str | None, config_file: Path |
         """A new run's defaults that depend on the user's choices (which always win over them)."""
         if resume_from is not None:
             return {}
+        chat = cfg.task.kind == "instruct" and base.tokenizer.chat_template  # a chat model keeps its format
         return {"optim": {"lr": LORA_LR} if cfg.lora.enabled else {},
                 "train": {} if cfg.train.has_budget else {"epochs": FINETUNE_EPOCHS},
-                "task": {"init_from": str(base.path)}}
+                "task": {"init_from": str(base.path), **({"template": "chat"} if chat else {})}}
 
     cfg = resolve_run_config(base=layers, config_file=config_file, sets=sets, flags=flags, defaults=defaults)
     weighted = [k for k in cfg.model.__dataclass_fields__ if k not in ("context", "dropout")

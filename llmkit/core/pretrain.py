@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from llmkit.core import checkpoint as ckpt_io
-from llmkit.core.config import SECTIONS, RunConfig, SampleConfig, resolve_run_config
+from llmkit.core.config import SECTIONS, RunConfig, SampleConfig, load_preset, resolve_run_config
 from llmkit.core.corpus import corpus_hash, read_corpus, resolve_corpus, sample_corpus
 from llmkit.core.data import TokenData, check_fits, load_or_build
 from llmkit.core.errors import ConfigError
@@ -30,16 +30,25 @@ from llmkit.core.train import EventFn
 
 
 def plan(out: Path, *, resume: str | None, preset: str | None, config_file: Path | None,
-         sets: list[str], flags: Mapping[str, Mapping[str, Any]]) -> tuple[RunConfig, Path | None]:
+         sets: list[str], flags: Mapping[str, Mapping[str, Any]], init: Path | None = None
+         ) -> tuple[RunConfig, Path | None]:
     """Resolve the run config and the checkpoint to resume from (if any).
 
     On resume the saved config is the base, so a bare ``--resume auto`` continues the very run;
-    a config file, --set or flags given alongside still apply (e.g. a larger --steps).
+    a config file, --set or flags given alongside still apply (e.g. a larger --steps). With
+    ``init`` (continued pretraining of any checkpoint or pretrained model), the network and its
+    tokenizer are that checkpoint's; the preset still gives the training recipe.
     """
     resume_from = resume_source(out, resume)
     if resume_from is not None:
         saved = ckpt_io.read_checkpoint(resume_from).config
         base = {k: v for k, v in saved.items() if k in SECTIONS}
+        cfg = resolve_run_config(base=base, config_file=config_file, sets=sets, flags=flags)
+    elif init is not None:
+        start = ckpt_io.read_checkpoint(init)
+        recipe = {k: v for k, v in (load_preset(preset) if preset else {}).items() if k not in ("model", "tokenizer")}
+        base = {**recipe, "model": start.config["model"], "tokenizer": start.config.get("tokenizer", {}),
+                "task": {"init_from": str(start.path)}}
         cfg = resolve_run_config(base=base, config_file=config_file, sets=sets, flags=flags)
     else:
         cfg = resolve_run_config(preset=preset, config_file=config_file, sets=sets, flags=flags)
@@ -64,6 +73,16 @@ def _given_tokenizer(tokenizer_dir: Path | None, resume_from: Path | None, on_ev
         on_event("tokenizer", {"source": str(tokenizer_dir), "vocab_size": tok.vocab_size})
         return tok
     return None
+
+
+def _initial(init: Path, cfg: RunConfig, device) -> Transformer:
+    """The network continued pretraining starts from: the checkpoint's weights (LoRA merged, any
+    classification head left out), in the run's model config (its context and dropout)."""
+    start = ckpt_io.read_checkpoint(init)
+    model = ckpt_io.build_model(start, device, merge=True, model_cfg=cfg.model)
+    if hasattr(model, "cls_head"):
+        del model.cls_head
+    return model
 
 
 def _sample_prompts(data: TokenData, tok: Tokenizer, n: int) -> list[list[int]]:
@@ -118,6 +137,9 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
     while the others wait, then every process trains on its share of each global batch."""
     dist, device, threads = start_process(cfg)
     on_event = main_only(on_event, dist)
+    init = Path(cfg.task.init_from) if cfg.task.init_from and resume_from is None else None
+    if init is not None and tokenizer_dir is None:
+        tokenizer_dir = init  # continued pretraining keeps the model's own tokenizer
     files = resolve_corpus(corpus) if corpus else sample_corpus()
     docs = read_corpus(files)  # validates every file (UTF-8, not binary, not empty) before any output
     with run_lock(out, dist):
@@ -130,7 +152,7 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
                 tok, data, cfg = _prepare(cfg, out, files, docs, corpus is None, given, resume_from, on_event)
             cfg = with_epoch_budget(cfg, data.meta["train_tokens"] / cfg.model.context, dist.world)
             torch.manual_seed(cfg.train.seed)
-            model = Transformer(cfg.model).to(device)
+            model = Transformer(cfg.model).to(device) if init is None else _initial(init, cfg, device)
             if resume_from is not None:
                 check_same_model(resume_from, ckpt_io.read_checkpoint(resume_from).model_cfg, cfg.model)
                 ckpt_io.load_weights(model, resume_from)
