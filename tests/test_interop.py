@@ -1,0 +1,290 @@
+"""Pretrained models in and out, proven against the reference implementation.
+
+Tiny random models of each supported architecture are built with ``transformers`` inside the
+tests (nothing is downloaded) and imported; logits, greedy generations and pooled embeddings must
+equal ``transformers``'. The shared SmolLM2 GGUF is checked against ``transformers``' own GGUF
+loader. Round trips through both export formats must give the same weights back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import need_module, shared
+from llmkit.core.checkpoint import load_model, read_checkpoint
+from llmkit.core.config import EmbedConfig, SampleConfig
+from llmkit.core.embed import embed_items
+from llmkit.core.errors import CheckpointError
+from llmkit.core.generate import decode_batch
+from llmkit.core.interop import import_model
+from llmkit.core.interop.export import export
+from llmkit.core.interop.tokenizer_io import write_hf_tokenizer
+
+TEXT = "Bonjour ! L'été 2024, à Paris : le chat dort sur le canapé.\n\tThe cat  sleeps — 42 fois 🙂"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+ARCHS = {
+    "llama": dict(model_type="llama"),
+    "llama3-rope": dict(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0,
+                                                          "original_max_position_embeddings": 32}),
+    "llama-head-dim": dict(model_type="llama", head_dim=32),
+    "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=None),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+}
+
+
+def _hf_model(arch: str, vocab: int):
+    transformers = need_module("transformers", "the reference implementation for interop tests")
+    spec = dict(ARCHS[arch])
+    model_type = spec.pop("model_type")
+    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
+    config = getattr(transformers, f"{cls}Config")(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0,
+        **({"tie_word_embeddings": True} | spec))
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{cls}ForCausalLM")(config).eval()
+    with torch.no_grad():  # random biases, norms too: a zero or one everywhere would hide a mix-up
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def pair(request, tmp_path_factory, tokenizer):
+    """(imported llmkit model, its checkpoint, the transformers reference) for one architecture."""
+    root = tmp_path_factory.mktemp(request.param)
+    hf = _hf_model(request.param, tokenizer.vocab_size)
+    folder = root / "hf"
+    hf.save_pretrained(folder)
+    write_hf_tokenizer(tokenizer, folder, context=128)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": CHATML}))
+    ckpt_path = import_model(folder, root / "ckpt")
+    model, ckpt = load_model(ckpt_path)
+    return model, ckpt, hf, folder
+
+
+def test_logits_and_greedy_generation_equal_transformers(pair):
+    model, ckpt, hf, _ = pair
+    ids = ckpt.tokenizer.encode(TEXT)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+    assert (ours - theirs).abs().max().item() < 1e-5
+    prompt = ids[:8]
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                       pad_token_id=0)[0, len(prompt):].tolist()
+    got = decode_batch(model, [prompt], SampleConfig(max_new_tokens=32, temperature=0), eos_id=None,
+                       decode=ckpt.tokenizer.decode)[0].ids
+    assert got == want
+
+
+def test_encode_equals_mean_pooling_over_transformers_hidden_states(pair):
+    model, ckpt, hf, _ = pair
+    texts = [TEXT, "Une phrase courte.", "Encore une autre, un peu plus longue que la précédente."]
+    ours, _ = embed_items(model, ckpt.tokenizer, texts, EmbedConfig(pooling="mean"))
+    for text, vec in zip(texts, ours):
+        ids = torch.tensor([ckpt.tokenizer.encode(text)])
+        with torch.no_grad():
+            hidden = hf.model(ids).last_hidden_state[0]  # (T, C), after the final norm
+        assert np.allclose(vec, hidden.mean(0).numpy(), atol=1e-5)
+
+
+def test_import_export_import_is_bit_identical(pair, tmp_path):
+    _, ckpt, hf, folder = pair
+    first = load_file(str(ckpt.path / "model.safetensors"))
+    export(ckpt, tmp_path / "hf", format="hf")
+    again = load_file(str(import_model(tmp_path / "hf", tmp_path / "back") / "model.safetensors"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    need_module("gguf", "reading GGUF files")
+    if ckpt.model_cfg.rope_scaling == "llama3":  # llama.cpp stores it as a factor table: not written yet
+        with pytest.raises(CheckpointError, match="llama3 RoPE scaling is not written to GGUF yet"):
+            export(ckpt, tmp_path / "m.gguf", format="gguf", quant="f32")
+    else:
+        export(ckpt, tmp_path / "m.gguf", format="gguf", quant="f32")
+        back = load_file(str(import_model(tmp_path / "m.gguf", tmp_path / "gback") / "model.safetensors"))
+        assert first.keys() == back.keys() and all(torch.equal(first[k], back[k]) for k in first)
+    # The exported folder loads in transformers as the original did: same logits.
+    transformers = need_module("transformers", "the reference implementation")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    x = torch.tensor([ckpt.tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, hf(x).logits)
+
+
+def test_q8_0_export_stays_within_its_bound(pair, tmp_path):
+    model, ckpt, _, _ = pair
+    need_module("gguf", "writing GGUF files")
+    if ckpt.model_cfg.rope_scaling == "llama3":
+        return  # not written to GGUF yet (test_import_export_import_is_bit_identical checks the refusal)
+    back_path = import_model(export(ckpt, tmp_path / "q.gguf", format="gguf", quant="q8_0"), tmp_path / "qback")
+    back, _ = load_model(back_path)
+    x = torch.tensor([ckpt.tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        a, b = model(x), back(x)
+    # Q8_0 keeps 8 bits per weight in blocks of 32 with one fp16 scale: logits move by a few
+    # hundredths at most on this model, and the next-token choice almost never changes.
+    assert (a - b).abs().max().item() < 0.05
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.9
+
+
+def test_chat_template_travels_and_renders(pair):
+    _, ckpt, _, folder = pair
+    transformers = need_module("transformers", "the reference implementation")
+    ref = transformers.AutoTokenizer.from_pretrained(folder)
+    from llmkit.core.chat import render
+
+    turns = [("user", "Bonjour !"), ("assistant", "Salut."), ("user", "Ça va ?")]
+    want = ref.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False,
+                                   add_generation_prompt=True)
+    assert render(ckpt.tokenizer, turns) == want
+
+
+def test_llmkit_trained_model_exports_to_transformers(trained_run, tmp_path):
+    transformers = need_module("transformers", "the reference implementation")
+    model, ckpt = load_model(trained_run)
+    export(ckpt, tmp_path / "hf", format="hf")
+    tk = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = ckpt.tokenizer.encode(TEXT)
+    assert tk.encode(TEXT, add_special_tokens=False) == ids and tk.decode(ids) == TEXT
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    x = torch.tensor([ids[: model.cfg.context]])
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() < 1e-5
+    assert "optimizer steps" in (tmp_path / "hf" / "README.md").read_text()
+
+
+# --- fine-tuning an imported model -------------------------------------------------------------------
+
+def test_finetune_an_imported_model_full_and_lora_resumes_exactly(pair, tmp_path):
+    from test_cli import invoke
+
+    _, ckpt, _, _ = pair
+    rows = [{"text": f"{w} {i}", "label": "a" if i % 2 else "b"} for i, w in enumerate(TEXT.split() * 3)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    sets = ["--set", "train.eval_every=2", "--set", "train.save_every=2", "--set", "train.batch_size=4",
+            "--set", "train.device=cpu", "--set", "train.dtype=fp32"]
+    straight = invoke("finetune", ckpt.path, "--task", "classify", "--data", data, "--lora", "--steps", 4,
+                      "-o", tmp_path / "a", *sets)
+    assert straight.exit_code == 0, straight.output
+    half = invoke("finetune", ckpt.path, "--task", "classify", "--data", data, "--lora", "--steps", 2,
+                  "-o", tmp_path / "b", *sets)
+    assert half.exit_code == 0, half.output
+    rest = invoke("finetune", ckpt.path, "--task", "classify", "--data", data, "--lora", "--steps", 4,
+                  "-o", tmp_path / "b", "--resume", "auto", *sets)
+    assert rest.exit_code == 0, rest.output
+    a, b = (load_file(str(tmp_path / d / "last" / "adapter.safetensors")) for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    chats = tmp_path / "chat.jsonl"
+    chats.write_text("\n".join(json.dumps({"prompt": f"Question {i} ?", "response": f"Réponse {i}."})
+                               for i in range(12)))
+    instruct = invoke("finetune", ckpt.path, "--task", "instruct", "--data", chats, "--steps", 2,
+                      "-o", tmp_path / "c", *sets, "--set", "task.max_new_tokens=4")
+    assert instruct.exit_code == 0, instruct.output
+    assert read_checkpoint(tmp_path / "c").task.template == "chat"  # the model's own format, kept
+
+
+# --- the shared pretrained model --------------------------------------------------------------------
+
+SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    path = shared("..", "models", SMOL)
+    need_module("gguf", "reading GGUF files")
+    ckpt_path = import_model(path, tmp_path_factory.mktemp("smol") / "ckpt")
+    return path, ckpt_path
+
+
+def test_smollm2_gguf_equals_transformers_gguf_loader(smol):
+    path, ckpt_path = smol
+    transformers = need_module("transformers", "the reference GGUF loader")
+    need_module("accelerate", "transformers' GGUF loader")
+    model, ckpt = load_model(ckpt_path)
+    ref_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    text = ("Le petit prince demanda : « S'il vous plaît… dessine-moi un mouton ! » En 1943, Saint-Exupéry "
+            "publiait ce conte.\n\nThe little prince asked,   politely, for 3 sheep. 🐑")
+    ids = ckpt.tokenizer.encode(text)
+    assert ids == ref_tok.encode(text, add_special_tokens=False)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        diff = (model(torch.tensor([ids])) - ref.eval()(torch.tensor([ids])).logits).abs().max().item()
+    assert diff < 1e-4
+    msgs = [{"role": "user", "content": "Bonjour, qui es-tu ?"}]
+    from llmkit.core.chat import render
+
+    assert render(ckpt.tokenizer, [("user", msgs[0]["content"])]) == \
+        ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+# --- bad inputs -------------------------------------------------------------------------------------
+
+def test_bad_pretrained_models_are_refused_in_one_line(pair, tmp_path):
+    _, ckpt, _, folder = pair
+
+    def broken(name, change):
+        dest = tmp_path / name
+        shutil.copytree(folder, dest)
+        change(dest)
+        return dest
+
+    def config(key, value):
+        def change(d):
+            cfg = json.loads((d / "config.json").read_text())
+            cfg[key] = value
+            (d / "config.json").write_text(json.dumps(cfg))
+        return change
+
+    cases = [
+        (broken("type", config("model_type", "gpt_neox")), "model_type 'gpt_neox' is not supported"),
+        (broken("shape", config("intermediate_size", 80)), "its config makes"),
+        (broken("act", config("hidden_act", "gelu")), "hidden_act 'gelu'"),
+        (broken("rope", config("rope_scaling", {"rope_type": "yarn", "factor": 4.0})), "rope scaling 'yarn'"),
+        (broken("noweights", lambda d: (d / "model.safetensors").unlink()), "has no model.safetensors"),
+        (broken("shard", lambda d: (d / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"x": "model-00002-of-00002.safetensors"}}))), "shard model-00002"),
+        (broken("notok", lambda d: [(d / n).unlink() for n in ("tokenizer.json",)]), "has no tokenizer"),
+    ]
+    for src, phrase in cases:
+        with pytest.raises(CheckpointError, match=phrase):
+            import_model(src, tmp_path / f"out-{src.name}")
+    need_module("gguf", "GGUF files")
+    if ckpt.model_cfg.rope_scaling == "llama3":
+        return
+    gguf_path = export(ckpt, tmp_path / "ok.gguf", format="gguf", quant="f32")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(gguf_path.read_bytes()[: gguf_path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or not a GGUF"):
+        import_model(cut, tmp_path / "out-cut")
+
+
+def test_an_unsupported_gguf_tensor_type_is_named(tmp_path, pair):
+    need_module("gguf", "GGUF files")
+    _, ckpt, _, _ = pair
+    if ckpt.model_cfg.rope_scaling == "llama3":
+        return
+    from llmkit.core.interop import gguf_io
+
+    real = gguf_io.SUPPORTED_TYPES
+    gguf_path = export(ckpt, tmp_path / "m.gguf", format="gguf", quant="f16")
+    gguf_io.SUPPORTED_TYPES = tuple(t for t in real if t != "F16")  # as if F16 were a type llmkit lacks
+    try:
+        with pytest.raises(CheckpointError, match=r"is F16, which llmkit does not read"):
+            import_model(gguf_path, tmp_path / "out")
+    finally:
+        gguf_io.SUPPORTED_TYPES = real
+
