@@ -5,6 +5,7 @@ exit code. ``tests/test_errors.py`` runs each case and checks that its one-line 
 Cases run in a scratch directory (the current directory during the case) holding:
     corpus.txt            a small French corpus
     run/                  a tiny pretrained run (best/, last/, tokenizer/)
+    hf/                   run/ exported as a Hugging Face folder
     clf/                  a classifier fine-tuned from run/
     tok2/                 another tokenizer (another vocabulary)
 and whatever a case's ``setup`` writes. Paths in messages are therefore short and stable.
@@ -128,6 +129,38 @@ def index_made(root: Path) -> None:
     (root / "items.txt").write_text("une ligne\nune autre ligne\n")
     r = CliRunner().invoke(app, ["encode", "run", "items.txt", "-o", "index.npy", "-q"])
     assert r.exit_code == 0, r.output
+
+
+def hf_copy(name: str, change, *, index: bool = False, pickle: bool = False) -> Callable[[Path], None]:
+    """A copy of the exported Hugging Face folder ``hf/``, its config changed or its weights broken."""
+    def setup(root: Path) -> None:
+        dest = root / name
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(root / "hf", dest)
+        if change:
+            cfg = json.loads((dest / "config.json").read_text())
+            change(cfg)
+            (dest / "config.json").write_text(json.dumps(cfg))
+        if index:
+            (dest / "model.safetensors").rename(dest / "model-00001-of-00002.safetensors")
+            (dest / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+                "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+        if pickle:
+            (dest / "model.safetensors").unlink()
+            (dest / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    return setup
+
+
+def truncated_gguf(root: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llmkit.cli.app import app
+
+    if not (root / "run.gguf").exists():
+        r = CliRunner().invoke(app, ["export", "run", "-o", "run.gguf", "--format", "gguf", "-q"])
+        assert r.exit_code == 0, r.output
+    data = (root / "run.gguf").read_bytes()
+    (root / "cut.gguf").write_bytes(data[: len(data) // 3])
 
 
 PAIRS = "\n".join(json.dumps({"src": f"phrase {i}", "tgt": f"sentence {i}"}) for i in range(12))
@@ -261,6 +294,22 @@ CASES = [
     Case("--resume with other settings", "encode",
          ["run", "items.txt", "-o", "index.npy", "--resume", "--pooling", "last"], setup=index_made),
     Case("CSV input without --column", "encode", ["run", "t.csv", "-o", "v.npy"], setup=write("t.csv", "a,b\n1,2\n")),
+    # pretrained models: import and export
+    Case("pretrained folder of an unknown architecture", "import", ["hf_neox", "-o", "imp"],
+         setup=hf_copy("hf_neox", lambda c: c.update(model_type="gpt_neox"))),
+    Case("pretrained weights that disagree with config.json", "import", ["hf_shape", "-o", "imp"],
+         setup=hf_copy("hf_shape", lambda c: c.update(intermediate_size=80))),
+    Case("pretrained folder with a shard missing", "import", ["hf_shard", "-o", "imp"],
+         setup=hf_copy("hf_shard", None, index=True)),
+    Case("pretrained folder with pickle weights only", "import", ["hf_bin", "-o", "imp"],
+         setup=hf_copy("hf_bin", None, pickle=True)),
+    Case("a truncated GGUF file", "generate", ["cut.gguf", "-p", "x"], setup=truncated_gguf),
+    Case("import into an existing directory", "import", ["hf", "-o", "run"]),
+    Case("export to an unknown format", "export", ["run", "-o", "x", "--format", "onnx"]),
+    Case("--quant with a Hugging Face export", "export", ["run", "-o", "x", "--quant", "q8_0"]),
+    Case("GGUF export to a name without .gguf", "export", ["run", "-o", "model.bin", "--format", "gguf"]),
+    Case("exporting a classifier", "export", ["clf", "-o", "clf_hf"]),
+    Case("--chat on a model without a chat template", "generate", ["run", "-p", "x", "--chat"]),
     # usage errors: Click's own line (after the usage line), exit 2
     Case("unknown option", "generate", ["run", "--temprature", "0.5"], code=2),
     Case("missing argument", "encode", [], code=2),
@@ -335,6 +384,8 @@ def build_world(root: Path) -> None:
         assert r.exit_code == 0, r.output
         r = runner.invoke(app, ["tokenize", "train", "corpus.txt", "-o", "tok2", "--vocab-size", "420"])
         assert r.exit_code == 0, r.output
+        r = runner.invoke(app, ["export", "run", "-o", "hf", "-q"])
+        assert r.exit_code == 0, r.output
     finally:
         os.chdir(here)
 
@@ -370,8 +421,8 @@ codes: **130** after Ctrl-C and **143** after SIGTERM, each once the run's check
 
 The table is written from real runs by `python tests/errors_catalog.py` and checked by
 `tests/test_errors.py`, which runs every case and fails if a message differs from the one shown
-here. Cases run in a scratch directory holding `corpus.txt`, a tiny pretrained run `run/`, a
-classifier `clf/` and a second tokenizer `tok2/`; parts that change from run to run (a PID, a
+here. Cases run in a scratch directory holding `corpus.txt`, a tiny pretrained run `run/` (and
+`hf/`, its export as a Hugging Face folder), a classifier `clf/` and a second tokenizer `tok2/`; parts that change from run to run (a PID, a
 hash, a version) are shown as `…` or `X`.
 
 | case | command | exit | message |

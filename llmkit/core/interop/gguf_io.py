@@ -58,8 +58,9 @@ def open_reader(path: Path):
 
     try:
         return gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise CheckpointError(f"{path} cannot be read as GGUF (truncated or not a GGUF file): {e}") from None
+    except (ValueError, OSError, IndexError, KeyError):
+        raise CheckpointError(f"{path} cannot be read as GGUF: it is truncated (a download cut short?) or not a "
+                              "GGUF file") from None
 
 
 def config_from_gguf(f: dict[str, Any], where: str) -> dict[str, Any]:
