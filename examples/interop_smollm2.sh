@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# A real pretrained model through llmkit: import the shared SmolLM2-135M-Instruct GGUF, chat with
+# it through its own chat template, fine-tune it (LoRA) to classify the shared French topic data,
+# measure it, and export it for llama.cpp (GGUF q8_0) and for transformers (a folder).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LLMKIT=${LLMKIT:-.venv/bin/llmkit}
+SHARED=${SHARED:-../shared}
+GGUF=$SHARED/models/SmolLM2-135M-Instruct.Q4_1.gguf
+OUT=${OUT:-runs/example-interop}
+[ -f "$GGUF" ] || { echo "no $GGUF: the shared models folder sits beside the repository"; exit 1; }
+rm -rf "$OUT"
+
+$LLMKIT import "$GGUF" -o "$OUT/smollm2"
+$LLMKIT generate "$OUT/smollm2" --chat -p "Quelle est la capitale de la France ?" --greedy -n 30
+
+D=$SHARED/data/classify_fr
+$LLMKIT finetune "$OUT/smollm2" --task classify --lora --epochs ${EPOCHS:-2} \
+  --data $D/sib200_topic_fr.train.jsonl --val $D/sib200_topic_fr.dev.jsonl -o "$OUT/sib200" --quiet
+$LLMKIT eval "$OUT/sib200" $D/sib200_topic_fr.dev.jsonl
+
+$LLMKIT export "$OUT/smollm2" -o "$OUT/smollm2-q8.gguf" --format gguf --quant q8_0
+$LLMKIT export "$OUT/smollm2" -o "$OUT/smollm2-hf" --format hf
