@@ -164,6 +164,12 @@ def test_llmkit_trained_model_exports_to_transformers(trained_run, tmp_path):
     with torch.no_grad():
         assert (model(x) - hf(x).logits).abs().max().item() < 1e-5
     assert "optimizer steps" in (tmp_path / "hf" / "README.md").read_text()
+    # Through GGUF and back: the same weights and the very same SentencePiece model.
+    need_module("gguf", "GGUF files")
+    back = import_model(export(ckpt, tmp_path / "m.gguf", format="gguf", quant="f32"), tmp_path / "back")
+    a, b = load_file(str(ckpt.path / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (back / "tokenizer.model").read_bytes() == (ckpt.path / "tokenizer.model").read_bytes()
 
 
 # --- fine-tuning an imported model -------------------------------------------------------------------

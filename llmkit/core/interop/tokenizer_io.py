@@ -13,6 +13,7 @@ own SentencePiece models converted: vocabulary, merges in score order, byte fall
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
@@ -32,6 +33,8 @@ SPLITS = {"llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_
           "qwen2": QWEN2_SPLIT}
 DIGITS_THEN_GPT2 = ("smollm",)  # each digit alone, then GPT-2's byte-level split
 GPT2 = ("default", "gpt2", "gpt-2", None)
+LLMKIT_SP_KEY = "llmkit.tokenizer.sentencepiece"  # base64 of tokenizer.model, in GGUFs llmkit writes
+LLMKIT_CONTRACT_KEY = "llmkit.tokenizer.contract"
 
 
 def contract(model_bytes: bytes, *, backend: str, vocab_size: int, special: dict[str, int | None],
@@ -121,6 +124,9 @@ def from_gguf(fields: dict[str, Any], where: str) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     kind = fields.get("tokenizer.ggml.model")
+    if fields.get(LLMKIT_SP_KEY):  # written by llmkit: its own SentencePiece model, exactly
+        raw = base64.b64decode(fields[LLMKIT_SP_KEY])
+        return Tokenizer(raw, {**json.loads(fields[LLMKIT_CONTRACT_KEY]), "model_sha256": hashlib.sha256(raw).hexdigest()})
     if kind != "gpt2":
         raise CheckpointError(f"{where}: tokenizer.ggml.model {kind!r} is not supported yet (byte-level BPE, "
                               "'gpt2', is: Llama 3, Qwen, SmolLM); import the model's Hugging Face folder instead")
@@ -183,6 +189,9 @@ def gguf_metadata(tok: Tokenizer) -> dict[str, Any]:
                      "tokenizer.ggml.add_bos_token": bool(tok.contract.get("add_bos"))})
         return meta
     sp = tok.sp
+    # llama.cpp reads the vocabulary below; llmkit reads back its exact model from these two keys.
+    meta[LLMKIT_SP_KEY] = base64.b64encode(tok.model_bytes).decode("ascii")
+    meta[LLMKIT_CONTRACT_KEY] = json.dumps(tok.contract, ensure_ascii=False)
     types = []
     for i in range(n):
         if sp.is_unknown(i):
