@@ -230,9 +230,11 @@ def export_folder(ckpt, dest: Path, *, card: str) -> Path:
     from llmkit.core.interop.tokenizer_io import write_hf_tokenizer
 
     if ckpt.kind == "classify":
-        raise CheckpointError(f"{ckpt.path} is a classifier: exporting its head as LlamaForSequenceClassification "
-                              "is not supported yet; export the language model it was fine-tuned from, or use "
-                              "llmkit encode/classify")
+        # LlamaForSequenceClassification scores the last real token with a bias-free layer; llmkit's
+        # head has a bias (and may mean-pool): the exported model would classify differently.
+        raise CheckpointError(f"{ckpt.path} is a classifier: its head (with a bias, {ckpt.task.pooling} pooling) has "
+                              "no exact LlamaForSequenceClassification equivalent, so it is not exported; export the "
+                              "language model it was fine-tuned from, or use llmkit classify/encode")
     model = build_model(ckpt, "cpu", merge=True)
     dest.mkdir(parents=True, exist_ok=True)
     m = ckpt.config["model"]
