@@ -59,9 +59,14 @@ def params_line(out: Path) -> dict:
     return {"params": state["params"], "trainable": state["trainable"]}
 
 
-def classify(ckpt: str, work: Path) -> None:
+CLASSIFY_SETS = (("sib200_topic_fr", "6", "25"), ("theatre17_genre_fr", "1", "50"))
+
+
+def classify(ckpt: str, work: Path, sets: tuple[str, ...] = (), methods: tuple[str, ...] = ("full", "lora")) -> None:
     # Budgets in epochs, not time: the figures do not depend on how busy the machine was.
-    for name, epochs, every in (("sib200_topic_fr", "6", "25"), ("theatre17_genre_fr", "1", "50")):
+    for name, epochs, every in CLASSIFY_SETS:
+        if sets and name not in sets:
+            continue
         train = SHARED_DATA / "classify_fr" / f"{name}.train.jsonl"
         dev = SHARED_DATA / "classify_fr" / f"{name}.dev.jsonl"
         (xtr_t, ytr), (xdv_t, ydv) = read_classify(name, "train"), read_classify(name, "dev")
@@ -70,6 +75,8 @@ def classify(ckpt: str, work: Path) -> None:
         xtr, xdv = bag_of_words(xtr_t, xdv_t)
         emit(task="classify", data=name, method="bag-of-words logreg", **logistic_probe(xtr, ytr, xdv, ydv))
         for method, extra in (("full", []), ("lora", ["--lora"])):
+            if method not in methods:
+                continue
             out = work / f"{name}-{method}"
             seconds, peak = run(["finetune", ckpt, "--task", "classify", "--data", str(train), "--val", str(dev),
                                  "--out", str(out), "--epochs", epochs, "--quiet", *extra,
@@ -136,14 +143,20 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--only", default="classify,translate,instruct")
     parser.add_argument("--work", default=str(ROOT / ".bench" / "finetune"))
+    parser.add_argument("--sets", default="", help="classify: only these data sets (comma-separated)")
+    parser.add_argument("--methods", default="full,lora", help="classify: full and/or lora")
     args = parser.parse_args()
     if not SHARED_DATA.exists():
         sys.exit(f"skipped: {SHARED_DATA} not present")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     emit(event="machine", **machine())
+    ckpt = str(Path(args.checkpoint).resolve())  # a checkpoint, a Hugging Face folder or a .gguf
     for name in args.only.split(","):
-        {"classify": classify, "translate": translate, "instruct": instruct}[name](str(Path(args.checkpoint).resolve()), work)
+        if name == "classify":
+            classify(ckpt, work, tuple(filter(None, args.sets.split(","))), tuple(args.methods.split(",")))
+        else:
+            {"translate": translate, "instruct": instruct}[name](ckpt, work)
 
 
 if __name__ == "__main__":
