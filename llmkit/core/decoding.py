@@ -97,10 +97,13 @@ class Conversation:
     decoder: Decoder
     turns: list[tuple[str, str]] = field(default_factory=list)
     history: str = ""
+    sent: int = 0
+    """Lines answered so far: answer n is drawn with row_seed(base, n), like prompt n of a batch."""
 
     def send(self, line: str, *, on_text: TextFn | None = None) -> Output:
         d = self.decoder
-        seed = [row_seed(d.base_seed, len(self.turns) + len(self.history), 0)]
+        seed = [row_seed(d.base_seed, self.sent)]
+        self.sent += 1
         if d.template is not None:
             self.turns.append(("user", line))
             ids = self._fit_turns()
