@@ -294,3 +294,19 @@ def test_an_unsupported_gguf_tensor_type_is_named(tmp_path, pair):
     finally:
         gguf_io.SUPPORTED_TYPES = real
 
+
+
+def test_generate_talks_to_a_chat_model_in_its_own_format(pair):
+    from llmkit.core.config import SampleConfig as S
+    from llmkit.core.decoding import Conversation, Decoder
+    from test_cli import invoke
+
+    model, ckpt, _, _ = pair
+    r = invoke("generate", ckpt.path, "--chat", "-p", "Bonjour", "-n", 3, "--greedy")
+    assert r.exit_code == 0, r.output
+    chat = Conversation(Decoder(model, ckpt.tokenizer, S(max_new_tokens=3, temperature=0), "cpu", template="chat"))
+    chat.send("Bonjour")
+    chat.send("Ça va ?")  # the second prompt holds both exchanges, rendered by the chat template
+    assert [r for r, _ in chat.turns] == ["user", "assistant", "user", "assistant"]
+    text = ckpt.tokenizer.decode(Decoder(model, ckpt.tokenizer, S(), "cpu", template="chat").encode("x"))
+    assert text == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
