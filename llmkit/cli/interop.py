@@ -25,11 +25,11 @@ def import_model(
     import time
 
     from llmkit.cli.render import err_console
-    from llmkit.core.checkpoint import is_checkpoint, read_checkpoint
+    from llmkit.core.checkpoint import read_checkpoint
     from llmkit.core.errors import ConfigError
     from llmkit.core.interop import import_model as run_import
 
-    if out.exists() and (is_checkpoint(out) or any(out.iterdir()) if out.is_dir() else True):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists: choose a new directory")
     t0 = time.perf_counter()
     path = run_import(src, out)

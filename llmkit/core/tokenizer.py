@@ -144,11 +144,8 @@ class Tokenizer:
     def load(cls, directory: Path) -> Tokenizer:
         directory = Path(directory)
         contract_path = directory / "tokenizer.yaml"
-        model_path = directory / ("tokenizer.json" if (directory / "tokenizer.json").is_file()
-                                  and not (directory / "tokenizer.model").is_file() else "tokenizer.model")
-        for p in (model_path, contract_path):
-            if not p.is_file():
-                raise TokenizerError(f"{directory} has no {p.name} (is it a tokenizer or checkpoint directory?)")
+        if not contract_path.is_file():
+            raise TokenizerError(f"{directory} has no tokenizer.yaml (is it a tokenizer or checkpoint directory?)")
         try:
             contract = yaml.safe_load(contract_path.read_text("utf-8"))
         except yaml.YAMLError as e:
@@ -158,15 +155,15 @@ class Tokenizer:
         check_format(contract.get("format", 1), FORMAT_VERSION, str(contract_path), contract.get("llmkit_version"))
         model_path = directory / BACKENDS.get(contract.get("backend", "sentencepiece"), _SentencePiece).file
         if not model_path.is_file():
-            raise TokenizerError(f"{directory} has no {model_path.name} (its tokenizer.yaml names it)")
+            raise TokenizerError(f"{directory} has no {model_path.name} (is it a tokenizer or checkpoint directory?)")
         model_bytes = model_path.read_bytes()
         if hashlib.sha256(model_bytes).hexdigest() != contract.get("model_sha256"):
             raise TokenizerError(f"{model_path} does not match the model_sha256 in {contract_path.name}")
         try:
             return cls(model_bytes, contract)
-        except (RuntimeError, ValueError, Exception) as e:
-            if isinstance(e, TokenizerError):
-                raise
+        except TokenizerError:
+            raise
+        except Exception as e:  # each backend's own parse error (RuntimeError, ValueError, Exception)
             raise TokenizerError(f"{model_path}: not a tokenizer model llmkit can read ({e})") from None
 
     def save(self, directory: Path) -> None:
