@@ -23,18 +23,20 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 from common import ROOT, SHARED_DATA, bag_of_words, emit, logistic_probe, machine, peak_of, read_classify
 
 LLMKIT = [sys.executable, "-m", "llmkit"]
+EXTRA: list[str] = []  # --set flags every fine-tuning run gets (e.g. train.threads from --threads)
 
 
 def run(args: list[str]) -> tuple[float, float]:
     out = Path(args[args.index("--out") + 1])
     shutil.rmtree(out, ignore_errors=True)  # a fresh run each time
-    seconds, peak = peak_of(LLMKIT + args)
+    seconds, peak = peak_of(LLMKIT + args + EXTRA)
     return round(seconds, 1), round(peak)
 
 
@@ -92,20 +94,48 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+ZERO_SHOT = "Translate this French text into English. Answer with the translation only.\n\n{src}"
+
+
+def _chat_model(ckpt: str) -> bool:
+    from llmkit.core.checkpoint import read_checkpoint
+
+    return bool(read_checkpoint(Path(ckpt)).tokenizer.chat_template)
+
+
+def zero_shot(ckpt: str, dev: list[dict]) -> dict:
+    """Greedy answers of a chat model to a plain instruction, one conversation per source sentence."""
+    prompts = "".join(json.dumps({"prompt": ZERO_SHOT.format(src=r["src"])}, ensure_ascii=False) + "\n" for r in dev)
+    t0 = time.perf_counter()
+    out = subprocess.run(LLMKIT + ["generate", ckpt, "--chat", "--greedy", "-n", "96", "--json", "--quiet"],
+                         input=prompts, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(out.stderr)
+    hyps = [json.loads(line)["text"].strip() for line in out.stdout.splitlines()]
+    return {**_scores(hyps, [r["tgt"] for r in dev]), "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def translate(ckpt: str, work: Path) -> None:
     root = SHARED_DATA / "translate_fr_en"
     tico = [json.loads(line) for line in (root / "tico19_dev.jsonl").read_text().splitlines()]
     random.Random(0).shuffle(tico)
     dev, rest = tico[:200], tico[200:]
     ntrex = [json.loads(line) for line in (root / "ntrex128.jsonl").read_text().splitlines()]
-    train = _jsonl(work / "translate.train.jsonl", [{"src": r["src"], "tgt": r["tgt"]} for r in ntrex + rest])
-    dev_file = _jsonl(work / "translate.dev.jsonl", [{"src": r["src"], "tgt": r["tgt"]} for r in dev])
+    chat = _chat_model(ckpt)
+    # A chat model reads the instruction it is asked zero-shot, in its own format, when fine-tuned too.
+    src = (lambda r: ZERO_SHOT.format(src=r["src"])) if chat else (lambda r: r["src"])  # noqa: E731
+    train = _jsonl(work / "translate.train.jsonl", [{"src": src(r), "tgt": r["tgt"]} for r in ntrex + rest])
+    dev_file = _jsonl(work / "translate.dev.jsonl", [{"src": src(r), "tgt": r["tgt"]} for r in dev])
     emit(task="translate", data="translate_fr_en", method="copy source (baseline)",
          **_scores([r["src"] for r in dev], [r["tgt"] for r in dev]))
+    if chat:  # a chat model is asked in its own format, zero-shot, then fine-tuned in that format
+        emit(task="translate", data="translate_fr_en", method="llmkit zero-shot (chat)", examples=len(dev),
+             **zero_shot(ckpt, dev))
     out = work / "translate-full"
     seconds, peak = run(["finetune", ckpt, "--task", "translate", "--data", str(train), "--val", str(dev_file),
                          "--out", str(out), "--epochs", "1", "--quiet",
-                         "--set", "train.eval_every=100", "--set", "task.eval_limit=50"])
+                         "--set", "train.eval_every=100", "--set", "task.eval_limit=50",
+                         *(["--set", "task.template=chat"] if chat else [])])
     report = evaluate(out / "best", dev_file)
     emit(task="translate", data="translate_fr_en", method="llmkit full", chrf=round(report["chrf"], 2),
          bleu=round(report["bleu"], 2), examples=report["examples"], seconds=seconds, peak_rss_mb=peak,
@@ -145,7 +175,10 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / ".bench" / "finetune"))
     parser.add_argument("--sets", default="", help="classify: only these data sets (comma-separated)")
     parser.add_argument("--methods", default="full,lora", help="classify: full and/or lora")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads of each run (0: llmkit's choice)")
     args = parser.parse_args()
+    if args.threads:
+        EXTRA.extend(["--set", f"train.threads={args.threads}"])
     if not SHARED_DATA.exists():
         sys.exit(f"skipped: {SHARED_DATA} not present")
     work = Path(args.work)

@@ -39,6 +39,8 @@ class Case:
     code: int = 1
     setup: Callable[[Path], None] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    hide: tuple[str, ...] = ()
+    """Optional packages the case runs without (as if they were not installed)."""
 
 
 # --- setups: what a case breaks before it runs ------------------------------------------------------
@@ -177,6 +179,23 @@ CASES = [
     Case("corpus smaller than one block", "pretrain",
          ["tiny.txt", "-o", "out", "--steps", "1", *SETS, "--set", "model.context=512", "--tokenizer", "run/tokenizer"],
          setup=write("tiny.txt", "Bonjour.\n")),
+    Case("JSON line without the text field", "pretrain",
+         ["docs.jsonl", "-o", "out", "--steps", "1", "--tokenizer", "run/tokenizer"],
+         setup=write("docs.jsonl", '{"text": "Un document."}\n{"titre": "Deux"}\n')),
+    Case("JSON line that is not JSON", "pretrain",
+         ["docs2.jsonl", "-o", "out", "--steps", "1", "--tokenizer", "run/tokenizer"],
+         setup=write("docs2.jsonl", '{"text": "Un document."}\n{"text": "coupé\n')),
+    Case("parquet without pyarrow", "pretrain", ["t.parquet", "-o", "out", "--steps", "1", "--tokenizer", "run/tokenizer"],
+         setup=write("t.parquet", b"PAR1"), hide=("pyarrow", "pyarrow.parquet")),
+    Case("damaged gzip corpus", "pretrain", ["cut.txt.gz", "-o", "out", "--steps", "1", "--tokenizer", "run/tokenizer"],
+         setup=write("cut.txt.gz", __import__("gzip").compress(b"Bonjour.\n" * 500)[:-30])),
+    Case("--mix weights that do not sum to 1", "pretrain",
+         ["--mix", "corpus.txt=0.5", "--mix", "run=0.3", "-o", "out", "--steps", "1"]),
+    Case("--mix without a weight", "pretrain", ["--mix", "corpus.txt", "-o", "out", "--steps", "1"]),
+    Case("--mix and a corpus argument", "pretrain", ["corpus.txt", "--mix", "corpus.txt=1", "-o", "out", "--steps", "1"]),
+    Case("a --mix source that is empty", "pretrain",
+         ["--mix", "corpus.txt=0.5", "--mix", "blank.txt=0.5", "-o", "out", "--steps", "1"],
+         setup=write("blank.txt", "  \n\n")),
     # pretrain: settings
     Case("unknown config key", "pretrain", ["corpus.txt", "-o", "out", "--set", "train.stpes=5"]),
     Case("value of the wrong type", "pretrain", ["corpus.txt", "-o", "out", "--set", "model.n_layer=abc"]),
@@ -340,14 +359,21 @@ def run_case(case: Case, root: Path) -> tuple[int, str]:
 
     here = os.getcwd()
     saved = {k: os.environ.get(k) for k in case.env}
+    hidden = {k: sys.modules.get(k) for k in case.hide}
     os.chdir(root)
     try:
+        sys.modules.update({k: None for k in case.hide})  # import then fails as for a missing package
         if case.setup:
             case.setup(root)
         os.environ.update(case.env)
         r = CliRunner().invoke(app, [case.command, *case.args])
     finally:
         os.chdir(here)
+        for k, v in hidden.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -5,13 +5,18 @@ import pytest
 
 from llmkit.core.config import DataConfig
 from llmkit.core.corpus import read_corpus, resolve_corpus
-from llmkit.core.data import batch_generator, check_fits, load_or_build, split_document, train_batch
+from llmkit.core.corpus.cache import load_or_build
+from llmkit.core.corpus.mix import Corpus, check_fits
+from llmkit.core.data import batch_generator, train_batch
 from llmkit.core.errors import DataError
 
 
-def test_split_follows_line_boundaries():
+def test_split_follows_line_boundaries(tmp_path, tokenizer):
     text = "".join(f"ligne {i}\n" for i in range(100))
-    train, val = split_document(text, 0.1)
+    f = tmp_path / "lignes.txt"
+    f.write_text(text)
+    data = load_or_build([f], tokenizer, DataConfig(cache_dir=str(tmp_path / "c")))
+    train, val = tokenizer.decode(np.asarray(data.train[:-1])), tokenizer.decode(np.asarray(data.val[:-1]))
     assert train + val == text
     assert train.endswith("\n") and val.startswith("ligne")
     assert 0.05 < len(val) / len(text) < 0.15
@@ -50,7 +55,7 @@ def test_corpus_too_small_for_one_block(tmp_path, tokenizer):
     f.write_text("Deux mots.\nEncore.\n")
     data = load_or_build([f], tokenizer, DataConfig(cache_dir=str(tmp_path / "c")))
     with pytest.raises(DataError, match="corpus too small"):
-        check_fits(data, 256)
+        check_fits(Corpus([data], [1.0], [("corpus", data.val)], data.meta["val_bytes"]), 256)
 
 
 def test_resolve_files_dirs_and_globs(tmp_path):

@@ -141,9 +141,9 @@ def test_a_failing_rank_stops_the_job_with_its_message(tok, tmp_path):
         "import llmkit.core.pretrain as p\n"
         "from llmkit.core.errors import DataError\n"
         "if os.environ['RANK'] == '1':\n"
-        "    def broken(files):\n"
+        "    def broken(corpus, cfg):\n"
         "        raise DataError('cannot read the corpus on this node')\n"
-        "    p.read_corpus = broken\n"
+        "    p.plan_sources = broken\n"
         "from llmkit.cli.app import main\n"
         "sys.argv = ['llmkit', *sys.argv[1:]]\n"
         "main()\n")

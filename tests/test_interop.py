@@ -109,13 +109,13 @@ def test_import_export_import_is_bit_identical(pair, tmp_path):
     again = load_file(str(import_model(tmp_path / "hf", tmp_path / "back") / "model.safetensors"))
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     need_module("gguf", "reading GGUF files")
-    if ckpt.model_cfg.rope_scaling == "llama3":  # llama.cpp stores it as a factor table: not written yet
-        with pytest.raises(CheckpointError, match="llama3 RoPE scaling is not written to GGUF yet"):
-            export(ckpt, tmp_path / "m.gguf", format="gguf", quant="f32")
-    else:
-        export(ckpt, tmp_path / "m.gguf", format="gguf", quant="f32")
-        back = load_file(str(import_model(tmp_path / "m.gguf", tmp_path / "gback") / "model.safetensors"))
-        assert first.keys() == back.keys() and all(torch.equal(first[k], back[k]) for k in first)
+    export(ckpt, tmp_path / "m.gguf", format="gguf", quant="f32")
+    gback = import_model(tmp_path / "m.gguf", tmp_path / "gback")
+    back = load_file(str(gback / "model.safetensors"))
+    assert first.keys() == back.keys() and all(torch.equal(first[k], back[k]) for k in first)
+    rope = ("rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context")
+    got = read_checkpoint(gback).model_cfg
+    assert [getattr(got, k) for k in rope] == [getattr(ckpt.model_cfg, k) for k in rope]  # llama3 scaling too
     # The exported folder loads in transformers as the original did: same logits.
     transformers = need_module("transformers", "the reference implementation")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
@@ -127,8 +127,6 @@ def test_import_export_import_is_bit_identical(pair, tmp_path):
 def test_q8_0_export_stays_within_its_bound(pair, tmp_path):
     model, ckpt, _, _ = pair
     need_module("gguf", "writing GGUF files")
-    if ckpt.model_cfg.rope_scaling == "llama3":
-        return  # not written to GGUF yet (test_import_export_import_is_bit_identical checks the refusal)
     back_path = import_model(export(ckpt, tmp_path / "q.gguf", format="gguf", quant="q8_0"), tmp_path / "qback")
     back, _ = load_model(back_path)
     x = torch.tensor([ckpt.tokenizer.encode(TEXT)])
@@ -269,8 +267,6 @@ def test_bad_pretrained_models_are_refused_in_one_line(pair, tmp_path):
         with pytest.raises(CheckpointError, match=phrase):
             import_model(src, tmp_path / f"out-{src.name}")
     need_module("gguf", "GGUF files")
-    if ckpt.model_cfg.rope_scaling == "llama3":
-        return
     gguf_path = export(ckpt, tmp_path / "ok.gguf", format="gguf", quant="f32")
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(gguf_path.read_bytes()[: gguf_path.stat().st_size // 2])
@@ -281,8 +277,6 @@ def test_bad_pretrained_models_are_refused_in_one_line(pair, tmp_path):
 def test_an_unsupported_gguf_tensor_type_is_named(tmp_path, pair):
     need_module("gguf", "GGUF files")
     _, ckpt, _, _ = pair
-    if ckpt.model_cfg.rope_scaling == "llama3":
-        return
     from llmkit.core.interop import gguf_io
 
     real = gguf_io.SUPPORTED_TYPES
@@ -310,3 +304,75 @@ def test_generate_talks_to_a_chat_model_in_its_own_format(pair):
     assert [r for r, _ in chat.turns] == ["user", "assistant", "user", "assistant"]
     text = ckpt.tokenizer.decode(Decoder(model, ckpt.tokenizer, S(), "cpu", template="chat").encode("x"))
     assert text == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_llama3_rope_table_of_another_converter_is_recognised_or_refused(tmp_path, pair):
+    """A GGUF from llama.cpp's converter carries only the rope_freqs table: Meta's parameters are
+    found back from it; a table they cannot give is refused in one line, never ignored."""
+    gguf = need_module("gguf", "GGUF files")
+    model, ckpt, _, _ = pair
+    if ckpt.model_cfg.rope_scaling != "llama3":
+        return
+    from llmkit.core.interop import gguf_io
+
+    path = export(ckpt, tmp_path / "m.gguf", format="gguf", quant="f32")
+    fields = gguf_io.read_fields(gguf_io.open_reader(path))
+    table = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight").data
+    section = gguf_io.config_from_gguf(fields, "x")
+    foreign = {k: v for k, v in fields.items() if not k.startswith(gguf_io.LLMKIT_ROPE)}
+    c = ckpt.model_cfg
+    assert gguf_io.llama3_from_table(np.asarray(table), section, foreign, "x") == dict(
+        rope_scaling="llama3", rope_factor=c.rope_factor, rope_low_freq_factor=c.rope_low_freq_factor,
+        rope_high_freq_factor=c.rope_high_freq_factor, rope_original_context=c.rope_original_context)
+    with pytest.raises(CheckpointError, match="rope_freqs table is not a llama3 RoPE scaling llmkit can express"):
+        gguf_io.llama3_from_table(np.asarray(table) * 1.5, section, foreign, "x")
+
+
+def test_a_sentencepiece_vocabulary_in_a_gguf_encodes_as_its_model(tmp_path, sample_docs):
+    """Llama 2, Mistral and TinyLlama GGUFs carry SentencePiece pieces, scores and types: the model
+    rebuilt from them encodes to the original tokenizer.model's ids (dummy prefix, byte fallback)."""
+    import io
+
+    import sentencepiece as spm
+
+    from llmkit.core.interop.tokenizer_io import from_gguf
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter("\n".join(sample_docs).split("\n")), model_writer=buf,
+                                   vocab_size=500, model_type="bpe", byte_fallback=True, split_digits=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   add_dummy_prefix=True, user_defined_symbols=["<sep>"], minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    n = sp.get_piece_size()
+    kinds = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else
+             4 if sp.id_to_piece(i) == "<sep>" else 1 for i in range(n)]
+    fields = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+              "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)], "tokenizer.ggml.token_type": kinds,
+              "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+              "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.add_bos_token": True}
+    tok = from_gguf(fields, "llama2.gguf")
+    text = TEXT + " <sep> ¤ 123456 \n\n  fin"
+    assert tok.encode(text) == sp.encode(text) and tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
+    assert tok.bos_id == 1 and tok.eos_id == 2 and tok.contract["add_bos"]
+
+
+def test_an_llmkit_gguf_read_as_another_tool_would_gives_the_same_ids(trained_run, tmp_path, monkeypatch):
+    """Without llmkit's own keys, its GGUF's 'llama' vocabulary still encodes as its SentencePiece
+    model: what llama.cpp reads is the tokenizer llmkit trained."""
+    need_module("gguf", "GGUF files")
+    from llmkit.core.interop import gguf_io, tokenizer_io
+
+    real = tokenizer_io.gguf_metadata
+
+    def foreign(tok):
+        meta = real(tok)
+        meta.pop(tokenizer_io.LLMKIT_SP_KEY)
+        meta.pop(tokenizer_io.LLMKIT_CONTRACT_KEY)
+        return meta
+
+    monkeypatch.setattr(tokenizer_io, "gguf_metadata", foreign)
+    ckpt = read_checkpoint(trained_run)
+    path = export(ckpt, tmp_path / "m.gguf", format="gguf", quant="f32")
+    tok = tokenizer_io.from_gguf(gguf_io.read_fields(gguf_io.open_reader(path)), str(path))
+    assert tok.backend_name == "sentencepiece" and not tok.contract["add_bos"]
+    assert tok.encode(TEXT) == ckpt.tokenizer.encode(TEXT)

@@ -1,7 +1,9 @@
 """Pretrain a decoder-only transformer by next-token prediction.
 
-CORPUS is files, directories or globs of UTF-8 text; without one, llmkit trains on its bundled
-French sample. A tokenizer is trained into the run directory unless --tokenizer is given.
+CORPUS is files, directories or globs: UTF-8 text, JSON lines (--text-field) or parquet, any of
+the first two compressed (.gz, .zst); without one, llmkit trains on its bundled French sample.
+--mix PATH=WEIGHT (repeatable) mixes several sources by weight; --val FILE holds out a set of its
+own. A tokenizer is trained into the run directory unless --tokenizer is given.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from llmkit.cli.options import ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, 
 
 def pretrain(
     corpus: Annotated[Optional[list[str]], typer.Argument(help="Files, directories or globs (default: the bundled sample).", show_default=False)] = None,
+    mix: Annotated[Optional[list[str]], typer.Option("--mix", help="A source and its weight, PATH=WEIGHT (repeatable; weights sum to 1).", show_default=False)] = None,
+    val: Annotated[Optional[list[str]], typer.Option("--val", help="Validation files (repeatable), instead of each document's tail.", show_default=False)] = None,
+    text_field: Annotated[Optional[str], typer.Option("--text-field", help="The text's field in JSON lines, or column in parquet.", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes that tokenize the corpus (default: one per core).", show_default=False)] = None,
     out: OutOpt = None,
     preset: Annotated[str, typer.Option("--preset", "-p", help="Model preset: tiny, small or base.")] = "tiny",
     config: ConfigOpt = None,
@@ -44,7 +50,9 @@ def pretrain(
     flags = {"train": {"steps": steps, "tokens": tokens, "time": time, "batch_size": batch_size,
                        "global_batch_size": global_batch_size, "strategy": strategy,
                        "device": device, "dtype": dtype, "seed": seed},
-             "optim": {"lr": lr}}
+             "optim": {"lr": lr},
+             "data": {"sources": tuple(mix) if mix else None, "val": tuple(val) if val else None,
+                      "text_field": text_field, "workers": workers}}
     out = out or Path("runs") / preset
     # The config the run will use: with --resume, the resumed run's own, with what is given on top.
     cfg, resume_from = plan(out, resume=resume, preset=preset, config_file=config, sets=set_ or [], flags=flags,

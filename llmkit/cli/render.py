@@ -16,7 +16,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
 from rich.table import Table
 
 
@@ -45,6 +46,9 @@ def tokenizer_report_table(report: dict[str, Any]) -> Table:
     t.add_row("tokens per word", f"{report['tokens_per_word']:.2f}")
     t.add_row("byte-fallback rate", f"{report['byte_fallback_rate']:.3%}")
     t.add_row("exact round trip", f"{report['round_trip_exact']:.1%} of {report['held_out_lines']} held-out lines")
+    sampled = report["training_lines"] + report["held_out_lines"]
+    if report.get("corpus_lines", 0) > sampled:
+        t.add_row("trained on", f"{sampled:,} lines sampled from {report['corpus_lines']:,} (seeded)")
     return t
 
 
@@ -97,8 +101,25 @@ class PretrainView:
         if d["sample"]:
             self.log("[cyan]no corpus given: training on the bundled French sample[/] "
                      f"({len(d['files'])} files)")
+        elif d.get("sources"):
+            self.log("corpus: " + ", ".join(f"{escape(s['name'])} ({s['files']} file(s), weight {s['weight']:g})"
+                                            for s in d["sources"]))
         else:
             self.log(f"corpus: {len(d['files'])} file(s)")
+        if d.get("val"):
+            self.log(f"validation: {len(d['val'])} file(s) held out (--val)")
+
+    def on_tokenizing(self, d):
+        """Building the token cache: a bar in MB with the rate and the time left."""
+        if not self.live:
+            return
+        if self.progress is None:
+            self.progress = Progress(TextColumn("[bold]tokenizing[/] {task.description}"), BarColumn(),
+                                     DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                                     console=self.console, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task(escape(d["source"]), total=d["total"])
+        self.progress.update(self.task, completed=d["done"], total=d["total"], description=escape(d["source"]))
 
     def on_tokenizer_training(self, d):
         self.log(f"training a {d['model_type']} tokenizer (vocab {d['vocab_size']}) …")
@@ -108,15 +129,27 @@ class PretrainView:
             r = d["report"]
             for w in r["warnings"]:
                 self.log(f"[yellow]warning:[/] {escape(w)}")
+            sampled = r["training_lines"] + r["held_out_lines"]
+            if r.get("corpus_lines", 0) > sampled:
+                self.log(f"tokenizer sample: {sampled:,} of the corpus's {r['corpus_lines']:,} lines (seeded)")
             self.log(f"tokenizer: vocab {r['vocab_size']}, {r['chars_per_token']:.2f} chars/token, "
                      f"round trip {r['round_trip_exact']:.1%} → {d['path']}")
         else:
             self.log(f"tokenizer: {d['source']} (vocab {d['vocab_size']})")
 
     def on_data(self, d):
-        self.log(f"data: {d['documents']} documents, {human(d['chars'])} chars, "
+        if self.progress is not None:  # the tokenizing bar ends here
+            self.progress.stop()
+            self.progress = None
+        for why in d.get("rebuilt") or []:
+            self.log(f"[yellow]warning:[/] a damaged token cache was rebuilt ({escape(why)})")
+        dupes = f", {d['duplicates']} duplicate(s) dropped" if d.get("duplicates") else ""
+        self.log(f"data: {d['documents']} documents{dupes}, {human(d['chars'])} chars, "
                  f"{human(d['train_tokens'])} train / {human(d['val_tokens'])} val tokens"
                  f"{' (cached)' if d['cached'] else ''}")
+        for name, src in (d.get("sources") or {}).items():
+            self.log(f"  {escape(name)}: weight {src['weight']:g}, {src['documents']} documents, "
+                     f"{human(src['train_tokens'])} train / {human(src['val_tokens'])} val tokens")
 
     def on_resume(self, d):
         self.log(f"[cyan]resuming[/] from {d['path']} at step {d['step']}; budget: {d['budget']}")
@@ -157,6 +190,8 @@ class PretrainView:
         mark = " [green]best[/]" if d["improved"] else ""
         line = (f"step {d['step']}: val loss {d['val_loss']:.4f}, ppl {d.get('val_ppl', math.nan):.2f}, "
                 f"bpb {d.get('val_bpb', math.nan):.3f}{mark}")
+        if d.get("val_sources"):
+            line += " (" + ", ".join(f"{escape(k)} {v:.4f}" for k, v in d["val_sources"].items()) + ")"
         if self.progress:
             self.progress.update(self.task, **self.fields)
             self.progress.console.print(line, highlight=False)

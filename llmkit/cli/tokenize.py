@@ -25,22 +25,24 @@ def _read_stdin(what: str) -> str:
 
 @app.command("train")
 def train(
-    corpus: Annotated[list[str], typer.Argument(help="Files, directories or globs of UTF-8 text.", show_default=False)],
+    corpus: Annotated[list[str], typer.Argument(help="Files, directories or globs: text, JSON lines or parquet (.gz/.zst too).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for tokenizer.model and tokenizer.yaml.")],
     vocab_size: Annotated[Optional[int], typer.Option(help="Vocabulary size (reduced with a warning if too large).", show_default=False)] = None,
     model_type: Annotated[Optional[str], typer.Option(help="bpe, unigram or char.", show_default=False)] = None,
     character_coverage: Annotated[Optional[float], typer.Option(help="Share of characters in the vocabulary.", show_default=False)] = None,
     user_symbols: Annotated[Optional[list[str]], typer.Option("--user-symbols", help="Symbols kept whole (repeatable or comma-separated).", show_default=False)] = None,
+    text_field: Annotated[str, typer.Option("--text-field", help="The text's field in JSON lines, or column in parquet.")] = "text",
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train a SentencePiece tokenizer on CORPUS and print its quality report."""
+    """Train a SentencePiece tokenizer on CORPUS (a seeded sample of its lines when it is big) and
+    print its quality report."""
     from llmkit.cli.render import err_console, tokenizer_report_table
     from llmkit.core.config import resolve_run_config
-    from llmkit.core.corpus import corpus_hash, read_corpus, resolve_corpus
-    from llmkit.core.tokenizer import train_tokenizer
+    from llmkit.core.corpus import resolve_files
+    from llmkit.core.tokenizer import train_on_files
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory")
@@ -48,11 +50,10 @@ def train(
     cfg = resolve_run_config(config_file=config, sets=set_ or [], flags={"tokenizer": {
         "vocab_size": vocab_size, "model_type": model_type, "character_coverage": character_coverage,
         "user_symbols": symbols or None}}).tokenizer
-    files = resolve_corpus(corpus)
-    docs = read_corpus(files)
+    files = resolve_files(corpus)
     console = err_console()
     with console.status("training tokenizer …") if console.is_terminal and not quiet else _null():
-        tok, report = train_tokenizer(docs, cfg, corpus_sha256=corpus_hash(files))
+        tok, report = train_on_files(files, cfg, text_field=text_field)
     tok.save(out)
     if json_out:
         typer.echo(json.dumps({"path": str(out), **report.as_dict()}))

@@ -61,7 +61,9 @@ class TokenizerConfig:
     byte_fallback: bool = True
     """Unknown characters become UTF-8 byte tokens instead of <unk>: nothing is ever lost."""
     max_sentences: int = 2_000_000
-    """Cap on the lines SentencePiece reads (sampled), so a big corpus cannot exhaust memory."""
+    """Cap on the lines the tokenizer trains on: a seeded sample of the whole corpus's lines."""
+    sample_mb: int = 128
+    """Cap on the text, in MB, of that sample (fewer lines when they are long): bounded memory."""
     max_sentence_length: int = 16384
     """Lines longer than this many bytes are skipped by the trainer (not by encoding)."""
     threads: int = 0
@@ -74,17 +76,37 @@ class TokenizerConfig:
         _check(0.9 <= self.character_coverage <= 1.0, "tokenizer.character_coverage",
                "must be between 0.9 and 1.0")
         _check(self.max_sentences > 0, "tokenizer.max_sentences", "must be positive")
+        _check(self.sample_mb > 0, "tokenizer.sample_mb", "must be positive")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     val_fraction: float = 0.1
-    """Share of each document held out for validation (its tail, cut at a line boundary)."""
+    """Share held out for validation: the tail of each text file (cut at a line break), or that
+    share of the records of JSON-lines and parquet files (whole, chosen by their hash)."""
     cache_dir: str = ""
     """Where token caches live; empty means $LLMKIT_CACHE or ~/.cache/llmkit."""
+    sources: tuple[str, ...] = ()
+    """Several corpora mixed by weight, each 'PATH=WEIGHT' (weights sum to 1); --mix sets it."""
+    val: tuple[str, ...] = ()
+    """Files held out for validation instead of each document's tail; --val sets it."""
+    text_field: str = "text"
+    """The field (JSON lines) or column (parquet) that holds the text."""
+    workers: int = 0
+    """Processes that tokenize the corpus; 0 means one per core."""
+    dedup: bool = True
+    """Drop exact-duplicate documents (same bytes) when building the token cache."""
+    trust_mtime: bool = True
+    """Take a file whose size and modification time are unchanged to be unchanged (no re-read);
+    false hashes every file before looking the cache up."""
+    shard_tokens: int = 1 << 24
+    """Token ids per cache shard file (16M: 32 MB at uint16)."""
 
     def __post_init__(self) -> None:
         _check(0.0 < self.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)")
+        _check(self.workers >= 0, "data.workers", f"must not be negative, not {self.workers}")
+        _check(self.shard_tokens >= 1024, "data.shard_tokens", f"must be at least 1024, not {self.shard_tokens}")
+        _check(bool(self.text_field), "data.text_field", "must name a field")
 
 
 @dataclass(frozen=True, kw_only=True)

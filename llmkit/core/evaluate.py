@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from llmkit.core.checkpoint import load_model
-from llmkit.core.corpus import read_corpus, resolve_corpus
-from llmkit.core.data import encode_text
+from llmkit.core.config import DataConfig
+from llmkit.core.corpus.cache import Source, load_source
+from llmkit.core.corpus.files import resolve_files
 from llmkit.core.errors import ConfigError
 from llmkit.core.task_data import drop_unseen, pair_sequence, read_examples
 from llmkit.core.metrics import bits_per_byte
@@ -56,10 +57,9 @@ def evaluate_checkpoint(checkpoint: Path, data: list[str], *, fields: dict[str, 
     report: dict[str, Any] = {"checkpoint": str(ckpt.path), "task": task.kind, "data": [str(d) for d in data]}
     with torch.inference_mode():
         if task.kind == "lm":
-            files = resolve_corpus(data)
-            docs = read_corpus(files)
-            stream = np.concatenate([np.asarray(encode_text(tok, d) + [tok.eos_id], dtype=np.int64) for d in docs])
-            n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+            # Streamed into the token cache like a corpus (every document, none held out or dropped).
+            tokens_of = load_source(Source(resolve_files(data), split="train"), tok, DataConfig(dedup=False))
+            stream, n_bytes = tokens_of.train, tokens_of.meta["bytes"]
             loss, tokens = mean_token_loss(model, _lm_windows(stream, context, batch_size), device)
             return {**report, "tokens": tokens, "bytes": n_bytes, "loss": loss,
                     "perplexity": math.exp(min(loss, 50)), "bits_per_byte": bits_per_byte(loss, tokens, n_bytes)}

@@ -17,8 +17,7 @@ import torch
 
 from llmkit.core import checkpoint as ckpt_io
 from llmkit.core.config import FINETUNE_DEFAULTS, FINETUNE_EPOCHS, LORA_LR, SECTIONS, RunConfig, resolve_run_config
-from llmkit.core.corpus import resolve_corpus
-from llmkit.core.data import check_fits, load_or_build
+from llmkit.core.corpus.mix import check_fits, load_corpus, plan_sources
 from llmkit.core.errors import ConfigError, DataError
 from llmkit.core.task_data import (ExampleSet, classify_ids, context_report, drop_unseen, holdout, label_map,
                                    pair_sequence, read_examples)
@@ -85,10 +84,12 @@ def build_task(cfg: RunConfig, tok, data: list[str], val: Path | None, device) -
         if val is not None:
             raise ConfigError("--val is not used by --task lm: the tail of each document is held out "
                               "(data.val_fraction)")
-        corpus = load_or_build(resolve_corpus(data), tok, cfg.data)
+        sources, held, _ = plan_sources(data, cfg.data)
+        corpus = load_corpus(sources, held, tok, cfg.data)
         check_fits(corpus, context)
-        summary = {k: corpus.meta[k] for k in ("documents", "train_tokens", "val_tokens")}
-        return LMTask(corpus, cfg, device), cfg, {"kind": "lm", **summary, "val_bytes": corpus.meta["val_bytes"]}
+        summary = {k: v for k, v in corpus.report().items() if k in ("documents", "duplicates", "train_tokens",
+                                                                      "val_tokens", "val_bytes")}
+        return LMTask(corpus, cfg, device), cfg, {"kind": "lm", **summary}
     if len(data) != 1:
         raise ConfigError(f"--task {cfg.task.kind} reads one --data file (got {len(data)})")
     train, dev, val_source = _split(cfg, Path(data[0]), val)

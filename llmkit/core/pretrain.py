@@ -17,15 +17,15 @@ import torch
 
 from llmkit.core import checkpoint as ckpt_io
 from llmkit.core.config import SECTIONS, RunConfig, SampleConfig, load_preset, resolve_run_config
-from llmkit.core.corpus import corpus_hash, read_corpus, resolve_corpus, sample_corpus
-from llmkit.core.data import TokenData, check_fits, load_or_build
+from llmkit.core.corpus.cache import Source
+from llmkit.core.corpus.mix import Corpus, check_fits, load_corpus, plan_sources
 from llmkit.core.errors import ConfigError
 from llmkit.core.generate import decode_batch, row_seed
 from llmkit.core.model import Transformer
 from llmkit.core.rundir import (RunResult, check_launch, check_same_model, main_only, new_run_dir, resume_source,
                                 run_lock, start_process, train_run, with_epoch_budget)
 from llmkit.core.tasks import LMTask
-from llmkit.core.tokenizer import Tokenizer, check_compatible, train_tokenizer
+from llmkit.core.tokenizer import Tokenizer, check_compatible, train_on_files
 from llmkit.core.train import EventFn
 
 
@@ -85,7 +85,7 @@ def _initial(init: Path, cfg: RunConfig, device) -> Transformer:
     return model
 
 
-def _sample_prompts(data: TokenData, tok: Tokenizer, n: int) -> list[list[int]]:
+def _sample_prompts(data: Corpus, tok: Tokenizer, n: int) -> list[list[int]]:
     """A few prompts taken from validation line starts: the first 3 tokens after a line break."""
     val = np.asarray(data.val[: min(data.val.size, 200_000)])
     starts = np.flatnonzero(val == tok.newline_id) + 1
@@ -106,21 +106,26 @@ def write_samples(model: Transformer, tok: Tokenizer, prompts: list[list[int]], 
     return [(tok.decode(p), o.text) for p, o in zip(prompts, outs)]
 
 
-def _prepare(cfg: RunConfig, out: Path, files: list[Path], docs: list[str], sample: bool, tokenizer_dir: Path | None,
-             resume_from: Path | None, on_event: EventFn) -> tuple[Tokenizer, TokenData, RunConfig]:
+def _prepare(cfg: RunConfig, out: Path, sources: list[Source], val: Source | None, sample: bool,
+             tokenizer_dir: Path | None, resume_from: Path | None, on_event: EventFn
+             ) -> tuple[Tokenizer, Corpus, RunConfig]:
     """Tokenizer and token cache for a run; the model config takes the tokenizer's vocab size."""
     tok = _given_tokenizer(tokenizer_dir, resume_from, on_event)
-    on_event("corpus", {"files": [str(p) for p in files], "sample": sample})
+    files = [cf for s in sources for cf in s.files]
+    on_event("corpus", {"files": [str(cf.path) for cf in files], "sample": sample,
+                        "sources": [{"name": s.name, "weight": s.weight, "files": len(s.files)} for s in sources]
+                        if len(sources) > 1 else [], "val": [str(cf.path) for cf in val.files] if val else []})
     out.mkdir(parents=True, exist_ok=True)
     if tok is None:
         on_event("tokenizer_training", {"vocab_size": cfg.tokenizer.vocab_size, "model_type": cfg.tokenizer.model_type})
-        tok, report = train_tokenizer(docs, cfg.tokenizer, corpus_sha256=corpus_hash(files))
+        tok, report = train_on_files(files, cfg.tokenizer, text_field=cfg.data.text_field, seed=cfg.train.seed)
         tok.save(out / "tokenizer")
         on_event("tokenizer", {"source": "trained", "path": str(out / "tokenizer"), "report": report.as_dict(),
                                "vocab_size": tok.vocab_size})
-    data = load_or_build(files, tok, cfg.data, on_progress=lambda i, n: on_event("tokenizing", {"done": i, "total": n}))
-    on_event("data", {**{k: data.meta[k] for k in ("documents", "chars", "bytes", "train_tokens", "val_tokens")},
-                      "cached": data.from_cache, "path": str(data.path)})
+    data = load_corpus(sources, val, tok, cfg.data,
+                       on_progress=lambda p: on_event("tokenizing", {"done": p.done, "total": p.total,
+                                                                     "source": p.name}))
+    on_event("data", data.report())
     if cfg.model.vocab_size and cfg.model.vocab_size < tok.vocab_size:
         raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
     if not cfg.model.vocab_size:
@@ -140,17 +145,16 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
     init = Path(cfg.task.init_from) if cfg.task.init_from and resume_from is None else None
     if init is not None and tokenizer_dir is None:
         tokenizer_dir = init  # continued pretraining keeps the model's own tokenizer
-    files = resolve_corpus(corpus) if corpus else sample_corpus()
-    docs = read_corpus(files)  # validates every file (UTF-8, not binary, not empty) before any output
+    sources, val, sample = plan_sources(corpus, cfg.data)  # files found and checked before any output
     with run_lock(out, dist):
         with new_run_dir(out, dist):
             if dist.is_main:
-                tok, data, cfg = _prepare(cfg, out, files, docs, corpus is None, tokenizer_dir, resume_from, on_event)
+                tok, data, cfg = _prepare(cfg, out, sources, val, sample, tokenizer_dir, resume_from, on_event)
             dist.barrier()
             if not dist.is_main:  # the tokenizer rank 0 trained or was given; the cache it built
                 given = tokenizer_dir or (None if resume_from else out / "tokenizer")
-                tok, data, cfg = _prepare(cfg, out, files, docs, corpus is None, given, resume_from, on_event)
-            cfg = with_epoch_budget(cfg, data.meta["train_tokens"] / cfg.model.context, dist.world)
+                tok, data, cfg = _prepare(cfg, out, sources, val, sample, given, resume_from, on_event)
+            cfg = with_epoch_budget(cfg, data.train_tokens / cfg.model.context, dist.world)
             torch.manual_seed(cfg.train.seed)
             model = Transformer(cfg.model).to(device) if init is None else _initial(init, cfg, device)
             if resume_from is not None:
@@ -159,7 +163,7 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
 
         result = train_run(out, cfg, model=model, task=LMTask(data, cfg, device), tokenizer=tok, dist=dist,
                            device=device, resume_from=resume_from, threads=threads, kind="lm", on_event=on_event,
-                           val_tokens=data.meta["val_tokens"], val_bytes=data.meta["val_bytes"])
+                           val_tokens=data.val_tokens, val_bytes=data.val_bytes)
         stopped_by_signal = result.stop_reason in ("interrupted", "terminated")
         if dist.is_main and cfg.train.samples and result.best is not None and not stopped_by_signal:
             trained, _ = ckpt_io.load_model(result.best, device)

@@ -15,10 +15,10 @@ from typing import Iterable, Iterator
 from llmkit.core.errors import DataError
 
 
-def iter_objects(lines: Iterable[str], name: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank JSONL line; a line that is not a JSON object is an
-    error naming it."""
-    for n, line in enumerate(lines, 1):
+def iter_objects(lines: Iterable[str], name: str, start: int = 1) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank JSONL line, the first numbered ``start``; a line
+    that is not a JSON object is an error naming it."""
+    for n, line in enumerate(lines, start):
         if not line.strip():
             continue
         try:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.core.config import RunConfig, SampleConfig
-from llmkit.core.data import TokenData, batch_generator, eval_batches, train_batch
+from llmkit.core.corpus.mix import Corpus
+from llmkit.core.data import batch_generator, eval_batches, mixed_batch, train_batch
 from llmkit.core.task_data import Example, Sequence, classify_ids, encode_prompt
 from llmkit.core.generate import decode_batch
 from llmkit.core.heads import classify_logits
@@ -34,23 +35,32 @@ from llmkit.core.train import mean_token_loss, next_token_loss
 # --- language modelling ---------------------------------------------------------------------------
 
 class LMTask:
-    """Next-token prediction on a token cache: random training windows, fixed validation ones."""
+    """Next-token prediction on a token cache: random training windows (drawn from each source by
+    weight), fixed validation ones (the loss over all, and each source's own when there are several)."""
 
-    def __init__(self, data: TokenData, cfg: RunConfig, device: torch.device):
+    def __init__(self, data: Corpus, cfg: RunConfig, device: torch.device):
         self.data, self.cfg, self.device = data, cfg, device
 
     def train_batch(self, step: int, part: int, parts: int):
         rng = batch_generator(self.cfg.train.seed, step)
-        return train_batch(self.data.train, self.cfg.train.batch_size, self.cfg.model.context, rng, part, parts)
+        B, T = self.cfg.train.batch_size, self.cfg.model.context
+        if len(self.data.parts) == 1:  # the draw single-source runs always made
+            return train_batch(self.data.parts[0].train, B, T, rng, part, parts)
+        return mixed_batch([p.train for p in self.data.parts], self.data.weights, B, T, rng, part, parts)
 
     def loss(self, forward, batch):
         x, y = (t.to(self.device, non_blocking=True) for t in batch)
         return forward(next_token_loss, x, y), y.numel()
 
     def evaluate(self, net):
-        batches = eval_batches(self.data.val, self.cfg.train.batch_size, self.cfg.model.context,
-                               self.cfg.train.eval_batches)
-        return {"val_loss": mean_token_loss(net, batches, self.device)[0]}
+        B, T, n = self.cfg.train.batch_size, self.cfg.model.context, self.cfg.train.eval_batches
+        losses = {name: mean_token_loss(net, eval_batches(tokens, B, T, n), self.device)
+                  for name, tokens in self.data.val_parts}
+        if len(losses) == 1:
+            return {"val_loss": next(iter(losses.values()))[0]}
+        total = sum(count for _, count in losses.values())
+        return {"val_loss": sum(loss * count for loss, count in losses.values()) / max(total, 1),
+                "val_sources": {name: loss for name, (loss, _) in losses.items()}}
 
 
 # --- shuffling fine-tuning examples ---------------------------------------------------------------

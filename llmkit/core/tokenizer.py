@@ -56,6 +56,8 @@ class _SentencePiece:
     def __init__(self, model_bytes: bytes):
         self.sp = _sp().SentencePieceProcessor(model_proto=model_bytes)
         self.byte_ids = {i for i in range(self.sp.get_piece_size()) if self.sp.is_byte(i)}
+        self.threads = os.cpu_count() or 1
+        """Threads of a batch encode: all cores, or one in a worker process of its own."""
 
     def size(self) -> int:
         return self.sp.get_piece_size()
@@ -64,7 +66,7 @@ class _SentencePiece:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
+        return self.sp.encode(texts, num_threads=self.threads)
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
@@ -268,6 +270,8 @@ class TokenizerReport:
     held_out_lines: int
     training_lines: int
     warnings: list[str] = field(default_factory=list)
+    corpus_lines: int = 0
+    """Non-blank lines in the whole corpus (more than trained on when the corpus was sampled)."""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -301,10 +305,10 @@ def cut_long_line(line: str, limit: int) -> list[str]:
     return pieces
 
 
-def _split_held_out(docs: list[str], limit: int = 0) -> tuple[list[str], list[str], int]:
+def _split_held_out(sample: Iterable[str], limit: int = 0) -> tuple[list[str], list[str], int]:
     """(training lines, held-out lines, how many long lines were cut for the trainer)."""
     lines, cut = [], 0
-    for line in _lines(docs):
+    for line in sample:
         pieces = cut_long_line(line, limit) if limit else [line]
         cut += len(pieces) > 1
         lines.extend(pieces)
@@ -349,8 +353,15 @@ def _train_proto(lines: list[str], cfg: TokenizerConfig, vocab_size: int) -> byt
 
 
 def train_tokenizer(docs: list[str], cfg: TokenizerConfig, *, corpus_sha256: str) -> tuple[Tokenizer, TokenizerReport]:
-    """Train a SentencePiece model on documents; return it with a quality report."""
-    train_lines, held_out, cut = _split_held_out(docs, cfg.max_sentence_length)
+    """Train a SentencePiece model on documents held in memory; return it with a quality report."""
+    return train_tokenizer_on_lines(_lines(docs), cfg, corpus_sha256=corpus_sha256)
+
+
+def train_tokenizer_on_lines(sample: Iterable[str], cfg: TokenizerConfig, *, corpus_sha256: str,
+                             corpus_lines: int = 0) -> tuple[Tokenizer, TokenizerReport]:
+    """Train a SentencePiece model on non-blank lines (a corpus's, or a sample of them:
+    ``corpus_lines`` then says how many the whole corpus has, for the report)."""
+    train_lines, held_out, cut = _split_held_out(sample, cfg.max_sentence_length)
     if not train_lines:
         raise TokenizerError("corpus has no non-blank lines to train a tokenizer on")
     warnings: list[str] = []
@@ -397,8 +408,10 @@ def train_tokenizer(docs: list[str], cfg: TokenizerConfig, *, corpus_sha256: str
     }
     tok = Tokenizer(proto, contract)
     contract["vocab_size"] = tok.vocab_size
-    return tok, _report(tok, held_out or train_lines[:HELD_OUT_MAX], cfg.vocab_size, len(train_lines),
-                        bool(held_out), warnings)
+    report = _report(tok, held_out or train_lines[:HELD_OUT_MAX], cfg.vocab_size, len(train_lines),
+                     bool(held_out), warnings)
+    report.corpus_lines = corpus_lines or report.training_lines + report.held_out_lines
+    return tok, report
 
 
 def _report(tok: Tokenizer, lines: list[str], requested: int, n_train: int, held: bool,
@@ -416,3 +429,15 @@ def _report(tok: Tokenizer, lines: list[str], requested: int, n_train: int, held
         chars_per_token=n_chars / n_tokens, tokens_per_word=n_tokens / n_words,
         byte_fallback_rate=n_bytes / n_tokens, round_trip_exact=exact / max(len(lines), 1),
         held_out_lines=len(lines) if held else 0, training_lines=n_train, warnings=warnings)
+
+
+def train_on_files(files, cfg: TokenizerConfig, *, text_field: str = "text", seed: int = 0
+                   ) -> tuple[Tokenizer, TokenizerReport]:
+    """Train on a seeded, bounded sample of the lines of corpus files (``CorpusFile`` list), read as
+    streams: a corpus of any size trains in the memory of ``tokenizer.sample_mb``."""
+    from llmkit.core.corpus.stream import sample_lines
+
+    sample = sample_lines(files, cfg.max_sentences, cfg.sample_mb << 20, seed, text_field)
+    if not sample.lines:
+        raise TokenizerError("corpus has no non-blank lines to train a tokenizer on")
+    return train_tokenizer_on_lines(sample.lines, cfg, corpus_sha256=sample.sha256, corpus_lines=sample.seen)

@@ -92,6 +92,41 @@ def config_from_gguf(f: dict[str, Any], where: str) -> dict[str, Any]:
     return section
 
 
+LLMKIT_ROPE = "llmkit.rope.llama3"
+LLAMA3_ORIGINAL_CONTEXTS = tuple(2 ** k for k in range(4, 18))  # 16 … 131072 tokens
+
+
+def rope_freq_table(c) -> torch.Tensor:
+    """llama.cpp's ``rope_freqs``: how much each rotary frequency is divided by (llama3 scaling)."""
+    from dataclasses import replace
+
+    from llmkit.core.model import rope_frequencies
+
+    plain = rope_frequencies(replace(c, rope_scaling=""))
+    return (plain / rope_frequencies(c)).float()  # (D/2,)
+
+
+def llama3_from_table(table: np.ndarray, section: dict[str, Any], fields: dict[str, Any], where: str) -> dict:
+    """The llama3 scaling a ``rope_freqs`` table encodes: llmkit's own keys when it wrote the file,
+    else the parameters of Meta's releases (low 1, high 4) with the original context that gives
+    this very table; a table no such parameters give is refused, never ignored."""
+    from llmkit.core.config import ModelConfig
+
+    if fields.get(f"{LLMKIT_ROPE}.factor") is not None:
+        candidates = [(float(fields[f"{LLMKIT_ROPE}.factor"]), float(fields[f"{LLMKIT_ROPE}.low_freq_factor"]),
+                       float(fields[f"{LLMKIT_ROPE}.high_freq_factor"]), int(fields[f"{LLMKIT_ROPE}.original_context"]))]
+    else:
+        candidates = [(float(table.max()), 1.0, 4.0, n) for n in LLAMA3_ORIGINAL_CONTEXTS]
+    base = {k: v for k, v in section.items() if k in ModelConfig.__dataclass_fields__}
+    for factor, low, high, original in candidates:
+        keys = dict(rope_scaling="llama3", rope_factor=factor, rope_low_freq_factor=low,
+                    rope_high_freq_factor=high, rope_original_context=original)
+        cfg = ModelConfig(**{**base, **keys, "vocab_size": 8})
+        if np.allclose(rope_freq_table(cfg).numpy(), table.reshape(-1), rtol=1e-5, atol=1e-6):
+            return keys
+    raise CheckpointError(f"{where}: its rope_freqs table is not a llama3 RoPE scaling llmkit can express")
+
+
 def _tensor(t, where: str) -> np.ndarray:
     """One GGUF tensor as fp32, in PyTorch's shape (GGUF lists dimensions fastest first)."""
     from gguf import quants
@@ -122,12 +157,17 @@ def import_to(src: Path, dest: Path, *, on_event=lambda k, d: None) -> Path:
     heads, kv = section["n_head"], section["n_kv_head"]
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            section.update(llama3_from_table(_tensor(t, str(src)), section, fields, str(src)))
+            continue
         ours = TOP.get(t.name)
         m = _GGUF_BLOCK.match(t.name)
         if ours is None and m and m.group(2) in BLOCK:
             ours = f"blocks.{m.group(1)}.{BLOCK[m.group(2)]}.{m.group(3)}"
+        if ours is None and t.name.endswith("attn_rot_embd"):
+            continue  # rotary tables some old converters stored: llmkit computes its own
         if ours is None:
-            continue  # rope_freqs and other tables llmkit computes itself
+            raise CheckpointError(f"{src}: tensor {t.name} has no place in a llama/qwen2 model llmkit builds")
         w = _tensor(t, str(src))
         if m and m.group(2) == "attn_q":
             w = _unpermute(w, heads)
@@ -168,8 +208,6 @@ def export_file(ckpt, dest: Path, *, quant: str = "f16", name: str = "") -> Path
                               "it was fine-tuned from")
     model = build_model(ckpt, "cpu", merge=True)
     c = model.cfg
-    if c.rope_scaling == "llama3":
-        raise CheckpointError("llama3 RoPE scaling is not written to GGUF yet")
     arch = "qwen2" if c.attn_bias else "llama"
     dest.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(dest), arch)
@@ -189,6 +227,12 @@ def export_file(ckpt, dest: Path, *, quant: str = "f16", name: str = "") -> Path
     if c.rope_scaling == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(c.rope_factor)
+    if c.rope_scaling == "llama3":  # llama.cpp reads the scaling as a table of frequency divisors
+        for key, value in (("factor", c.rope_factor), ("low_freq_factor", c.rope_low_freq_factor),
+                           ("high_freq_factor", c.rope_high_freq_factor),
+                           ("original_context", c.rope_original_context)):
+            _add(w, f"{LLMKIT_ROPE}.{key}", value)  # the exact parameters, for llmkit reading it back
+        w.add_tensor("rope_freqs.weight", rope_freq_table(c).numpy(), raw_dtype=gguf.GGMLQuantizationType.F32)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])
     for key, value in gguf_metadata(ckpt.tokenizer).items():

@@ -2,9 +2,10 @@
 
 In: a folder's ``tokenizer.json`` (any Hugging Face fast tokenizer) or ``tokenizer.model``
 (SentencePiece: Llama 2, Mistral, TinyLlama), with special tokens and the chat template from
-``tokenizer_config.json``; or the vocabulary and merges inside a GGUF (``tokenizer.ggml.*``), made
-into a byte-level BPE ``tokenizers`` model with the pre-tokenizer llama.cpp applies for that
-model family.
+``tokenizer_config.json``; or the vocabulary inside a GGUF (``tokenizer.ggml.*``): byte-level BPE
+vocabularies and merges made into a ``tokenizers`` model with the pre-tokenizer llama.cpp applies
+for that model family, SentencePiece ('llama') pieces and scores written back as the
+SentencePiece model they came from.
 
 Out: ``tokenizer.json`` + ``tokenizer_config.json`` for ``transformers``' AutoTokenizer (llmkit's
 own SentencePiece models converted: vocabulary, merges in score order, byte fallback, ``\\n`` and
@@ -119,7 +120,7 @@ def _guess_pre(spec: dict[str, Any]) -> str:
 # --- GGUF -------------------------------------------------------------------------------------------
 
 def from_gguf(fields: dict[str, Any], where: str) -> Tokenizer:
-    """A byte-level BPE tokenizer from a GGUF's ``tokenizer.ggml.*`` metadata."""
+    """The tokenizer of a GGUF's ``tokenizer.ggml.*`` metadata (byte-level BPE or SentencePiece)."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -127,9 +128,11 @@ def from_gguf(fields: dict[str, Any], where: str) -> Tokenizer:
     if fields.get(LLMKIT_SP_KEY):  # written by llmkit: its own SentencePiece model, exactly
         raw = base64.b64decode(fields[LLMKIT_SP_KEY])
         return Tokenizer(raw, {**json.loads(fields[LLMKIT_CONTRACT_KEY]), "model_sha256": hashlib.sha256(raw).hexdigest()})
+    if kind == "llama":
+        return _sentencepiece_from_gguf(fields, where)
     if kind != "gpt2":
-        raise CheckpointError(f"{where}: tokenizer.ggml.model {kind!r} is not supported yet (byte-level BPE, "
-                              "'gpt2', is: Llama 3, Qwen, SmolLM); import the model's Hugging Face folder instead")
+        raise CheckpointError(f"{where}: tokenizer.ggml.model {kind!r} is not supported (byte-level BPE 'gpt2' "
+                              "and SentencePiece 'llama' are); import the model's Hugging Face folder instead")
     pre = fields.get("tokenizer.ggml.pre")
     tokens: list[str] = fields["tokenizer.ggml.tokens"]
     types: list[int] = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
@@ -163,6 +166,81 @@ def from_gguf(fields: dict[str, Any], where: str) -> Tokenizer:
                                    chat_template=fields.get("tokenizer.chat_template"),
                                    add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
                                    gguf_pre=pre or "default"))
+
+
+# --- a SentencePiece model rebuilt from a GGUF vocabulary ---------------------------------------------
+# A GGUF of Llama 2, Mistral or TinyLlama carries the pieces, scores and types of the model's
+# tokenizer.model, not the file. Those are all a BPE SentencePiece model holds (merges follow the
+# scores), so the ModelProto is written back field by field (sentencepiece_model.proto's numbers)
+# and SentencePiece itself encodes: ids equal the original model's.
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32 values are written as 64-bit two's complement
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _pb_int(field: int, value: int) -> bytes:
+    return _varint(field << 3) + _varint(int(value))
+
+
+def _pb_bytes(field: int, data: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(data)) + data
+
+
+def _pb_float(field: int, value: float) -> bytes:
+    import struct
+
+    return _varint(field << 3 | 5) + struct.pack("<f", value)
+
+
+GGUF_TYPES = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6}  # normal, unknown, control, user-defined, unused, byte
+
+
+def sentencepiece_proto(tokens: list[str], scores: list[float], types: list[int], *, special: dict[str, int | None],
+                        add_dummy_prefix: bool) -> bytes:
+    """The bytes of a BPE SentencePiece ModelProto with these pieces (llama.cpp's 'llama' vocabulary)."""
+    out = bytearray()
+    for piece, score, kind in zip(tokens, scores, types):
+        out += _pb_bytes(1, _pb_bytes(1, piece.encode("utf-8")) + _pb_float(2, float(score))
+                         + _pb_int(3, GGUF_TYPES.get(int(kind), 1)))
+    trainer = (_pb_int(3, 2) + _pb_int(4, len(tokens)) + _pb_int(35, int(6 in types))
+               + b"".join(_pb_int(f, -1 if special.get(k) is None else special[k])
+                          for f, k in ((40, "unk"), (41, "bos"), (42, "eos"), (43, "pad"))))
+    normalizer = (_pb_bytes(1, b"identity") + _pb_int(3, int(add_dummy_prefix)) + _pb_int(4, 0) + _pb_int(5, 1))
+    out += _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)
+    return bytes(out)
+
+
+def _sentencepiece_from_gguf(fields: dict[str, Any], where: str) -> Tokenizer:
+    tokens: list[str] = fields["tokenizer.ggml.tokens"]
+    scores = fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+
+    def special(key: str) -> int | None:
+        value = fields.get(f"tokenizer.ggml.{key}")
+        return None if value is None or int(value) < 0 or int(value) >= len(tokens) else int(value)
+
+    ids = {"unk": special("unknown_token_id"), "bos": special("bos_token_id"), "eos": special("eos_token_id"),
+           "pad": special("padding_token_id")}
+    if ids["unk"] is None and 2 in types:
+        ids["unk"] = types.index(2)
+    if ids["pad"] is not None and ids["pad"] in (ids["unk"], ids["bos"], ids["eos"]):
+        ids["pad"] = None  # SentencePiece wants distinct ids; the contract then pads with EOS
+    raw = sentencepiece_proto(tokens, scores, types, special=ids,
+                              add_dummy_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", True)))
+    try:
+        tok = Tokenizer(raw, contract(raw, backend="sentencepiece", vocab_size=len(tokens), special=ids,
+                                      chat_template=fields.get("tokenizer.chat_template"),
+                                      add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", True)),
+                                      model_type="pretrained"))
+    except Exception as e:  # SentencePiece's own check of the rebuilt model
+        raise CheckpointError(f"{where}: its SentencePiece vocabulary cannot be rebuilt ({e})") from None
+    return tok
 
 
 def gguf_metadata(tok: Tokenizer) -> dict[str, Any]:
