@@ -357,3 +357,27 @@ def test_pretrain_mixes_sources_and_reports_each_validation_loss(tmp_path, sampl
     assert resumed.exit_code == 0, resumed.stderr
     both = invoke("pretrain", str(wiki), "--mix", f"{wiki}=1", "-o", tmp_path / "r2", "--steps", 1)
     assert both.exit_code == 1 and "not both" in both.stderr
+
+
+def test_models_trained_with_a_leading_bos_get_one_everywhere(tmp_path, tokenizer, sample_docs):
+    """Llama-family tokenizers (contract add_bos) put BOS before every text: documents of the token
+    cache, classification rows, embedding rows, prompts — as transformers' tokenizers do."""
+    from llmkit.core.task_data import classify_ids, encode_prompt
+    from llmkit.core.tokenizer import Tokenizer
+
+    llama = Tokenizer(tokenizer.model_bytes, {**tokenizer.contract, "add_bos": True})
+    bos = llama.bos_id
+    assert llama.encode_text("Bonjour") == [bos, *tokenizer.encode("Bonjour")]
+    assert tokenizer.encode_text("Bonjour") == tokenizer.encode("Bonjour")  # llmkit's own: none
+    assert llama.encode_text("") == [bos] and classify_ids(llama, "Bonjour", 32)[0][0] == bos
+    assert encode_prompt(llama, "Q : {prompt}\nR :", [("user", "Bonjour")])[0] == bos
+    docs = _records(sample_docs)[:30]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "t.txt").write_text("\n".join(sample_docs))
+    for path in (tmp_path / "r.jsonl", tmp_path / "t.txt"):
+        plain = np.asarray(load_or_build([path], tokenizer, _cfg(tmp_path, "a")).train)
+        with_bos = np.asarray(load_or_build([path], llama, _cfg(tmp_path, "b")).train)
+        starts = [0] + [i + 1 for i in np.flatnonzero(plain == tokenizer.eos_id)[:-1]]
+        assert with_bos.size == plain.size + len(starts)
+        assert np.array_equal(np.delete(with_bos, [s + k for k, s in enumerate(starts)]), plain)
+        assert (with_bos[[s + k for k, s in enumerate(starts)]] == bos).all()

@@ -51,10 +51,7 @@ class Decoder:
     def encode(self, text: str) -> list[int]:
         if self.template is not None:
             return encode_prompt(self.tok, self.template, [("user", text)])
-        ids = self.tok.encode(text) if text else []
-        if not ids or (self.tok.contract.get("add_bos") and ids[0] != self.tok.bos_id):
-            ids = [self.tok.bos_id, *ids]  # models trained with a leading BOS (Llama) expect one
-        return ids
+        return self.tok.encode_text(text)
 
     def decode(self, prompts: list[list[int]], seeds: list[int], *, on_text: TextFn | None = None,
                record_probs: bool = False) -> list[Output]:

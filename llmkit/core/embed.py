@@ -115,7 +115,8 @@ def embed_items(model, tokenizer, items: list[str], s: EmbedConfig, *, batch_siz
                 device="cpu") -> tuple[np.ndarray, int]:
     """Vectors (N, C) for items in input order, and how many items were truncated to max_length."""
     limit = min(s.max_length or model.cfg.context, model.cfg.context)
-    rows = tokenizer.encode_batch(items)
+    bos = [tokenizer.bos_id] if tokenizer.expects_bos else []  # as the model saw texts in training
+    rows = [bos + r for r in tokenizer.encode_batch(items)]
     truncated = sum(len(r) > limit for r in rows)
     rows = [r[:limit] or [tokenizer.bos_id] for r in rows]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # longest first: similar lengths together

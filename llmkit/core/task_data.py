@@ -175,9 +175,9 @@ def encode_prompt(tok, template: str, turns: list[tuple[str, str]]) -> list[int]
     """Token ids of everything before the response: system text, then each user turn through the
     template, earlier assistant turns followed by EOS. With the template ``chat``, the model's own
     chat template renders the whole conversation, ending with the assistant's opening."""
-    if template == CHAT:
+    if template == CHAT:  # the template writes the BOS a model expects (its bos_token), if any
         return tok.encode(render_chat(tok, turns, add_generation_prompt=True))
-    ids: list[int] = []
+    ids: list[int] = [tok.bos_id] if tok.expects_bos else []
     for role, content in turns:
         if role == "system":
             ids += tok.encode(content + "\n\n")
@@ -217,7 +217,7 @@ def pair_sequence(tok, template: str, turns: list[tuple[str, str]], context: int
 
 def classify_ids(tok, text: str, context: int) -> tuple[list[int], int]:
     """A text's token ids for classification (its first ``context`` tokens), and its full length."""
-    ids = tok.encode(text) or [tok.bos_id]
+    ids = tok.encode_text(text)
     return ids[:context], len(ids)
 
 

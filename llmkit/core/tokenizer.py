@@ -222,6 +222,19 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode([int(i) for i in ids])
 
+    @property
+    def expects_bos(self) -> bool:
+        """Whether the model was trained with a BOS token before every text (Llama, Mistral)."""
+        return bool(self.contract.get("add_bos"))
+
+    def encode_text(self, text: str) -> list[int]:
+        """A text as the model saw texts in training: its ids, after a BOS where the model expects
+        one (what ``transformers``' tokenizers do by default). Never empty."""
+        ids = self.encode(text) if text else []
+        if not ids or (self.expects_bos and ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
+        return ids
+
     def pieces(self, text: str) -> list[str]:
         return [self.id_to_piece(i) for i in self.encode(text)]
 

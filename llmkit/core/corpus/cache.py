@@ -174,9 +174,10 @@ def work(piece: Piece, tok=None, *, dtype=np.uint16, text_field: str = "text", v
          split: str = "tail") -> Result:
     """Tokenize one piece (in a worker process, or in this one when ``tok`` is given)."""
     tok = tok or _TOKENIZER
+    bos = [tok.bos_id] if tok.expects_bos else []  # a document starts as the model's texts did
     if piece.kind == "text":
         text = decode_text(piece.data, Path(piece.path), piece.offset, first=piece.first)
-        ids = encode_text(tok, text)
+        ids = (bos if piece.first else []) + encode_text(tok, text)
         if piece.eos:
             ids.append(tok.eos_id)
         return Result([np.asarray(ids, dtype=dtype)], [piece.side], [b""], [len(text.encode("utf-8"))], [len(text)],
@@ -189,7 +190,7 @@ def work(piece: Piece, tok=None, *, dtype=np.uint16, text_field: str = "text", v
         data = text.encode("utf-8")
         digest = hashlib.blake2b(data, digest_size=8).digest()
         side = split if split != "tail" else ("val" if is_val_record(digest, val_fraction) else "train")
-        out.tokens.append(np.asarray(encode_text(tok, text) + [tok.eos_id], dtype=dtype))
+        out.tokens.append(np.asarray(bos + encode_text(tok, text) + [tok.eos_id], dtype=dtype))
         out.sides.append(side)
         out.digests.append(digest)
         out.nbytes.append(len(data))
@@ -276,7 +277,7 @@ class Progress:
 
 
 def _settings(source: Source, tok, cfg: DataConfig) -> str:
-    return (f"v{CACHE_VERSION}|{tok.contract['model_sha256']}|{source.split}|"
+    return (f"v{CACHE_VERSION}|{tok.contract['model_sha256']}|{tok.expects_bos}|{source.split}|"
             f"{cfg.val_fraction if source.split == 'tail' else ''}|{source.text_field}|{cfg.dedup}|{cfg.shard_tokens}|")
 
 
