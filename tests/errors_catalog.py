@@ -332,6 +332,10 @@ CASES = [
     # usage errors: Click's own line (after the usage line), exit 2
     Case("unknown option", "generate", ["run", "--temprature", "0.5"], code=2),
     Case("missing argument", "encode", [], code=2),
+    # serve
+    Case("serve: a port out of range", "serve", ["run", "--port", "70000"]),
+    Case("serve: a checkpoint that is not there", "serve", ["nowhere", "--port", "8123"]),
+    Case("serve: --max-batch 0", "serve", ["run", "--max-batch", "0"]),
 ]
 
 

@@ -54,7 +54,7 @@ class Decoder:
         return self.tok.encode_text(text)
 
     def decode(self, prompts: list[list[int]], seeds: list[int], *, on_text: TextFn | None = None,
-               record_probs: bool = False) -> list[Output]:
+               record_probs: bool = False, cancelled: Callable[[int], bool] | None = None) -> list[Output]:
         """Outputs for token prompts: beam search one by one when asked for, else one batch."""
         if self.cfg.num_beams > 1:
             outs = []
@@ -66,7 +66,8 @@ class Decoder:
                 outs.append(out)
             return outs
         return decode_batch(self.model, prompts, self.cfg, eos_id=self.tok.eos_id, decode=self.tok.decode,
-                            device=self.device, seeds=seeds, record_probs=record_probs, on_text=on_text)
+                            device=self.device, seeds=seeds, record_probs=record_probs, on_text=on_text,
+                            cancelled=cancelled)
 
     def jobs(self, n_prompts: int) -> list[Job]:
         return [Job(i, s) for i in range(n_prompts) for s in range(self.cfg.num_samples)]

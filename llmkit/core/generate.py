@@ -275,11 +275,13 @@ class _Rows:
 def decode_batch(model: Transformer, prompts: list[list[int]], cfg: SampleConfig, *, eos_id: int | None,
                  decode: Callable[[list[int]], str], device: torch.device | str = "cpu",
                  seeds: list[int] | None = None, record_probs: bool = False,
-                 on_text: Callable[[int, str], None] | None = None) -> list[Output]:
+                 on_text: Callable[[int, str], None] | None = None,
+                 cancelled: Callable[[int], bool] | None = None) -> list[Output]:
     """Greedy or sampled decoding of several prompts at once (see the module docstring).
 
     ``seeds`` gives each row its own generator (default: ``row_seed(cfg.seed, row)``); ``on_text(row,
-    text)`` receives each row's newly visible text as it is decoded, for streaming.
+    text)`` receives each row's newly visible text as it is decoded, for streaming; a row for which
+    ``cancelled(row)`` turns true stops there (finish_reason "cancelled": its client went away).
     """
     context = model.cfg.context
     window = max(context // 2, 1)
@@ -298,6 +300,11 @@ def decode_batch(model: Transformer, prompts: list[list[int]], cfg: SampleConfig
     for _ in range(cfg.max_new_tokens):
         processed, tokens = state.choose(logits)
         state.advance(tokens, eos_id, _record(processed, tokens) if record_probs else None, on_text)
+        if cancelled is not None:
+            for b in range(len(rows)):
+                if state.alive[b] and cancelled(b):
+                    state.alive[b] = False
+                    outs[b].finish_reason = "cancelled"
         if not bool(state.alive.any()):
             break
         if batch.full:

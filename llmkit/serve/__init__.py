@@ -1,0 +1,10 @@
+"""``llmkit serve``: an OpenAI-compatible HTTP front end beside the terminal one (``llmkit/cli``).
+
+- ``engine.py``: the one thread that owns the model; requests wait in a queue and those that can
+  share a batch (the same decoding settings) are decoded together;
+- ``api.py``: the FastAPI application: OpenAI's routes, shapes and errors, the API key, limits,
+  server-sent events;
+- ``page.html``: the chat page served at ``/``.
+
+Core never imports this package; it imports core, as the CLI does.
+"""

@@ -1,0 +1,240 @@
+"""`llmkit serve`, tested as its users meet it: the real entry point on a free loopback port, the
+official `openai` client, raw HTTP for what the client hides, concurrent requests, a client that
+goes away, and SIGTERM while a request is in flight."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import need_module
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "sk-llmkit-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(ckpt: Path, *extra: str):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", str(ckpt), "--port", str(port), "--quiet",
+                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    httpx = need_module("httpx", "talking to the server")
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):  # the model loads in a second or two
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read())
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the server did not start")
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    need_module("fastapi", "the HTTP server")
+    proc, url = _start(trained_run, "--api-key", KEY, "--max-batch", "4", "--max-tokens", "64")
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = need_module("openai", "the official client the server must satisfy")
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+def _alone(trained_run, prompt: str, n: int = 12) -> str:
+    """What llmkit's own decoding gives for a prompt, greedily: the reference for the server."""
+    from llmkit.core.checkpoint import load_model
+    from llmkit.core.config import SampleConfig
+    from llmkit.core.decoding import Decoder
+
+    model, ckpt = load_model(trained_run)
+    d = Decoder(model, ckpt.tokenizer, SampleConfig(max_new_tokens=n, temperature=0.0), "cpu")
+    return d.decode([d.encode(prompt)], [0])[0].text
+
+
+def test_completions_chat_and_models_through_the_openai_client(client, trained_run):
+    assert [m.id for m in client.models.list().data] == ["run"]
+    r = client.completions.create(model="run", prompt="La ville de", max_tokens=12, temperature=0)
+    assert r.choices[0].text == _alone(trained_run, "La ville de")
+    assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+    chat = client.chat.completions.create(model="run", messages=[{"role": "user", "content": "Le pain"}],
+                                          max_tokens=8, temperature=0.7, seed=3)
+    again = client.chat.completions.create(model="run", messages=[{"role": "user", "content": "Le pain"}],
+                                           max_tokens=8, temperature=0.7, seed=3)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == again.choices[0].message.content  # seeded: reproducible
+    r = client.completions.create(model="run", prompt="Le", max_tokens=4, temperature=0.9, n=3, seed=5)
+    assert len(r.choices) == 3
+
+
+def test_streaming_gives_the_same_text_as_one_answer(client):
+    whole = client.completions.create(model="run", prompt="Au printemps,", max_tokens=16, temperature=0)
+    pieces = list(client.completions.create(model="run", prompt="Au printemps,", max_tokens=16, temperature=0,
+                                            stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == whole.choices[0].text
+    assert pieces[-1].choices[0].finish_reason == "length"
+    counted = list(client.completions.create(model="run", prompt="Au printemps,", max_tokens=16, temperature=0,
+                                             stream=True, stream_options={"include_usage": True}))
+    assert counted[-1].usage.completion_tokens == whole.usage.completion_tokens and not counted[-1].choices
+    chat = list(client.chat.completions.create(model="run", messages=[{"role": "user", "content": "La mer"}],
+                                               max_tokens=10, temperature=0, stream=True, logprobs=True,
+                                               top_logprobs=3))
+    assert chat[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chat)
+    tokens = chat[-1].choices[0].logprobs.content
+    assert "".join(t.token for t in tokens) == text and all(len(t.top_logprobs) == 3 for t in tokens)
+    assert all(t.logprob <= 0 for t in tokens)
+
+
+def test_logprobs_are_the_models_own(client, trained_run):
+    import torch
+
+    from llmkit.core.checkpoint import load_model
+
+    r = client.completions.create(model="run", prompt="Le chat", max_tokens=3, temperature=0, logprobs=2,
+                                  extra_body={"top_k": 0})
+    model, ckpt = load_model(trained_run)
+    ids = ckpt.tokenizer.encode("Le chat")
+    with torch.no_grad():
+        first = torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), -1)
+    assert abs(r.choices[0].logprobs.token_logprobs[0] - float(first.max())) < 1e-4
+
+
+def test_embeddings_equal_llmkit_encode(client, trained_run):
+    import numpy as np
+
+    from llmkit.core.checkpoint import load_model
+    from llmkit.core.config import EmbedConfig
+    from llmkit.core.embed import embed_items
+
+    texts = ["Le chat dort.", "La mer est calme ce matin."]
+    r = client.embeddings.create(model="run", input=texts)
+    model, ckpt = load_model(trained_run)
+    want, _ = embed_items(model, ckpt.tokenizer, texts, EmbedConfig())
+    got = np.array([d.embedding for d in r.data], dtype=np.float32)
+    assert np.allclose(got, want, atol=1e-6)
+
+
+def test_concurrent_requests_are_batched_and_answer_as_alone(server, trained_run):
+    httpx = need_module("httpx", "raw HTTP")
+    prompts = ["La ville de", "Le pain", "Au printemps,", "La mer", "Le français", "Il était une fois"]
+    answers: dict[str, str] = {}
+
+    def ask(p):
+        r = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                       json={"prompt": p, "max_tokens": 12, "temperature": 0})
+        answers[p] = r.json()["choices"][0]["text"]
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(answers[p] == _alone(trained_run, p) for p in prompts)  # batched == alone, greedy
+    stats = httpx.get(server + "/health").json()["batches"]
+    assert stats["largest_batch"] > 1
+
+
+def test_errors_have_openai_shape_and_never_take_the_server_down(server, client):
+    httpx = need_module("httpx", "raw HTTP")
+    openai = need_module("openai", "the client")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    cases = [
+        (httpx.post(server + "/v1/completions", json={"prompt": "x"}), 401, "API key"),
+        (httpx.post(server + "/v1/completions", headers={"Authorization": "Bearer wrong"}, json={}), 401, "API key"),
+        (httpx.post(server + "/v1/completions", headers=auth, content=b"{not json"), 400, "not valid JSON"),
+        (httpx.post(server + "/v1/completions", headers=auth, json={"prompt": "x", "max_tokens": 10_000}), 400,
+         "over this server's limit of 64"),
+        (httpx.post(server + "/v1/completions", headers=auth, json={"prompt": "x", "temperature": "hot"}), 400,
+         "'temperature' must be a number"),
+        (httpx.post(server + "/v1/completions", headers=auth, json={"prompt": "x", "top_p": 2}), 400, "top-p"),
+        (httpx.post(server + "/v1/completions", headers=auth, json={"prompt": "mot " * 500}), 400, "tokens"),
+        (httpx.post(server + "/v1/chat/completions", headers=auth, json={"messages": []}), 400, "messages"),
+        (httpx.post(server + "/v1/classify", headers=auth, json={"input": "x"}), 400, "not a classifier"),
+        (httpx.post(server + "/v1/completions", headers=auth, json={"prompt": "x", "best_of": 3}), 400, "best_of"),
+        (httpx.post(server + "/v1/completions", headers=auth, content=b"x" * (2 << 20)), 413, "over"),
+        (httpx.get(server + "/v1/nowhere", headers=auth), 404, "Not Found"),
+    ]
+    for response, status, phrase in cases:
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert phrase in error["message"] and set(error) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert client.completions.create(model="run", prompt="Le", max_tokens=2).choices  # still serving
+
+
+def test_a_client_that_goes_away_frees_its_slot(server):
+    httpx = need_module("httpx", "raw HTTP")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", server + "/v1/completions", headers=auth, timeout=30,
+                      json={"prompt": "La ville de", "max_tokens": 64, "stream": True, "temperature": 0.8}) as r:
+        next(r.iter_lines())  # one event, then hang up
+    for _ in range(100):
+        if httpx.get(server + "/health").json()["in_flight"] == 0:
+            break
+        time.sleep(0.05)
+    assert httpx.get(server + "/health").json()["in_flight"] == 0
+
+
+def test_sigterm_lets_the_request_in_flight_finish(trained_run):
+    need_module("fastapi", "the HTTP server")
+    httpx = need_module("httpx", "raw HTTP")
+    proc, url = _start(trained_run)
+    result = {}
+
+    def ask():
+        r = httpx.post(url + "/v1/completions", timeout=60, json={"prompt": "La ville de", "max_tokens": 100,
+                                                                  "temperature": 0.8, "seed": 1})
+        result["status"], result["body"] = r.status_code, r.json()
+
+    t = threading.Thread(target=ask)
+    t.start()
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    t.join(timeout=60)
+    assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] > 0
+    assert proc.wait(timeout=30) == 0
+
+
+def test_a_classifier_answers_classify(tmp_path, trained_run):
+    need_module("fastapi", "the HTTP server")
+    from fastapi.testclient import TestClient
+
+    from llmkit.cli.app import app
+    from llmkit.serve.api import Server, create_app
+    from typer.testing import CliRunner
+
+    data = ROOT / "examples" / "data"
+    r = CliRunner().invoke(app, ["finetune", str(trained_run), "--task", "classify", "--data",
+                                 str(data / "avis.train.jsonl"), "--val", str(data / "avis.dev.jsonl"), "--steps", "4",
+                                 "-o", str(tmp_path / "clf"), "--quiet"])
+    assert r.exit_code == 0, r.stderr
+    with TestClient(create_app(Server(tmp_path / "clf"))) as http:
+        out = http.post("/v1/classify", json={"input": ["Très bon produit.", "Décevant."]}).json()
+        assert [d["index"] for d in out["data"]] == [0, 1]
+        assert all(abs(sum(d["probabilities"].values()) - 1) < 1e-5 for d in out["data"])
+        assert http.post("/v1/completions", json={"prompt": "x"}).json()["error"]["message"].endswith(
+            "POST /v1/classify")
+        assert "<title>llmkit" in http.get("/").text
+    assert json.loads(json.dumps(out))  # plain JSON all the way
