@@ -316,6 +316,196 @@ def decode_batch(model: Transformer, prompts: list[list[int]], cfg: SampleConfig
     return outs
 
 
+@dataclass
+class SlotJob:
+    """A request for :class:`Slots`: its prompt, seed, budget, and what to tell whom."""
+
+    ids: list[int]
+    seed: int
+    max_new: int
+    on_text: Callable[[str], None] | None = None
+    cancelled: Callable[[], bool] | None = None
+    record: bool = False
+    """Keep each token's probability and alternatives (``Output.probs``)."""
+
+
+@dataclass
+class _Slot:
+    """One row of a :class:`Slots` batch: its own decoding state (a one-row ``_Rows``), output,
+    token budget and callbacks."""
+
+    rows: _Rows
+    out: Output
+    limit: int
+    on_text: Callable[[str], None] | None
+    cancelled: Callable[[], bool] | None
+    record: bool
+    t0: float
+
+
+class Slots:
+    """Continuous batching: rows join between two decoding steps and leave when they end.
+
+    One KV cache of ``capacity`` rows over the model's context. While nothing decodes, the rows
+    waiting start together (one left-padded prefill, as ``decode_batch``). While rows decode, a new
+    one is prefilled alone and its keys and values are copied into a free row so that its prompt
+    ends at the current slot (its positions still start at 0: rotary positions are in the keys);
+    the next step then feeds it with everyone else. A row whose prompt is longer than the slots
+    decoded so far, or whose budget would pass the end of the cache, waits until the batch drains.
+    Every row keeps its own penalties, filters and generator (``_Rows`` of one row, seeded like
+    ``decode_batch``'s), so an output does not depend on its neighbours.
+    """
+
+    def __init__(self, model: Transformer, capacity: int, cfg: SampleConfig, *, eos_id: int | None,
+                 decode: Callable[[list[int]], str], device: torch.device | str = "cpu", length: int | None = None):
+        self.model, self.cfg, self.eos_id, self.decode_fn, self.device = model, cfg, eos_id, decode, device
+        self.state = DecodeState(model, capacity, device, length)
+        self.state.pad = torch.zeros(capacity, dtype=torch.long, device=device)  # (B,)
+        self.state.padded = True
+        self.slots: list[_Slot | None] = [None] * capacity
+        self.tokens = torch.zeros(capacity, dtype=torch.long, device=device)  # (B,) each row's last token
+
+    @property
+    def live(self) -> int:
+        """Rows decoding: always the first ``live`` rows of the cache (kept packed)."""
+        return sum(s is not None for s in self.slots)
+
+    def fits(self, n_prompt: int, max_new: int) -> bool:
+        """Whether a prompt of ``n_prompt`` tokens asking ``max_new`` can join now."""
+        if None not in self.slots:
+            return False
+        if not self.live:
+            return n_prompt + max_new <= self.state.length
+        return n_prompt <= self.state.slot and self.state.slot + max_new <= self.state.length
+
+    def _slot(self, job: SlotJob) -> _Slot:
+        out = Output(prompt_ids=list(job.ids))
+        rows = _Rows([job.ids], [out], self.cfg, self.model.cfg.vocab_size, self.decode_fn, [job.seed], self.device)
+        return _Slot(rows, out, job.max_new, job.on_text, job.cancelled, job.record, time.perf_counter())
+
+    @torch.inference_mode()
+    def admit(self, jobs: list[SlotJob]) -> list[Output | None]:
+        """Start the ``jobs`` that fit, in order; the Output of each one admitted (None for those
+        that must wait). A job may end at once (its first token is EOS): :meth:`step` reports it
+        with the others."""
+        taken: list[Output | None] = []
+        if not self.live:
+            start = []
+            for job in jobs:
+                if len(start) < len(self.slots) and len(job.ids) + job.max_new <= self.state.length:
+                    start.append(self._slot(job))
+                    taken.append(start[-1].out)
+                else:
+                    taken.append(None)
+            if start:  # one left-padded prefill of the first len(start) rows
+                st, k = self.state, len(start)
+                ids, valid, positions = pad_batch([s.out.prompt_ids for s in start], "left", self.device)  # (k, P)
+                P = ids.size(1)
+                st.key_valid.zero_()
+                st.key_valid[:k, :P] = valid
+                st.pad[:k] = P - valid.sum(1)
+                st.slot = P
+                logits = self.model(ids, cache=_CacheRows(st.cache, k), pos=0, positions=positions,
+                                    key_valid=st.key_valid[:k], last_only=True)[:, -1]  # (k, V)
+                for b, slot in enumerate(start):
+                    self.slots[b] = slot
+                    self._advance(b, logits[b: b + 1])
+            return taken
+        for job in jobs:
+            ids = job.ids
+            if not self.fits(len(ids), job.max_new):
+                taken.append(None)
+                continue
+            b = self.live  # the rows stay packed: a newcomer goes right after the last live one
+            s, P = self.state.slot, len(ids)
+            alone = DecodeState(self.model, 1, self.device, P)
+            logits = alone.prefill([ids])  # (1, V): exactly the prompt's own prefill
+            cache = self.state.cache
+            cache.k[:, b, :, s - P: s] = alone.cache.k[:, 0, :, :P]  # (n_layer, G, P, D)
+            cache.v[:, b, :, s - P: s] = alone.cache.v[:, 0, :, :P]
+            self.state.key_valid[b] = False
+            self.state.key_valid[b, s - P: s] = True
+            self.state.pad[b] = s - P  # position = slot - pad: the prompt sits at positions 0..P-1
+            self.slots[b] = self._slot(job)
+            taken.append(self.slots[b].out)
+            self._advance(b, logits)
+        return taken
+
+    def _advance(self, b: int, logits: torch.Tensor) -> None:
+        """Row ``b``'s next token from its logits (1, V): chosen, recorded, streamed."""
+        slot = self.slots[b]
+        processed, token = slot.rows.choose(logits)  # (1, V), (1,)
+        slot.rows.advance(token, self.eos_id, _record(processed, token) if slot.record else None,
+                          (lambda _, text: slot.on_text(text)) if slot.on_text else None)
+        self.tokens[b] = token[0]
+
+    @torch.inference_mode()
+    def step(self) -> list[Output]:
+        """End the rows that are done, then one decoding step for the rest; the outputs ended."""
+        ended = self._reap()
+        n = self.live
+        if n:
+            # One token for each live row, over the first n rows of the cache only: a batch of one
+            # costs what decoding alone does, however many rows the cache could hold.
+            st, s = self.state, self.state.slot
+            st.key_valid[:n, s] = True
+            logits = self.model(self.tokens[:n, None], cache=_CacheRows(st.cache, n), pos=s,
+                                positions=(s - st.pad[:n])[:, None], key_valid=st.key_valid[:n],
+                                last_only=True)[:, -1]  # (n, V)
+            st.slot = s + 1
+            for b in range(n):
+                self._advance(b, logits[b: b + 1])
+            ended += self._reap()
+        if not self.live:
+            self.state.slot = 0
+        return ended
+
+    def _move(self, src: int, dst: int) -> None:
+        """Row ``src`` (its cache, mask, positions, token, state) into the free row ``dst``."""
+        st = self.state
+        st.cache.k[:, dst] = st.cache.k[:, src]  # (n_layer, G, L, D)
+        st.cache.v[:, dst] = st.cache.v[:, src]
+        st.key_valid[dst] = st.key_valid[src]
+        st.pad[dst] = st.pad[src]
+        self.tokens[dst] = self.tokens[src]
+        self.slots[dst], self.slots[src] = self.slots[src], None
+
+    def _reap(self) -> list[Output]:
+        ended = []
+        for b, slot in enumerate(self.slots):
+            if slot is None:
+                continue
+            out = slot.out
+            if bool(slot.rows.alive[0]) and slot.cancelled is not None and slot.cancelled():
+                slot.rows.alive[0] = False
+                out.finish_reason = "cancelled"
+            elif bool(slot.rows.alive[0]) and len(out.ids) >= slot.limit:
+                slot.rows.alive[0] = False
+                out.finish_reason = "length"
+            if not bool(slot.rows.alive[0]):
+                slot.rows.finish(time.perf_counter() - slot.t0,
+                                 (lambda _, text: slot.on_text(text)) if slot.on_text else None)
+                ended.append(out)
+                self.slots[b] = None
+        live = [b for b, slot in enumerate(self.slots) if slot is not None]
+        for dst, src in enumerate(live):  # pack the survivors into the first rows, in order
+            if src != dst:
+                self._move(src, dst)
+        return ended
+
+
+class _CacheRows:
+    """The first ``n`` rows of a KVCache, as the model sees a cache (views: writes land in it)."""
+
+    def __init__(self, cache: KVCache, n: int):
+        self.k, self.v, self.length = cache.k[:, :n], cache.v[:, :n], cache.length
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer].index_copy_(2, input_pos, k)
+        self.v[layer].index_copy_(2, input_pos, v)
+        return self.k[layer], self.v[layer]
+
+
 @torch.inference_mode()
 def beam_search(model: Transformer, prompt: list[int], cfg: SampleConfig, *, eos_id: int | None,
                 decode: Callable[[list[int]], str], device: torch.device | str = "cpu") -> Output:

@@ -130,7 +130,8 @@ class Server:
         self.template = task.prompt_template if task.uses_template else None
         self.chat_template = "chat" if self.tok.chat_template else self.template
         self.engine = Engine(self.model, self.tok, device, max_batch=max_batch, max_waiting=self.limits.max_concurrent,
-                             embed_cfg=EmbedConfig(), pooling=task.pooling if self.kind == "classify" else "last")
+                             cache_tokens=self.limits.max_tokens + 512, embed_cfg=EmbedConfig(),
+                             pooling=task.pooling if self.kind == "classify" else "last")
         self.in_flight = 0
         self.created = int(time.time())
 

@@ -1,25 +1,26 @@
-"""The model's one thread: a queue of requests, decoded in batches.
+"""The model's one thread: a queue of requests, decoded with continuous batching.
 
-Torch work happens here only (one model, one thread: no locks around the weights). A request
-waiting when the thread is free starts a batch; for a few milliseconds more, requests with the
-same decoding settings join it, up to ``max_batch``. Each output is a pure function of its prompt,
-its settings and its seed (``row_seed``), never of its batch, so a greedy request gives the same
-text alone or batched. A request whose client went away stops at the next token.
+Torch work happens here only (one model, one thread: no locks around the weights). Requests with
+the same decoding settings share a :class:`~llmkit.core.generate.Slots` batch: one that arrives
+while others decode is prefilled and joins them at the next decoding step, up to ``max_batch``
+rows; a row leaves when it ends, and its place is taken by the next request. Requests with other
+settings wait until the batch drains. Each output is a pure function of its prompt, its settings
+and its seed (``row_seed``), never of its neighbours, so a greedy request gives the same text alone
+or batched. A request whose client went away stops at the next token.
 
-Results go back through a callback the caller gives (the API hands them to its event loop).
+Results go back through callbacks the caller gives (the API hands them to its event loop).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from llmkit.core.config import SampleConfig
 from llmkit.core.decoding import Decoder
-from llmkit.core.generate import Output, random_seed, row_seed
+from llmkit.core.generate import random_seed, row_seed
 
 
 @dataclass
@@ -44,13 +45,18 @@ class Busy(Exception):
 
 class Engine:
     def __init__(self, model, tokenizer, device, *, max_batch: int = 8, max_waiting: int = 64,
-                 gather_s: float = 0.005, embed_cfg=None, pooling: str = "last"):
+                 cache_tokens: int = 0, embed_cfg=None, pooling: str = "last"):
         self.model, self.tok, self.device, self.pooling = model, tokenizer, device, pooling
-        self.max_batch, self.max_waiting, self.gather_s = max_batch, max_waiting, gather_s
-        self.embed_cfg = embed_cfg
+        self.max_batch, self.max_waiting, self.embed_cfg = max_batch, max_waiting, embed_cfg
+        # The shared KV cache covers this many positions (a pretrained model's 8k or 128k context
+        # times max_batch rows would cost gigabytes); longer requests are decoded alone.
+        self.cache_tokens = min(model.cfg.context, cache_tokens or model.cfg.context)
         self.waiting: queue.Queue[Request] = queue.Queue()
-        self.held: list[Request] = []  # taken from the queue but not batchable yet
-        self.stats = {"batches": 0, "requests": 0, "largest_batch": 0}
+        self.held: list[Request] = []  # taken from the queue, waiting for a place in the batch
+        self.running: dict[int, Request] = {}  # id(Output) -> its request
+        self.slots = None
+        self.key = None
+        self.stats = {"requests": 0, "largest_batch": 0}
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="llmkit-engine", daemon=True)
 
@@ -86,47 +92,76 @@ class Engine:
 
         with torch.inference_mode():
             while not self._stop.is_set():
-                first = self._next(0.1)
-                if first is None:
-                    continue
-                if first.cancelled.is_set():
-                    continue
-                if first.kind != "generate":
-                    self._serve_one(first)
-                    continue
-                batch = self._gather(first)
                 try:
-                    self._decode(batch)
+                    self._turn()
                 except Exception as e:  # a bug must not take the server down: each caller hears of it
-                    for r in batch:
+                    for r in list(self.running.values()) + self.held:
                         r.on_error(e)
+                    self.running, self.held, self.slots = {}, [], None
 
-    def _gather(self, first: Request) -> list[Request]:
-        """``first`` and the requests that can share its batch, waiting ``gather_s`` for more."""
-        batch, deadline = [first], time.perf_counter() + self.gather_s
-        while len(batch) < self.max_batch:
-            left = deadline - time.perf_counter()
+    def _turn(self) -> None:
+        """Admit what can join, then one decoding step (or wait for work when there is none)."""
+        if self.slots is None or not self.slots.live:
+            first = self._next(0.1)
+            if first is None:
+                return
+            if first.cancelled.is_set():
+                return
+            if first.kind != "generate":
+                self._serve_one(first)
+                return
+            self.held.insert(0, first)
+        self._admit()
+        if self.slots is not None and self.slots.live:
+            for out in self.slots.step():
+                self.running.pop(id(out)).on_done(out)
+
+    def _admit(self) -> None:
+        from dataclasses import replace
+
+        from llmkit.core.generate import SlotJob, Slots
+
+        while True:  # everything waiting, in order of arrival
             try:
-                r = self.waiting.get(timeout=max(left, 0.0)) if left > 0 else self.waiting.get_nowait()
+                self.held.append(self.waiting.get_nowait())
             except queue.Empty:
                 break
-            if r.kind == "generate" and r.cfg == first.cfg and r.logprobs == first.logprobs:
-                batch.append(r)
+        keep = []
+        for r in self.held:
+            if r.cancelled.is_set():
+                continue
+            if r.kind != "generate":
+                self._serve_one(r)  # embeddings and classification between two decoding steps
+                continue
+            key = replace(r.cfg, max_new_tokens=1, seed=None)
+            if self.slots is None or (not self.slots.live and self.key != key):
+                self.slots, self.key = Slots(self.model, self.max_batch, r.cfg, eos_id=self.tok.eos_id,
+                                             decode=self.tok.decode, device=self.device,
+                                             length=self.cache_tokens), key
+            if key != self.key or len(r.prompt_ids) + r.cfg.max_new_tokens > self.slots.state.length:
+                if not self.slots.live and key == self.key:  # too long to share a cache: alone
+                    self._alone(r)
+                else:
+                    keep.append(r)
+                continue
+            job = SlotJob(r.prompt_ids, r.seed, r.cfg.max_new_tokens, on_text=r.on_text,
+                          cancelled=r.cancelled.is_set, record=r.logprobs)
+            out = self.slots.admit([job])[0]
+            if out is None:
+                keep.append(r)  # no free row, or its prompt is longer than the slots decoded so far
             else:
-                self.held.append(r)
-        return batch
+                self.running[id(out)] = r
+                self.stats["requests"] += 1
+                self.stats["largest_batch"] = max(self.stats["largest_batch"], self.slots.live)
+        self.held = keep
 
-    def _decode(self, batch: list[Request]) -> None:
-        self.stats["batches"] += 1
-        self.stats["requests"] += len(batch)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-        decoder = Decoder(self.model, self.tok, batch[0].cfg, self.device)  # prompts come encoded
-        outs: list[Output] = decoder.decode([r.prompt_ids for r in batch], [r.seed for r in batch],
-                                            on_text=lambda row, text: batch[row].on_text(text),
-                                            record_probs=batch[0].logprobs,
-                                            cancelled=lambda row: batch[row].cancelled.is_set())
-        for r, out in zip(batch, outs):
-            r.on_done(out)
+    def _alone(self, r: Request) -> None:
+        """A request too long for the shared cache: decoded by itself (the context slides)."""
+        decoder = Decoder(self.model, self.tok, r.cfg, self.device)
+        out = decoder.decode([r.prompt_ids], [r.seed], on_text=lambda _, text: r.on_text(text),
+                             record_probs=r.logprobs, cancelled=lambda _: r.cancelled.is_set())[0]
+        self.stats["requests"] += 1
+        r.on_done(out)
 
     def _serve_one(self, r: Request) -> None:
         try:
