@@ -238,3 +238,43 @@ def test_a_classifier_answers_classify(tmp_path, trained_run):
             "POST /v1/classify")
         assert "<title>llmkit" in http.get("/").text
     assert json.loads(json.dumps(out))  # plain JSON all the way
+
+
+@pytest.mark.slow
+def test_the_chat_page_streams_an_answer_in_headless_chromium(trained_run, tmp_path):
+    """The page at / in a real browser: a question asked, the answer streamed, each token shaded
+    with its probability on hover, no console error; the screenshot is the one docs/serve.md shows."""
+    need_module("fastapi", "the HTTP server")
+    from browser import Browser, find_chromium
+
+    from conftest import skip_or_fail
+
+    exe = find_chromium()
+    if exe is None:
+        skip_or_fail("no chromium here (apt-get install chromium; .ci/run installs it)")
+    proc, url = _start(trained_run)
+    browser = Browser(exe)
+    try:
+        browser.open(url + "/?q=La%20ville%20de&temperature=0&max_tokens=24")
+        n = browser.wait_for("document.querySelectorAll('.msg.assistant .tok').length", timeout=90)
+        assert n > 0
+        answer = browser.eval("document.querySelector('.msg.assistant').textContent")
+        httpx = need_module("httpx", "raw HTTP")
+        same = httpx.post(url + "/v1/chat/completions", timeout=60, json={  # the page's own settings
+            "messages": [{"role": "user", "content": "La ville de"}], "temperature": 0, "max_tokens": 24,
+            "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.1}).json()
+        assert answer == same["choices"][0]["message"]["content"]  # the page shows what the API answers
+        assert browser.eval("document.getElementById('model').textContent") == "run"
+        tip = browser.eval("""(() => { const t = document.querySelector('.msg.assistant .tok');
+            const r = t.getBoundingClientRect();
+            t.dispatchEvent(new MouseEvent('mousemove', {bubbles: true, clientX: r.x + 1, clientY: r.y + 1}));
+            return document.getElementById('tip').textContent; })()""")
+        assert "%" in tip and tip.count("\n") >= 1  # the token's probability, then its alternatives
+        assert browser.eval("document.getElementById('status').textContent").endswith("jetons/s")
+        browser.screenshot(tmp_path / "chat.png")
+        assert (tmp_path / "chat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert not browser.errors, browser.errors
+    finally:
+        browser.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
