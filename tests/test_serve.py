@@ -278,3 +278,56 @@ def test_the_chat_page_streams_an_answer_in_headless_chromium(trained_run, tmp_p
         browser.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_too_many_requests_in_flight_are_refused_and_counted(trained_run):
+    """Over --max-concurrent, a request gets 429 in OpenAI's shape at once; every request is either
+    answered or refused, none is lost, and the server serves again afterwards."""
+    need_module("fastapi", "the HTTP server")
+    httpx = need_module("httpx", "raw HTTP")
+    proc, url = _start(trained_run, "--max-concurrent", "2", "--max-batch", "2")
+    statuses = []
+
+    def ask():
+        r = httpx.post(url + "/v1/completions", timeout=60, json={"prompt": "La ville de", "max_tokens": 60,
+                                                                  "temperature": 0.8})
+        statuses.append((r.status_code, r.json()))
+
+    try:
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = sorted(code for code, _ in statuses)
+        assert len(codes) == 8 and set(codes) == {200, 429}
+        refused = [body for code, body in statuses if code == 429]
+        assert all(b["error"]["type"] == "rate_limit_error" for b in refused)
+        assert httpx.post(url + "/v1/completions", json={"prompt": "Le", "max_tokens": 2}).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_a_pretrained_chat_model_is_served_in_its_own_format(tmp_path):
+    """The shared SmolLM2 GGUF, served as it is: chat goes through its own template and answers as
+    llmkit generate --chat does (greedy)."""
+    need_module("fastapi", "the HTTP server")
+    need_module("gguf", "reading GGUF files")
+    from conftest import shared
+
+    gguf = shared("..", "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    openai = need_module("openai", "the client")
+    proc, url = _start(gguf)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=12,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+        cli = subprocess.run([sys.executable, "-m", "llmkit", "generate", str(gguf), "--chat", "--greedy", "-n", "12",
+                              "-q", "-p", "What is the capital of France?"], cwd=ROOT, capture_output=True, text=True)
+        assert cli.returncode == 0, cli.stderr
+        assert r.choices[0].message.content == cli.stdout.rstrip("\n")
+        assert "Paris" in r.choices[0].message.content
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
