@@ -4,7 +4,7 @@
 # a few lines with it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LLMKIT_EXTRAS=${LLMKIT_EXTRAS:-interop} bash scripts/setup.sh  # the tests add their own extras
+LLMKIT_EXTRAS=${LLMKIT_EXTRAS:-interop,inspect} bash scripts/setup.sh  # the tests add their own extras
 RUN=${LLMKIT_RUN:-runs/quickstart}
 rm -rf "$RUN"
 .venv/bin/llmkit pretrain --preset tiny --steps "${LLMKIT_STEPS:-200}" --out "$RUN"

@@ -256,8 +256,7 @@ def test_the_chat_page_streams_an_answer_in_headless_chromium(trained_run, tmp_p
     browser = Browser(exe)
     try:
         browser.open(url + "/?q=La%20ville%20de&temperature=0&max_tokens=24")
-        n = browser.wait_for("document.querySelectorAll('.msg.assistant .tok').length", timeout=90)
-        assert n > 0
+        browser.wait_for("document.querySelectorAll('.msg.assistant .tok').length > 0", timeout=90)
         answer = browser.eval("document.querySelector('.msg.assistant').textContent")
         httpx = need_module("httpx", "raw HTTP")
         same = httpx.post(url + "/v1/chat/completions", timeout=60, json={  # the page's own settings

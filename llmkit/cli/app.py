@@ -69,7 +69,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _register() -> None:
-    from llmkit.cli import classify, encode, eval, finetune, generate, inspect, interop, pretrain, serve, tokenize
+    from llmkit.cli import (classify, encode, eval, finetune, generate, inspect, interop, pretrain, report,
+                            serve, tokenize)
 
     app.add_typer(tokenize.app, name="tokenize", help="Train a SentencePiece tokenizer; encode and decode text.")
     app.command("pretrain", help=pretrain.__doc__)(pretrain.pretrain)
@@ -82,6 +83,7 @@ def _register() -> None:
     app.command("export", help=interop.export_model.__doc__)(interop.export_model)
     app.command("serve", help=serve.__doc__)(serve.serve)
     app.command("inspect", help=inspect.__doc__)(inspect.inspect)
+    app.command("report", help=report.__doc__)(report.report)
 
 
 _register()

@@ -236,6 +236,8 @@ class TrainConfig:
     """CPU threads for torch; 0 leaves torch's default."""
     samples: int = 3
     """Sample lines generated at the end of training."""
+    report: bool = True
+    """Write report.html in the run directory: at the end, and at evaluations (every 10 s at most)."""
     epochs: float = 0.0
     """Stop after this many passes over the training data (0: no epoch limit)."""
 

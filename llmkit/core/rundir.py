@@ -187,6 +187,19 @@ def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, 
                                      "device": str(device), "params": params, "trainable": trainable, **extra},
                         keep=cfg.train.keep_checkpoints, on_event=on_event, dist=dist)
     best_metrics: dict[str, Any] = {}
+    reported = [0.0]
+
+    def report(final: bool = False) -> None:
+        """Refresh report.html (every 10 s at most while training): a page never stops a run."""
+        if not (cfg.train.report and dist.is_main) or (not final and time.monotonic() - reported[0] < 10):
+            return
+        reported[0] = time.monotonic()
+        try:
+            from llmkit.core.report import write_report
+
+            write_report(out)
+        except Exception as e:  # noqa: BLE001 - a picture library's failure is not the run's
+            on_event("report_failed", {"error": f"{type(e).__name__}: {e}"})
 
     def events(kind: str, d: dict[str, Any]) -> None:
         if dist.is_main:
@@ -195,6 +208,8 @@ def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, 
             best_metrics.clear()
             best_metrics.update(d)
         on_event(kind, d)
+        if kind == "eval":
+            report()
 
     trainer = Trainer(model, task, optimizer, state, cfg.optim, cfg.train, device, precision,
                       tokens_per_step=cfg.train.global_batch(dist.world) * cfg.model.context, save=save,
@@ -209,6 +224,7 @@ def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, 
     title = f"{out.name}: loss" + (f" ({kind})" if kind != "lm" else "")
     unit = "loss (nats/example)" if kind == "classify" else "loss (nats/token)"
     write_loss_curve(out / "loss.svg", metrics.train, metrics.val, title, unit)
+    report(final=True)
     if reason == "diverged":
         raise TrainingDiverged(f"training diverged at step {state.step} (loss is NaN or infinite); "
                                f"last good checkpoint: {last or best or 'none'}; lower optim.lr or raise "
