@@ -51,7 +51,7 @@ def test_run_directory_contents(tmp_path, corpus_file):
     evals = [r for r in rows if r["event"] == "eval"]
     assert evals and all(math.isfinite(r["val_bpb"]) and r["val_ppl"] > 1 for r in evals)
     assert result.samples and isinstance(result.samples[0][1], str)
-    assert (out / "loss.svg").read_text().startswith("<svg")
+    assert "<svg" in (out / "loss.svg").read_text()
 
 
 def test_existing_run_needs_resume(tmp_path, corpus_file):

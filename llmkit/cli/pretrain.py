@@ -73,7 +73,8 @@ def pretrain(
             view.log(sample_block(prompt, text))
     if not quiet:
         best = f"best val loss {result.state.best_val_loss:.4f} at step {result.state.best_step}"
-        view.log(f"{result.params:,} parameters, {result.state.step} steps, {best}; "
-                 f"loss curve: {out / 'loss.svg'}")
+        pictures = [str(out / n) for n in ("loss.svg", "report.html") if (out / n).is_file()]
+        view.log(f"{result.params:,} parameters, {result.state.step} steps, {best}"
+                 + (f"; {', '.join(pictures)}" if pictures else ""))
     if main:
         print_result(result, json_out)

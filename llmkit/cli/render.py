@@ -304,7 +304,8 @@ class FinetuneView(PretrainView):
             self.log(f"best at step {st.best_step} by {metric}: {metric_line(result.best_metrics)}")
         elif st.best_score is not None:
             self.log(f"best at step {st.best_step}: score {st.best_score:.4f} (no improvement in this session)")
-        self.log(f"{st.step} steps; loss curve: {result.out / 'loss.svg'}"
+        pictures = [str(result.out / n) for n in ("loss.svg", "report.html") if (result.out / n).is_file()]
+        self.log(f"{st.step} steps" + (f"; {', '.join(pictures)}" if pictures else "")
                  + (f"; merged weights: {result.merged}" if result.merged else ""))
 
 

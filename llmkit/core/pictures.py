@@ -156,3 +156,23 @@ def embedding_map(m, path: Path) -> Path:
         title += f"; nearest neighbour shares the label: {m.neighbour_agreement:.0%}"
     ax.set_title(title, loc="left", fontsize=9)
     return _save(fig, path)
+
+
+def loss_curve(path: Path, train: list[tuple[int, float]], val: list[tuple[int, float]], title: str,
+               ylabel: str = "loss (nats/token)") -> Path:
+    """A run's loss.svg: training loss (thin) and validation loss (points) against steps."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    finite = [(s, v) for s, v in train if np.isfinite(v)]
+    if finite:
+        ax.plot(*zip(*finite), lw=1.2, color="#7aa6d6", label="train loss")
+    finite = [(s, v) for s, v in val if np.isfinite(v)]
+    if finite:
+        ax.plot(*zip(*finite), lw=2, color="#d1495b", marker="o", markersize=4, label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, loc="left")
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend()
+    return _save(fig, Path(path))

@@ -30,7 +30,6 @@ from llmkit.core.distributed import Dist, gather_for_save, is_sharded, load_shar
 from llmkit.core.errors import CheckpointError, ConfigError, TrainingDiverged
 from llmkit.core.lora import trainable_parameters
 from llmkit.core.metrics import bits_per_byte
-from llmkit.core.plot import write_loss_curve
 from llmkit.core.train import EventFn, Task, Trainer, TrainState, make_optimizer
 
 
@@ -223,7 +222,12 @@ def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, 
         return result
     title = f"{out.name}: loss" + (f" ({kind})" if kind != "lm" else "")
     unit = "loss (nats/example)" if kind == "classify" else "loss (nats/token)"
-    write_loss_curve(out / "loss.svg", metrics.train, metrics.val, title, unit)
+    try:  # matplotlib is an extra: without it a run has no picture, nothing else is missing
+        from llmkit.core.pictures import loss_curve
+
+        loss_curve(out / "loss.svg", metrics.train, metrics.val, title, unit)
+    except ConfigError as e:
+        on_event("report_failed", {"error": str(e)})
     report(final=True)
     if reason == "diverged":
         raise TrainingDiverged(f"training diverged at step {state.step} (loss is NaN or infinite); "
