@@ -125,3 +125,24 @@ def test_inspect_refuses_bad_requests_in_one_line(trained_run, tmp_path):
     assert_one_line_error(invoke("inspect", trained_run, "--text", "x", "--format", "gif"), "png or svg")
     (tmp_path / "bad.npy").write_text("no")
     assert_one_line_error(invoke("inspect", "--embeddings", tmp_path / "bad.npy"), "not a .npy array")
+
+
+def test_every_checkpoint_kind_can_be_inspected(trained_run, tmp_path):
+    """A classifier, too: the views read its trunk and LM head; umap without its package is one line."""
+    from pathlib import Path
+
+    from test_cli import assert_one_line_error, invoke
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "data"
+    clf = tmp_path / "clf"
+    assert invoke("finetune", trained_run, "--task", "classify", "--data", data / "avis.train.jsonl", "--val",
+                  data / "avis.dev.jsonl", "--steps", 2, "-o", clf, "--quiet").exit_code == 0
+    r = invoke("inspect", clf, "--text", "Un repas parfait.", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert set(json.loads(r.stdout)) == {"tokens", "attention", "surprise", "logit_lens"}
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32))
+    try:
+        import umap  # noqa: F401
+    except ImportError:
+        assert_one_line_error(invoke("inspect", "--embeddings", tmp_path / "v.npy", "--method", "umap", "--json"),
+                              "needs the umap-learn package")

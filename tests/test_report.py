@@ -34,6 +34,7 @@ def test_training_writes_a_report_with_every_logged_number(tmp_path, corpus_file
     assert page.count("<svg") >= 4  # loss, perplexity, bits per byte, learning rate, …: inline pictures
     assert not re.search(r"""(src|href)=["']https?:""", page)  # nothing fetched: it works offline
     assert "step-000006" in page and "best" in page and "vocab_size" in page
+    assert "<h2>Data</h2>" in page and "train_tokens" in page and "chars_per_token" in page  # data, tokenizer
 
 
 def test_a_classifier_report_shows_its_confusion_matrix(tmp_path, trained_run):
@@ -46,6 +47,7 @@ def test_a_classifier_report_shows_its_confusion_matrix(tmp_path, trained_run):
     assert r.exit_code == 0, r.stderr
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "Confusion matrix" in page and "macro_f1" in page and "positif" in page
+    assert "<h2>Data</h2>" in page and "labels" in page
 
 
 def test_the_report_command_and_its_one_line_error(tmp_path, corpus_file):

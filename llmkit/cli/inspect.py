@@ -29,6 +29,7 @@ def inspect(
     embeddings: Annotated[Optional[Path], opt("A 2-D map of these vectors (.npy from llmkit encode).", "--embeddings")] = None,
     labels: Annotated[Optional[Path], opt("With --embeddings: one label per line (or the JSONL items file and --label-field).", "--labels")] = None,
     label_field: Annotated[str, typer.Option("--label-field", help="The label's field when --labels is JSON lines.")] = "label",
+    method: Annotated[str, typer.Option("--method", help="With --embeddings: pca, or umap (needs umap-learn).")] = "pca",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the pictures.")] = Path("inspect"),
     fmt: Annotated[str, typer.Option("--format", help="png or svg.")] = "png",
     json_out: JsonOpt = False,
@@ -56,7 +57,7 @@ def inspect(
             vectors = np.load(embeddings, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise DataError(f"{embeddings}: not a .npy array of vectors ({e})") from None
-        m = ins.embedding_map(vectors, _labels(labels, label_field) if labels else None)
+        m = ins.embedding_map(vectors, _labels(labels, label_field) if labels else None, method)
         report["embeddings"] = {"points": m.points.tolist(), "labels": m.labels, "explained": m.explained,
                                 "neighbour_agreement": m.neighbour_agreement}
         if draw:

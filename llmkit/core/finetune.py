@@ -171,7 +171,7 @@ def finetune(data: list[str], out: Path, cfg: RunConfig, *, base: ckpt_io.Checkp
         result = train_run(out, cfg, model=model, task=task, tokenizer=base.tokenizer, dist=dist, device=device,
                            resume_from=resume_from, threads=threads, kind=cfg.task.kind, on_event=on_event,
                            val_tokens=summary.get("val_tokens", 0), val_bytes=summary.get("val_bytes", 0),
-                           extra={"lora": cfg.lora.enabled})
+                           extra={"lora": cfg.lora.enabled}, reports={"data": summary})
         finished = result.stop_reason not in ("interrupted", "terminated")
         if dist.is_main and merge and (result.best or result.last) is not None and finished:
             result.merged = merge_checkpoint(result.best or result.last, out / "merged")

@@ -173,7 +173,10 @@ class EmbeddingMap:
     """Share of the variance along each of the two axes."""
 
 
-def embedding_map(vectors: np.ndarray, labels: list[str] | None = None) -> EmbeddingMap:
+def embedding_map(vectors: np.ndarray, labels: list[str] | None = None, method: str = "pca") -> EmbeddingMap:
+    """The 2-D map: PCA (always there), or UMAP (``method='umap'``, with the optional umap-learn)."""
+    if method not in ("pca", "umap"):
+        raise ConfigError(f"--method must be pca or umap, not {method!r}")
     v = np.asarray(vectors, dtype=np.float64)
     if v.ndim != 2 or v.shape[0] < 3:
         raise DataError(f"an embedding map needs at least 3 vectors of one size, got an array of shape {v.shape}")
@@ -183,6 +186,14 @@ def embedding_map(vectors: np.ndarray, labels: list[str] | None = None) -> Embed
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     points = centred @ vt[:2].T  # (N, 2)
     var = s ** 2 / max((s ** 2).sum(), 1e-30)
+    if method == "umap":
+        try:
+            import umap
+        except ImportError:
+            raise ConfigError("--method umap needs the umap-learn package (pip install umap-learn); "
+                              "PCA needs nothing") from None
+        points = umap.UMAP(n_components=2, random_state=0, n_neighbors=min(15, v.shape[0] - 1)).fit_transform(v)
+        var = np.array([0.0, 0.0])  # no share of variance for a non-linear map
     agreement = None
     if labels is not None:
         unit = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)

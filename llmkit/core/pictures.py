@@ -151,7 +151,8 @@ def embedding_map(m, path: Path) -> Path:
             ax.legend(fontsize=8, loc="best")
     else:
         ax.scatter(m.points[:, 0], m.points[:, 1], s=14)
-    title = f"PCA of {len(m.points)} vectors ({m.explained[0]:.0%} + {m.explained[1]:.0%} of the variance)"
+    title = (f"PCA of {len(m.points)} vectors ({m.explained[0]:.0%} + {m.explained[1]:.0%} of the variance)"
+             if any(m.explained) else f"UMAP of {len(m.points)} vectors")
     if m.neighbour_agreement is not None:
         title += f"; nearest neighbour shares the label: {m.neighbour_agreement:.0%}"
     ax.set_title(title, loc="left", fontsize=9)

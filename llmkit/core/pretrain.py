@@ -108,8 +108,10 @@ def write_samples(model: Transformer, tok: Tokenizer, prompts: list[list[int]], 
 
 def _prepare(cfg: RunConfig, out: Path, sources: list[Source], val: Source | None, sample: bool,
              tokenizer_dir: Path | None, resume_from: Path | None, on_event: EventFn
-             ) -> tuple[Tokenizer, Corpus, RunConfig]:
-    """Tokenizer and token cache for a run; the model config takes the tokenizer's vocab size."""
+             ) -> tuple[Tokenizer, Corpus, RunConfig, dict[str, Any]]:
+    """Tokenizer and token cache for a run; the model config takes the tokenizer's vocab size. The
+    last item holds the data report (and the tokenizer's, when one was trained) for report.html."""
+    reports: dict[str, Any] = {}
     tok = _given_tokenizer(tokenizer_dir, resume_from, on_event)
     files = [cf for s in sources for cf in s.files]
     on_event("corpus", {"files": [str(cf.path) for cf in files], "sample": sample,
@@ -122,16 +124,18 @@ def _prepare(cfg: RunConfig, out: Path, sources: list[Source], val: Source | Non
         tok.save(out / "tokenizer")
         on_event("tokenizer", {"source": "trained", "path": str(out / "tokenizer"), "report": report.as_dict(),
                                "vocab_size": tok.vocab_size})
+        reports["tokenizer"] = report.as_dict()
     data = load_corpus(sources, val, tok, cfg.data,
                        on_progress=lambda p: on_event("tokenizing", {"done": p.done, "total": p.total,
                                                                      "source": p.name}))
-    on_event("data", data.report())
+    reports["data"] = data.report()
+    on_event("data", reports["data"])
     if cfg.model.vocab_size and cfg.model.vocab_size < tok.vocab_size:
         raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
     if not cfg.model.vocab_size:
         cfg = cfg.replace("model", vocab_size=tok.vocab_size)
     check_fits(data, cfg.model.context)
-    return tok, data, cfg
+    return tok, data, cfg, reports
 
 
 def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from: Path | None = None,
@@ -149,11 +153,12 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
     with run_lock(out, dist):
         with new_run_dir(out, dist):
             if dist.is_main:
-                tok, data, cfg = _prepare(cfg, out, sources, val, sample, tokenizer_dir, resume_from, on_event)
+                tok, data, cfg, reports = _prepare(cfg, out, sources, val, sample, tokenizer_dir, resume_from,
+                                                   on_event)
             dist.barrier()
             if not dist.is_main:  # the tokenizer rank 0 trained or was given; the cache it built
                 given = tokenizer_dir or (None if resume_from else out / "tokenizer")
-                tok, data, cfg = _prepare(cfg, out, sources, val, sample, given, resume_from, on_event)
+                tok, data, cfg, reports = _prepare(cfg, out, sources, val, sample, given, resume_from, on_event)
             cfg = with_epoch_budget(cfg, data.train_tokens / cfg.model.context, dist.world)
             torch.manual_seed(cfg.train.seed)
             model = Transformer(cfg.model).to(device) if init is None else _initial(init, cfg, device)
@@ -163,7 +168,7 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
 
         result = train_run(out, cfg, model=model, task=LMTask(data, cfg, device), tokenizer=tok, dist=dist,
                            device=device, resume_from=resume_from, threads=threads, kind="lm", on_event=on_event,
-                           val_tokens=data.val_tokens, val_bytes=data.val_bytes)
+                           val_tokens=data.val_tokens, val_bytes=data.val_bytes, reports=reports)
         stopped_by_signal = result.stop_reason in ("interrupted", "terminated")
         if dist.is_main and cfg.train.samples and result.best is not None and not stopped_by_signal:
             trained, _ = ckpt_io.load_model(result.best, device)

@@ -1,7 +1,8 @@
 """``report.html``: a run on one self-contained page (no CDN, no script needed, works offline).
 
-Read from the run directory alone: ``config.yaml``, the tokenizer's contract, ``metrics.jsonl``
-and the checkpoints' ``trainer_state.json``. The page holds the settings, the tokenizer, the
+Read from the run directory alone: ``config.yaml``, ``reports.json`` (the data and tokenizer
+reports the run wrote), the tokenizer's contract, ``metrics.jsonl`` and the checkpoints'
+``trainer_state.json``. The page holds the settings, the tokenizer, the
 curves (loss, perplexity and bits per byte, learning rate, gradient norm, throughput) drawn by
 matplotlib as inline SVG, the task's metrics at every evaluation (with the last confusion matrix
 for classifiers), the samples written at evaluations, the checkpoints, and a table with every
@@ -126,6 +127,14 @@ def render(run: Path) -> str:
                 for step, s in samples))
     if (run / "samples.txt").is_file():
         parts.append("<h2>Samples</h2><pre>" + html.escape((run / "samples.txt").read_text(encoding="utf-8")) + "</pre>")
+    if (run / "reports.json").is_file():
+        reports = json.loads((run / "reports.json").read_text(encoding="utf-8"))
+        titles = {"data": "Data", "tokenizer": "Tokenizer report (trained for this run)"}
+        for name, values in reports.items():
+            if isinstance(values, dict):
+                parts.append(f"<h2>{html.escape(titles.get(name, name))}</h2>" + _table(
+                    ["", "value"], [[k, v if _num(v) or isinstance(v, str) else json.dumps(v, ensure_ascii=False)]
+                                    for k, v in values.items()]))
     tok_file = next((p for p in (run / "tokenizer" / "tokenizer.yaml", run / "best" / "tokenizer.yaml") if p.is_file()), None)
     if tok_file is not None:
         contract = yaml.safe_load(tok_file.read_text(encoding="utf-8")) or {}

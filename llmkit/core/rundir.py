@@ -159,7 +159,7 @@ def with_epoch_budget(cfg: RunConfig, sequences_per_epoch: float, world: int) ->
 def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, tokenizer, dist: Dist,
               device: torch.device, resume_from: Path | None, kind: str, on_event: EventFn,
               val_tokens: int = 0, val_bytes: int = 0, extra: dict[str, Any] | None = None,
-              threads: tuple[int, str] = (0, "")) -> RunResult:
+              threads: tuple[int, str] = (0, ""), reports: dict[str, Any] | None = None) -> RunResult:
     """Train a built model on a task in ``out``, fresh or resumed, to a finished run directory.
 
     Everything that is the same for pretraining and fine-tuning happens here: the optimizer and
@@ -180,6 +180,9 @@ def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        if reports:  # the data (and tokenizer) reports, for report.html
+            (out / "reports.json").write_text(json.dumps(reports, ensure_ascii=False, indent=1, default=str),
+                                              encoding="utf-8")
     metrics = MetricsLog(out / "metrics.jsonl", val_tokens, val_bytes)
     save = Checkpointer(out, model=model, config=cfg.to_dict(), tokenizer=tokenizer, optimizer=optimizer,
                         extra_state={"seed": cfg.train.seed, "kind": kind, "precision": precision.name,
