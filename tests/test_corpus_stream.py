@@ -19,7 +19,7 @@ from conftest import need_module
 from llmkit.core.config import DataConfig, TokenizerConfig
 from llmkit.core.corpus import stream
 from llmkit.core.corpus.cache import Source, encode_text, load_or_build, load_source
-from llmkit.core.corpus.files import CorpusFile, decode_text, resolve_files
+from llmkit.core.corpus.files import decode_text, resolve_files
 from llmkit.core.corpus.mix import check_fits, load_corpus, mixed_starts, parse_mix, plan_sources
 from llmkit.core.data import batch_generator
 from llmkit.core.errors import ConfigError, DataError

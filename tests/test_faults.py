@@ -31,6 +31,9 @@ EXE = str(Path(sys.executable).parent / "llmkit")
 SETS = [a for s in [*TINY_SETS, "model.dropout=0.1", "train.samples=0", "train.patience=0", "train.eval_every=50",
                     "train.save_every=20", "train.log_every=10"] for a in ("--set", s)]
 KILLS = 20
+MOST_KILLS = 15
+ITEMS = 40000
+"""A faster machine may finish a job before every kill lands: at least this many must land mid-run."""
 
 
 def env(tmp: Path) -> dict[str, str]:
@@ -111,26 +114,26 @@ def test_lora_finetune_killed_20_times_ends_bit_identical(tmp_path, corpus):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
     args = lambda out: ["finetune", str(base), "--task", "classify", "--data", str(data), "-o", str(out),  # noqa: E731
-                        "--lora", "--steps", "2500", "--resume", "auto", "-q", *SETS, "--set", "lora.dropout=0.1",
+                        "--lora", "--steps", "5000", "--resume", "auto", "-q", *SETS, "--set", "lora.dropout=0.1",
                         "--set", "train.eval_every=250"]
     ref = run(args(tmp_path / "ref"), tmp_path)
     assert ref.returncode == 0, ref.stderr
     report = kill_and_resume(args(tmp_path / "run"), tmp_path, kills=KILLS, delays=(1.5, 3.5), seed=2)
     assert not report["failures"], report["failures"]
-    assert report["kills"] == KILLS
+    assert report["kills"] >= MOST_KILLS, report
     assert report["final"].returncode == 0, report["final"].stderr
     same_checkpoint(tmp_path / "ref" / "last", tmp_path / "run" / "last")
     same_tensors(tmp_path / "ref" / "last" / "adapter.safetensors", tmp_path / "run" / "last" / "adapter.safetensors")
 
 
-def test_encode_of_20000_lines_killed_20_times_ends_identical(tmp_path, corpus):
+def test_encode_of_40000_lines_killed_20_times_ends_identical(tmp_path, corpus):
     model = tmp_path / "m"
     assert run(["pretrain", str(corpus), "-o", str(model), "--preset", "tiny", "--steps", "2", "-q",
                 "--set", "train.samples=0"], tmp_path).returncode == 0
     rng = random.Random(3)
     sentences = [s.strip() for s in corpus.read_text(encoding="utf-8").replace("\n", " ").split(".") if len(s) > 20]
     items = tmp_path / "items.txt"
-    items.write_text("\n".join(f"{rng.choice(sentences)}. ({i})" for i in range(20000)) + "\n", encoding="utf-8")
+    items.write_text("\n".join(f"{rng.choice(sentences)}. ({i})" for i in range(ITEMS)) + "\n", encoding="utf-8")
     args = lambda out: ["encode", str(model), str(items), "-o", str(out), "--batch-size", "8", "-q"]  # noqa: E731
     ref = run(args(tmp_path / "ref.npy"), tmp_path)
     assert ref.returncode == 0, ref.stderr
@@ -142,11 +145,11 @@ def test_encode_of_20000_lines_killed_20_times_ends_identical(tmp_path, corpus):
     report = kill_and_resume([*args(tmp_path / "run.npy"), "--resume"], tmp_path, kills=KILLS - 1,
                              delays=(1.5, 4.5), seed=3)
     assert not report["failures"], report["failures"]
-    assert report["kills"] == KILLS - 1
+    assert report["kills"] >= MOST_KILLS - 1, report
     assert report["final"].returncode == 0, report["final"].stderr
     assert np.array_equal(np.load(tmp_path / "ref.npy"), np.load(tmp_path / "run.npy"))
     meta = json.loads((tmp_path / "run.npy.meta.json").read_text())
-    assert meta["rows_done"] == 20000
+    assert meta["rows_done"] == ITEMS
     ref_items = (tmp_path / "ref.npy.items.jsonl").read_text(encoding="utf-8")
     assert (tmp_path / "run.npy.items.jsonl").read_text(encoding="utf-8") == ref_items
 
