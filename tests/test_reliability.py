@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import errno
 import json
+import os
 import math
 import shutil
 import subprocess
@@ -99,6 +100,27 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_refuses(tmp_path):
             with run_lock(out, Dist()):  # a live holder (this very process) refuses a second writer
                 pass
     assert not lock.exists()  # released on the way out
+
+
+def test_the_lock_of_a_killed_process_not_yet_reaped_is_taken_over(tmp_path):
+    """A SIGKILLed torchrun worker may linger as a zombie (nobody has reaped it yet): it answers
+    kill(pid, 0) with its own start time, but it writes nothing, so its lock is stale."""
+    import socket
+
+    from llmkit.core.rundir import _start_time
+
+    zombie = subprocess.Popen(["sleep", "0"])
+    for _ in range(200):  # it has exited; not waited for, it stays a zombie
+        stat = Path(f"/proc/{zombie.pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        subprocess.run(["sleep", "0.02"])
+    lock = tmp_path / ".run.llmkit-lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": zombie.pid, "started": _start_time(zombie.pid),
+                                "since": "earlier"}))
+    with run_lock(tmp_path / "run", Dist()):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    zombie.wait()
 
 
 def test_two_concurrent_runs_on_one_directory(tmp_path, corpus_file):

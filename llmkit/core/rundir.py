@@ -102,6 +102,11 @@ def _alive(pid: int, started: str | None) -> bool:
         return False
     except PermissionError:  # someone else's process: it exists
         return True
+    try:  # a killed process waiting to be reaped (a zombie) still answers kill(0): it writes nothing
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
+    except (OSError, IndexError):
+        pass
     now = _start_time(pid)
     return started is None or now is None or now == started
 
