@@ -359,9 +359,8 @@ class Slots:
     def __init__(self, model: Transformer, capacity: int, cfg: SampleConfig, *, eos_id: int | None,
                  decode: Callable[[list[int]], str], device: torch.device | str = "cpu", length: int | None = None):
         self.model, self.cfg, self.eos_id, self.decode_fn, self.device = model, cfg, eos_id, decode, device
-        self.state = DecodeState(model, capacity, device, length)
+        self.state = DecodeState(model, capacity, device, length)  # its cache, mask and slot; Slots steps itself
         self.state.pad = torch.zeros(capacity, dtype=torch.long, device=device)  # (B,)
-        self.state.padded = True
         self.slots: list[_Slot | None] = [None] * capacity
         self.tokens = torch.zeros(capacity, dtype=torch.long, device=device)  # (B,) each row's last token
 

@@ -9,6 +9,7 @@ with several sources, each source's own.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +38,7 @@ def parse_mix(items: tuple[str, ...] | list[str]) -> list[tuple[str, str, float]
             w = float(weight)
         except ValueError:
             raise ConfigError(f"--mix {item!r}: the weight {weight!r} is not a number") from None
-        if not w > 0 or w != w or w == float("inf"):
+        if not (math.isfinite(w) and w > 0):
             raise ConfigError(f"--mix {item!r}: the weight must be positive")
         stem = Path(path.rstrip("/")).name.split(".")[0] or "source"
         name, k = stem, 2

@@ -36,8 +36,8 @@ SPLITS = ("tail", "train", "val")
 VAL_BUCKETS = 1 << 16
 
 
-def _missing(package: str, what: str, extra: str = "corpus") -> DataError:
-    return DataError(f"{what} needs the '{package}' package: pip install 'llmkit[{extra}]' (or pip install {package})")
+def _missing(package: str, what: str) -> DataError:
+    return DataError(f"{what} needs the '{package}' package: pip install 'llmkit[corpus]' (or pip install {package})")
 
 
 def open_raw(path: Path) -> BinaryIO:
