@@ -24,7 +24,7 @@ TINY_SETS = [
     "model.d_model=32", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.context=32",
     "model.dropout=0.0", "tokenizer.vocab_size=400", "train.batch_size=4", "train.eval_every=2",
     "train.eval_batches=2", "train.save_every=2", "train.samples=1", "train.log_every=1",
-    "optim.warmup_steps=2", "train.dtype=fp32", "train.device=cpu", "train.report=false",
+    "optim.warmup_steps=2", "train.dtype=fp32", "train.compile=false", "train.device=cpu", "train.report=false",
 ]
 
 

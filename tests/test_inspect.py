@@ -63,7 +63,7 @@ def test_surprisal_is_the_eval_loss_on_the_same_text(loaded):
     model, ckpt = loaded
     s = ins.surprise(model, ckpt.tokenizer, TEXT)
     ids = torch.tensor([ckpt.tokenizer.encode_text(TEXT)])
-    loss, n = mean_token_loss(model, [(ids[:, :-1], ids[:, 1:])], "cpu")
+    loss, n, _ = mean_token_loss(model, [(ids[:, :-1], ids[:, 1:])], "cpu")
     assert n == len(s.prob) and abs(s.mean_nats - loss) < 1e-5
     assert np.allclose(np.asarray(s.bits), -np.log2(s.prob), atol=1e-5)
     assert all(len(t) == 5 and t[0][1] >= t[-1][1] for t in s.top)

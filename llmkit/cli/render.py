@@ -188,7 +188,9 @@ class PretrainView:
     def on_eval(self, d):
         self.fields["val"] = f"{d['val_loss']:.3f}"
         mark = " [green]best[/]" if d["improved"] else ""
-        line = (f"step {d['step']}: val loss {d['val_loss']:.4f}, ppl {d.get('val_ppl', math.nan):.2f}, "
+        se = d.get("val_loss_se")
+        spread = f" ± {se:.4f}" if se is not None else ""
+        line = (f"step {d['step']}: val loss {d['val_loss']:.4f}{spread}, ppl {d.get('val_ppl', math.nan):.2f}, "
                 f"bpb {d.get('val_bpb', math.nan):.3f}{mark}")
         if d.get("val_sources"):
             line += " (" + ", ".join(f"{escape(k)} {v:.4f}" for k, v in d["val_sources"].items()) + ")"

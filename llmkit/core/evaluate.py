@@ -60,8 +60,8 @@ def evaluate_checkpoint(checkpoint: Path, data: list[str], *, fields: dict[str, 
             # Streamed into the token cache like a corpus (every document, none held out or dropped).
             tokens_of = load_source(Source(resolve_files(data), split="train"), tok, DataConfig(dedup=False))
             stream, n_bytes = tokens_of.train, tokens_of.meta["bytes"]
-            loss, tokens = mean_token_loss(model, _lm_windows(stream, context, batch_size), device)
-            return {**report, "tokens": tokens, "bytes": n_bytes, "loss": loss,
+            loss, tokens, se = mean_token_loss(model, _lm_windows(stream, context, batch_size), device)
+            return {**report, "tokens": tokens, "bytes": n_bytes, "loss": loss, "loss_se": se,
                     "perplexity": math.exp(min(loss, 50)), "bits_per_byte": bits_per_byte(loss, tokens, n_bytes)}
         if len(data) != 1:
             raise ConfigError(f"a {task.kind} checkpoint is measured on one file of examples (got {len(data)})")

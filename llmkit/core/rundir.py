@@ -25,7 +25,8 @@ import torch
 
 from llmkit.core import checkpoint as ckpt_io
 from llmkit.core.config import ModelConfig, RunConfig
-from llmkit.core.device import pick_device, pick_precision, set_threads
+from llmkit.core import speed
+from llmkit.core.device import pick_device, set_threads
 from llmkit.core.distributed import Dist, gather_for_save, is_sharded, load_sharded_optimizer, shard
 from llmkit.core.errors import CheckpointError, ConfigError, TrainingDiverged
 from llmkit.core.lora import trainable_parameters
@@ -174,12 +175,12 @@ def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, 
     and every checkpoint's trainer state.
     """
     extra = extra or {}
-    precision = pick_precision(cfg.train.dtype, device, cfg.model.d_model)
+    precision, compiled = speed.plan(cfg, device, distributed=dist.enabled, resumed=_resumed_state(resume_from))
     params = model.num_params()
     trainable = trainable_parameters(model)
     optimizer, state = start_training(model, cfg, dist, resume_from, on_event)
     on_event("model", {"params": params, "trainable": trainable, "device": str(device), "precision": precision.name,
-                       "precision_reason": precision.reason, "config": cfg.model, "task": kind,
+                       "precision_reason": precision.reason, "compiled": compiled, "config": cfg.model, "task": kind,
                        "processes": dist.world, "strategy": cfg.train.strategy if dist.enabled else None,
                        "threads": threads[0], "threads_reason": threads[1], **extra})
     if dist.is_main:
@@ -191,22 +192,26 @@ def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, 
     metrics = MetricsLog(out / "metrics.jsonl", val_tokens, val_bytes)
     save = Checkpointer(out, model=model, config=cfg.to_dict(), tokenizer=tokenizer, optimizer=optimizer,
                         extra_state={"seed": cfg.train.seed, "kind": kind, "precision": precision.name,
+                                     "compiled": compiled,
                                      "device": str(device), "params": params, "trainable": trainable, **extra},
                         keep=cfg.train.keep_checkpoints, on_event=on_event, dist=dist)
     best_metrics: dict[str, Any] = {}
-    reported = [0.0]
+    reported = {"at": time.monotonic(), "cost": 0.0}
 
     def report(final: bool = False) -> None:
-        """Refresh report.html (every 10 s at most while training): a page never stops a run."""
-        if not (cfg.train.report and dist.is_main) or (not final and time.monotonic() - reported[0] < 10):
+        """Refresh report.html while training, at most every 30 s and so that drawing it takes
+        under 2% of the run (a page costs ~0.7 s of matplotlib here); a page never stops a run."""
+        wait = max(30.0, 50 * reported["cost"])
+        if not (cfg.train.report and dist.is_main) or (not final and time.monotonic() - reported["at"] < wait):
             return
-        reported[0] = time.monotonic()
+        start = time.monotonic()
         try:
             from llmkit.core.report import write_report
 
             write_report(out)
         except Exception as e:  # noqa: BLE001 - a picture library's failure is not the run's
             on_event("report_failed", {"error": f"{type(e).__name__}: {e}"})
+        reported.update(at=time.monotonic(), cost=time.monotonic() - start)
 
     def events(kind: str, d: dict[str, Any]) -> None:
         if dist.is_main:
@@ -220,7 +225,7 @@ def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, 
 
     trainer = Trainer(model, task, optimizer, state, cfg.optim, cfg.train, device, precision,
                       tokens_per_step=cfg.train.global_batch(dist.world) * cfg.model.context, save=save,
-                      on_event=events, compiled=torch.compile(model) if cfg.train.compile else None,
+                      on_event=events, compiled=torch.compile(model) if compiled else None,
                       metric=cfg.task.best_metric, dist=dist)
     reason = trainer.fit()
     dist.close()
@@ -283,6 +288,16 @@ def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     else:
         ckpt_io.load_optimizer_state(optimizer, resume_from / "optimizer.safetensors")
     return TrainState.from_json(ckpt_io.read_state(resume_from))
+
+
+def _resumed_state(resume_from: Path | None) -> dict[str, Any] | None:
+    """The trainer state of the checkpoint a run resumes from (its precision and compile mode)."""
+    if resume_from is None:
+        return None
+    try:
+        return json.loads((resume_from / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None  # load_training_state says what is wrong with it
 
 
 def start_training(model: torch.nn.Module, cfg, dist: Dist, resume_from: Path | None,

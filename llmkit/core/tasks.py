@@ -53,14 +53,18 @@ class LMTask:
         return forward(next_token_loss, x, y), y.numel()
 
     def evaluate(self, net):
-        B, T, n = self.cfg.train.batch_size, self.cfg.model.context, self.cfg.train.eval_batches
+        B, T, n = self.cfg.train.batch_size, self.cfg.model.context, self.cfg.train.eval_sample
         losses = {name: mean_token_loss(net, eval_batches(tokens, B, T, n), self.device)
                   for name, tokens in self.data.val_parts}
         if len(losses) == 1:
-            return {"val_loss": next(iter(losses.values()))[0]}
-        total = sum(count for _, count in losses.values())
-        return {"val_loss": sum(loss * count for loss, count in losses.values()) / max(total, 1),
-                "val_sources": {name: loss for name, (loss, _) in losses.items()}}
+            only = next(iter(losses.values()))
+            return {"val_loss": only.loss, "val_loss_se": only.se}
+        total = sum(r.tokens for r in losses.values())
+        # Sources are independent samples: the standard errors of their weighted sum add in quadrature.
+        se = None if any(r.se is None for r in losses.values()) else \
+            math.sqrt(sum((r.tokens / max(total, 1) * r.se) ** 2 for r in losses.values()))
+        return {"val_loss": sum(r.loss * r.tokens for r in losses.values()) / max(total, 1), "val_loss_se": se,
+                "val_sources": {name: r.loss for name, r in losses.items()}}
 
 
 # --- shuffling fine-tuning examples ---------------------------------------------------------------

@@ -18,7 +18,7 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +80,12 @@ class TrainState:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # torch's fused AdamW (one kernel over all tensors, 2% of a small CPU step) where every
+    # parameter is a plain tensor on a CPU or GPU; sharded (DTensor) weights keep the default.
+    fused = bool(params) and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 def lr_at(cfg: OptimConfig, step: int, progress: float) -> float:
@@ -107,18 +111,30 @@ def next_token_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return lm_loss(model(x), y)
 
 
+class TokenLoss(NamedTuple):
+    loss: float
+    """Mean next-token loss per target token."""
+    tokens: int
+    se: float | None
+    """Standard error of that mean, from the spread of the per-window means (None for one window)."""
+
+
 @torch.no_grad()
-def mean_token_loss(model, batches, device) -> tuple[float, int]:
-    """Mean next-token loss over (x, y) batches, per target token (-100 targets ignored); and the
-    number of target tokens it covers."""
-    total, count = 0.0, 0
+def mean_token_loss(model, batches, device) -> TokenLoss:
+    """Mean next-token loss over (x, y) batches, per target token (-100 targets ignored), the
+    number of target tokens it covers, and its standard error over the windows (rows)."""
+    total, count, rows = 0.0, 0, []
     for x, y in batches:
         x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=-100)
-        total += loss.item()
-        count += int((y != -100).sum())
-    return total / max(count, 1), count
+        logits = model(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none",
+                               ignore_index=-100).view(y.shape)  # (B, T)
+        valid = (y != -100).sum(1)  # (B,)
+        total += loss.sum().item()
+        count += int(valid.sum())
+        rows.extend((loss.sum(1) / valid.clamp(min=1))[valid > 0].tolist())
+    se = float(torch.tensor(rows).std() / math.sqrt(len(rows))) if len(rows) > 1 else None
+    return TokenLoss(total / max(count, 1), count, se)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -324,7 +340,9 @@ class Trainer:
         """Evaluate, keep best/, count patience; the stop reason after it (early_stop, time, diverged)."""
         state, cfg = self.state, self.train_cfg
         t_eval = time.perf_counter()
-        net = self.compiled or self.model
+        # The eager model: evaluation's shapes (a smaller last batch, no dropout) would each
+        # recompile a compiled one, for a pass that is a small share of the run anyway.
+        net = self.model
         net.eval()
         with autocast(self.device, self.precision):
             metrics = self.task.evaluate(net)

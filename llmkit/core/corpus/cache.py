@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from llmkit.core.config import DataConfig
+from llmkit.core.config import DataConfig, cache_home
 from llmkit.core.corpus.files import CorpusFile, decode_text, resolve_files
 from llmkit.core.corpus import stream
 from llmkit.core.corpus.stream import HashingReader, Piece, file_pieces, is_val_record, open_raw, record_texts, row_texts
@@ -46,8 +46,7 @@ CACHE_VERSION = 2
 def default_cache_dir(cfg: DataConfig) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    env = os.environ.get("LLMKIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "llmkit"
+    return cache_home()
 
 
 # --- reading a cache --------------------------------------------------------------------------------

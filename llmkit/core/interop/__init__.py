@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from llmkit.core.config import cache_home
 from llmkit.core.errors import CheckpointError
 
 EventFn = Callable[[str, dict[str, Any]], None]
@@ -76,8 +77,7 @@ def _fingerprint(src: Path) -> str:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("LLMKIT_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "llmkit") / "imported"
+    return cache_home() / "imported"
 
 
 def resolve(src: Path) -> Path:

@@ -1,0 +1,203 @@
+"""The speed probe's choices, and every fast training path against the plain one."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkit.core import speed
+from llmkit.core.config import ModelConfig, OptimConfig
+from llmkit.core.model import Transformer
+from llmkit.core.speed import Mode, Timing
+from llmkit.core.train import make_optimizer, mean_token_loss
+
+CFG = ModelConfig(vocab_size=97, context=16, d_model=32, n_layer=2, n_head=2, n_kv_head=1)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Each test starts with no recorded timings."""
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+
+
+class FakeTimer:
+    """Pretend timings per mode; counts the calls (a cached figure must not be re-measured)."""
+
+    def __init__(self, **rates):
+        self.rates, self.calls = rates, []
+
+    def __call__(self, cfg, batch, mode: Mode) -> Timing:
+        self.calls.append(mode.name)
+        rate, compile_s = self.rates[mode.name]
+        return Timing(rate, compile_s=compile_s, cold_compile_s=compile_s * 5)
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    monkeypatch.setattr(speed, "cpu_has_native_bf16", lambda: True)
+
+
+def _choose(timer, budget_s=600.0, **kw):
+    return speed.choose(CFG, 4, budget_s=budget_s, tokens_per_step=64, timer=timer, **kw)
+
+
+def test_bf16_chosen_when_faster_and_cached(bf16_cpu):
+    timer = FakeTimer(**{"fp32": (1000, 0), "bf16": (2000, 0), "fp32+compile": (1100, 10), "bf16+compile": (2100, 10)})
+    first = _choose(timer)
+    assert (first.precision, first.compiled) == ("bf16", False)  # compiling gains 5%, costs 10 s of 600
+    assert "measured" in first.reason
+    assert timer.calls == ["fp32", "bf16", "bf16+compile"]  # one cold compile: the fastest precision's
+    again = _choose(timer)
+    assert (again.precision, again.compiled) == ("bf16", False) and "cached" in again.reason
+    assert len(timer.calls) == 3  # nothing measured twice
+    assert json.loads((speed._cache_path()).read_text())["version"] == speed.PROBE_VERSION
+
+
+def test_a_tie_keeps_plain_fp32(bf16_cpu):
+    timer = FakeTimer(fp32=(1000, 0), bf16=(1030, 0))
+    choice = _choose(timer, budget_s=60)
+    assert (choice.precision, choice.compiled) == ("fp32", False)
+
+
+def test_compilation_chosen_only_when_it_pays_within_the_budget(bf16_cpu):
+    rates = {"fp32": (1000, 0), "bf16": (1000, 0), "fp32+compile": (1500, 100), "bf16+compile": (1500, 100)}
+    long = _choose(FakeTimer(**rates), budget_s=3600)
+    assert (long.precision, long.compiled) == ("fp32", True) and "compilation 100 s" in long.reason
+    # Same figures (now cached), a budget too short to earn the 100 s back: eager.
+    short = _choose(FakeTimer(**rates), budget_s=250)
+    assert short.compiled is False
+
+
+def test_short_runs_never_probe_compilation_cold(bf16_cpu):
+    timer = FakeTimer(fp32=(1000, 0), bf16=(900, 0))
+    choice = _choose(timer, budget_s=60)
+    assert timer.calls == ["fp32", "bf16"] and choice.compiled is False
+
+
+def test_step_budgets_are_sized_by_the_eager_rate(bf16_cpu):
+    rates = {"fp32": (1000, 0), "bf16": (500, 0), "fp32+compile": (2000, 5)}
+    timer = FakeTimer(**rates)
+    # 10 steps of 64 tokens at 1000 tokens/s: under a second, too short to probe compilation.
+    assert _choose(timer, budget_s=None, steps=10).compiled is False and "fp32+compile" not in timer.calls
+    # 100,000 steps: long enough; compilation pays.
+    assert _choose(timer, budget_s=None, steps=100_000).compiled is True
+
+
+def test_a_mode_that_fails_is_never_chosen(bf16_cpu):
+    def timer(cfg, batch, mode):
+        if mode.compiled:
+            return Timing(0.0, error="RuntimeError: no C++ compiler")
+        return Timing(1000.0)
+    choice = _choose(timer, budget_s=3600)
+    assert choice.compiled is False and "unavailable" in choice.reason
+
+
+def test_fixed_settings_restrict_the_choice(bf16_cpu):
+    timer = FakeTimer(fp32=(1000, 0), bf16=(3000, 0))
+    assert _choose(timer, precision="fp32", compile="false").precision == "fp32"
+    assert timer.calls == []  # one candidate: nothing to measure
+    assert _choose(timer, compile="false").precision == "bf16"
+
+
+def test_without_bf16_units_a_short_run_is_not_probed(monkeypatch):
+    monkeypatch.setattr(speed, "cpu_has_native_bf16", lambda: False)
+    timer = FakeTimer()
+    choice = _choose(timer, budget_s=60)
+    assert (choice.precision, choice.compiled, timer.calls) == ("fp32", False, [])
+    assert "no native bf16" in choice.reason
+
+
+def test_the_real_probe_times_a_step():
+    t = speed.time_mode(CFG, 2, Mode("fp32", False), steps=2)
+    assert t.tokens_per_s > 0 and not t.error and t.compile_s == 0
+
+
+def test_machine_key_names_cpu_torch_and_threads():
+    key = speed.machine_key()
+    assert f"torch {torch.__version__}" in key and f"threads {torch.get_num_threads()}" in key
+
+
+# --- fast paths against plain ones ---------------------------------------------------------------
+
+def _model(seed=0, **over):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**{**CFG.__dict__, **over})).train()
+
+
+def test_bf16_autocast_logits_follow_fp32():
+    model = _model().eval()
+    x = torch.randint(0, CFG.vocab_size, (3, CFG.context))
+    with torch.no_grad():
+        plain = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x).float()
+    assert (low - plain).abs().max() < 0.05 * plain.abs().max()
+    # Attention itself runs in fp32 under bf16 (torch's CPU kernel is slow backward in bf16):
+    # gradients flow and agree in direction with fp32's.
+    y = torch.randint(0, CFG.vocab_size, (3, CFG.context))
+    grads = []
+    for amp in (False, True):
+        m = _model()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(m(x).float().flatten(0, 1), y.flatten())
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+def test_fused_rmsnorm_equals_the_written_out_formula():
+    from llmkit.core.model import RMSNorm
+
+    norm = RMSNorm(32, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 7, 32)
+    manual = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    assert torch.allclose(norm(x), manual, atol=1e-6)
+    assert torch.allclose(norm(x.bfloat16()).float(), manual, atol=0.05)  # the cast-first path
+
+
+def test_fused_adamw_follows_the_default_one():
+    x = torch.randint(0, CFG.vocab_size, (2, CFG.context))
+    y = torch.randint(0, CFG.vocab_size, (2, CFG.context))
+    params = []
+    for fused in (True, False):
+        m = _model()
+        opt = make_optimizer(m, OptimConfig(lr=1e-2))
+        if not fused:
+            opt = torch.optim.AdamW(opt.param_groups, lr=1e-2, betas=opt.defaults["betas"], eps=opt.defaults["eps"])
+        else:
+            assert opt.defaults["fused"] is True
+        for _ in range(3):
+            F.cross_entropy(m(x).flatten(0, 1), y.flatten()).backward()
+            opt.step()
+            opt.zero_grad()
+        params.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-5)
+
+
+def test_eval_standard_error_is_the_spread_of_window_means():
+    model = _model().eval()
+    x = torch.randint(0, CFG.vocab_size, (6, CFG.context))
+    y = torch.randint(0, CFG.vocab_size, (6, CFG.context))
+    got = mean_token_loss(model, [(x[:4], y[:4]), (x[4:], y[4:])], "cpu")
+    with torch.no_grad():
+        per_token = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(6, -1)
+    rows = per_token.mean(1)
+    assert got.tokens == 6 * CFG.context
+    assert math.isclose(got.loss, per_token.mean().item(), rel_tol=1e-5)
+    assert math.isclose(got.se, (rows.std() / math.sqrt(6)).item(), rel_tol=1e-4)
+    assert mean_token_loss(model, [(x[:1], y[:1])], "cpu").se is None
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager():
+    x = torch.randint(0, CFG.vocab_size, (2, CFG.context))
+    eager, compiled = _model().eval(), _model().eval()
+    net = torch.compile(compiled)
+    with torch.no_grad():
+        assert torch.allclose(net(x), eager(x), atol=1e-4)
