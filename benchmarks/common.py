@@ -24,10 +24,24 @@ def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
-def machine() -> dict:
-    from llmkit.core.device import cpu_has_native_bf16
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+
+def machine() -> dict:
+    """What a figure was measured on: every benchmark prints it first."""
+    from llmkit.core.device import cpu_flags, cpu_has_native_bf16
+
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu_model(), "cores": cores, "cpu_flags": flags, "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_native_bf16": cpu_has_native_bf16(), "platform": sys.platform}
 
 

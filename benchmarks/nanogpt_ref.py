@@ -144,6 +144,7 @@ def run(train: torch.Tensor, val: torch.Tensor, vocab_size: int, seconds: float,
     best, it, evals = 1e9, 0, []
     x, y = batch(train)
     start = time.perf_counter()
+    steady = None  # (time, iteration) after the first evaluation: the loop's own pace from there
     while True:
         lr = _lr(r, it)
         for g in opt.param_groups:
@@ -156,6 +157,8 @@ def run(train: torch.Tensor, val: torch.Tensor, vocab_size: int, seconds: float,
                 if it > 0:
                     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter_num": it},
                                out / "ckpt.pt")
+        if steady is None:
+            steady = (time.perf_counter(), it)
         if time.perf_counter() - start >= seconds or it > r.max_iters:
             break
         _, loss = model(x, y)
@@ -167,9 +170,11 @@ def run(train: torch.Tensor, val: torch.Tensor, vocab_size: int, seconds: float,
         if it % r.log_interval == 0:
             loss.item()
         it += 1
-    elapsed = time.perf_counter() - start
-    return {"model": model, "iters": it, "tokens": it * r.batch_size * r.block_size, "seconds": elapsed,
-            "tokens_per_s": it * r.batch_size * r.block_size / elapsed, "evals": evals}
+    now = time.perf_counter()
+    per_iter = r.batch_size * r.block_size
+    return {"model": model, "iters": it, "tokens": it * per_iter, "seconds": now - start,
+            "tokens_per_s": it * per_iter / (now - start),
+            "steady_tokens_per_s": (it - steady[1]) * per_iter / max(now - steady[0], 1e-9), "evals": evals}
 
 
 def bare_step(vocab_size: int, r: Recipe | None = None):

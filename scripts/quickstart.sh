@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a fresh clone: set up, train a tokenizer and the tiny model on the bundled French
-# sample (200 steps: the same model on every machine, only slower or faster to get), then generate
+# sample (200 steps: the same model every time on a machine, only slower or faster to get), then generate
 # a few lines with it.
 set -euo pipefail
 cd "$(dirname "$0")/.."

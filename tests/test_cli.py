@@ -227,3 +227,23 @@ def test_core_never_imports_the_cli_typer_or_rich():
                 if name.split(".")[0] in ("typer", "rich", "click") or name.startswith("llmkit.cli"):
                     offenders.append(f"{path.name}: {name}")
     assert not offenders, offenders
+
+
+def test_a_budget_without_preset_sizes_the_model(tmp_path):
+    from llmkit.core import recipe
+
+    quick = ["--set", "tokenizer.vocab_size=400", "--set", "train.samples=0", "--set", "train.report=false",
+             "--set", "train.dtype=fp32", "--set", "train.compile=false", "--set", "train.eval_every=5"]
+    r = invoke("pretrain", "-o", tmp_path / "auto", "--time", "3s", *quick)
+    assert r.exit_code == 0, r.output
+    assert "sized to the budget" in r.stderr
+    saved = (tmp_path / "auto" / "config.yaml").read_text()
+    shape = recipe.LADDER[0]  # three seconds buy the smallest shape
+    assert f"d_model: {shape.d_model}" in saved and f"n_layer: {shape.n_layer}" in saved
+    # A token budget sizes too; a value the user set stays; a preset or a model.* setting turns it off.
+    r = invoke("pretrain", "-o", tmp_path / "tok", "--tokens", "20k", "--lr", "0.0007", *quick)
+    assert r.exit_code == 0 and "sized to the budget" in r.stderr, r.output
+    assert "lr: 0.0007" in (tmp_path / "tok" / "config.yaml").read_text()
+    r = invoke("pretrain", "-o", tmp_path / "fixed", "--time", "2s", "--set", "model.d_model=64", *quick)
+    assert r.exit_code == 0 and "sized to the budget" not in r.stderr
+    assert "d_model: 64" in (tmp_path / "fixed" / "config.yaml").read_text()

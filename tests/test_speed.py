@@ -201,3 +201,52 @@ def test_compiled_training_matches_eager():
     net = torch.compile(compiled)
     with torch.no_grad():
         assert torch.allclose(net(x), eager(x), atol=1e-4)
+
+
+# --- the budget-sized recipe ----------------------------------------------------------------------
+
+def test_recipe_params_match_a_built_model():
+    from llmkit.core import recipe
+
+    for shape in recipe.LADDER[:4]:
+        cfg = shape.model(CFG, 512)
+        assert recipe.params(cfg) == Transformer(cfg).num_params()
+
+
+def test_recipe_grows_the_model_with_the_budget():
+    from llmkit.core import recipe
+    from llmkit.core.config import RunConfig
+
+    cfg = RunConfig()
+    rate = lambda model_cfg, batch: 20_000.0  # noqa: E731 - tokens/s of the smallest shape
+    picks = [recipe.size_for_budget(cfg, 4096, seconds=s, tokens=None, rate=rate).shape.name
+             for s in (10, 180, 1800, 36_000)]
+    sizes = [recipe.LADDER.index(next(x for x in recipe.LADDER if x.name == p)) for p in picks]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    sized = recipe.size_for_budget(cfg, 4096, seconds=1800, tokens=None, rate=rate)
+    row = next(r for r in sized.table if r["shape"] == sized.shape.name)
+    assert row["tokens_per_param"] >= recipe.TOKENS_PER_PARAM or sized.shape == recipe.LADDER[0]
+    bigger = recipe.LADDER[recipe.LADDER.index(sized.shape) + 1].name
+    assert next(r for r in sized.table if r["shape"] == bigger)["tokens_per_param"] < recipe.TOKENS_PER_PARAM
+    # a token budget needs no timing at all
+    by_tokens = recipe.size_for_budget(cfg, 4096, seconds=None, tokens=50_000_000, rate=None)
+    assert by_tokens.shape != recipe.LADDER[0]
+    # what the user set stays
+    applied = recipe.apply(cfg, sized, frozenset({"optim.lr"}))
+    assert applied.model.d_model == sized.shape.d_model and applied.optim.lr == cfg.optim.lr
+
+
+def test_a_resumed_run_keeps_its_mode_and_fixed_settings_skip_the_probe(bf16_cpu, monkeypatch):
+    from llmkit.core.config import RunConfig
+
+    monkeypatch.setattr(speed, "choose", lambda *a, **k: pytest.fail("no probe expected"))
+    cfg = RunConfig().replace("model", vocab_size=97)
+    cpu = torch.device("cpu")
+    precision, compiled = speed.plan(cfg, cpu, distributed=False, resumed={"precision": "bf16", "compiled": True})
+    assert (precision.name, compiled) == ("bf16", True) and "resumed" in precision.reason
+    fixed = cfg.replace("train", dtype="fp32", compile="false")
+    precision, compiled = speed.plan(fixed, cpu, distributed=False, resumed=None)
+    assert (precision.name, compiled) == ("fp32", False)
+    # under torchrun every process follows the rule, none probes
+    precision, compiled = speed.plan(cfg, cpu, distributed=True, resumed=None)
+    assert compiled is False

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt, default, opt, require_kind
+from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt, check_quantize, default, opt, require_kind
 from llmkit.core.config import SampleConfig as S
 from llmkit.core.errors import DataError
 
@@ -46,6 +46,10 @@ def generate(
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="A prompt loop in the terminal.")] = False,
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply an instruct/translate checkpoint's prompt template.")] = False,
     chat: Annotated[bool, typer.Option("--chat", help="Put each prompt through the model's own chat template (pretrained chat models; --interactive does it by itself).")] = False,
+    lookup: Annotated[Optional[int], opt("Prompt lookup: guess tokens by matching the last n-gram (up to n) earlier in the text; greedy only; 0: off." + default(S, "lookup"), "--lookup")] = None,
+    draft: Annotated[Optional[Path], opt("Speculative decoding: a smaller checkpoint with the same tokenizer guesses ahead; greedy only.", "--draft")] = None,
+    draft_tokens: Annotated[Optional[int], opt("Tokens guessed per pass (--draft, --lookup)." + default(S, "draft_tokens"), "--draft-tokens")] = None,
+    quantize: Annotated[Optional[str], opt("int8: int8 weight-only linear layers (faster on CPUs with bf16 units; perplexity moves slightly: docs/generate.md).", "--quantize")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
@@ -56,6 +60,7 @@ def generate(
     from llmkit.core.config import sample_config
     from llmkit.core.decoding import Decoder
     from llmkit.core.device import pick_device
+    from llmkit.core.errors import ConfigError
 
     ckpt = read_checkpoint(checkpoint)  # a bad path fails before any prompt is read
     require_kind(ckpt, ("lm", "instruct", "translate"), "a language model")
@@ -68,18 +73,28 @@ def generate(
         "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
         "no_repeat_ngram": no_repeat_ngram, "num_beams": num_beams, "length_penalty": length_penalty,
         "early_stopping": early_stopping, "stop": tuple(stop) if stop else None, "seed": seed,
-        "num_samples": num_samples, "batch_size": batch_size})
+        "num_samples": num_samples, "batch_size": batch_size, "lookup": lookup, "draft_tokens": draft_tokens})
+    check_quantize(quantize)
     prompts = None if interactive else _prompts(prompt, prompt_file, field)
     dev = pick_device(device or "auto")
     model, ckpt = load_model(ckpt, dev)
+    draft_model = None
+    if draft is not None:
+        draft_ckpt = read_checkpoint(draft)
+        require_kind(draft_ckpt, ("lm", "instruct", "translate"), "a language model (--draft)")
+        draft_model, _ = load_model(draft_ckpt, dev)
+    if quantize == "int8":
+        from llmkit.core.quantize import quantize_int8
+
+        model = quantize_int8(model)
+        draft_model = quantize_int8(draft_model) if draft_model is not None else None
     template = ckpt.task.prompt_template if ckpt.task.uses_template and not raw else None
     if ckpt.tokenizer.chat_template and not raw and (chat or (interactive and template is None)):
         template = "chat"  # a pretrained chat model talks in its own format
     elif chat:
-        from llmkit.core.errors import ConfigError
-
         raise ConfigError(f"--chat: {ckpt.path} has no chat template")
-    view = GenerateView(Decoder(model, ckpt.tokenizer, cfg, dev, template=template), console=err_console(),
+    view = GenerateView(Decoder(model, ckpt.tokenizer, cfg, dev, template=template, draft=draft_model),
+                        console=err_console(),
                         quiet=quiet)
     if interactive:
         view.interactive()

@@ -74,6 +74,8 @@ class GenerateView:
                    "finish_reason": out.finish_reason, "tokens_per_s": round(out.tokens_per_s, 2)}
             if out.score is not None:
                 row["score"] = out.score
+            if out.drafted:
+                row.update(drafted=out.drafted, accepted=out.accepted)
             if show_probs:
                 row["probs"] = [{"token": self.tok.token_text(p.token), "prob": p.prob,
                                  "top": [[self.tok.token_text(t), q] for t, q in p.top]} for p in out.probs]
@@ -87,7 +89,9 @@ class GenerateView:
             if show_probs:
                 Console(highlight=False).print(self.probs_table(out))
         if not self.quiet and not json_out:
-            self.console.print(f"[dim]{len(out.ids)} tokens, {out.tokens_per_s:.1f} tokens/s, "
+            guessed = (f", {out.accepted}/{out.drafted} guesses accepted ({out.accepted / out.drafted:.0%})"
+                       if out.drafted else "")
+            self.console.print(f"[dim]{len(out.ids)} tokens, {out.tokens_per_s:.1f} tokens/s{guessed}, "
                                f"finished: {out.finish_reason}[/]", highlight=False)
 
     def probs_table(self, out) -> Table:

@@ -44,6 +44,14 @@ def escape(text: str) -> str:
     return rich_escape(text)
 
 
+def check_quantize(value: str | None) -> None:
+    """--quantize (generate, serve): int8 or nothing."""
+    if value not in (None, "int8"):
+        from llmkit.core.errors import ConfigError
+
+        raise ConfigError(f"--quantize: the choice is int8, not {value!r}")
+
+
 def check_positive(**given) -> None:
     """Refuse a flag given as zero or less: ``check_positive(steps=...)`` names it ``--steps``."""
     from llmkit.core.errors import ConfigError

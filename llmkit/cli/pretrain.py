@@ -16,6 +16,13 @@ import typer
 from llmkit.cli.options import ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, SetOpt, check_positive
 
 
+def given_keys(sets: list[str], flags: dict) -> frozenset[str]:
+    """The "section.key" settings a user gave on the command line (--set, and flags not left out)."""
+    keys = {item.split("=", 1)[0].strip() for item in sets}
+    keys |= {f"{section}.{k}" for section, values in flags.items() for k, v in values.items() if v is not None}
+    return frozenset(keys)
+
+
 def pretrain(
     corpus: Annotated[Optional[list[str]], typer.Argument(help="Files, directories or globs (default: the bundled sample).", show_default=False)] = None,
     mix: Annotated[Optional[list[str]], typer.Option("--mix", help="A source and its weight, PATH=WEIGHT (repeatable; weights sum to 1).", show_default=False)] = None,
@@ -23,7 +30,7 @@ def pretrain(
     text_field: Annotated[Optional[str], typer.Option("--text-field", help="The text's field in JSON lines, or column in parquet.", show_default=False)] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Processes that tokenize the corpus (default: one per core).", show_default=False)] = None,
     out: OutOpt = None,
-    preset: Annotated[str, typer.Option("--preset", "-p", help="Model preset: tiny, small or base.")] = "tiny",
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Model preset: tiny, small or base (default: sized to --time or --tokens when given, else tiny).", show_default=False)] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Use this tokenizer instead of training one.", show_default=False)] = None,
@@ -53,10 +60,16 @@ def pretrain(
              "optim": {"lr": lr},
              "data": {"sources": tuple(mix) if mix else None, "val": tuple(val) if val else None,
                       "text_field": text_field, "workers": workers}}
-    out = out or Path("runs") / preset
+    # No preset but a time or token budget: the model is sized to it (core/recipe.py), unless
+    # the model's shape is already given (--set model.*, a config file) or comes from --init.
+    given = given_keys(set_ or [], flags)
+    sized = preset is None and bool(time or tokens) and init is None and config is None \
+        and not any(k.startswith("model.") for k in given)
+    name = "auto" if sized else (preset or "tiny")
+    out = out or Path("runs") / name
     # The config the run will use: with --resume, the resumed run's own, with what is given on top.
-    cfg, resume_from = plan(out, resume=resume, preset=preset, config_file=config, sets=set_ or [], flags=flags,
-                            init=init)
+    cfg, resume_from = plan(out, resume=resume, preset=None if sized else name, config_file=config,
+                            sets=set_ or [], flags=flags, init=init)
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return
@@ -65,7 +78,8 @@ def pretrain(
 
     view, main = training_view(PretrainView, quiet=quiet, json_out=json_out)
     quiet = view.quiet
-    result = run_pretrain(corpus, out, cfg, resume_from=resume_from, tokenizer_dir=tokenizer, on_event=view)
+    result = run_pretrain(corpus, out, cfg, resume_from=resume_from, tokenizer_dir=tokenizer, on_event=view,
+                          budget_sized=given if sized else None)
     end_interrupted(view, result)
     if not quiet and result.samples:
         view.log("[bold]samples[/] (from best/):")

@@ -154,9 +154,13 @@ class PretrainView:
     def on_resume(self, d):
         self.log(f"[cyan]resuming[/] from {d['path']} at step {d['step']}; budget: {d['budget']}")
 
+    def on_recipe(self, d):
+        self.log(f"sized to the budget: [bold]{d['reason']}[/]")
+
     def on_model(self, d):
+        compiled = ", compiled" if d.get("compiled") else ""
         self.log(f"model: {human(d['params'])} parameters on {d['device']}, "
-                 f"precision [bold]{d['precision']}[/] ({d['precision_reason']})")
+                 f"precision [bold]{d['precision']}[/]{compiled} ({d['precision_reason']})")
         if d.get("device") == "cpu" and d.get("threads"):
             busy = "fewer" in d.get("threads_reason", "")
             self.log(f"{'[yellow]busy machine:[/] ' if busy else ''}{d['threads']} CPU thread(s) ({d['threads_reason']})")

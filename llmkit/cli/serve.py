@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import DeviceOpt, QuietOpt, check_positive, opt
+from llmkit.cli.options import DeviceOpt, QuietOpt, check_positive, check_quantize, opt
 
 
 def serve(
@@ -26,6 +26,7 @@ def serve(
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="The most tokens one request may ask for.")] = 512,
     max_concurrent: Annotated[int, typer.Option("--max-concurrent", help="Requests in flight at most (then 429).")] = 64,
     max_body: Annotated[int, typer.Option("--max-body", help="Largest request body, in bytes.")] = 1 << 20,
+    quantize: Annotated[Optional[str], opt("int8: int8 weight-only linear layers (faster decoding; docs/generate.md).", "--quantize")] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -34,6 +35,7 @@ def serve(
     from llmkit.core.errors import ConfigError
 
     check_positive(max_batch=max_batch, max_tokens=max_tokens, max_concurrent=max_concurrent, max_body=max_body)
+    check_quantize(quantize)
     if not 0 < port < 65536:
         raise ConfigError(f"--port must be between 1 and 65535, not {port}")
     try:
@@ -44,6 +46,7 @@ def serve(
         raise ConfigError(f"llmkit serve needs FastAPI and uvicorn: pip install 'llmkit[serve]' ({e.name} is missing)") from None
     key = api_key or os.environ.get("LLMKIT_API_KEY") or None
     server = Server(checkpoint, device=str(pick_device(device or "auto")), max_batch=max_batch, api_key=key,
+                    quantize=quantize,
                     limits=Limits(max_tokens=max_tokens, max_concurrent=max_concurrent, max_body_bytes=max_body))
     console = err_console()
     if not quiet:

@@ -245,6 +245,10 @@ class TrainConfig:
     """Write report.html in the run directory: at the end, and at evaluations (every 30 s at most, under 2% of the run's time)."""
     epochs: float = 0.0
     """Stop after this many passes over the training data (0: no epoch limit)."""
+    length_buckets: int = -1
+    """Fine-tuning: batches of similar lengths, sorted within buckets of this many batches of the
+    shuffled epoch (less padding), on sets of at least two buckets; 0: the plain shuffle; -1: 50
+    for instruct and translate, 0 for classification (where lengths may follow the labels)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "train.batch_size", f"must be positive, not {self.batch_size}")
@@ -258,6 +262,7 @@ class TrainConfig:
         _check(self.save_every > 0, "train.save_every", "must be positive")
         _check(self.log_every > 0, "train.log_every", "must be positive")
         _check(self.epochs >= 0, "train.epochs", f"must not be negative, not {self.epochs}")
+        _check(self.length_buckets >= -1, "train.length_buckets", "must be -1 (auto), 0 or more")
         _check(self.global_batch_size >= 0, "train.global_batch_size", "must not be negative")
         _check(self.strategy in STRATEGIES, "train.strategy", f"must be {_one_of(STRATEGIES)}, not {self.strategy!r}")
         switch = {"true": "true", "yes": "true", "on": "true", "1": "true", "false": "false", "no": "false",
@@ -433,6 +438,11 @@ class SampleConfig:
     """Outputs per prompt."""
     batch_size: int = 8
     """Prompts decoded together."""
+    lookup: int = 0
+    """Prompt lookup decoding: guess the next tokens by matching the last n-gram (up to this n)
+    earlier in the text, checked by the model in one pass; greedy only; 0 disables."""
+    draft_tokens: int = 4
+    """Tokens guessed per pass by --draft or --lookup."""
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -450,6 +460,8 @@ class SampleConfig:
         _check(self.num_samples >= 1, "--num-samples", f"must be >= 1, not {self.num_samples}")
         _check(self.batch_size >= 1, "--batch-size", f"must be >= 1, not {self.batch_size}")
         _check(all(self.stop), "--stop", "must not be empty")
+        _check(self.lookup >= 0, "--lookup", f"must be >= 0, not {self.lookup}")
+        _check(self.draft_tokens >= 1, "--draft-tokens", f"must be >= 1, not {self.draft_tokens}")
 
     @property
     def greedy(self) -> bool:

@@ -6,7 +6,8 @@ decide the same way:
 
 - how a text becomes a prompt: through the checkpoint's template (instruct and translate
   checkpoints: only the response is produced), as plain text, or the beginning-of-text token;
-- beam search or batched decoding;
+- beam search, speculative greedy decoding (a draft model's or the text's own guesses), or
+  batched decoding;
 - the seeds: one base seed (given, or drawn once), and ``row_seed(base, prompt, sample)`` for every
   output, so an output never depends on its batch;
 - batching (prompt, sample) jobs;
@@ -20,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from llmkit.core.config import SampleConfig
+from llmkit.core.errors import ConfigError
 from llmkit.core.generate import Output, beam_search, decode_batch, random_seed, row_seed
+from llmkit.core.speculative import DraftModel, PromptLookup, speculative_decode
 from llmkit.core.task_data import encode_prompt
 
 TextFn = Callable[[int, str], None]
@@ -39,9 +42,21 @@ class Decoder:
     """Decoding settings bound to a model and its tokenizer (and template, for instruct and
     translate checkpoints)."""
 
-    def __init__(self, model, tokenizer, cfg: SampleConfig, device, *, template: str | None = None):
+    def __init__(self, model, tokenizer, cfg: SampleConfig, device, *, template: str | None = None,
+                 draft=None):
         self.model, self.tok, self.cfg, self.device, self.template = model, tokenizer, cfg, device, template
         self.base_seed = cfg.seed if cfg.seed is not None else random_seed()
+        self.proposer = None
+        if draft is not None or cfg.lookup:
+            why = ("it needs greedy decoding (--temperature 0)" if not cfg.greedy else
+                   "beam search decodes its own way" if cfg.num_beams > 1 else
+                   "penalties and no-repeat-ngram change the choices as the text grows" if cfg.uses_history else "")
+            if why:
+                raise ConfigError(f"{'--draft' if draft is not None else '--lookup'} cannot be used here: {why}")
+            if draft is not None and draft.cfg.vocab_size != model.cfg.vocab_size:
+                raise ConfigError(f"--draft: the draft model's vocabulary ({draft.cfg.vocab_size}) is not the "
+                                  f"model's ({model.cfg.vocab_size}): it must share the tokenizer")
+            self.proposer = DraftModel(draft, device) if draft is not None else PromptLookup(cfg.lookup)
 
     @property
     def continues_prompt(self) -> bool:
@@ -56,6 +71,15 @@ class Decoder:
     def decode(self, prompts: list[list[int]], seeds: list[int], *, on_text: TextFn | None = None,
                record_probs: bool = False, cancelled: Callable[[int], bool] | None = None) -> list[Output]:
         """Outputs for token prompts: beam search one by one when asked for, else one batch."""
+        if self.proposer is not None and not record_probs:  # one prompt at a time; the plain greedy output
+            outs = []
+            for p in prompts:
+                row = len(outs)
+                outs.append(speculative_decode(
+                    self.model, p, self.cfg, self.proposer, eos_id=self.tok.eos_id, decode=self.tok.decode,
+                    device=self.device, draft_tokens=self.cfg.draft_tokens,
+                    on_text=(lambda text, row=row: on_text(row, text)) if on_text else None))
+            return outs
         if self.cfg.num_beams > 1:
             outs = []
             for p in prompts:

@@ -50,6 +50,8 @@ class Output:
     seconds: float = 0.0
     probs: list[StepProbs] = field(default_factory=list)
     score: float | None = None  # beam search: the length-normalised log-probability
+    drafted: int = 0  # speculative decoding: tokens guessed, and how many the model kept
+    accepted: int = 0
 
     @property
     def tokens_per_s(self) -> float:

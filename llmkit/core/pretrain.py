@@ -138,9 +138,26 @@ def _prepare(cfg: RunConfig, out: Path, sources: list[Source], val: Source | Non
     return tok, data, cfg, reports
 
 
+def size_to_budget(cfg: RunConfig, vocab: int, data: Corpus, given: frozenset[str], device,
+                   on_event: EventFn) -> RunConfig:
+    """The budget-sized recipe (core/recipe.py) applied to a fresh single-process CPU run."""
+    from llmkit.core import recipe, speed
+
+    sizing = recipe.size_for_budget(cfg, vocab, seconds=cfg.train.time_s or None, tokens=cfg.train.tokens or None,
+                                    rate=speed.eager_rate)
+    cfg = recipe.apply(cfg, sizing, given)
+    on_event("recipe", {"shape": sizing.shape.name, "reason": sizing.reason(), "table": sizing.table})
+    check_fits(data, cfg.model.context)
+    return cfg
+
+
 def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from: Path | None = None,
-             tokenizer_dir: Path | None = None, on_event: EventFn = lambda k, d: None) -> RunResult:
+             tokenizer_dir: Path | None = None, on_event: EventFn = lambda k, d: None,
+             budget_sized: frozenset[str] | None = None) -> RunResult:
     """Run (or resume) a pretraining run in ``out``; see the module docstring for what it writes.
+
+    ``budget_sized`` (the "section.key" settings the user gave) asks for the model to be sized to
+    the run's budget (core/recipe.py) once the tokenizer is known: a fresh run on one CPU process.
 
     Under torchrun each process calls this; rank 0 trains the tokenizer and builds the token cache
     while the others wait, then every process trains on its share of each global batch."""
@@ -159,6 +176,11 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
             if not dist.is_main:  # the tokenizer rank 0 trained or was given; the cache it built
                 given = tokenizer_dir or (None if resume_from else out / "tokenizer")
                 tok, data, cfg, reports = _prepare(cfg, out, sources, val, sample, given, resume_from, on_event)
+            if budget_sized is not None and resume_from is None and init is None:
+                if dist.enabled or device.type != "cpu":
+                    raise ConfigError("sizing the model to the budget is for one CPU process: give --preset "
+                                      "(tiny, small, base) under torchrun or on a GPU")
+                cfg = size_to_budget(cfg, tok.vocab_size, data, budget_sized, device, on_event)
             cfg = with_epoch_budget(cfg, data.train_tokens / cfg.model.context, dist.world)
             torch.manual_seed(cfg.train.seed)
             model = Transformer(cfg.model).to(device) if init is None else _initial(init, cfg, device)

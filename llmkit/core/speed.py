@@ -82,7 +82,10 @@ def machine_key() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     flags = ",".join(f for f in _FLAGS if f in cpu_flags())
-    return f"{model}|{flags}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    from llmkit import __version__
+
+    # llmkit's version too: a new release may run the same shape differently (attention, kernels).
+    return f"{model}|{flags}|torch {torch.__version__}|llmkit {__version__}|threads {torch.get_num_threads()}"
 
 
 def shape_key(cfg: ModelConfig, batch: int) -> str:
@@ -172,6 +175,27 @@ def candidates(compile_ok: bool) -> list[Mode]:
     return modes
 
 
+def _entry(data: dict[str, Any], cfg: ModelConfig, batch: int) -> dict[str, Any]:
+    return data.setdefault(machine_key(), {}).setdefault(shape_key(cfg, batch), {})
+
+
+def eager_rate(cfg: ModelConfig, batch: int, timer: Callable[[ModelConfig, int, Mode], Timing] = time_mode) -> float:
+    """The best eager training tokens/s of this shape here (fp32, or bf16 where it runs natively):
+    what the budget-sized recipe scales from. Cached like ``choose``'s timings."""
+    data = _load()
+    entry = _entry(data, cfg, batch)
+    best, measured = 0.0, False
+    for mode in candidates(False):
+        if mode.name not in entry:
+            entry[mode.name] = asdict(timer(cfg, batch, mode))
+            measured = True
+        t = Timing(**entry[mode.name])
+        best = max(best, 0.0 if t.error else t.tokens_per_s)
+    if measured:
+        _store(data)
+    return best
+
+
 def choose(cfg: ModelConfig, batch: int, *, budget_s: float | None, tokens_per_step: int,
            steps: int = 0, precision: str = "auto", compile: str = "auto",
            timer: Callable[[ModelConfig, int, Mode], Timing] = time_mode) -> Choice:
@@ -182,7 +206,7 @@ def choose(cfg: ModelConfig, batch: int, *, budget_s: float | None, tokens_per_s
     it free). Timings come from the cache when present; missing ones are measured and stored.
     """
     data = _load()
-    entry = data.setdefault(machine_key(), {}).setdefault(shape_key(cfg, batch), {})
+    entry = _entry(data, cfg, batch)
     modes = [m for m in candidates(compile != "false")
              if precision in ("auto", m.precision) and compile in ("auto", str(m.compiled).lower())]
     if not modes:  # bf16 asked for on a CPU without bf16 units: still the caller's decision

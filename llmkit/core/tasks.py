@@ -82,6 +82,62 @@ def epoch_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     return out
 
 
+class BucketedOrder:
+    """The epoch-by-epoch shuffle with batches of similar lengths (length bucketing).
+
+    Each epoch's permutation (the one ``epoch_indices`` draws) is cut into buckets of
+    ``batches_per_bucket`` batches; inside a bucket the examples are sorted by length and cut into
+    batches, and the batches are shuffled. Every example is still seen once per epoch and batches
+    still mix the whole training set, but a batch pads to a length close to its own examples':
+    on texts of uneven lengths that is most of the padding gone. A pure function of (seed, epoch),
+    so resume stays exact.
+    """
+
+    def __init__(self, lengths: list[int], seed: int, batch_size: int, batches_per_bucket: int):
+        self.lengths, self.seed = np.asarray(lengths), seed
+        self.bucket = batch_size * batches_per_bucket
+        self.batch = batch_size
+        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            n = len(self.lengths)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            shuffle = np.random.default_rng([self.seed, epoch, 1])
+            parts = []
+            for start in range(0, n, self.bucket):
+                chunk = perm[start: start + self.bucket]
+                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]  # longest first
+                batches = [chunk[i: i + self.batch] for i in range(0, len(chunk), self.batch)]
+                parts.extend(batches[i] for i in shuffle.permutation(len(batches)))
+            self._epoch, self._order = epoch, np.concatenate(parts) if parts else perm
+        return self._order
+
+    def indices(self, start: int, count: int) -> list[int]:
+        """Example indices at global positions [start, start + count) of the bucketed epochs."""
+        n, out, pos = len(self.lengths), [], start
+        while len(out) < count:
+            epoch, offset = divmod(pos, n)
+            take = min(count - len(out), n - offset)
+            out.extend(self.order(epoch)[offset: offset + take].tolist())
+            pos += take
+        return out
+
+
+def batch_order(lengths: list[int], cfg: RunConfig, *, labelled: bool = False):
+    """How fine-tuning draws its batches: ``indices(start, count)`` of the bucketed order, or of
+    the plain shuffle when ``train.length_buckets`` is 0 (-1, the default: 0 for ``labelled``
+    examples, 50 otherwise) or the set is under two buckets."""
+    B = cfg.train.batch_size
+    buckets = cfg.train.length_buckets if cfg.train.length_buckets >= 0 else (0 if labelled else 50)
+    # Only on sets of two buckets or more: below that, sorting fixes the batches every epoch, and
+    # a small set whose lengths follow its labels would see batches of one label. Classification
+    # keeps the plain shuffle by default: on theatre17 buckets cost 0.05 macro-F1 for 12% speed.
+    if buckets and len(lengths) >= 2 * B * buckets:
+        return BucketedOrder(lengths, cfg.train.seed, B, buckets).indices
+    return lambda start, count: epoch_indices(len(lengths), cfg.train.seed, start, count)
+
+
 def _by_length(rows: list[list[int]], batch_size: int):
     """Index batches of similar lengths (longest first): little padding at evaluation."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
@@ -134,10 +190,11 @@ class ClassifyTask:
         self.dev_rows, self.dev_y = dev
         self.labels, self.cfg, self.device = labels, cfg, device
         self.weights = class_weights.to(device) if class_weights is not None else None
+        self.order = batch_order([len(r) for r in self.rows], cfg, labelled=True)
 
     def train_batch(self, step: int, part: int, parts: int):
         B = self.cfg.train.batch_size
-        idx = epoch_indices(len(self.rows), self.cfg.train.seed, (step * parts + part) * B, B)
+        idx = self.order((step * parts + part) * B, B)
         return [self.rows[i] for i in idx], torch.tensor([self.y[i] for i in idx])
 
     def _loss(self, model, rows, y):
@@ -214,10 +271,11 @@ class PairTask:
                  cfg: RunConfig, tok, device):
         self.seqs, self.dev, self.dev_examples = train, dev, dev_examples
         self.cfg, self.tok, self.device = cfg, tok, device
+        self.order = batch_order([len(s.ids) for s in self.seqs], cfg)
 
     def train_batch(self, step: int, part: int, parts: int):
         B = self.cfg.train.batch_size
-        idx = epoch_indices(len(self.seqs), self.cfg.train.seed, (step * parts + part) * B, B)
+        idx = self.order((step * parts + part) * B, B)
         seqs = [self.seqs[i] for i in idx]
         return (*pair_batch(seqs, self.cfg.task.mask_prompt), sum(len(s.ids) - 1 for s in seqs))
 

@@ -194,9 +194,9 @@ def _runner(model: torch.nn.Module, compiled: torch.nn.Module | None, dist: Dist
     if dist.enabled and not getattr(model, "_llmkit_fsdp", False):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp = DDP(Through(compiled or model), device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = DDP(Through(model if compiled is None else compiled), device_ids=[device.index] if device.type == "cuda" else None)
         return (lambda fn, *a: ddp(fn, *a)), (lambda last: contextlib.nullcontext() if last else ddp.no_sync())
-    net = compiled or model
+    net = model if compiled is None else compiled
     if dist.enabled:  # FSDP2: reduce-scatter only after the last micro-batch
         def sync(last):
             model.set_requires_gradient_sync(last)

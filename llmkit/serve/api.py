@@ -115,11 +115,15 @@ class Server:
     """The loaded checkpoint, its engine and what the routes need to answer."""
 
     def __init__(self, checkpoint: Path, *, device: str = "cpu", max_batch: int = 8, limits: Limits | None = None,
-                 api_key: str | None = None, name: str | None = None):
+                 api_key: str | None = None, name: str | None = None, quantize: str | None = None):
         from llmkit.core.checkpoint import load_model, read_checkpoint
 
         ckpt = read_checkpoint(checkpoint)
         self.model, self.ckpt = load_model(ckpt, device)
+        if quantize == "int8":  # weight-only int8 linear layers: faster decoding (docs/generate.md)
+            from llmkit.core.quantize import quantize_int8
+
+            quantize_int8(self.model)
         self.tok, self.kind = self.ckpt.tokenizer, self.ckpt.kind
         self.limits = limits or Limits()
         self.api_key = api_key

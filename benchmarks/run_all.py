@@ -1,0 +1,163 @@
+"""Run the speed benchmarks and rewrite their tables in docs/benchmarks.md.
+
+    cd benchmarks && ../.venv/bin/python run_all.py [--only startup,loop,step,decode] [--target CKPT --draft CKPT]
+                                                    [--loop-seconds 60] [--dry-run]
+
+Each section runs its script in a child process (one JSON line per result), renders a markdown
+table, and replaces the text between ``<!-- run_all:NAME -->`` and ``<!-- /run_all:NAME -->`` in
+docs/benchmarks.md, headed by the machine it ran on (CPU model, cores, flags, torch) and the
+command. Sections without their inputs (``decode`` needs --target) are left as they were, and
+say so. ``--dry-run`` prints the tables instead of writing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from common import ROOT, emit, machine
+
+DOC = ROOT / "docs" / "benchmarks.md"
+PY = sys.executable
+HERE = Path(__file__).resolve().parent
+
+
+def rows_of(cmd: list[str]) -> list[dict]:
+    out = subprocess.run(cmd, cwd=HERE, check=True, capture_output=True, text=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def header(m: dict, command: str) -> str:
+    """The machine and command a table came from (a saved run's own machine line when there is one)."""
+    flags = ", ".join(m["cpu_flags"]) or "none of avx2/avx512/amx"
+    return (f"Measured {date.today().isoformat()} on {m['cpu']} ({m['cores']} core(s); {flags}), torch {m['torch']}, "
+            f"Python {m['python']}, {m['threads']} thread(s). Command: `{command}`.\n\n")
+
+
+def ran_on(m: dict, rows: list[dict]) -> dict:
+    """The machine line of the rows (a saved run's), over this machine's for what it lacks."""
+    return {**m, **next((r for r in rows if r.get("event") == "machine"), {})}
+
+
+def table(head: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def startup(args, m) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "t"
+        subprocess.run([PY, "-m", "llmkit", "pretrain", "llmkit/sample", "--preset", "tiny", "--steps", "20", "-o",
+                        str(run), "-q", "--set", "train.samples=0"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        cases = {"`python -c 'import torch'` (the floor)": [PY, "-c", "import torch"],
+                 "`llmkit --help`": [PY, "-m", "llmkit", "--help"],
+                 "`llmkit generate CKPT -p Le -n 1 -q` (tiny model)": [PY, "-m", "llmkit", "generate", str(run), "-p",
+                                                                     "Le", "-n", "1", "-q"]}
+        times = {k: [] for k in cases}
+        for _ in range(args.repeat):
+            for k, cmd in cases.items():
+                t0 = time.perf_counter()
+                subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+                times[k].append(time.perf_counter() - t0)
+    return header(m, "run_all.py --only startup") + table(
+        ["command", f"median of {args.repeat} (s)"], [[k, f"{statistics.median(v):.2f}"] for k, v in times.items()])
+
+
+def saved_or_run(args, name: str, cmd: list[str]) -> list[dict]:
+    """The JSON lines of a section's script: read from ``--from NAME=FILE`` (a saved run), or run now."""
+    saved = dict(item.split("=", 1) for item in args.saved)
+    if name in saved:
+        return [json.loads(line) for line in Path(saved[name]).read_text().splitlines() if line.startswith("{")]
+    return rows_of(cmd)
+
+
+def loop(args, m) -> str:
+    cmd = [PY, "train_loop.py", "--shapes", args.loop_shapes, "--seconds", str(args.loop_seconds), "--rounds",
+           str(args.rounds)]
+    every = saved_or_run(args, "loop", cmd)
+    m, rows = ran_on(m, every), [r for r in every if r.get("event") == "train_loop"]
+    body = [[r["shape"], r["mode"], f"{r['llmkit_bare']:,}", f"{r['llmkit_loop']:,}", f"**{r['loop_vs_bare']:.3f}**",
+             f"{r['nanogpt_bare']:,}", f"{r['nanogpt_loop']:,}", f"**{r['loop_vs_nanogpt_loop']:.2f}**"] for r in rows]
+    return header(m, " ".join(["train_loop.py", *cmd[2:]])) + table(
+        ["shape", "llmkit mode (probe)", "llmkit bare step tok/s", "llmkit loop tok/s", "loop / bare",
+         "nanoGPT bare tok/s", "nanoGPT loop tok/s", "llmkit loop / nanoGPT loop"], body)
+
+
+def step(args, m) -> str:
+    cmd = [PY, "train_throughput.py", "--rounds", str(args.rounds * 4), "--bf16"]
+    every = saved_or_run(args, "step", cmd)
+    m, rows = ran_on(m, every), [r for r in every if r.get("event") == "train_step"]
+    body = [[r["shape"], r["contender"], f"{r['tokens_per_s']:,}", f"{r['ratio_vs_transformers']:.2f}"] for r in rows]
+    return header(m, " ".join(["train_throughput.py", *cmd[2:]])) + table(
+        ["shape", "contender", "tokens/s", "vs transformers fp32"], body)
+
+
+def decode(args, m) -> str | None:
+    if not args.target and not any(item.startswith("decode=") for item in args.saved):
+        return None
+    cmd = [PY, "decode_fast.py", str(args.target), "--rounds", str(args.rounds)]
+    if args.draft:
+        cmd += ["--draft", str(args.draft)]
+    rows = saved_or_run(args, "decode", cmd)
+    m = ran_on(m, rows)
+    body = [[r["batch"], r["contender"], f"{r['new_tokens_per_s']:,}", f"**{r['ratio_vs_transformers']:.2f}**",
+             r["output"], "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"]
+            for r in rows if r.get("event") == "decode"]
+    ppl = next(r for r in rows if r.get("event") == "int8_perplexity")
+    note = (f"\nint8 perplexity on {ppl['text_tokens']:,} tokens of held-out French: {ppl['fp32']} (fp32) → "
+            f"{ppl['int8']} (int8), {ppl['change_pct']:+.2f}%.\n")
+    return header(m, " ".join(["decode_fast.py", *cmd[2:]])) + table(
+        ["batch", "contender", "new tokens/s", "vs transformers", "output", "guesses accepted"], body) + note
+
+
+SECTIONS = {"startup": startup, "loop": loop, "step": step, "decode": decode}
+
+
+def replace(doc: str, name: str, text: str) -> str:
+    start, end = f"<!-- run_all:{name} -->", f"<!-- /run_all:{name} -->"
+    if start not in doc or end not in doc:
+        raise SystemExit(f"docs/benchmarks.md has no {start} … {end} markers")
+    before, rest = doc.split(start, 1)
+    _, after = rest.split(end, 1)
+    return f"{before}{start}\n{text}{end}{after}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=",".join(SECTIONS))
+    ap.add_argument("--target", type=Path, help="decode: the checkpoint to decode (e.g. a small model you trained)")
+    ap.add_argument("--draft", type=Path, help="decode: a smaller checkpoint with the same tokenizer")
+    ap.add_argument("--loop-shapes", default="nano,small")
+    ap.add_argument("--loop-seconds", type=float, default=60.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5, help="startup: runs of each command")
+    ap.add_argument("--from", dest="saved", action="append", default=[], metavar="NAME=FILE",
+                    help="render section NAME from the saved JSON lines of an earlier run of its script")
+    ap.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args()
+    m = machine()
+    emit(event="machine", **m)
+    doc = DOC.read_text(encoding="utf-8")
+    for name in args.only.split(","):
+        text = SECTIONS[name](args, m)
+        if text is None:
+            emit(event="section", name=name, left="as it was (its inputs were not given)")
+            continue
+        if args.dry_run:
+            print(f"--- {name}\n{text}")
+        doc = replace(doc, name, text)
+        emit(event="section", name=name, written=not args.dry_run)
+    if not args.dry_run:
+        DOC.write_text(doc, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
