@@ -31,14 +31,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from common import ROOT, SHARED_DATA, emit, machine
 import nanogpt_ref
 
 from llmkit.core import speed
 from llmkit.core.config import ModelConfig
-from llmkit.core.model import Transformer, param_groups
 
 SHAPES = {
     "nano": {"corpus": "shakespeare/input.txt", "vocab": 65, "recipe": nanogpt_ref.Recipe(),
@@ -57,25 +55,6 @@ def llmkit_args(sets: list[str]) -> list[str]:
     for s in it:
         out += [s, next(it)] if s == "--preset" else ["--set", s]
     return out
-
-
-def bare_llmkit(cfg: ModelConfig, batch: int, precision: str, compiled: bool):
-    torch.manual_seed(0)
-    model = Transformer(cfg).train()
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
-    net = torch.compile(model) if compiled else model
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.context))
-    y = torch.randint(0, cfg.vocab_size, (batch, cfg.context))
-    amp = torch.bfloat16 if precision == "bf16" else None
-
-    def step():
-        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-            logits = net(x)
-        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
 
 
 def time_steps(step, seconds: float) -> float:
@@ -127,7 +106,7 @@ def main() -> None:
                               n_head=r.n_head, n_kv_head=r.n_head if name == "nano" else 2, dropout=0.0)
             tokens_per_step = r.batch_size * r.block_size
             choice = speed.choose(cfg, r.batch_size, budget_s=args.seconds, tokens_per_step=tokens_per_step)
-            ours = bare_llmkit(cfg, r.batch_size, choice.precision, choice.compiled)
+            ours = speed.step_fn(cfg, r.batch_size, speed.Mode(choice.precision, choice.compiled))
             theirs = nanogpt_ref.bare_step(shape["vocab"], r)
             ids = torch.randint(0, shape["vocab"], (2_000_000,))
             got: dict[str, list[float]] = {k: [] for k in ("llmkit_bare", "llmkit_loop", "nanogpt_bare", "nanogpt_loop")}

@@ -181,6 +181,8 @@ class DecodeState:
         self.cache = KVCache(model.cfg, batch_size, self.length, device=device, dtype=dtype)
         self.key_valid = torch.zeros(batch_size, self.length, dtype=torch.bool, device=device)  # (B, L)
         self.slot = 0
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) padding slots per row
+        self.padded = False
 
     def prefill(self, rows: list[list[int]]) -> torch.Tensor:
         """Fill slots [0, P) with left-padded rows; return the last logits (B, V)."""
@@ -197,13 +199,24 @@ class DecodeState:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,) at the next slot; return the next logits (B, V)."""
-        s = self.slot
-        self.key_valid[:, s] = True
-        positions = (s - self.pad)[:, None] if self.padded else None  # (B, 1)
-        logits = self.model(tokens[:, None], cache=self.cache, pos=s, positions=positions,
-                            key_valid=self.key_valid if self.padded else None, last_only=True)
-        self.slot = s + 1
-        return logits[:, -1]
+        return self.feed(tokens[:, None], last_only=True)[:, -1]
+
+    def feed(self, tokens: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
+        """Feed T tokens per row (B, T) at the next T slots; the logits after each (B, T, V), or
+        after the last only. Speculative decoding checks its guesses this way, then ``rewind``s."""
+        s, T = self.slot, tokens.size(1)
+        self.key_valid[:, s: s + T] = True
+        positions = (s - self.pad)[:, None] + torch.arange(T, device=tokens.device) if self.padded else None  # (B, T)
+        logits = self.model(tokens, cache=self.cache, pos=s, positions=positions,
+                            key_valid=self.key_valid if self.padded else None, last_only=last_only)
+        self.slot = s + T
+        return logits
+
+    def rewind(self, slot: int) -> None:
+        """Forget every slot from ``slot`` on: the causal mask already hides them from earlier
+        queries, and the next tokens overwrite them (rolling back costs nothing)."""
+        self.key_valid[:, slot:] = False
+        self.slot = slot
 
     @property
     def full(self) -> bool:

@@ -138,8 +138,7 @@ def _prepare(cfg: RunConfig, out: Path, sources: list[Source], val: Source | Non
     return tok, data, cfg, reports
 
 
-def size_to_budget(cfg: RunConfig, vocab: int, data: Corpus, given: frozenset[str], device,
-                   on_event: EventFn) -> RunConfig:
+def size_to_budget(cfg: RunConfig, vocab: int, data: Corpus, given: frozenset[str], on_event: EventFn) -> RunConfig:
     """The budget-sized recipe (core/recipe.py) applied to a fresh single-process CPU run."""
     from llmkit.core import recipe, speed
 
@@ -180,7 +179,7 @@ def pretrain(corpus: list[str] | None, out: Path, cfg: RunConfig, *, resume_from
                 if dist.enabled or device.type != "cpu":
                     raise ConfigError("sizing the model to the budget is for one CPU process: give --preset "
                                       "(tiny, small, base) under torchrun or on a GPU")
-                cfg = size_to_budget(cfg, tok.vocab_size, data, budget_sized, device, on_event)
+                cfg = size_to_budget(cfg, tok.vocab_size, data, budget_sized, on_event)
             cfg = with_epoch_budget(cfg, data.train_tokens / cfg.model.context, dist.world)
             torch.manual_seed(cfg.train.seed)
             model = Transformer(cfg.model).to(device) if init is None else _initial(init, cfg, device)

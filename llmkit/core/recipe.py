@@ -118,7 +118,7 @@ def apply(cfg: RunConfig, sizing: Sizing, given: frozenset[str] = frozenset()) -
     s = sizing.shape
     for section, keys in (("model", ("d_model", "n_layer", "n_head", "n_kv_head", "context")),
                           ("train", ("batch_size",)), ("optim", ("lr", "warmup_steps"))):
-        values = {k: getattr(s, "lr" if k == "lr" else k) for k in keys if f"{section}.{k}" not in given}
+        values = {k: getattr(s, k) for k in keys if f"{section}.{k}" not in given}
         if values:
             cfg = cfg.replace(section, **values)
     return cfg

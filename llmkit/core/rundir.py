@@ -175,7 +175,8 @@ def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, 
     and every checkpoint's trainer state.
     """
     extra = extra or {}
-    precision, compiled = speed.plan(cfg, device, distributed=dist.enabled, resumed=_resumed_state(resume_from))
+    resumed = ckpt_io.read_state(resume_from) if resume_from is not None else None
+    precision, compiled = speed.plan(cfg, device, distributed=dist.enabled, resumed=resumed)
     params = model.num_params()
     trainable = trainable_parameters(model)
     optimizer, state = start_training(model, cfg, dist, resume_from, on_event)
@@ -288,16 +289,6 @@ def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     else:
         ckpt_io.load_optimizer_state(optimizer, resume_from / "optimizer.safetensors")
     return TrainState.from_json(ckpt_io.read_state(resume_from))
-
-
-def _resumed_state(resume_from: Path | None) -> dict[str, Any] | None:
-    """The trainer state of the checkpoint a run resumes from (its precision and compile mode)."""
-    if resume_from is None:
-        return None
-    try:
-        return json.loads((resume_from / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return None  # load_training_state says what is wrong with it
 
 
 def start_training(model: torch.nn.Module, cfg, dist: Dist, resume_from: Path | None,

@@ -25,8 +25,8 @@ from typing import Callable, Protocol
 import torch
 
 from llmkit.core.config import SampleConfig
-from llmkit.core.generate import Output, TextStream, fit_prompt
-from llmkit.core.model import KVCache, Transformer
+from llmkit.core.generate import DecodeState, Output, TextStream, fit_prompt
+from llmkit.core.model import Transformer
 
 
 class Proposer(Protocol):
@@ -37,24 +37,6 @@ class Proposer(Protocol):
         """Up to k guessed tokens to follow ``history`` (every accepted token so far)."""
 
 
-class _Cached:
-    """A model with a KV cache that is fed accepted tokens and can be rolled back."""
-
-    def __init__(self, model: Transformer, length: int, device):
-        self.model = model
-        dtype = next(model.parameters()).dtype
-        self.cache = KVCache(model.cfg, 1, length, device=device, dtype=dtype)
-        self.device = device
-        self.slot = 0
-
-    def feed(self, ids: list[int]) -> torch.Tensor:
-        """Write ids at the next slots; the logits (len(ids), V) of each position."""
-        x = torch.tensor([ids], device=self.device)  # (1, n)
-        logits = self.model(x, cache=self.cache, pos=self.slot)[0]  # (n, V)
-        self.slot += len(ids)
-        return logits
-
-
 class DraftModel:
     """A smaller model's greedy guesses (it must share the target's tokenizer)."""
 
@@ -62,30 +44,30 @@ class DraftModel:
         self.model, self.device = model, device
 
     def start(self, prompt: list[int], length: int) -> None:
-        self.state = _Cached(self.model, min(length, self.model.cfg.context), self.device)
-        self.fed: list[int] = []
+        self.state = DecodeState(self.model, 1, self.device, min(length, self.model.cfg.context))
+        self.fed: list[int] = []  # the tokens in the draft's cache, slot by slot
+        self.known = 0  # how many of them are certainly the history's (the previous call's history)
 
     def propose(self, history: list[int], k: int) -> list[int]:
-        # Catch up with what was accepted since the last guess: roll back to the common prefix.
-        common = 0
-        for a, b in zip(self.fed, history):
-            if a != b:
-                break
+        # Only the tokens after the previous call's history can differ from what was fed (the
+        # model kept some guesses, then chose its own): roll back to the first difference.
+        common = self.known
+        while common < min(len(self.fed), len(history)) and self.fed[common] == history[common]:
             common += 1
         common = min(common, len(history) - 1)  # feed at least the newest token
-        k = min(k, self.state.cache.length - len(history))
+        k = min(k, self.state.length - len(history))
         if k <= 0:
             return []
-        self.state.slot = common
-        logits = self.state.feed(history[common:])
-        self.fed = list(history)
+        self.state.rewind(common)
+        logits = self.state.feed(torch.tensor([history[common:]], device=self.device), last_only=True)[0]
+        self.fed, self.known = list(history), len(history)
         out: list[int] = []
         for _ in range(k):
             token = int(logits[-1].argmax())
             out.append(token)
             if len(out) == k:
                 break
-            logits = self.state.feed([token])
+            logits = self.state.step(torch.tensor([token], device=self.device))
             self.fed.append(token)
         return out
 
@@ -124,11 +106,15 @@ def speculative_decode(model: Transformer, prompt: list[int], cfg: SampleConfig,
     stream = TextStream(decode, cfg.stop)
     t0 = time.perf_counter()
     length = min(context, len(ids) + cfg.max_new_tokens + draft_tokens + 1)
-    target = _Cached(model, length, device)
+    target = DecodeState(model, 1, device, length)
     view = list(ids)  # the tokens whose keys are in the model's cache, in slot order
+
+    def feed(tokens: list[int]) -> torch.Tensor:
+        return target.feed(torch.tensor([tokens], device=device))[0]  # (len(tokens), V)
+
     proposer.start(view, length)
     # ``pending`` is the newest chosen token: emitted, not yet in the model's cache.
-    pending = int(target.feed(view)[-1].argmax())
+    pending = int(feed(view)[-1].argmax())
 
     def emit(token: int) -> bool:
         """Append a chosen token to the output; False when the output has ended."""
@@ -146,26 +132,26 @@ def speculative_decode(model: Transformer, prompt: list[int], cfg: SampleConfig,
 
     going = emit(pending)
     while going:
-        if target.slot >= length:
+        if target.full:
             # The context is full: slide exactly as the plain path does (the most recent
             # half-context, pending included, becomes the new cache), so the output stays its own.
             view = (view + [pending])[-window:]
-            target.slot = 0
+            target.rewind(0)
             proposer.start(view, length)
-            pending = int(target.feed(view)[-1].argmax())
+            pending = int(feed(view)[-1].argmax())
             going = emit(pending)
             continue
         view.append(pending)
         room = min(draft_tokens, cfg.max_new_tokens - len(out.ids), length - target.slot - 1)
         guesses = proposer.propose(view, room) if room > 0 else []
-        logits = target.feed([pending, *guesses])  # (1 + g, V)
+        logits = feed([pending, *guesses])  # (1 + g, V)
         choices = logits.argmax(-1).tolist()  # the model's greedy token after each position
         n = 0
         while n < len(guesses) and guesses[n] == choices[n]:
             n += 1
         out.drafted += len(guesses)
         out.accepted += n
-        target.slot -= len(guesses) - n  # roll back past the first wrong guess
+        target.rewind(target.slot - (len(guesses) - n))  # roll back past the first wrong guess
         for token in guesses[:n]:
             going = emit(token)
             if not going:

@@ -115,40 +115,44 @@ def _store(data: dict[str, Any]) -> None:
         os.replace(tmp, path)
 
 
-def time_mode(cfg: ModelConfig, batch: int, mode: Mode, steps: int = 4) -> Timing:
-    """Tokens/s of full optimizer steps (forward, backward, clipping, AdamW) of a fresh model of
-    this shape in ``mode``; for compiled modes also the cold and warm compilation times."""
-    from llmkit.core.model import Transformer, param_groups
+def step_fn(cfg: ModelConfig, batch: int, mode: Mode) -> Callable[[], None]:
+    """One training step of a fresh model of this shape in ``mode`` (forward, backward, clipping,
+    and the optimizer the loop uses) on a fixed random batch: what the probe and benchmarks time."""
+    from llmkit.core.config import OptimConfig
+    from llmkit.core.model import Transformer
+    from llmkit.core.train import make_optimizer
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.context), generator=gen)  # (B, T)
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.context), generator=gen)  # (B, T)
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    opt = make_optimizer(model, OptimConfig(lr=1e-4))
+    net = torch.compile(model) if mode.compiled else model
     amp = torch.bfloat16 if mode.precision == "bf16" else None
 
-    def stepper() -> Callable[[], None]:
-        torch.manual_seed(0)
-        model = Transformer(cfg).train()
-        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
-        net = torch.compile(model) if mode.compiled else model
+    def step() -> None:
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            logits = net(x)
+        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
-        def step() -> None:
-            with torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext():
-                logits = net(x)
-            F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
 
+def time_mode(cfg: ModelConfig, batch: int, mode: Mode, steps: int = 4) -> Timing:
+    """Tokens/s of ``step_fn`` steps in ``mode``; for compiled modes also the cold and warm
+    compilation times."""
     cold = warm = 0.0
     try:
-        step = stepper()
+        step = step_fn(cfg, batch, mode)
         t0 = time.perf_counter()
         step()  # compiles, or warms the allocator
         cold = time.perf_counter() - t0
         if mode.compiled:  # again, as a new run would: torch's on-disk caches are warm now
             torch._dynamo.reset()
-            step = stepper()
+            step = step_fn(cfg, batch, mode)
             t0 = time.perf_counter()
             step()
             warm = time.perf_counter() - t0
@@ -163,8 +167,7 @@ def time_mode(cfg: ModelConfig, batch: int, mode: Mode, steps: int = 4) -> Timin
     finally:
         if mode.compiled:
             torch._dynamo.reset()
-    return Timing(batch * cfg.context / statistics.median(times), compile_s=warm if mode.compiled else 0.0,
-                  cold_compile_s=cold if mode.compiled else 0.0)
+    return Timing(batch * cfg.context / statistics.median(times), compile_s=warm, cold_compile_s=cold if mode.compiled else 0.0)
 
 
 def candidates(compile_ok: bool) -> list[Mode]:
@@ -175,25 +178,39 @@ def candidates(compile_ok: bool) -> list[Mode]:
     return modes
 
 
-def _entry(data: dict[str, Any], cfg: ModelConfig, batch: int) -> dict[str, Any]:
-    return data.setdefault(machine_key(), {}).setdefault(shape_key(cfg, batch), {})
+class _Timings:
+    """This machine's recorded timings of one shape: read from the cache, measured when missing,
+    written back once (``save``) if anything was measured."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, timer: Callable[[ModelConfig, int, Mode], Timing]):
+        self.cfg, self.batch, self.timer = cfg, batch, timer
+        self.data = _load()
+        self.entry = self.data.setdefault(machine_key(), {}).setdefault(shape_key(cfg, batch), {})
+        self.taken: dict[str, Timing] = {}
+        self.measured = False
+
+    def known(self, mode: Mode) -> bool:
+        return mode.name in self.entry
+
+    def take(self, mode: Mode) -> Timing:
+        if mode.name not in self.entry:
+            self.entry[mode.name] = asdict(self.timer(self.cfg, self.batch, mode))
+            self.measured = True
+        self.taken[mode.name] = Timing(**self.entry[mode.name])
+        return self.taken[mode.name]
+
+    def save(self) -> None:
+        if self.measured:
+            _store(self.data)
 
 
 def eager_rate(cfg: ModelConfig, batch: int, timer: Callable[[ModelConfig, int, Mode], Timing] = time_mode) -> float:
     """The best eager training tokens/s of this shape here (fp32, or bf16 where it runs natively):
     what the budget-sized recipe scales from. Cached like ``choose``'s timings."""
-    data = _load()
-    entry = _entry(data, cfg, batch)
-    best, measured = 0.0, False
-    for mode in candidates(False):
-        if mode.name not in entry:
-            entry[mode.name] = asdict(timer(cfg, batch, mode))
-            measured = True
-        t = Timing(**entry[mode.name])
-        best = max(best, 0.0 if t.error else t.tokens_per_s)
-    if measured:
-        _store(data)
-    return best
+    timings = _Timings(cfg, batch, timer)
+    rates = [t.tokens_per_s for t in map(timings.take, candidates(False)) if not t.error]
+    timings.save()
+    return max(rates, default=0.0)
 
 
 def choose(cfg: ModelConfig, batch: int, *, budget_s: float | None, tokens_per_step: int,
@@ -205,50 +222,37 @@ def choose(cfg: ModelConfig, batch: int, *, budget_s: float | None, tokens_per_s
     ``precision`` and ``compile`` restrict the choice to what the config fixed (``auto`` leaves
     it free). Timings come from the cache when present; missing ones are measured and stored.
     """
-    data = _load()
-    entry = _entry(data, cfg, batch)
+    timings = _Timings(cfg, batch, timer)
     modes = [m for m in candidates(compile != "false")
              if precision in ("auto", m.precision) and compile in ("auto", str(m.compiled).lower())]
     if not modes:  # bf16 asked for on a CPU without bf16 units: still the caller's decision
         modes = [Mode(precision if precision != "auto" else "fp32", compile == "true")]
-    eager = [m for m in modes if not m.compiled]
-    if len(modes) == 1 or (len(eager) == 1 and compile == "auto" and budget_s is not None
-                           and budget_s < COMPILE_PROBE_MIN_S
-                           and not any(m.name in entry for m in modes if m.compiled)):
+    eager, compiled = [m for m in modes if not m.compiled], [m for m in modes if m.compiled]
+
+    def worth_probing(mode: Mode) -> bool:
+        """A compiled mode is timed when fixed by the config, already known, or the run is long."""
+        return compile != "auto" or timings.known(mode) or (budget_s is not None and budget_s >= COMPILE_PROBE_MIN_S)
+
+    if len(modes) == 1 or (len(eager) == 1 and budget_s is not None and not any(map(worth_probing, compiled))):
         only = modes[0] if len(modes) == 1 else eager[0]
         why = "CPU has no native bf16 units" if precision == "auto" and not cpu_has_native_bf16() else "as configured"
         return Choice(only.precision, only.compiled, why, {})
 
-    measured = False
-    timings: dict[str, Timing] = {}
-
-    def take(mode: Mode) -> None:
-        nonlocal measured
-        if mode.name in entry:
-            timings[mode.name] = Timing(**entry[mode.name])
-            return
-        timings[mode.name] = timer(cfg, batch, mode)
-        entry[mode.name] = asdict(timings[mode.name])
-        measured = True
-
     for mode in eager:
-        take(mode)
-    eager_rate = max((t.tokens_per_s for t in timings.values()), default=0.0)
-    if budget_s is None and steps and eager_rate:
-        budget_s = steps * tokens_per_step / eager_rate
-    fastest_eager = max(eager, key=lambda m: timings[m.name].tokens_per_s).precision if eager else None
-    for mode in [m for m in modes if m.compiled]:
-        if mode.name not in entry and compile == "auto":
-            if budget_s is None or budget_s < COMPILE_PROBE_MIN_S:
-                continue  # too short a run to pay for learning whether compilation pays
-            if fastest_eager and mode.precision != fastest_eager:
-                continue  # compilation speeds both precisions alike: one cold compile is enough
-        take(mode)
-    if measured:
-        _store(data)
+        timings.take(mode)
+    eager_best = max(eager, key=lambda m: timings.taken[m.name].tokens_per_s, default=None)
+    if budget_s is None and steps and eager_best is not None:
+        budget_s = steps * tokens_per_step / max(timings.taken[eager_best.name].tokens_per_s, 1e-9)
+    for mode in compiled:
+        # compilation speeds both precisions alike: one cold compile (the faster precision's) is enough
+        if worth_probing(mode) and (timings.known(mode) or compile != "auto" or eager_best is None
+                                    or mode.precision == eager_best.precision):
+            timings.take(mode)
+    timings.save()
+    taken, measured = timings.taken, timings.measured
 
     def yield_in_budget(mode: Mode) -> float:
-        t = timings[mode.name]
+        t = taken[mode.name]
         if t.error or t.tokens_per_s <= 0:
             return -1.0
         if budget_s is None:
@@ -256,19 +260,19 @@ def choose(cfg: ModelConfig, batch: int, *, budget_s: float | None, tokens_per_s
         return t.tokens_per_s * max(budget_s - t.compile_s, 0.0)
 
     # Each step away from plain fp32 (a lower precision, then compilation) must earn its MARGIN.
-    runnable = [m for m in modes if m.name in timings]
+    runnable = [m for m in modes if m.name in taken]
     best = next((m for m in runnable if m == Mode("fp32", False)), runnable[0])
     for group in ([m for m in runnable if not m.compiled], [m for m in runnable if m.compiled]):
         challenger = max(group, key=yield_in_budget, default=None)
         if challenger is not None and yield_in_budget(challenger) >= MARGIN * yield_in_budget(best):
             best = challenger
     rates = ", ".join(f"{n} {t.tokens_per_s:,.0f}" if not t.error else f"{n} unavailable"
-                      for n, t in timings.items())
+                      for n, t in taken.items())
     where = "measured" if measured else "cached"
     reason = f"fastest here ({where}, tokens/s: {rates})"
     if best.compiled:
-        reason += f"; compilation {timings[best.name].compile_s:.0f} s"
-    return Choice(best.precision, best.compiled, reason, timings)
+        reason += f"; compilation {taken[best.name].compile_s:.0f} s"
+    return Choice(best.precision, best.compiled, reason, taken)
 
 
 def plan(cfg, device: torch.device, *, distributed: bool, resumed: dict[str, Any] | None) -> tuple[Precision, bool]:

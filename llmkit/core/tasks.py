@@ -69,17 +69,21 @@ class LMTask:
 
 # --- shuffling fine-tuning examples ---------------------------------------------------------------
 
-def epoch_indices(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Example indices at global positions [start, start + count) of the epoch-by-epoch shuffle."""
+def _span(n: int, start: int, count: int, order) -> list[int]:
+    """Positions [start, start + count) of epochs laid end to end, ``order(epoch)`` each."""
     out: list[int] = []
     pos = start
     while len(out) < count:
         epoch, offset = divmod(pos, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
         take = min(count - len(out), n - offset)
-        out.extend(perm[offset: offset + take].tolist())
+        out.extend(order(epoch)[offset: offset + take].tolist())
         pos += take
     return out
+
+
+def epoch_indices(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Example indices at global positions [start, start + count) of the epoch-by-epoch shuffle."""
+    return _span(n, start, count, lambda epoch: np.random.default_rng([seed, epoch]).permutation(n))
 
 
 class BucketedOrder:
@@ -115,13 +119,7 @@ class BucketedOrder:
 
     def indices(self, start: int, count: int) -> list[int]:
         """Example indices at global positions [start, start + count) of the bucketed epochs."""
-        n, out, pos = len(self.lengths), [], start
-        while len(out) < count:
-            epoch, offset = divmod(pos, n)
-            take = min(count - len(out), n - offset)
-            out.extend(self.order(epoch)[offset: offset + take].tolist())
-            pos += take
-        return out
+        return _span(len(self.lengths), start, count, self.order)
 
 
 def batch_order(lengths: list[int], cfg: RunConfig, *, labelled: bool = False):
