@@ -7,7 +7,8 @@ TARGET and DRAFT are llmkit checkpoints (a model you trained, or one made by `ll
 as the shared SmolLM2 GGUF); the draft must share the target's tokenizer. Prompts are 16-token
 openings of real French text (the last novel of ../shared/data/corpus_fr); EOS is disabled on
 every side so each run writes exactly --new tokens. Batch 1 decodes each of 4 prompts in turn;
-batch 8 decodes 8 together. Rounds are interleaved; medians are reported.
+batch 8 decodes 8 together (speculative paths too: one pass checks every row's guesses). Rounds
+are interleaved; medians are reported.
 
 Checks printed with the figures: transformers and llmkit's plain path decode the same greedy
 tokens; every speculative path decodes exactly the plain path's tokens; int8 agrees with fp32 on
@@ -32,7 +33,7 @@ from llmkit.core.checkpoint import load_model
 from llmkit.core.config import SampleConfig
 from llmkit.core.generate import decode_batch
 from llmkit.core.quantize import quantize_int8
-from llmkit.core.speculative import DraftModel, PromptLookup, speculative_decode
+from llmkit.core.speculative import DraftModel, PromptLookup, speculative_batch
 from llmkit.core.train import mean_token_loss
 
 
@@ -75,13 +76,23 @@ def main() -> None:
     def batched(model):
         return lambda prompts: [o.ids for o in decode_batch(model, prompts, sample, eos_id=None, decode=tok.decode)]
 
-    def one_by_one(model, proposer=None):
+    def speculative(model, propose, prompts):
+        outs = speculative_batch(model, prompts, sample, [propose() for _ in prompts], eos_id=None,
+                                 decode=tok.decode, device="cpu", draft_tokens=args.draft_tokens)
+        return outs, sum(o.accepted for o in outs) / max(sum(o.drafted for o in outs), 1)
+
+    def one_by_one(model, propose=None):
         def run(prompts):
-            if proposer is None:
+            if propose is None:
                 return [decode_batch(model, [p], sample, eos_id=None, decode=tok.decode)[0].ids for p in prompts]
-            outs = [speculative_decode(model, p, sample, proposer, eos_id=None, decode=tok.decode, device="cpu",
-                                       draft_tokens=args.draft_tokens) for p in prompts]
+            outs = [speculative(model, propose, [p])[0][0] for p in prompts]
             run.acceptance = sum(o.accepted for o in outs) / max(sum(o.drafted for o in outs), 1)
+            return [o.ids for o in outs]
+        return run
+
+    def together(model, propose):
+        def run(prompts):
+            outs, run.acceptance = speculative(model, propose, prompts)
             return [o.ids for o in outs]
         return run
 
@@ -96,12 +107,15 @@ def main() -> None:
         return [transformers_run([p])[0] for p in prompts]
 
     contenders = {1: {"transformers": transformers_one_by_one, "llmkit": one_by_one(plain),
-                      "llmkit int8": one_by_one(int8), "llmkit lookup": one_by_one(plain, PromptLookup(3)),
-                      "llmkit int8 + lookup": one_by_one(int8, PromptLookup(3))},
-                  8: {"transformers": transformers_run, "llmkit": batched(plain), "llmkit int8": batched(int8)}}
+                      "llmkit int8": one_by_one(int8), "llmkit lookup": one_by_one(plain, lambda: PromptLookup(3)),
+                      "llmkit int8 + lookup": one_by_one(int8, lambda: PromptLookup(3))},
+                  8: {"transformers": transformers_run, "llmkit": batched(plain), "llmkit int8": batched(int8),
+                      "llmkit lookup": together(plain, lambda: PromptLookup(3)),
+                      "llmkit int8 + lookup": together(int8, lambda: PromptLookup(3))}}
     if draft is not None:
-        contenders[1]["llmkit draft"] = one_by_one(plain, DraftModel(draft, "cpu"))
-        contenders[1]["llmkit int8 + int8 draft"] = one_by_one(int8, DraftModel(draft8, "cpu"))
+        contenders[1]["llmkit draft"] = one_by_one(plain, lambda: DraftModel(draft, "cpu"))
+        contenders[1]["llmkit int8 + int8 draft"] = one_by_one(int8, lambda: DraftModel(draft8, "cpu"))
+        contenders[8]["llmkit draft"] = together(plain, lambda: DraftModel(draft, "cpu"))
     prompts = {1: openings[:4], 8: openings[:8]}
     reference: dict[int, list[list[int]]] = {}
     checks: dict[tuple[int, str], object] = {}

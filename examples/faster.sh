@@ -22,3 +22,7 @@ $LLMKIT generate "$OUT/auto" -p "$PROMPT" -n 60 --greedy                        
 $LLMKIT generate "$OUT/auto" -p "$PROMPT" -n 60 --greedy --lookup 3             # same text, fewer passes
 $LLMKIT generate "$OUT/auto" -p "$PROMPT" -n 60 --greedy --draft "$OUT/draft"   # same text again
 $LLMKIT generate "$OUT/auto" -p "$PROMPT" -n 60 --greedy --quantize int8        # int8 weights: close, not equal
+
+# Many prompts at once: each prompt's guesses are checked in the same pass as the others'.
+printf 'La mer est calme.\nLe roi dit : « Non. »\nIl était une fois\n' > "$OUT/prompts.txt"
+$LLMKIT generate "$OUT/auto" --prompt-file "$OUT/prompts.txt" -n 40 --greedy --lookup 3 --batch-size 3

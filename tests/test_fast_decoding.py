@@ -18,7 +18,7 @@ from llmkit.core.errors import ConfigError
 from llmkit.core.generate import decode_batch
 from llmkit.core.model import Transformer
 from llmkit.core.quantize import Int8Linear, available, quantize_int8
-from llmkit.core.speculative import DraftModel, PromptLookup, speculative_decode
+from llmkit.core.speculative import DraftModel, PromptLookup, speculative_batch
 from llmkit.core.train import mean_token_loss
 
 PROMPTS = ["Le chat", "La mer est calme. La mer est", "", "Il était une fois, il était une fois, il"]
@@ -41,24 +41,85 @@ def _draft_like(model, seed):
     return small
 
 
+def _speculative(model, tok, prompts, cfg, proposers, k=4):
+    # Unpaced: every pass carries the guesses (the pacer's timing would make the test's path vary).
+    return speculative_batch(model, prompts, cfg, proposers, eos_id=tok.eos_id, decode=tok.decode,
+                             device="cpu", draft_tokens=k, paced=False)
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 40])
 @pytest.mark.parametrize("k", [1, 4])
 def test_speculative_output_is_the_plain_greedy_output(target, n, k):
     model, ckpt = target
     tok = ckpt.tokenizer
-    proposers = {"self": DraftModel(model, "cpu"), "other": DraftModel(_draft_like(model, 1), "cpu"),
-                 "lookup": PromptLookup(3)}
-    for text in PROMPTS:
-        ids = tok.encode_text(text)
-        plain = _plain(model, tok, ids, n)
-        for name, proposer in proposers.items():
-            fast = speculative_decode(model, ids, SampleConfig(temperature=0.0, max_new_tokens=n), proposer,
-                                      eos_id=tok.eos_id, decode=tok.decode, device="cpu", draft_tokens=k)
-            assert fast.ids == plain.ids, (name, text)
-            assert fast.text == plain.text and fast.finish_reason == plain.finish_reason, (name, text)
+    proposers = {"self": lambda: DraftModel(model, "cpu"), "other": lambda: DraftModel(_draft_like(model, 1), "cpu"),
+                 "lookup": lambda: PromptLookup(3)}
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=n)
+    prompts = [tok.encode_text(text) for text in PROMPTS]
+    plain = [_plain(model, tok, ids, n) for ids in prompts]  # each prompt alone, the plain way
+    for name, make in proposers.items():
+        alone = [_speculative(model, tok, [ids], cfg, [make()], k)[0] for ids in prompts]
+        together = _speculative(model, tok, prompts, cfg, [make() for _ in prompts], k)
+        for fast in alone + together:
+            want = plain[(alone + together).index(fast) % len(prompts)]
+            assert fast.ids == want.ids, (name, fast.prompt_ids)
+            assert fast.text == want.text and fast.finish_reason == want.finish_reason, (name, fast.prompt_ids)
             assert 0 <= fast.accepted <= fast.drafted
             if name == "self" and fast.drafted:
                 assert fast.accepted == fast.drafted  # a model always agrees with itself
+
+
+@pytest.fixture(scope="module")
+def sharp(target):
+    """A random model with large weights: its greedy text varies with every token of the context
+    (the briefly trained fixture repeats one token), so a wrong position or key changes it."""
+    model, _ = target
+    torch.manual_seed(0)
+    rnd = Transformer(type(model.cfg)(**{**model.cfg.__dict__, "tie_embeddings": False})).eval()
+    with torch.no_grad():
+        for p in rnd.parameters():
+            if p.ndim == 2:
+                p.mul_(8)
+    return rnd
+
+
+class _Misled:
+    """Prompt lookup's guesses, the last one spoiled on every other call: passes that keep some
+    guesses and reject others, different in every row."""
+
+    def __init__(self, vocab: int):
+        self.look, self.vocab, self.calls = PromptLookup(2), vocab, 0
+
+    def start(self, prompt, length):
+        pass
+
+    def propose(self, history, k):
+        self.calls += 1
+        guess = self.look.propose(history, k) or history[-k:]
+        if guess and self.calls % 2:
+            guess = guess[:-1] + [(guess[-1] + 1) % self.vocab]
+        return guess
+
+
+def test_batched_speculation_with_holes_and_slides_stays_exact(target, sharp):
+    """Rows of one batch keep different numbers of guesses (holes in the cache), run past the
+    context (each slides on its own), and end at different times: each row is still its own plain
+    greedy output."""
+    _, ckpt = target
+    tok = ckpt.tokenizer
+    context, vocab = sharp.cfg.context, sharp.cfg.vocab_size
+    texts = PROMPTS + ["Le roi", "Elle dit : « Non. »"]
+    prompts = [tok.encode_text(t) for t in texts]
+    for n, k in [(3 * context, 4), (context + 3, 2), (9, 3)]:
+        cfg = SampleConfig(temperature=0.0, max_new_tokens=n)
+        plain = [_plain(sharp, tok, ids, n) for ids in prompts]
+        mixed = [[_Misled(vocab), PromptLookup(3), DraftModel(_draft_like(sharp, b), "cpu")][b % 3]
+                 for b in range(len(prompts))]
+        fast = _speculative(sharp, tok, prompts, cfg, mixed, k)
+        assert [o.ids for o in fast] == [o.ids for o in plain], (n, k)
+        assert [o.finish_reason for o in fast] == [o.finish_reason for o in plain]
+        kept = [o.accepted / o.drafted for o in fast if o.drafted]
+        assert min(kept) < 1 and (n < context or max(kept) > 0), (n, k, kept)  # kept and rejected
 
 
 def test_speculative_decoding_respects_stop_strings(target):
@@ -68,10 +129,41 @@ def test_speculative_decoding_respects_stop_strings(target):
     assert len(plain_out.text) >= 4, plain_out.text  # the fixture's model writes that much
     stop = plain_out.text[2:4]
     cfg = SampleConfig(temperature=0.0, max_new_tokens=30, stop=(stop,))
-    plain = decode_batch(model, [tok.encode_text("Le")], cfg, eos_id=tok.eos_id, decode=tok.decode)[0]
-    fast = speculative_decode(model, tok.encode_text("Le"), cfg, DraftModel(model, "cpu"), eos_id=tok.eos_id,
-                              decode=tok.decode, device="cpu")
-    assert (fast.text, fast.finish_reason) == (plain.text, "stop")
+    prompts = [tok.encode_text("Le"), tok.encode_text("La mer")]
+    plain = decode_batch(model, prompts, cfg, eos_id=tok.eos_id, decode=tok.decode)
+    fast = _speculative(model, tok, prompts, cfg, [DraftModel(model, "cpu"), PromptLookup(3)])
+    assert (fast[0].text, fast[0].finish_reason) == (plain[0].text, "stop")
+    assert (fast[1].text, fast[1].finish_reason) == (plain[1].text, plain[1].finish_reason)
+
+
+def test_the_pacer_guesses_only_where_guessing_pays():
+    from llmkit.core.speculative import _Pacer
+
+    pacer = _Pacer()
+    g = [[1, 2, 3, 4]] * 2  # two rows of four guesses
+    assert pacer.width([[], []], [0.9, 0.9]) == 1  # nothing to guess
+    assert pacer.width(g, [0.9, 0.9]) == 5  # nothing timed yet: try the guesses
+    pacer.time(2, 5, 0.015)
+    assert pacer.width(g, [0.9, 0.9]) == 1  # then the plain pass, once
+    pacer.time(2, 1, 0.010)
+    pacer.time(2, 1, 0.030)  # a slow pass (the machine was busy) does not raise the cost
+    assert pacer.width(g, [0.9, 0.9]) == 5  # 2 + 2 * 3.1 tokens for 1.5x the cost
+    assert pacer.width(g, [0.1, 0.1]) == 1  # 2 + 2 * 0.11 tokens: not worth it
+    pacer.time(2, 2, 0.011)  # one guess per row is nearly free here
+    assert pacer.width(g, [0.3, 0.3]) == 2  # 2.6 tokens for 1.1x beats 2 + 2 * 0.42 for 1.5x
+    n = _Pacer.RETRY
+    refusals = [pacer.width(g, [0.01, 0.01]) for _ in range(3 * n + 2)]
+    assert refusals == [1] * n + [5] + [1] * 2 * n + [5]  # tried again after RETRY, then 2 RETRY passes
+
+
+def test_paced_speculation_is_still_the_plain_greedy_output(target, sharp):
+    _, ckpt = target
+    tok = ckpt.tokenizer
+    prompts = [tok.encode_text(t) for t in PROMPTS]
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=50)
+    fast = speculative_batch(sharp, prompts, cfg, [PromptLookup(2) for _ in prompts], eos_id=tok.eos_id,
+                             decode=tok.decode, device="cpu")
+    assert [o.ids for o in fast] == [_plain(sharp, tok, ids, 50).ids for ids in prompts]
 
 
 def test_prompt_lookup_guesses_what_followed_the_last_ngram():
@@ -79,6 +171,9 @@ def test_prompt_lookup_guesses_what_followed_the_last_ngram():
     assert look.propose([1, 2, 3, 9, 9, 1, 2, 3], 2) == [9, 9]
     assert look.propose([5, 6, 7, 5, 6], 3) == [7, 5, 6]
     assert look.propose([1, 2, 3], 4) == []
+    # a match near the end: the text repeats with that period, and so do the guesses
+    assert look.propose([4, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]
+    assert look.propose([8, 8, 8], 3) == [8, 8, 8]
 
 
 def test_the_decoder_refuses_speculation_where_it_would_change_the_output(target):
@@ -146,3 +241,5 @@ def test_the_server_can_serve_int8_weights(trained_run):
     server = Server(trained_run, quantize="int8")
     assert any(isinstance(m, Int8Linear) for m in server.model.modules())
     assert not any(isinstance(m, torch.nn.Linear) for m in server.model.modules())
+
+

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 from llmkit.core.config import SampleConfig
 from llmkit.core.errors import ConfigError
 from llmkit.core.generate import Output, beam_search, decode_batch, random_seed, row_seed
-from llmkit.core.speculative import DraftModel, PromptLookup, speculative_decode
+from llmkit.core.speculative import DraftModel, PromptLookup, speculative_batch
 from llmkit.core.task_data import encode_prompt
 
 TextFn = Callable[[int, str], None]
@@ -46,7 +46,7 @@ class Decoder:
                  draft=None):
         self.model, self.tok, self.cfg, self.device, self.template = model, tokenizer, cfg, device, template
         self.base_seed = cfg.seed if cfg.seed is not None else random_seed()
-        self.proposer = None
+        self.proposers = None  # speculative decoding: n -> a proposer for each of n rows
         if draft is not None or cfg.lookup:
             why = ("it needs greedy decoding (--temperature 0)" if not cfg.greedy else
                    "beam search decodes its own way" if cfg.num_beams > 1 else
@@ -56,7 +56,10 @@ class Decoder:
             if draft is not None and draft.cfg.vocab_size != model.cfg.vocab_size:
                 raise ConfigError(f"--draft: the draft model's vocabulary ({draft.cfg.vocab_size}) is not the "
                                   f"model's ({model.cfg.vocab_size}): it must share the tokenizer")
-            self.proposer = DraftModel(draft, device) if draft is not None else PromptLookup(cfg.lookup)
+            if draft is not None:  # a draft model keeps a cache per text: one per row
+                self.proposers = lambda n: [DraftModel(draft, device) for _ in range(n)]
+            else:  # prompt lookup only reads the row's tokens
+                self.proposers = lambda n: [PromptLookup(cfg.lookup)] * n
 
     @property
     def continues_prompt(self) -> bool:
@@ -71,15 +74,10 @@ class Decoder:
     def decode(self, prompts: list[list[int]], seeds: list[int], *, on_text: TextFn | None = None,
                record_probs: bool = False, cancelled: Callable[[int], bool] | None = None) -> list[Output]:
         """Outputs for token prompts: beam search one by one when asked for, else one batch."""
-        if self.proposer is not None and not record_probs:  # one prompt at a time; the plain greedy output
-            outs = []
-            for p in prompts:
-                row = len(outs)
-                outs.append(speculative_decode(
-                    self.model, p, self.cfg, self.proposer, eos_id=self.tok.eos_id, decode=self.tok.decode,
-                    device=self.device, draft_tokens=self.cfg.draft_tokens,
-                    on_text=(lambda text, row=row: on_text(row, text)) if on_text else None))
-            return outs
+        if self.proposers is not None and not record_probs:  # the plain greedy output, in fewer passes
+            return speculative_batch(self.model, prompts, self.cfg, self.proposers(len(prompts)),
+                                     eos_id=self.tok.eos_id, decode=self.tok.decode, device=self.device,
+                                     draft_tokens=self.cfg.draft_tokens, on_text=on_text)
         if self.cfg.num_beams > 1:
             outs = []
             for p in prompts:

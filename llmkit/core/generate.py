@@ -169,14 +169,17 @@ class DecodeState:
 
     ``prefill`` writes the prompts at slots [0, P); each ``step`` writes one token per row at the
     next slot. Both return the next-token logits (B, V). ``key_valid`` (B, L) marks the slots that
-    hold real tokens, so padding is never attended to.
+    hold real tokens, so padding is never attended to; ``pad`` (B,) counts each row's masked-out
+    slots so far, and a token's rotary position is its slot minus its row's ``pad``.
+    ``extra`` slots past the context leave room for masked-out slots inside rows (``keep``).
     """
 
-    def __init__(self, model: Transformer, batch_size: int, device, length: int | None = None):
+    def __init__(self, model: Transformer, batch_size: int, device, length: int | None = None,
+                 *, extra: int = 0):
         self.model, self.device = model, device
         # Only as many slots as this decoding can fill: a pretrained model's context (8k, 128k)
         # would otherwise cost gigabytes of cache per row.
-        self.length = min(model.cfg.context, length or model.cfg.context)
+        self.length = min(model.cfg.context, length or model.cfg.context) + extra
         dtype = next(model.parameters()).dtype
         self.cache = KVCache(model.cfg, batch_size, self.length, device=device, dtype=dtype)
         self.key_valid = torch.zeros(batch_size, self.length, dtype=torch.bool, device=device)  # (B, L)
@@ -206,7 +209,12 @@ class DecodeState:
         after the last only. Speculative decoding checks its guesses this way, then ``rewind``s."""
         s, T = self.slot, tokens.size(1)
         self.key_valid[:, s: s + T] = True
-        positions = (s - self.pad)[:, None] + torch.arange(T, device=tokens.device) if self.padded else None  # (B, T)
+        positions = None
+        if self.padded:
+            # Clamped: filler tokens after a row's real ones (``keep`` drops them) may run past
+            # the context; a real token's position never does.
+            positions = ((s - self.pad)[:, None] + torch.arange(T, device=tokens.device)).clamp(
+                max=self.model.cfg.context - 1)  # (B, T)
         logits = self.model(tokens, cache=self.cache, pos=s, positions=positions,
                             key_valid=self.key_valid if self.padded else None, last_only=last_only)
         self.slot = s + T
@@ -217,6 +225,26 @@ class DecodeState:
         queries, and the next tokens overwrite them (rolling back costs nothing)."""
         self.key_valid[:, slot:] = False
         self.slot = slot
+
+    def keep(self, start: int, counts: list[int]) -> None:
+        """Of the slots fed since ``start``, keep the first ``counts[b]`` of each row b and mask
+        out the rest: rows that fed together can keep different numbers of tokens (speculative
+        decoding). Equal counts rewind instead, so nothing is masked out."""
+        if len(set(counts)) == 1:
+            self.rewind(start + counts[0])
+            return
+        T = self.slot - start
+        n = torch.tensor(counts, device=self.device)  # (B,)
+        dropped = torch.arange(T, device=self.device)[None, :] >= n[:, None]  # (B, T)
+        self.key_valid[:, start: self.slot] &= ~dropped
+        self.pad += T - n
+        self.padded = True
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only batch rows ``rows``, in that order: rows that have ended stop costing work."""
+        i = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.cache.select(i)
+        self.key_valid, self.pad = self.key_valid[i], self.pad[i]  # (b, L), (b,)
 
     @property
     def full(self) -> bool:

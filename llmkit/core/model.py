@@ -88,9 +88,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Preallocated keys and values for every layer: (n_layer, B, G, L, D) each, written in place.
 
-    Indexed by position (gpt-fast's ``input_pos``): ``update`` writes the new keys at their slots
-    and hands back the whole buffer, so every decode step has the same shapes (a compiled step is
-    reused) and the attention mask alone decides which slots a query sees.
+    Indexed by slot (gpt-fast's ``input_pos``): ``update`` writes the new keys at their slots and
+    hands back the whole buffer; attention reads the slots up to the last one written (the mask's
+    width), and the mask alone decides which of them a query sees. A slot is not a position: rows
+    decoded together may hold masked-out slots (left padding, rejected speculative guesses), and
+    each row's rotary positions count its own tokens only, so a cache may be longer than the
+    model's context.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, length: int, *, device=None, dtype=None):
@@ -110,6 +113,11 @@ class KVCache(nn.Module):
         """Keep rows ``rows`` (B,) of the batch, in that order (beam search's reshuffle)."""
         self.k.copy_(self.k.index_select(1, rows))  # (n_layer, B, G, L, D)
         self.v.copy_(self.v.index_select(1, rows))
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only rows ``rows`` (b,) of the batch, in that order: a smaller batch from now on."""
+        self.k = self.k.index_select(1, rows)  # (n_layer, b, G, L, D)
+        self.v = self.v.index_select(1, rows)
 
 
 class Attention(nn.Module):
@@ -136,7 +144,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, input_pos, k.to(cache.k.dtype), v.to(cache.v.dtype))  # (B, G, L, D)
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            # Only the slots up to the newest can be seen: the mask is that wide (S = pos + T).
+            S = mask.size(-1) if mask is not None else T
+            k, v = k[:, :, :S].to(q.dtype), v[:, :, :S].to(q.dtype)  # (B, G, S, D)
         # No dropout on the attention probabilities (model.dropout acts on the residual branches):
         # with it, SDPA leaves its fused kernel for the math path, 2.5x slower on a CPU (measured:
         # docs/benchmarks.md), and Llama-style models train without it.
@@ -228,8 +238,10 @@ class Transformer(nn.Module):
                positions: torch.Tensor | None, key_valid: torch.Tensor | None) -> torch.Tensor:
         """Embed idx (B, T) and run the first ``n_blocks`` blocks -> (B, T, C), not normalised."""
         B, T = idx.shape
-        if pos + T > self.cfg.context:
+        if positions is None and pos + T > self.cfg.context:
             raise ValueError(f"positions {pos}..{pos + T} exceed the context of {self.cfg.context}")
+        if cache is not None and pos + T > cache.length:
+            raise ValueError(f"slots {pos}..{pos + T} exceed the cache's {cache.length}")
         if positions is None:
             rope = self.rope_cos[pos: pos + T], self.rope_sin[pos: pos + T]  # each (T, D/2)
         else:
@@ -237,7 +249,10 @@ class Transformer(nn.Module):
         input_pos = None
         if cache is not None:
             input_pos = torch.arange(pos, pos + T, device=idx.device)  # (T,) the cache slots written
-        mask = attention_mask(T, pos, cache.length if cache is not None else T, key_valid, idx.device)
+        S = pos + T if cache is not None else T  # the key slots anyone here can see
+        if key_valid is not None:
+            key_valid = key_valid[:, :S]  # (B, S)
+        mask = attention_mask(T, pos, S, key_valid, idx.device)
         x = self.embed(idx)  # (B, T, C)
         for block in self.blocks[:n_blocks]:
             x = block(x, rope, mask, cache, input_pos)
@@ -250,9 +265,9 @@ class Transformer(nn.Module):
 
         With a ``cache``, the new keys and values go to slots [pos, pos + T) and the tokens attend
         to every earlier slot. For left-padded batches, ``positions`` (B, T) gives each token's
-        rotary position (its index within its own row's text) and ``key_valid`` marks the slots
-        holding real tokens, (B, L) with a cache of length L, else (B, T): padding is then never
-        attended to. ``last_only`` computes logits for the final position only (B, 1, V): all
+        rotary position (its index within its own row's text, below the context) and ``key_valid``
+        marks the slots holding real tokens, (B, L) with a cache of length L, else (B, T): padding
+        is then never attended to. ``last_only`` computes logits for the final position only (B, 1, V): all
         that decoding needs.
         """
         x = self._trunk(idx, self.cfg.n_layer, cache=cache, pos=pos, positions=positions, key_valid=key_valid)

@@ -13,12 +13,25 @@ Proposers:
   n-gram of the text (prompt lookup decoding, Saxena 2023): free, and strong on inputs that repeat
   themselves (summaries, edits, code, extraction).
 
-Rolling back a cache is free: slots past the accepted tokens hold stale keys, but the causal mask
-hides every slot after a query's own, and the next pass overwrites them.
+Rows decode together: one pass checks every row's guesses (rows with fewer are filled with
+throwaway tokens), so a batch of 8 costs about one pass per accepted run, as at batch 1. Rows keep
+different numbers of tokens from a pass; the rejected slots of each row are masked out
+(``DecodeState.keep``) and the next pass starts after the longest, so the cache carries a few
+holes; when it is full, or a row's text reaches the context (which slides, as on the plain path),
+the cache is rebuilt from every row's tokens. Rows that have ended leave the batch. With one row,
+or when every row keeps as many tokens, rolling back is free instead: slots past the accepted
+tokens hold stale keys, the causal mask hides every slot after a query's own, and the next pass
+overwrites them.
+
+Guessing is not free: a pass of 1 + k positions per row costs more than one of 1, little when
+decoding is bound by reading the weights (batch 1), up to k + 1 times when it is bound by
+arithmetic (a batch of a larger model). ``_Pacer`` times the passes and guesses only when the
+tokens a pass is expected to yield, at each row's acceptance rate so far, pay for its cost.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Protocol
 
@@ -74,7 +87,9 @@ class DraftModel:
 
 class PromptLookup:
     """Guesses copied from earlier in the text: after the latest earlier match of the last n
-    tokens (n from ``max_ngram`` down to 1), the tokens that followed it."""
+    tokens (n from ``max_ngram`` down to 1), the tokens that followed it. A match close to the
+    end has fewer than k tokens after it: the text is then repeating itself with that period,
+    and the guesses go on repeating it (a loop of two tokens yields k guesses, not one)."""
 
     def __init__(self, max_ngram: int = 3):
         self.max_ngram = max_ngram
@@ -87,82 +102,171 @@ class PromptLookup:
             tail = history[-n:]
             for start in range(len(history) - n - 1, -1, -1):  # the most recent match first
                 if history[start: start + n] == tail:
-                    return history[start + n: start + n + k]
+                    period = len(history) - n - start  # the match's distance back
+                    follow = history[start + n:]  # (period,) tokens, then the same again
+                    return [follow[j % period] for j in range(k)]
         return []
 
 
-@torch.inference_mode()
-def speculative_decode(model: Transformer, prompt: list[int], cfg: SampleConfig, proposer: Proposer, *,
-                       eos_id: int | None, decode: Callable[[list[int]], str], device,
-                       draft_tokens: int = 4, on_text: Callable[[str], None] | None = None) -> Output:
-    """Greedy decoding of one prompt with guesses from ``proposer`` (see the module docstring).
+class _Pacer:
+    """How many positions each row of a pass feeds: 1 (no guesses) up to 1 + the most guesses,
+    whichever promises the most tokens per second — the tokens expected at each row's recent
+    acceptance rate, over the pass's cost timed so far (per batch size and width).
 
-    Stops at EOS, a stop string or ``max_new_tokens``; a full context slides as in ``decode_batch``.
+    A first pass with all the guesses and a first plain pass are timed before anything is
+    compared; a width not yet timed then costs at most the next wider one timed (a wider pass
+    never costs less). Each cost is the fastest pass seen (a shared machine only ever slows a pass
+    down). After ``RETRY`` plain passes in a row the guesses are tried again (the text may have
+    started to repeat itself), and after each retry that does not pay, twice as many."""
+
+    RETRY = 8
+
+    def __init__(self):
+        self.cost: dict[tuple[int, int], float] = {}  # (rows, positions per row) -> seconds
+        self.refused, self.retry = 0, self.RETRY
+
+    def time(self, rows: int, width: int, seconds: float) -> None:
+        self.cost[(rows, width)] = min(seconds, self.cost.get((rows, width), math.inf))
+
+    def _cost(self, rows: int, width: int) -> float | None:
+        wider = sorted((w, c) for (r, w), c in self.cost.items() if r == rows and w >= width)
+        return wider[0][1] if wider else None
+
+    def width(self, guesses: list[list[int]], rates: list[float]) -> int:
+        n, top = len(guesses), 1 + max(map(len, guesses))
+        if top == 1:
+            return 1
+        if self._cost(n, 2) is None:
+            return top  # no pass with guesses timed yet
+        if (n, 1) not in self.cost:
+            return 1  # nor a plain one
+        best, best_rate = 1, n / self.cost[(n, 1)]
+        for w in range(2, top + 1):
+            cost = self._cost(n, w)
+            if cost is None:  # wider than any timed: tried when a retry comes
+                break
+            # A row keeps its j-th guess if it kept the j - 1 before: rate ** j of them on average.
+            expected = n + sum(sum(a ** j for j in range(1, min(len(g), w - 1) + 1)) for g, a in zip(guesses, rates))
+            if expected / cost > best_rate:
+                best, best_rate = w, expected / cost
+        if best > 1:
+            self.refused, self.retry = 0, self.RETRY
+            return best
+        if self.refused < self.retry:
+            self.refused += 1
+            return 1
+        self.refused, self.retry = 0, 2 * self.retry
+        return top
+
+
+@torch.inference_mode()
+def speculative_batch(model: Transformer, prompts: list[list[int]], cfg: SampleConfig,
+                      proposers: list[Proposer], *, eos_id: int | None, decode: Callable[[list[int]], str],
+                      device, draft_tokens: int = 4, on_text: Callable[[int, str], None] | None = None,
+                      paced: bool = True) -> list[Output]:
+    """Greedy decoding of several prompts together, with guesses from each row's proposer (see
+    the module docstring); ``on_text(row, text)`` streams; ``paced=False`` guesses at every pass. Every row's tokens are its plain greedy
+    output: each stops at EOS, a stop string or ``max_new_tokens``; a full context slides as in
+    ``decode_batch`` decoding that prompt alone.
     """
     context = model.cfg.context
     window = max(context // 2, 1)
-    ids, truncated = fit_prompt(prompt or [eos_id if eos_id is not None else 0], context)
-    out = Output(prompt_ids=list(ids), truncated_prompt=truncated)
-    stream = TextStream(decode, cfg.stop)
+    k = max(draft_tokens, 0)
+    outs, views = [], []  # views[b]: the tokens whose keys are in row b's cache, in order
+    for p in prompts:
+        ids, truncated = fit_prompt(p or [eos_id if eos_id is not None else 0], context)
+        outs.append(Output(prompt_ids=list(ids), truncated_prompt=truncated))
+        views.append(list(ids))
+    B = len(views)
+    streams = [TextStream(decode, cfg.stop) for _ in range(B)]
     t0 = time.perf_counter()
-    length = min(context, len(ids) + cfg.max_new_tokens + draft_tokens + 1)
-    target = DecodeState(model, 1, device, length)
-    view = list(ids)  # the tokens whose keys are in the model's cache, in slot order
+    # Room for every row's text without holes, and for one pass's guesses past it; holes beyond
+    # that rebuild the cache (``start``), at most every ``extra / k`` rejected passes.
+    need = max(map(len, views)) + cfg.max_new_tokens
+    state = DecodeState(model, B, device, need, extra=max(k + 1, min(cfg.max_new_tokens * k, context)))
+    spans = [min(context, len(v) + cfg.max_new_tokens + k + 1) for v in views]  # each proposer's room
+    pending = [0] * B  # each row's newest chosen token: emitted, not yet in the cache
+    alive = [True] * B
+    rows = list(range(B))  # the output row held by each row of the cache, in order
+    pacer = _Pacer()
+    # Each row's recent guesses, kept and failed: a pass keeps n guesses and fails once (unless it
+    # kept them all), so kept / (kept + failed) estimates the chance of keeping the next guess
+    # after a kept one. Decayed, since the loops of small models come and go.
+    kept_n, failed_n = [0.0] * B, [0.0] * B
 
-    def feed(tokens: list[int]) -> torch.Tensor:
-        return target.feed(torch.tensor([tokens], device=device))[0]  # (len(tokens), V)
-
-    proposer.start(view, length)
-    # ``pending`` is the newest chosen token: emitted, not yet in the model's cache.
-    pending = int(feed(view)[-1].argmax())
-
-    def emit(token: int) -> bool:
-        """Append a chosen token to the output; False when the output has ended."""
+    def emit(b: int, token: int) -> bool:
+        """Append a chosen token to row b's output; False when the row has ended."""
+        out = outs[b]
         if eos_id is not None and token == eos_id:
             out.finish_reason = "eos"
             return False
         out.ids.append(token)
-        shown = stream.push(token)
+        shown = streams[b].push(token)
         if on_text and shown:
-            on_text(shown)
-        if stream.stopped:
+            on_text(b, shown)
+        if streams[b].stopped:
             out.finish_reason = "stop"
             return False
         return len(out.ids) < cfg.max_new_tokens
 
-    going = emit(pending)
-    while going:
-        if target.full:
-            # The context is full: slide exactly as the plain path does (the most recent
-            # half-context, pending included, becomes the new cache), so the output stays its own.
-            view = (view + [pending])[-window:]
-            target.rewind(0)
-            proposer.start(view, length)
-            pending = int(feed(view)[-1].argmax())
-            going = emit(pending)
+    def start(slide: set[int], first: bool = False) -> None:
+        """(Re)build the cache from every row's tokens. Rows in ``slide`` slide exactly as the plain
+        path does (the most recent half-context, pending included, becomes the new cache); they
+        (every row, the ``first`` time) choose their next token from it, the others keep theirs."""
+        for b in slide:
+            views[b] = (views[b] + [pending[b]])[-window:]
+        choices = state.prefill([views[b] for b in rows]).argmax(-1).tolist()  # the greedy token after each
+        for i, b in enumerate(rows):
+            if first or b in slide:
+                proposers[b].start(views[b], spans[b])
+                pending[b] = choices[i]
+                alive[b] = emit(b, pending[b])
+
+    start(set(), first=True)
+    while any(alive):
+        if not all(alive[b] for b in rows):  # rows that have ended leave the batch
+            state.select([i for i, b in enumerate(rows) if alive[b]])
+            rows = [b for b in rows if alive[b]]
+        slide = {b for b in rows if len(views[b]) >= context}
+        guesses = []
+        for b in rows:
+            room = min(k, cfg.max_new_tokens - len(outs[b].ids), context - len(views[b]) - 1)
+            guesses.append(proposers[b].propose(views[b] + [pending[b]], room) if room > 0 else [])
+        if paced:
+            width = pacer.width(guesses, [(kept_n[b] + 1) / (kept_n[b] + failed_n[b] + 2) for b in rows])
+            guesses = [g[: width - 1] for g in guesses]
+        T = 1 + max(map(len, guesses))
+        if slide or state.slot + T > state.length:
+            start(slide)
             continue
-        view.append(pending)
-        room = min(draft_tokens, cfg.max_new_tokens - len(out.ids), length - target.slot - 1)
-        guesses = proposer.propose(view, room) if room > 0 else []
-        logits = feed([pending, *guesses])  # (1 + g, V)
-        choices = logits.argmax(-1).tolist()  # the model's greedy token after each position
-        n = 0
-        while n < len(guesses) and guesses[n] == choices[n]:
-            n += 1
-        out.drafted += len(guesses)
-        out.accepted += n
-        target.rewind(target.slot - (len(guesses) - n))  # roll back past the first wrong guess
-        for token in guesses[:n]:
-            going = emit(token)
-            if not going:
-                break
-            view.append(token)
-        if going:
-            pending = choices[n]
-            going = emit(pending)
-    rest = stream.flush()
-    if on_text and rest:
-        on_text(rest)
-    out.text = stream.text
-    out.seconds = time.perf_counter() - t0
-    return out
+        fed = [[pending[b], *g] + [0] * (T - 1 - len(g)) for b, g in zip(rows, guesses)]  # fillers after
+        s, clock = state.slot, time.perf_counter()
+        choices = state.feed(torch.tensor(fed, device=device)).argmax(-1).tolist()  # (b, T) greedy after each
+        pacer.time(len(rows), T, time.perf_counter() - clock)
+        kept = []
+        for b, g, chosen in zip(rows, guesses, choices):
+            n = 0
+            while n < len(g) and g[n] == chosen[n]:
+                n += 1
+            outs[b].drafted += len(g)
+            outs[b].accepted += n
+            if g:
+                kept_n[b], failed_n[b] = 0.8 * kept_n[b] + n, 0.8 * failed_n[b] + (n < len(g))
+            kept.append(1 + n)  # the pending token and the guesses the model agrees with
+            views[b] += [pending[b], *g[:n]]
+            for token in g[:n]:
+                alive[b] = emit(b, token)
+                if not alive[b]:
+                    break
+            if alive[b]:
+                pending[b] = chosen[n]
+                alive[b] = emit(b, pending[b])
+        state.keep(s, kept)
+    seconds = time.perf_counter() - t0
+    for b, out in enumerate(outs):
+        rest = streams[b].flush()
+        if on_text and rest:
+            on_text(b, rest)
+        out.text = streams[b].text
+        out.seconds = seconds
+    return outs
