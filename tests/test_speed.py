@@ -13,7 +13,7 @@ from llmkit.core import speed
 from llmkit.core.config import ModelConfig, OptimConfig
 from llmkit.core.model import Transformer
 from llmkit.core.speed import Mode, Timing
-from llmkit.core.train import make_optimizer, mean_token_loss
+from llmkit.core.train import make_optimizer, mean_token_loss, next_token_loss, target_loss
 
 CFG = ModelConfig(vocab_size=97, context=16, d_model=32, n_layer=2, n_head=2, n_kv_head=1)
 
@@ -178,6 +178,24 @@ def test_fused_adamw_follows_the_default_one():
             opt.zero_grad()
         params.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-5)
+
+
+def test_the_loss_at_target_positions_only_is_the_full_loss():
+    """Fine-tuning's loss skips the LM head where there is no target (masked prompts, padding):
+    the same value and the same gradients as scoring every position."""
+    x = torch.randint(0, CFG.vocab_size, (3, CFG.context))
+    y = torch.randint(0, CFG.vocab_size, (3, CFG.context))
+    y[0, :20] = -100  # a masked prompt
+    y[1, 5:] = -100  # padding after a short row
+    y[2, ::3] = -100  # scattered
+    grads = []
+    for loss_fn in (next_token_loss, target_loss):
+        m = _model()
+        loss = loss_fn(m, x, y)
+        loss.backward()
+        grads.append((loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
 
 
 def test_eval_standard_error_is_the_spread_of_window_means():

@@ -260,7 +260,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, pos: int = 0,
                 positions: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
-                return_hidden: bool = False, last_only: bool = False):
+                return_hidden: bool = False, last_only: bool = False, logits_where: torch.Tensor | None = None):
         """idx (B, T) token ids at positions [pos, pos + T) -> logits (B, T, V).
 
         With a ``cache``, the new keys and values go to slots [pos, pos + T) and the tokens attend
@@ -268,11 +268,17 @@ class Transformer(nn.Module):
         rotary position (its index within its own row's text, below the context) and ``key_valid``
         marks the slots holding real tokens, (B, L) with a cache of length L, else (B, T): padding
         is then never attended to. ``last_only`` computes logits for the final position only (B, 1, V): all
-        that decoding needs.
+        that decoding needs. ``logits_where`` (B, T) bool computes them only where it is true,
+        (N, V) in row-major order: fine-tuning scores responses, not prompts or padding, and the
+        LM head is a fifth of a small model's work (a third of SmolLM2's, vocabulary 49,152).
         """
         x = self._trunk(idx, self.cfg.n_layer, cache=cache, pos=pos, positions=positions, key_valid=key_valid)
         h = self.norm(x)  # (B, T, C)
-        logits = self.lm_head(h[:, -1:] if last_only else h)  # (B, T, V)
+        if logits_where is not None:
+            h = h[logits_where]  # (N, C)
+        elif last_only:
+            h = h[:, -1:]  # (B, 1, C)
+        logits = self.lm_head(h)  # (B, T, V), or (N, V)
         return (logits, h) if return_hidden else logits
 
     def hidden_states(self, idx: torch.Tensor, *, layer: int = -1, positions: torch.Tensor | None = None,

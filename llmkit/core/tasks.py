@@ -29,7 +29,7 @@ from llmkit.core.task_data import Example, Sequence, classify_ids, encode_prompt
 from llmkit.core.generate import decode_batch
 from llmkit.core.heads import classify_logits
 from llmkit.core.metrics import accuracy, bleu, chrf, confusion_matrix, exact_match, macro_f1, per_class, token_f1
-from llmkit.core.train import mean_token_loss, next_token_loss
+from llmkit.core.train import mean_token_loss, next_token_loss, target_loss
 
 
 # --- language modelling ---------------------------------------------------------------------------
@@ -280,7 +280,7 @@ class PairTask:
     def loss(self, forward, batch):
         x, y, n_tokens = batch
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        return forward(next_token_loss, x, y), n_tokens  # throughput counts every real input token
+        return forward(target_loss, x, y), n_tokens  # throughput counts every real input token
 
     def evaluate(self, net):
         B = self.cfg.train.batch_size

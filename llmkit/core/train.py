@@ -111,6 +111,15 @@ def next_token_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return lm_loss(model(x), y)
 
 
+def target_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``next_token_loss`` computed at the positions that have a target only (y != -100): the LM
+    head and its softmax skip masked prompts and padding. The same value and gradients; 1.26x
+    faster forward and backward at the ``small`` shape when a tenth of the tokens are targets
+    (docs/benchmarks.md)."""
+    keep = y != -100  # (B, T)
+    return F.cross_entropy(model(x, logits_where=keep).float(), y[keep])  # over (N, V) logits
+
+
 class TokenLoss(NamedTuple):
     loss: float
     """Mean next-token loss per target token."""
