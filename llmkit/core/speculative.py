@@ -26,7 +26,7 @@ overwrites them.
 Guessing is not free: a pass of 1 + k positions per row costs more than one of 1, little when
 decoding is bound by reading the weights (batch 1), up to k + 1 times when it is bound by
 arithmetic (a batch of a larger model). ``_Pacer`` times the passes and guesses only when the
-tokens a pass is expected to yield, at each row's acceptance rate so far, pay for its cost.
+tokens a pass is expected to yield, at each row's recent acceptance rate, pay for its cost.
 """
 
 from __future__ import annotations
@@ -165,9 +165,9 @@ def speculative_batch(model: Transformer, prompts: list[list[int]], cfg: SampleC
                       device, draft_tokens: int = 4, on_text: Callable[[int, str], None] | None = None,
                       paced: bool = True) -> list[Output]:
     """Greedy decoding of several prompts together, with guesses from each row's proposer (see
-    the module docstring); ``on_text(row, text)`` streams; ``paced=False`` guesses at every pass. Every row's tokens are its plain greedy
-    output: each stops at EOS, a stop string or ``max_new_tokens``; a full context slides as in
-    ``decode_batch`` decoding that prompt alone.
+    the module docstring); ``on_text(row, text)`` streams; ``paced=False`` guesses at every pass.
+    Every row's tokens are its plain greedy output: each stops at EOS, a stop string or
+    ``max_new_tokens``; a full context slides as in ``decode_batch`` decoding that prompt alone.
     """
     context = model.cfg.context
     window = max(context // 2, 1)
