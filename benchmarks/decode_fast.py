@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--draft", type=Path)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--draft-tokens", type=int, default=4)
+    ap.add_argument("--draft-tokens", type=int, default=0, help="0: as generate (4 with a draft, 8 for lookup)")
     args = ap.parse_args()
     emit(event="machine", **machine())
     plain, ckpt = load_model(args.target)
@@ -77,8 +77,10 @@ def main() -> None:
         return lambda prompts: [o.ids for o in decode_batch(model, prompts, sample, eos_id=None, decode=tok.decode)]
 
     def speculative(model, propose, prompts):
-        outs = speculative_batch(model, prompts, sample, [propose() for _ in prompts], eos_id=None,
-                                 decode=tok.decode, device="cpu", draft_tokens=args.draft_tokens)
+        proposers = [propose() for _ in prompts]
+        k = args.draft_tokens or (4 if isinstance(proposers[0], DraftModel) else 8)  # generate's defaults
+        outs = speculative_batch(model, prompts, sample, proposers, eos_id=None, decode=tok.decode,
+                                 device="cpu", draft_tokens=k)
         return outs, sum(o.accepted for o in outs) / max(sum(o.drafted for o in outs), 1)
 
     def one_by_one(model, propose=None):

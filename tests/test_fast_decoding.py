@@ -149,6 +149,10 @@ def test_the_pacer_guesses_only_where_guessing_pays():
     pacer.time(2, 1, 0.030)  # a slow pass (the machine was busy) does not raise the cost
     assert pacer.width(g, [0.9, 0.9]) == 5  # 2 + 2 * 3.1 tokens for 1.5x the cost
     assert pacer.width(g, [0.1, 0.1]) == 1  # 2 + 2 * 0.11 tokens: not worth it
+    # widths between are on the line from 1 to 5 (3 positions: 0.0125): tried, then timed
+    assert pacer.width(g, [0.5, 0.5]) == 3  # 3.5 tokens for 1.25x beats 2 + 2 * 0.94 for 1.5x
+    pacer.time(2, 3, 0.0149)  # dearer than the line: now known
+    assert pacer.width(g, [0.5, 0.5]) == 5
     pacer.time(2, 2, 0.011)  # one guess per row is nearly free here
     assert pacer.width(g, [0.3, 0.3]) == 2  # 2.6 tokens for 1.1x beats 2 + 2 * 0.42 for 1.5x
     n = _Pacer.RETRY

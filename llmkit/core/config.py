@@ -441,8 +441,9 @@ class SampleConfig:
     lookup: int = 0
     """Prompt lookup decoding: guess the next tokens by matching the last n-gram (up to this n)
     earlier in the text, checked by the model in one pass; greedy only; 0 disables."""
-    draft_tokens: int = 4
-    """Tokens guessed per pass by --draft or --lookup."""
+    draft_tokens: int = 0
+    """Tokens guessed per pass by --draft or --lookup; 0: 4 for a draft model (each guess costs
+    a draft pass), 8 for lookup (guesses are free; the pacer trims passes where they do not pay)."""
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -461,7 +462,7 @@ class SampleConfig:
         _check(self.batch_size >= 1, "--batch-size", f"must be >= 1, not {self.batch_size}")
         _check(all(self.stop), "--stop", "must not be empty")
         _check(self.lookup >= 0, "--lookup", f"must be >= 0, not {self.lookup}")
-        _check(self.draft_tokens >= 1, "--draft-tokens", f"must be >= 1, not {self.draft_tokens}")
+        _check(self.draft_tokens >= 0, "--draft-tokens", f"must be >= 0, not {self.draft_tokens}")
 
     @property
     def greedy(self) -> bool:

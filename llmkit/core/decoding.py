@@ -47,6 +47,7 @@ class Decoder:
         self.model, self.tok, self.cfg, self.device, self.template = model, tokenizer, cfg, device, template
         self.base_seed = cfg.seed if cfg.seed is not None else random_seed()
         self.proposers = None  # speculative decoding: n -> a proposer for each of n rows
+        self.guesses = cfg.draft_tokens or (4 if draft is not None else 8)  # per pass (config.SampleConfig)
         if draft is not None or cfg.lookup:
             why = ("it needs greedy decoding (--temperature 0)" if not cfg.greedy else
                    "beam search decodes its own way" if cfg.num_beams > 1 else
@@ -77,7 +78,7 @@ class Decoder:
         if self.proposers is not None and not record_probs:  # the plain greedy output, in fewer passes
             return speculative_batch(self.model, prompts, self.cfg, self.proposers(len(prompts)),
                                      eos_id=self.tok.eos_id, decode=self.tok.decode, device=self.device,
-                                     draft_tokens=self.cfg.draft_tokens, on_text=on_text)
+                                     draft_tokens=self.guesses, on_text=on_text)
         if self.cfg.num_beams > 1:
             outs = []
             for p in prompts:

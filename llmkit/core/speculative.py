@@ -114,9 +114,11 @@ class _Pacer:
     acceptance rate, over the pass's cost timed so far (per batch size and width).
 
     A first pass with all the guesses and a first plain pass are timed before anything is
-    compared; a width not yet timed then costs at most the next wider one timed (a wider pass
-    never costs less). Each cost is the fastest pass seen (a shared machine only ever slows a pass
-    down). After ``RETRY`` plain passes in a row the guesses are tried again (the text may have
+    compared; a width not yet timed is then costed on the straight line between the timed widths
+    around it. Where the true cost rises faster at first (batch 1: the first extra position turns
+    matrix-vector products into matrix products) the line is too low, so that width gets tried,
+    and timed; where it is straight (arithmetic-bound batches) the line is right. Each cost is the
+    fastest pass seen (a shared machine only ever slows a pass down). After ``RETRY`` plain passes in a row the guesses are tried again (the text may have
     started to repeat itself), and after each retry that does not pay, twice as many."""
 
     RETRY = 8
@@ -129,14 +131,21 @@ class _Pacer:
         self.cost[(rows, width)] = min(seconds, self.cost.get((rows, width), math.inf))
 
     def _cost(self, rows: int, width: int) -> float | None:
-        wider = sorted((w, c) for (r, w), c in self.cost.items() if r == rows and w >= width)
-        return wider[0][1] if wider else None
+        """The timed cost of a width, or the line between the timed widths around it; None past
+        the widest timed."""
+        timed = sorted((w, c) for (r, w), c in self.cost.items() if r == rows)  # the plain pass first
+        below = [(w, c) for w, c in timed if w <= width]
+        above = [(w, c) for w, c in timed if w >= width]
+        if not above:
+            return None
+        (w0, c0), (w1, c1) = below[-1], above[0]
+        return c0 if w1 == w0 else c0 + (c1 - c0) * (width - w0) / (w1 - w0)
 
     def width(self, guesses: list[list[int]], rates: list[float]) -> int:
         n, top = len(guesses), 1 + max(map(len, guesses))
         if top == 1:
             return 1
-        if self._cost(n, 2) is None:
+        if not any(r == n and w > 1 for r, w in self.cost):
             return top  # no pass with guesses timed yet
         if (n, 1) not in self.cost:
             return 1  # nor a plain one
