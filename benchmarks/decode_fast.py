@@ -33,7 +33,7 @@ from llmkit.core.checkpoint import load_model
 from llmkit.core.config import SampleConfig
 from llmkit.core.generate import decode_batch
 from llmkit.core.quantize import quantize_int8
-from llmkit.core.speculative import DraftModel, PromptLookup, speculative_batch
+from llmkit.core.speculative import DraftModel, PromptLookup, guesses_per_pass, speculative_batch
 from llmkit.core.train import mean_token_loss
 
 
@@ -78,7 +78,7 @@ def main() -> None:
 
     def speculative(model, propose, prompts):
         proposers = [propose() for _ in prompts]
-        k = args.draft_tokens or (4 if isinstance(proposers[0], DraftModel) else 8)  # generate's defaults
+        k = args.draft_tokens or guesses_per_pass(proposers[0])  # generate's defaults
         outs = speculative_batch(model, prompts, sample, proposers, eos_id=None, decode=tok.decode,
                                  device="cpu", draft_tokens=k)
         return outs, sum(o.accepted for o in outs) / max(sum(o.drafted for o in outs), 1)

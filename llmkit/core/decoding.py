@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 from llmkit.core.config import SampleConfig
 from llmkit.core.errors import ConfigError
 from llmkit.core.generate import Output, beam_search, decode_batch, random_seed, row_seed
-from llmkit.core.speculative import DraftModel, PromptLookup, speculative_batch
+from llmkit.core.speculative import DraftModel, PromptLookup, guesses_per_pass, speculative_batch
 from llmkit.core.task_data import encode_prompt
 
 TextFn = Callable[[int, str], None]
@@ -47,7 +47,6 @@ class Decoder:
         self.model, self.tok, self.cfg, self.device, self.template = model, tokenizer, cfg, device, template
         self.base_seed = cfg.seed if cfg.seed is not None else random_seed()
         self.proposers = None  # speculative decoding: n -> a proposer for each of n rows
-        self.guesses = cfg.draft_tokens or (4 if draft is not None else 8)  # per pass (config.SampleConfig)
         if draft is not None or cfg.lookup:
             why = ("it needs greedy decoding (--temperature 0)" if not cfg.greedy else
                    "beam search decodes its own way" if cfg.num_beams > 1 else
@@ -76,9 +75,10 @@ class Decoder:
                record_probs: bool = False, cancelled: Callable[[int], bool] | None = None) -> list[Output]:
         """Outputs for token prompts: beam search one by one when asked for, else one batch."""
         if self.proposers is not None and not record_probs:  # the plain greedy output, in fewer passes
-            return speculative_batch(self.model, prompts, self.cfg, self.proposers(len(prompts)),
-                                     eos_id=self.tok.eos_id, decode=self.tok.decode, device=self.device,
-                                     draft_tokens=self.guesses, on_text=on_text)
+            proposers = self.proposers(len(prompts))
+            return speculative_batch(self.model, prompts, self.cfg, proposers, eos_id=self.tok.eos_id,
+                                     decode=self.tok.decode, device=self.device, on_text=on_text,
+                                     draft_tokens=self.cfg.draft_tokens or guesses_per_pass(proposers[0]))
         if self.cfg.num_beams > 1:
             outs = []
             for p in prompts:

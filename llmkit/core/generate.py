@@ -1,7 +1,7 @@
 """Decoding: batched prefill + cached decode, beam search, stop strings, incremental text.
 
 - ``decode_batch`` decodes many prompts together, in gpt-fast's shape: prefill (one forward pass
-  over the prompts), choose a token per row (``_Rows.choose``: penalties, filters, each row's own
+  over the prompts), choose a token per row (``Rows.choose``: penalties, filters, each row's own
   generator), step (one forward pass of T=1), until every row has ended. Prompts are left-padded; each row gets its own
   rotary positions and a mask that hides its padding, so a prompt's output does not depend on
   what it is batched with (greedy: identical tokens; sampling: each row draws from its own
@@ -251,7 +251,7 @@ class DecodeState:
         return self.slot >= self.length
 
 
-class _Rows:
+class Rows:
     """Per-row decoding state: outputs, text streams, who is still going, the token history that
     penalties and no-repeat-n-gram read, and each row's random generator."""
 
@@ -278,29 +278,35 @@ class _Rows:
         return processed, torch.stack([pick(processed[b: b + 1], self.cfg.temperature, g)[0]
                                        for b, g in enumerate(self.gens)])
 
+    def push(self, b: int, t: int, eos_id: int | None, prob: StepProbs | None,
+             on_text: Callable[[int, str], None] | None) -> bool:
+        """Append token t to row b: the row ends (False) at EOS or a stop string; new text streams."""
+        out = self.outs[b]
+        if eos_id is not None and t == eos_id:
+            self.alive[b] = False
+            out.finish_reason = "eos"
+            return False
+        out.ids.append(t)
+        self.history[b].append(t)
+        if self.ngrams:
+            self.ngrams[b].add(t)
+        if prob is not None:
+            out.probs.append(prob)
+        shown = self.streams[b].push(t)
+        if on_text and shown:
+            on_text(b, shown)
+        if self.streams[b].stopped:
+            self.alive[b] = False
+            out.finish_reason = "stop"
+            return False
+        return True
+
     def advance(self, tokens: torch.Tensor, eos_id: int | None, probs: list[StepProbs] | None,
                 on_text: Callable[[int, str], None] | None) -> None:
-        """Append each live row's token: end rows at EOS or a stop string, stream the new text."""
+        """Append each live row's token (``push``)."""
         for b, t in enumerate(tokens.tolist()):
-            if not self.alive[b]:
-                continue
-            out = self.outs[b]
-            if eos_id is not None and t == eos_id:
-                self.alive[b] = False
-                out.finish_reason = "eos"
-                continue
-            out.ids.append(t)
-            self.history[b].append(t)
-            if self.ngrams:
-                self.ngrams[b].add(t)
-            if probs is not None:
-                out.probs.append(probs[b])
-            shown = self.streams[b].push(t)
-            if on_text and shown:
-                on_text(b, shown)
-            if self.streams[b].stopped:
-                self.alive[b] = False
-                out.finish_reason = "stop"
+            if self.alive[b]:
+                self.push(b, t, eos_id, probs[b] if probs is not None else None, on_text)
         if self.counts is not None:
             B = tokens.size(0)
             self.counts[torch.arange(B, device=tokens.device), tokens] += self.alive.float()
@@ -336,7 +342,7 @@ def decode_batch(model: Transformer, prompts: list[list[int]], cfg: SampleConfig
     if seeds is None:
         base = cfg.seed if cfg.seed is not None else random_seed()
         seeds = [row_seed(base, b) for b in range(len(rows))]
-    state = _Rows(rows, outs, cfg, model.cfg.vocab_size, decode, seeds, device)
+    state = Rows(rows, outs, cfg, model.cfg.vocab_size, decode, seeds, device)
     t0 = time.perf_counter()
     batch = DecodeState(model, len(rows), device, max(map(len, rows)) + cfg.max_new_tokens)
     logits = batch.prefill(rows)
@@ -374,10 +380,10 @@ class SlotJob:
 
 @dataclass
 class _Slot:
-    """One row of a :class:`Slots` batch: its own decoding state (a one-row ``_Rows``), output,
+    """One row of a :class:`Slots` batch: its own decoding state (a one-row ``Rows``), output,
     token budget and callbacks."""
 
-    rows: _Rows
+    rows: Rows
     out: Output
     limit: int
     on_text: Callable[[str], None] | None
@@ -395,7 +401,7 @@ class Slots:
     ends at the current slot (its positions still start at 0: rotary positions are in the keys);
     the next step then feeds it with everyone else. A row whose prompt is longer than the slots
     decoded so far, or whose budget would pass the end of the cache, waits until the batch drains.
-    Every row keeps its own penalties, filters and generator (``_Rows`` of one row, seeded like
+    Every row keeps its own penalties, filters and generator (``Rows`` of one row, seeded like
     ``decode_batch``'s), so an output does not depend on its neighbours.
     """
 
@@ -422,7 +428,7 @@ class Slots:
 
     def _slot(self, job: SlotJob) -> _Slot:
         out = Output(prompt_ids=list(job.ids))
-        rows = _Rows([job.ids], [out], self.cfg, self.model.cfg.vocab_size, self.decode_fn, [job.seed], self.device)
+        rows = Rows([job.ids], [out], self.cfg, self.model.cfg.vocab_size, self.decode_fn, [job.seed], self.device)
         return _Slot(rows, out, job.max_new, job.on_text, job.cancelled, job.record, time.perf_counter())
 
     @torch.inference_mode()

@@ -38,7 +38,7 @@ from typing import Callable, Protocol
 import torch
 
 from llmkit.core.config import SampleConfig
-from llmkit.core.generate import DecodeState, Output, TextStream, fit_prompt
+from llmkit.core.generate import DecodeState, Output, Rows, fit_prompt
 from llmkit.core.model import Transformer
 
 
@@ -106,6 +106,12 @@ class PromptLookup:
                     follow = history[start + n:]  # (period,) tokens, then the same again
                     return [follow[j % period] for j in range(k)]
         return []
+
+
+def guesses_per_pass(proposer: Proposer) -> int:
+    """The default guesses per pass: 4 for a draft model (each guess costs one of its passes), 8
+    for prompt lookup (copied guesses are free, and the pacer trims the ones that do not pay)."""
+    return 4 if isinstance(proposer, DraftModel) else 8
 
 
 class _Pacer:
@@ -187,7 +193,7 @@ def speculative_batch(model: Transformer, prompts: list[list[int]], cfg: SampleC
         outs.append(Output(prompt_ids=list(ids), truncated_prompt=truncated))
         views.append(list(ids))
     B = len(views)
-    streams = [TextStream(decode, cfg.stop) for _ in range(B)]
+    texts = Rows(views, outs, cfg, model.cfg.vocab_size, decode, [0] * B, device)  # outputs and text streams
     t0 = time.perf_counter()
     # Room for every row's text without holes, and for one pass's guesses past it; holes beyond
     # that rebuild the cache (``start``), at most every ``extra / k`` rejected passes.
@@ -205,18 +211,7 @@ def speculative_batch(model: Transformer, prompts: list[list[int]], cfg: SampleC
 
     def emit(b: int, token: int) -> bool:
         """Append a chosen token to row b's output; False when the row has ended."""
-        out = outs[b]
-        if eos_id is not None and token == eos_id:
-            out.finish_reason = "eos"
-            return False
-        out.ids.append(token)
-        shown = streams[b].push(token)
-        if on_text and shown:
-            on_text(b, shown)
-        if streams[b].stopped:
-            out.finish_reason = "stop"
-            return False
-        return len(out.ids) < cfg.max_new_tokens
+        return texts.push(b, token, eos_id, None, on_text) and len(outs[b].ids) < cfg.max_new_tokens
 
     def start(slide: set[int], first: bool = False) -> None:
         """(Re)build the cache from every row's tokens. Rows in ``slide`` slide exactly as the plain
@@ -271,11 +266,5 @@ def speculative_batch(model: Transformer, prompts: list[list[int]], cfg: SampleC
                 pending[b] = chosen[n]
                 alive[b] = emit(b, pending[b])
         state.keep(s, kept)
-    seconds = time.perf_counter() - t0
-    for b, out in enumerate(outs):
-        rest = streams[b].flush()
-        if on_text and rest:
-            on_text(b, rest)
-        out.text = streams[b].text
-        out.seconds = seconds
+    texts.finish(time.perf_counter() - t0, on_text)
     return outs
