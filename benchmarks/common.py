@@ -36,7 +36,8 @@ def cpu_model() -> str:
 
 def machine() -> dict:
     """What a figure was measured on: every benchmark prints it first."""
-    from llmkit.core.device import cpu_flags, cpu_has_native_bf16
+    from llmkit.core.device import cpu_has_native_bf16
+    from llmkit.core.machine import cpu_flags
 
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

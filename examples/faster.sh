@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Faster to a better model: a model sized to a time budget (no preset), the speed probe's choice
 # of precision and compilation, then the decoding levers on it — int8 weights, prompt lookup, and
-# a smaller draft model with the same tokenizer (speculative decoding, the plain greedy output).
+# a smaller draft model with the same tokenizer or the model's own int8 twin (speculative decoding,
+# the plain greedy output).
 # Uses the bundled sample only (about 2 minutes on a 2-core laptop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ PROMPT="La mer est calme. La mer est"
 $LLMKIT generate "$OUT/auto" -p "$PROMPT" -n 60 --greedy                        # the plain path
 $LLMKIT generate "$OUT/auto" -p "$PROMPT" -n 60 --greedy --lookup 3             # same text, fewer passes
 $LLMKIT generate "$OUT/auto" -p "$PROMPT" -n 60 --greedy --draft "$OUT/draft"   # same text again
+$LLMKIT generate "$OUT/auto" -p "$PROMPT" -n 60 --greedy --draft int8           # its int8 twin guesses: same text
 $LLMKIT generate "$OUT/auto" -p "$PROMPT" -n 60 --greedy --quantize int8        # int8 weights: close, not equal
 
 # Many prompts at once: each prompt's guesses are checked in the same pass as the others'.

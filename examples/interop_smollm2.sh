@@ -14,6 +14,8 @@ rm -rf "$OUT"
 
 $LLMKIT import "$GGUF" -o "$OUT/smollm2"
 $LLMKIT generate "$OUT/smollm2" --chat -p "Quelle est la capitale de la France ?" --greedy -n 30
+# the same answer, sooner: the model's int8 twin guesses, the fp32 model checks every guess
+$LLMKIT generate "$OUT/smollm2" --chat -p "Quelle est la capitale de la France ?" --greedy -n 30 --draft int8
 
 D=$SHARED/data/classify_fr
 $LLMKIT finetune "$OUT/smollm2" --task classify --lora --epochs ${EPOCHS:-2} \

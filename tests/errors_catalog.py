@@ -263,6 +263,8 @@ CASES = [
     Case("--draft with penalties", "generate", ["run", "-p", "x", "--draft", "run", "--greedy",
                                                 "--repetition-penalty", "1.3"]),
     Case("--draft of another kind", "generate", ["run", "-p", "x", "--draft", "clf", "--greedy"]),
+    Case("--draft int8 on int8 weights", "generate", ["run", "-p", "x", "--draft", "int8", "--quantize", "int8",
+                                                      "--greedy"]),
     # tokenize
     Case("tokenizer corpus missing", "tokenize", ["train", "nowhere.txt", "-o", "t"]),
     Case("vocabulary too small", "tokenize", ["train", "corpus.txt", "-o", "t", "--vocab-size", "8"]),

@@ -17,7 +17,7 @@ from llmkit.core.decoding import Decoder
 from llmkit.core.errors import ConfigError
 from llmkit.core.generate import decode_batch
 from llmkit.core.model import Transformer
-from llmkit.core.quantize import Int8Linear, available, quantize_int8
+from llmkit.core.quantize import Int8Linear, available, int8_copy, quantize_int8
 from llmkit.core.speculative import DraftModel, PromptLookup, speculative_batch
 from llmkit.core.train import mean_token_loss
 
@@ -52,8 +52,9 @@ def _speculative(model, tok, prompts, cfg, proposers, k=4):
 def test_speculative_output_is_the_plain_greedy_output(target, n, k):
     model, ckpt = target
     tok = ckpt.tokenizer
+    twin = int8_copy(model)
     proposers = {"self": lambda: DraftModel(model, "cpu"), "other": lambda: DraftModel(_draft_like(model, 1), "cpu"),
-                 "lookup": lambda: PromptLookup(3)}
+                 "int8 twin": lambda: DraftModel(twin, "cpu"), "lookup": lambda: PromptLookup(3)}
     cfg = SampleConfig(temperature=0.0, max_new_tokens=n)
     prompts = [tok.encode_text(text) for text in PROMPTS]
     plain = [_plain(model, tok, ids, n) for ids in prompts]  # each prompt alone, the plain way
@@ -234,6 +235,38 @@ def test_generate_cli_with_int8_and_lookup(trained_run):
     bad = subprocess.run([sys.executable, "-m", "llmkit", "generate", str(trained_run), "-p", "x", "--quantize", "int4"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: --quantize")
+
+
+def test_the_int8_twin_shares_every_other_tensor_and_leaves_the_model_alone(target, sharp):
+    model, ckpt = target
+    x = torch.tensor([ckpt.tokenizer.encode_text("Le chat dort")])
+    before = model(x)
+    twin = int8_copy(model)
+    assert not any(isinstance(m, torch.nn.Linear) for m in twin.modules())
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == sum(isinstance(m, Int8Linear) for m in twin.modules())
+    assert torch.equal(model(x), before)  # the model is still fp32
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, t in [*twin.named_parameters(), *twin.named_buffers()]:
+        if name in own:
+            assert t is own[name], name  # embeddings, norms, rotary tables: the model's own
+    # a twin of a model with large weights (its greedy text turns on near-ties): guesses kept
+    # and rejected, the output still the model's own
+    prompts = [ckpt.tokenizer.encode_text(t) for t in PROMPTS]
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=30)
+    sharp_twin = int8_copy(sharp)
+    fast = _speculative(sharp, ckpt.tokenizer, prompts, cfg, [DraftModel(sharp_twin, "cpu") for _ in prompts])
+    assert [o.ids for o in fast] == [_plain(sharp, ckpt.tokenizer, ids, 30).ids for ids in prompts]
+    assert 0 < sum(o.accepted for o in fast) < sum(o.drafted for o in fast)
+
+
+def test_generate_cli_with_the_int8_twin_as_draft(trained_run):
+    args = [sys.executable, "-m", "llmkit", "generate", str(trained_run), "-p", "Il était une fois", "-n", "12", "--greedy"]
+    plain = subprocess.run(args, capture_output=True, text=True)
+    twin = subprocess.run(args + ["--draft", "int8"], capture_output=True, text=True)
+    assert plain.returncode == 0 and twin.returncode == 0, twin.stderr
+    assert twin.stdout == plain.stdout and "guesses accepted" in twin.stderr
+    both = subprocess.run(args + ["--draft", "int8", "--quantize", "int8"], capture_output=True, text=True)
+    assert both.returncode == 1 and both.stderr.strip().splitlines()[-1].startswith("error: --draft int8")
 
 
 def test_the_server_can_serve_int8_weights(trained_run):

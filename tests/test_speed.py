@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkit.core import speed
+from llmkit.core import machine, speed
 from llmkit.core.config import ModelConfig, OptimConfig
 from llmkit.core.model import Transformer
 from llmkit.core.speed import Mode, Timing
@@ -54,7 +54,7 @@ def test_bf16_chosen_when_faster_and_cached(bf16_cpu):
     again = _choose(timer)
     assert (again.precision, again.compiled) == ("bf16", False) and "cached" in again.reason
     assert len(timer.calls) == 3  # nothing measured twice
-    assert json.loads((speed._cache_path()).read_text())["version"] == speed.PROBE_VERSION
+    assert json.loads((machine.cache_path()).read_text())["version"] == machine.CACHE_VERSION
 
 
 def test_a_tie_keeps_plain_fp32(bf16_cpu):
@@ -117,7 +117,7 @@ def test_the_real_probe_times_a_step():
 
 
 def test_machine_key_names_cpu_torch_and_threads():
-    key = speed.machine_key()
+    key = machine.machine_key()
     assert f"torch {torch.__version__}" in key and f"threads {torch.get_num_threads()}" in key
 
 

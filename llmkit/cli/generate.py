@@ -47,7 +47,7 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply an instruct/translate checkpoint's prompt template.")] = False,
     chat: Annotated[bool, typer.Option("--chat", help="Put each prompt through the model's own chat template (pretrained chat models; --interactive does it by itself).")] = False,
     lookup: Annotated[Optional[int], opt("Prompt lookup: guess tokens by matching the last n-gram (up to n) earlier in the text; greedy only; 0: off." + default(S, "lookup"), "--lookup")] = None,
-    draft: Annotated[Optional[Path], opt("Speculative decoding: a smaller checkpoint with the same tokenizer guesses ahead; greedy only.", "--draft")] = None,
+    draft: Annotated[Optional[str], opt("Speculative decoding: a smaller checkpoint with the same tokenizer guesses ahead, or int8: the model's own int8 twin does (exact output, for large models); greedy only.", "--draft")] = None,
     draft_tokens: Annotated[Optional[int], opt("Tokens guessed per pass (--draft, --lookup)." + default(S, "draft_tokens"), "--draft-tokens")] = None,
     quantize: Annotated[Optional[str], opt("int8: int8 weight-only linear layers (faster on CPUs with bf16 units; perplexity moves slightly: docs/generate.md).", "--quantize")] = None,
     json_out: JsonOpt = False,
@@ -79,8 +79,17 @@ def generate(
     dev = pick_device(device or "auto")
     model, ckpt = load_model(ckpt, dev)
     draft_model = None
-    if draft is not None:
-        draft_ckpt = read_checkpoint(draft)
+    if draft == "int8":  # the model's int8 twin guesses, the model checks: its exact output
+        if quantize == "int8":
+            raise ConfigError("--draft int8: the model is int8 already (--quantize int8); its twin would "
+                              "guess no faster than it checks")
+        if Path(draft).exists():
+            raise ConfigError("--draft int8: ambiguous, a path int8 exists here; write ./int8 for that checkpoint")
+        from llmkit.core.quantize import int8_copy
+
+        draft_model = int8_copy(model)
+    elif draft is not None:
+        draft_ckpt = read_checkpoint(Path(draft))
         require_kind(draft_ckpt, ("lm", "instruct", "translate"), "a language model (--draft)")
         draft_model, _ = load_model(draft_ckpt, dev)
     if quantize == "int8":

@@ -10,7 +10,6 @@ Weights and optimizer state stay fp32 in every case (mixed precision, not bf16 t
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from llmkit.core.errors import ConfigError
+from llmkit.core.machine import cpu_flags
 
 # Below this width the bf16 casts cost more than the matmuls gain on a CPU (measured on an AMX
 # CPU: see docs/benchmarks.md, "precision").
@@ -45,17 +45,6 @@ def pick_device(spec: str = "auto") -> torch.device:
     if spec == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ConfigError("train.device: mps requested but it is not available here")
     return torch.device(spec)
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def cpu_has_native_bf16() -> bool:

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from llmkit.core import few_rows
 from llmkit.core.config import SampleConfig
 from llmkit.core.model import KVCache, Transformer, pad_batch
 from llmkit.core.sampling import NGramIndex, pick, process_logits, token_counts
@@ -177,6 +178,7 @@ class DecodeState:
     def __init__(self, model: Transformer, batch_size: int, device, length: int | None = None,
                  *, extra: int = 0):
         self.model, self.device = model, device
+        few_rows.tune(model)  # decoding multiplies few rows by every weight: the faster layout here
         # Only as many slots as this decoding can fill: a pretrained model's context (8k, 128k)
         # would otherwise cost gigabytes of cache per row.
         self.length = min(model.cfg.context, length or model.cfg.context) + extra

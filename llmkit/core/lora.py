@@ -37,7 +37,7 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.dropout(x) @ self.lora_a.T @ self.lora_b.T) * self.scale
 
     def merged(self) -> nn.Linear:
-        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+        out = type(self.base)(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
                         device=self.base.weight.device, dtype=self.base.weight.dtype)
         with torch.no_grad():
             out.weight.copy_(self.base.weight + (self.lora_b @ self.lora_a) * self.scale)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.core.config import ModelConfig
+from llmkit.core.few_rows import FewRowLinear
 
 
 class RMSNorm(nn.Module):
@@ -129,10 +130,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.attn_bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.attn_bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_proj = FewRowLinear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.attn_bias)
+        self.k_proj = FewRowLinear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.v_proj = FewRowLinear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.o_proj = FewRowLinear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: KVCache | None = None, input_pos: torch.Tensor | None = None):
@@ -168,9 +169,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
+        self.gate_proj = FewRowLinear(cfg.d_model, cfg.ff_dim, bias=False)
+        self.up_proj = FewRowLinear(cfg.d_model, cfg.ff_dim, bias=False)
+        self.down_proj = FewRowLinear(cfg.ff_dim, cfg.d_model, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, F) -> (B, T, C)
@@ -209,7 +210,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = FewRowLinear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_tables(cfg)

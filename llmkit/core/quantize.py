@@ -9,10 +9,14 @@ a CPU: activations are cast to bf16 for the product and back. Norms, embeddings 
 stay as they were; a tied LM head gets its own int8 copy (the embedding table stays exact).
 
 Quantization changes the numbers: ``llmkit eval``'s perplexity on a fixed text measures by how
-much (docs/generate.md gives the figures; a test bounds it).
+much (docs/generate.md gives the figures; a test bounds it). ``int8_copy`` keeps the model as it is
+and makes an int8 twin beside it — the draft of speculative decoding (``--draft int8``): the twin
+guesses, the exact model checks, so the output stays the exact model's.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -61,3 +65,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
             if isinstance(child, nn.Linear):
                 setattr(parent, name, Int8Linear(child))
     return model
+
+
+def int8_copy(model: nn.Module) -> nn.Module:
+    """An int8 twin of ``model``, which stays as it was: the twin's linear layers are int8, and every
+    other tensor (embeddings, norms, rotary tables) is the model's own, shared, not copied — the
+    twin costs the int8 weights only (a quarter of the linear layers' fp32 bytes)."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return quantize_int8(copy.deepcopy(model, memo=shared))

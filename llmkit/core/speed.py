@@ -19,28 +19,22 @@ tie in noisy timings does not flip a run's numerics.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from llmkit.core.config import ModelConfig, cache_home
-from llmkit.core.device import Precision, cpu_flags, cpu_has_native_bf16, pick_precision
+from llmkit.core.config import ModelConfig
+from llmkit.core.device import Precision, cpu_has_native_bf16, pick_precision
+from llmkit.core.machine import machine_key, read_cache, shape_key, write_cache
 
-PROBE_VERSION = 1
 MARGIN = 1.05
 """A mode other than eager fp32 must be this much faster (tokens within the budget) to be chosen."""
 COMPILE_PROBE_MIN_S = 300.0
 """Shorter runs never probe compilation cold (it takes tens of seconds); cached figures still count."""
-_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
 
 
 @dataclass(frozen=True)
@@ -72,47 +66,6 @@ class Choice:
 
     def table(self) -> dict[str, Any]:
         return {name: asdict(t) for name, t in self.timings.items()}
-
-
-def machine_key() -> str:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    flags = ",".join(f for f in _FLAGS if f in cpu_flags())
-    from llmkit import __version__
-
-    # llmkit's version too: a new release may run the same shape differently (attention, kernels).
-    return f"{model}|{flags}|torch {torch.__version__}|llmkit {__version__}|threads {torch.get_num_threads()}"
-
-
-def shape_key(cfg: ModelConfig, batch: int) -> str:
-    fields = (cfg.vocab_size, cfg.context, cfg.d_model, cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.ff_dim,
-              cfg.head_dim, cfg.dropout > 0, cfg.tie_embeddings, batch)
-    return "v{}|T{}|d{}|L{}|H{}|G{}|F{}|D{}|drop{}|tie{}|B{}".format(*fields)
-
-
-def _cache_path() -> Path:
-    return cache_home() / "speed.json"
-
-
-def _load() -> dict[str, Any]:
-    try:
-        data = json.loads(_cache_path().read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if data.get("version") == PROBE_VERSION else {}
-
-
-def _store(data: dict[str, Any]) -> None:
-    path = _cache_path()
-    with contextlib.suppress(OSError):  # a read-only cache only costs the next run a probe
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"speed.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({**data, "version": PROBE_VERSION}, indent=1))
-        os.replace(tmp, path)
 
 
 def step_fn(cfg: ModelConfig, batch: int, mode: Mode) -> Callable[[], None]:
@@ -184,7 +137,7 @@ class _Timings:
 
     def __init__(self, cfg: ModelConfig, batch: int, timer: Callable[[ModelConfig, int, Mode], Timing]):
         self.cfg, self.batch, self.timer = cfg, batch, timer
-        self.data = _load()
+        self.data = read_cache()
         self.entry = self.data.setdefault(machine_key(), {}).setdefault(shape_key(cfg, batch), {})
         self.taken: dict[str, Timing] = {}
         self.measured = False
@@ -201,7 +154,7 @@ class _Timings:
 
     def save(self) -> None:
         if self.measured:
-            _store(self.data)
+            write_cache(self.data)
 
 
 def eager_rate(cfg: ModelConfig, batch: int, timer: Callable[[ModelConfig, int, Mode], Timing] = time_mode) -> float:

@@ -1,0 +1,76 @@
+"""This machine, as measurements are keyed: its processor (model and the flags that decide kernels),
+torch, llmkit and the thread count; and the file where per-machine measurements are kept.
+
+The speed probe (``speed.py``: precision and compilation of a training step) and the few-row
+probe (``few_rows.py``: the layout of decoding's products) both measure instead of guessing, and
+both remember: ``<cache>/speed.json`` holds ``{machine_key: {shape or probe key: figures}}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmkit.core.config import ModelConfig, cache_home
+
+CACHE_VERSION = 1
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def machine_key() -> str:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    flags = ",".join(f for f in _FLAGS if f in cpu_flags())
+    from llmkit import __version__
+
+    # llmkit's version too: a new release may run the same shape differently (attention, kernels).
+    return f"{model}|{flags}|torch {torch.__version__}|llmkit {__version__}|threads {torch.get_num_threads()}"
+
+
+def shape_key(cfg: ModelConfig, batch: int) -> str:
+    fields = (cfg.vocab_size, cfg.context, cfg.d_model, cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.ff_dim,
+              cfg.head_dim, cfg.dropout > 0, cfg.tie_embeddings, batch)
+    return "v{}|T{}|d{}|L{}|H{}|G{}|F{}|D{}|drop{}|tie{}|B{}".format(*fields)
+
+
+def cache_path() -> Path:
+    return cache_home() / "speed.json"
+
+
+def read_cache() -> dict[str, Any]:
+    """Every machine's recorded figures; empty when absent, unreadable or of another version."""
+    try:
+        data = json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if data.get("version") == CACHE_VERSION else {}
+
+
+def write_cache(data: dict[str, Any]) -> None:
+    path = cache_path()
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next run a probe
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"speed.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({**data, "version": CACHE_VERSION}, indent=1))
+        os.replace(tmp, path)
