@@ -49,7 +49,7 @@ def main() -> None:
                 emit(event="few_rows", model=path.name, weights_mb=round(mb, 1), rows=rows,
                      linear_ms=round(best["linear"] * 1e3, 2), transposed_ms=round(best["transposed"] * 1e3, 2),
                      speedup=round(best["linear"] / best["transposed"], 2),
-                     taken=best["transposed"] * MARGIN < best["linear"])
+                     taken=rows <= PROBED_ROWS[-1] and best["transposed"] * MARGIN < best["linear"])
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Run the speed benchmarks and rewrite their tables in docs/benchmarks.md.
 
-    cd benchmarks && ../.venv/bin/python run_all.py [--only startup,loop,step,decode] [--target CKPT --draft CKPT]
+    cd benchmarks && ../.venv/bin/python run_all.py [--only startup,loop,step,decode,rows] [--target CKPT --draft CKPT]
+                                                    [--rows-models CKPT,CKPT]
                                                     [--loop-seconds 60] [--dry-run]
 
 Each section runs its script in a child process (one JSON line per result), renders a markdown
 table, and replaces the text between ``<!-- run_all:NAME -->`` and ``<!-- /run_all:NAME -->`` in
 docs/benchmarks.md, headed by the machine it ran on (CPU model, cores, flags, torch) and the
-command. Sections without their inputs (``decode`` needs --target) are left as they were, and
-say so. ``--dry-run`` prints the tables instead of writing them.
+command. Sections without their inputs (``decode`` needs --target, ``rows`` --rows-models) are
+left as they were, and say so. ``--dry-run`` prints the tables instead of writing them.
 """
 
 from __future__ import annotations
@@ -118,7 +119,19 @@ def decode(args, m) -> str | None:
         ["batch", "contender", "new tokens/s", "vs transformers", "output", "guesses accepted"], body) + note
 
 
-SECTIONS = {"startup": startup, "loop": loop, "step": step, "decode": decode}
+def rows(args, m) -> str | None:
+    if not args.rows_models and not any(item.startswith("rows=") for item in args.saved):
+        return None
+    cmd = [PY, "few_rows_bench.py", *(args.rows_models or "").split(",")]
+    every = saved_or_run(args, "rows", cmd)
+    m = ran_on(m, every)
+    body = [[r["model"], f"{r['weights_mb']:,}", r["rows"], r["linear_ms"], r["transposed_ms"], f"**{r['speedup']:.2f}**",
+             "yes" if r["taken"] and r["rows"] <= 16 else "no"] for r in every if r.get("event") == "few_rows"]
+    return header(m, " ".join(["few_rows_bench.py", *cmd[2:]])) + table(
+        ["model", "linear weights (MB)", "rows", "x @ W.T (ms)", "(W @ x.T).T (ms)", "speed-up", "taken"], body)
+
+
+SECTIONS = {"startup": startup, "loop": loop, "step": step, "decode": decode, "rows": rows}
 
 
 def replace(doc: str, name: str, text: str) -> str:
@@ -135,6 +148,7 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(SECTIONS))
     ap.add_argument("--target", type=Path, help="decode: the checkpoint to decode (e.g. a small model you trained)")
     ap.add_argument("--draft", type=Path, help="decode: a smaller checkpoint with the same tokenizer")
+    ap.add_argument("--rows-models", help="rows: checkpoints whose few-row products to time, comma-separated")
     ap.add_argument("--loop-shapes", default="nano,small")
     ap.add_argument("--loop-seconds", type=float, default=60.0)
     ap.add_argument("--rounds", type=int, default=2)

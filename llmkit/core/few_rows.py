@@ -4,7 +4,7 @@ A decoding step multiplies a handful of rows (one per sequence, or the few posit
 speculative guesses) by every weight of the model, once: it is bound by reading the weights.
 torch's ``F.linear`` computes such a product as ``x @ W.T``; measured on the CPUs here (MKL
 kernels), that layout reaches about half the memory bandwidth that the same product computed as
-``(W @ x.T).T`` does — 34 ms against 16 ms for SmolLM2-135M's 536 MB of fp32 weights at one
+``(W @ x.T).T`` does — 33 ms against 16 ms for SmolLM2-135M's 513 MB of fp32 weights at one
 row, 55 against 16 ms at two (docs/benchmarks.md). One row is padded to two, since a single row
 takes the matrix-vector kernel either way, which is the slow one.
 
