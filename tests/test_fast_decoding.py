@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -141,8 +142,8 @@ def test_the_pacer_guesses_only_where_guessing_pays():
     from llmkit.core.speculative import _Pacer
 
     pacer = _Pacer()
-    g = [[1, 2, 3, 4]] * 2  # two rows of four guesses
-    assert pacer.width([[], []], [0.9, 0.9]) == 1  # nothing to guess
+    g = [4, 4]  # two rows of four guesses (made, or room for them)
+    assert pacer.width([0, 0], [0.9, 0.9]) == 1  # nothing to guess
     assert pacer.width(g, [0.9, 0.9]) == 5  # nothing timed yet: try the guesses
     pacer.time(2, 5, 0.015)
     assert pacer.width(g, [0.9, 0.9]) == 1  # then the plain pass, once
@@ -159,6 +160,37 @@ def test_the_pacer_guesses_only_where_guessing_pays():
     n = _Pacer.RETRY
     refusals = [pacer.width(g, [0.01, 0.01]) for _ in range(3 * n + 2)]
     assert refusals == [1] * n + [5] + [1] * 2 * n + [5]  # tried again after RETRY, then 2 RETRY passes
+
+
+class _SlowDraft:
+    """A costly proposer (like a draft model) whose guesses are never worth their time."""
+
+    free = False
+
+    def __init__(self, vocab: int):
+        self.calls, self.vocab = 0, vocab
+
+    def start(self, prompt, length):
+        pass
+
+    def propose(self, history, k):
+        self.calls += 1
+        time.sleep(0.05)  # fifty plain passes of the test model
+        return [(history[-1] + 1) % self.vocab] * k
+
+
+def test_a_costly_proposer_is_asked_only_when_the_pacer_wants_guesses(target, sharp):
+    """A draft's guesses cost before the pacer can weigh them: the pacer decides first, and the
+    draft's time counts in the pass's cost, so a draft that does not pay is mostly not run."""
+    _, ckpt = target
+    tok = ckpt.tokenizer
+    prompts = [tok.encode_text(t) for t in PROMPTS[:2]]
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=80)
+    drafts = [_SlowDraft(sharp.cfg.vocab_size) for _ in prompts]
+    fast = speculative_batch(sharp, prompts, cfg, drafts, eos_id=tok.eos_id, decode=tok.decode, device="cpu")
+    assert [o.ids for o in fast] == [_plain(sharp, tok, ids, 80).ids for ids in prompts]
+    # a first trial, then retries after 8, 16, 32 plain passes: a handful of calls in 80 passes
+    assert all(1 <= d.calls <= 6 for d in drafts), [d.calls for d in drafts]
 
 
 def test_paced_speculation_is_still_the_plain_greedy_output(target, sharp):

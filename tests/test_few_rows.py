@@ -3,6 +3,8 @@ only where the probe found it faster and only for inference, remembered per mach
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,7 @@ def test_the_layer_takes_the_other_layout_only_for_inference_of_its_row_counts(m
     real = few_rows.transposed_linear
     monkeypatch.setattr(few_rows, "transposed_linear", lambda *a: calls.append(a[0].shape) or real(*a))
     layer = FewRowLinear(40, 24)
-    layer.fast_rows = frozenset({1, 2})
+    layer.fast_rows, layer.tuned_in = frozenset({1, 2}), threading.get_ident()
     x1, x3 = torch.randn(1, 1, 40), torch.randn(3, 40)
     layer(x1)  # autograd on: training never changes
     assert calls == []
@@ -53,13 +55,21 @@ def test_the_layer_takes_the_other_layout_only_for_inference_of_its_row_counts(m
         assert len(calls) == 1
     with torch.inference_mode():
         layer(torch.randn(2, 40))
-    assert len(calls) == 2
+        assert len(calls) == 2
+        other = threading.Thread(target=lambda: layer(x1))  # measured for this thread, not another
+        other.start()
+        other.join()
+        assert len(calls) == 2
 
 
 def test_tune_probes_once_per_machine_and_shape_and_remembers(monkeypatch):
     probed = []
     real = few_rows.probe
     monkeypatch.setattr(few_rows, "probe", lambda ws: probed.append(len(ws)) or {**real(ws), "faster": [1, 8]})
+    key = "few_rows|" + machine.shape_key(CFG, 0)
+    data = machine.read_cache()
+    data.get(machine.machine_key(), {}).pop(key, None)  # probed afresh, whatever ran before
+    machine.write_cache(data)
     torch.manual_seed(0)
     model = Transformer(CFG).eval()
     few_rows.tune(model)
@@ -67,13 +77,24 @@ def test_tune_probes_once_per_machine_and_shape_and_remembers(monkeypatch):
     assert probed == [7 * CFG.n_layer + 1]
     layers = [m for m in model.modules() if isinstance(m, FewRowLinear)]
     assert len(layers) == 7 * CFG.n_layer + 1 and all(m.fast_rows == {1, 5, 6, 7, 8} for m in layers)
-    entry = machine.read_cache()[machine.machine_key()]["few_rows|" + machine.shape_key(CFG, 0)]
+    entry = machine.read_cache()[machine.machine_key()][key]
     assert entry["faster"] == [1, 8] and set(entry["timings"]) == {str(r) for r in few_rows.PROBED_ROWS}
     assert all(t["linear_ms"] > 0 and t["transposed_ms"] > 0 for t in entry["timings"].values())
     other = Transformer(CFG).eval()  # another model of the same shape: the cached answer
     few_rows.tune(other)
     assert probed == [7 * CFG.n_layer + 1]
     assert all(m.fast_rows == {1, 5, 6, 7, 8} for m in other.modules() if isinstance(m, FewRowLinear))
+    # another thread (a server decodes in one) neither probes nor changes anything
+    fresh = Transformer(CFG).eval()
+    worker = threading.Thread(target=few_rows.tune, args=(fresh,))
+    worker.start()
+    worker.join()
+    assert probed == [7 * CFG.n_layer + 1]
+    assert all(not m.fast_rows for m in fresh.modules() if isinstance(m, FewRowLinear))
+    low = Transformer(CFG).to(torch.bfloat16)  # not fp32: nothing to probe, nothing changes
+    few_rows.tune(low)
+    assert probed == [7 * CFG.n_layer + 1]
+    assert all(not m.fast_rows for m in low.modules() if isinstance(m, FewRowLinear))
 
 
 def test_decoding_through_either_layout_gives_the_same_greedy_text(monkeypatch):
@@ -85,7 +106,7 @@ def test_decoding_through_either_layout_gives_the_same_greedy_text(monkeypatch):
         for p in model.parameters():
             if p.ndim == 2:
                 p.mul_(6)
-    model._few_rows_tuned = True  # no probe: each layout is set by hand below
+    model._few_rows_tuned_in = threading.get_ident()  # no probe: each layout is set by hand below
     calls = []
     real = few_rows.transposed_linear
     monkeypatch.setattr(few_rows, "transposed_linear", lambda *a: calls.append(1) or real(*a))
@@ -95,7 +116,7 @@ def test_decoding_through_either_layout_gives_the_same_greedy_text(monkeypatch):
 
     def decode(rows: frozenset[int]) -> list[list[int]]:
         for m in layers:
-            m.fast_rows = rows
+            m.fast_rows, m.tuned_in = rows, threading.get_ident()
         one = [decode_batch(model, [p], cfg, eos_id=None, decode=str)[0].ids for p in prompts]
         return one + [o.ids for o in decode_batch(model, prompts, cfg, eos_id=None, decode=str)]
 

@@ -13,13 +13,15 @@ cache (a tiny model's do, and there one row is faster as it is), so it is not as
 times both layouts on the model's own weights, for 1, 2, 4, 8 and 16 rows, once per machine
 and model shape, and caches the answer beside the speed probe's figures; a row count between two
 probed ones follows the one above it. Only ``FewRowLinear`` layers of a tuned model take the
-other layout, and only for inference (no autograd, no autocast, fp32 on a CPU, not compiled):
-training and its products of thousands of rows never change.
+other layout, only in the main thread (``tune`` says why) and only for inference (no autograd,
+no autocast, fp32 on a CPU, not compiled): training and its products of thousands of rows never
+change.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import torch
@@ -52,11 +54,14 @@ class FewRowLinear(nn.Linear):
     layout when ``tune`` found it faster for its model on this machine."""
 
     fast_rows: frozenset[int] = frozenset()
-    """The row counts that take the transposed layout (set by ``tune``)."""
+    """The row counts that take the transposed layout (set by ``tune``)..."""
+    tuned_in: int | None = None
+    """...in the thread that ``tune`` measured in (``threading.get_ident()``), and only there."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.fast_rows and not torch.compiler.is_compiling()  # a compiled graph decides its own products
-                and x.numel() // max(x.size(-1), 1) in self.fast_rows and _inference_fp32_cpu(x, self.weight)):
+                and x.numel() // max(x.size(-1), 1) in self.fast_rows and threading.get_ident() == self.tuned_in
+                and _inference_fp32_cpu(x, self.weight)):
             return transposed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -99,13 +104,22 @@ def fast_rows(faster: list[int]) -> frozenset[int]:
 
 
 def tune(model: nn.Module) -> None:
-    """Set the model's ``FewRowLinear`` layers from this machine's cached answer for the model's
-    shape, probing on its own weights the first time. Once per model object."""
-    if getattr(model, "_few_rows_tuned", False):
+    """Set the model's ``FewRowLinear`` layers for decoding in the main thread from this machine's
+    cached answer for the model's shape, probing on its own weights the first time. Once per
+    model object.
+
+    Other threads keep ``F.linear``: in a second thread (a server's decoding thread), once the main
+    one has run torch's parallel work, MKL's multi-threaded products ran 2-4x slower here and
+    varied from run to run (each thread has its own OpenMP team, and this machine wakes threads
+    slowly), while the matrix-vector kernel did not — no answer measured there held."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    here = threading.get_ident()
+    if getattr(model, "_few_rows_tuned_in", None) == here:
         return
     layers = [m for m in model.modules() if isinstance(m, FewRowLinear)]
     weights = list({id(m.weight): m.weight.detach() for m in layers}.values())  # a tied head once
-    model._few_rows_tuned = True
+    model._few_rows_tuned_in = here
     if not weights or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
         return
     cfg = getattr(model, "cfg", None)
@@ -120,4 +134,4 @@ def tune(model: nn.Module) -> None:
         machine.write_cache(data)
     rows = fast_rows(entry["faster"])
     for m in layers:
-        m.fast_rows = rows
+        m.fast_rows, m.tuned_in = rows, here

@@ -43,6 +43,11 @@ from llmkit.core.model import Transformer
 
 
 class Proposer(Protocol):
+    free: bool
+    """Whether guessing costs nothing worth timing (copied guesses): then the guesses are made
+    first and the pacer trims them; a costly proposer (a draft model) is asked for only as many
+    as the pacer decides a pass carries, and its time counts in the pass's cost."""
+
     def start(self, prompt: list[int], length: int) -> None:
         """A new text: ``prompt`` is already accepted; at most ``length`` slots in all."""
 
@@ -52,6 +57,8 @@ class Proposer(Protocol):
 
 class DraftModel:
     """A smaller model's greedy guesses (it must share the target's tokenizer)."""
+
+    free = False
 
     def __init__(self, model: Transformer, device):
         self.model, self.device = model, device
@@ -90,6 +97,8 @@ class PromptLookup:
     tokens (n from ``max_ngram`` down to 1), the tokens that followed it. A match close to the
     end has fewer than k tokens after it: the text is then repeating itself with that period,
     and the guesses go on repeating it (a loop of two tokens yields k guesses, not one)."""
+
+    free = True
 
     def __init__(self, max_ngram: int = 3):
         self.max_ngram = max_ngram
@@ -147,8 +156,10 @@ class _Pacer:
         (w0, c0), (w1, c1) = below[-1], above[0]
         return c0 if w1 == w0 else c0 + (c1 - c0) * (width - w0) / (w1 - w0)
 
-    def width(self, guesses: list[list[int]], rates: list[float]) -> int:
-        n, top = len(guesses), 1 + max(map(len, guesses))
+    def width(self, caps: list[int], rates: list[float]) -> int:
+        """The positions per row of the next pass, given each row's most guesses (``caps``: those
+        made already, or the room for them) and recent acceptance rate."""
+        n, top = len(caps), 1 + max(max(caps), 0)
         if top == 1:
             return 1
         if not any(r == n and w > 1 for r, w in self.cost):
@@ -161,7 +172,7 @@ class _Pacer:
             if cost is None:  # wider than any timed: tried when a retry comes
                 break
             # A row keeps its j-th guess if it kept the j - 1 before: rate ** j of them on average.
-            expected = n + sum(sum(a ** j for j in range(1, min(len(g), w - 1) + 1)) for g, a in zip(guesses, rates))
+            expected = n + sum(sum(a ** j for j in range(1, min(c, w - 1) + 1)) for c, a in zip(caps, rates))
             if expected / cost > best_rate:
                 best, best_rate = w, expected / cost
         if best > 1:
@@ -232,19 +243,28 @@ def speculative_batch(model: Transformer, prompts: list[list[int]], cfg: SampleC
             state.select([i for i, b in enumerate(rows) if alive[b]])
             rows = [b for b in rows if alive[b]]
         slide = {b for b in rows if len(views[b]) >= context}
-        guesses = []
-        for b in rows:
-            room = min(k, cfg.max_new_tokens - len(outs[b].ids), context - len(views[b]) - 1)
-            guesses.append(proposers[b].propose(views[b] + [pending[b]], room) if room > 0 else [])
+        clock = time.perf_counter()  # a pass's cost: its guessing, where guesses cost, and its check
+        rooms = [min(k, cfg.max_new_tokens - len(outs[b].ids), context - len(views[b]) - 1) for b in rows]
+
+        def guess(b: int, n: int) -> list[int]:
+            return proposers[b].propose(views[b] + [pending[b]], n) if n > 0 else []
+
+        free = all(getattr(proposers[b], "free", False) for b in rows)
+        guesses = [guess(b, room) for b, room in zip(rows, rooms)] if free else None
+        width = 1 + max(max(rooms), 0)
         if paced:
-            width = pacer.width(guesses, [(kept_n[b] + 1) / (kept_n[b] + failed_n[b] + 2) for b in rows])
+            rates = [(kept_n[b] + 1) / (kept_n[b] + failed_n[b] + 2) for b in rows]
+            width = pacer.width(list(map(len, guesses)) if free else rooms, rates)
+        if free:
             guesses = [g[: width - 1] for g in guesses]
+        else:  # a draft is asked for what the pass will carry, no more
+            guesses = [guess(b, min(room, width - 1)) for b, room in zip(rows, rooms)]
         T = 1 + max(map(len, guesses))
         if slide or state.slot + T > state.length:
             start(slide)
             continue
         fed = [[pending[b], *g] + [0] * (T - 1 - len(g)) for b, g in zip(rows, guesses)]  # fillers after
-        s, clock = state.slot, time.perf_counter()
+        s = state.slot
         choices = state.feed(torch.tensor(fed, device=device)).argmax(-1).tolist()  # (b, T) greedy after each
         pacer.time(len(rows), T, time.perf_counter() - clock)
         kept = []
