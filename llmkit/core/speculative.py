@@ -26,7 +26,9 @@ overwrites them.
 Guessing is not free: a pass of 1 + k positions per row costs more than one of 1, little when
 decoding is bound by reading the weights (batch 1), up to k + 1 times when it is bound by
 arithmetic (a batch of a larger model). ``_Pacer`` times the passes and guesses only when the
-tokens a pass is expected to yield, at each row's recent acceptance rate, pay for its cost.
+tokens a pass is expected to yield, at each row's recent acceptance rate, pay for its cost. Free
+guesses (copied ones) are made first and trimmed; a costly proposer (a draft model) is asked
+after the pacer decides, for no more than the pass carries, and its time is part of the cost.
 """
 
 from __future__ import annotations
@@ -215,6 +217,7 @@ def speculative_batch(model: Transformer, prompts: list[list[int]], cfg: SampleC
     alive = [True] * B
     rows = list(range(B))  # the output row held by each row of the cache, in order
     pacer = _Pacer()
+    guessed = False  # whether the last pass carried guesses (a draft then has nothing to catch up on)
     # Each row's recent guesses, kept and failed: a pass keeps n guesses and fails once (unless it
     # kept them all), so kept / (kept + failed) estimates the chance of keeping the next guess
     # after a kept one. Decayed, since the loops of small models come and go.
@@ -262,11 +265,16 @@ def speculative_batch(model: Transformer, prompts: list[list[int]], cfg: SampleC
         T = 1 + max(map(len, guesses))
         if slide or state.slot + T > state.length:
             start(slide)
+            guessed = False  # sliding rows' drafts start again from their new text
             continue
         fed = [[pending[b], *g] + [0] * (T - 1 - len(g)) for b, g in zip(rows, guesses)]  # fillers after
         s = state.slot
         choices = state.feed(torch.tensor(fed, device=device)).argmax(-1).tolist()  # (b, T) greedy after each
-        pacer.time(len(rows), T, time.perf_counter() - clock)
+        # A draft's first guesses after plain passes (or the prompt) also feed it every token it
+        # missed: that pass's time is not what guessing costs, so it is not timed.
+        if free or T == 1 or guessed:
+            pacer.time(len(rows), T, time.perf_counter() - clock)
+        guessed = T > 1
         kept = []
         for b, g, chosen in zip(rows, guesses, choices):
             n = 0
