@@ -13,8 +13,6 @@ above the largest probed one, 16, always keep F.linear).
 from __future__ import annotations
 
 import argparse
-import math
-import time
 from pathlib import Path
 
 import torch
@@ -22,8 +20,8 @@ import torch.nn.functional as F
 
 from common import emit, machine
 
+from llmkit.core import few_rows
 from llmkit.core.checkpoint import load_model
-from llmkit.core.few_rows import MARGIN, PROBED_ROWS, FewRowLinear, transposed_linear
 
 
 def main() -> None:
@@ -34,22 +32,16 @@ def main() -> None:
     emit(event="machine", **machine())
     for path in args.checkpoints:
         model, _ = load_model(path)
-        weights = list({id(m.weight): m.weight.detach() for m in model.modules() if isinstance(m, FewRowLinear)}.values())
+        weights = few_rows.linear_weights(model)
         mb = sum(w.numel() for w in weights) * 4 / 2**20
         with torch.inference_mode():
-            for rows in (*PROBED_ROWS, 64):  # and one count past the probed ones, for the record
-                inputs = {w.size(1): torch.randn(rows, w.size(1)) for w in weights}
-                best = {"linear": math.inf, "transposed": math.inf}
-                for _ in range(args.repeats):
-                    for name, product in (("linear", F.linear), ("transposed", transposed_linear)):
-                        t0 = time.perf_counter()
-                        for w in weights:
-                            product(inputs[w.size(1)], w, None)
-                        best[name] = min(best[name], time.perf_counter() - t0)
+            for rows in (*few_rows.PROBED_ROWS, 64):  # and one count past the probed ones, for the record
+                linear, transposed = few_rows.pass_seconds(weights, rows, (F.linear, few_rows.transposed_linear),
+                                                           args.repeats)
                 emit(event="few_rows", model=path.name, weights_mb=round(mb, 1), rows=rows,
-                     linear_ms=round(best["linear"] * 1e3, 2), transposed_ms=round(best["transposed"] * 1e3, 2),
-                     speedup=round(best["linear"] / best["transposed"], 2),
-                     taken=rows <= PROBED_ROWS[-1] and best["transposed"] * MARGIN < best["linear"])
+                     linear_ms=round(linear * 1e3, 2), transposed_ms=round(transposed * 1e3, 2),
+                     speedup=round(linear / transposed, 2),
+                     taken=rows <= few_rows.PROBED_ROWS[-1] and transposed * few_rows.MARGIN < linear)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,12 @@ def _inference_fp32_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
 
 
-def _pass_seconds(weights: list[torch.Tensor], rows: int, products, repeats: int = 3) -> list[float]:
+def linear_weights(model: nn.Module) -> list[torch.Tensor]:
+    """Every ``FewRowLinear`` weight of ``model`` once (a tied head is the embedding)."""
+    return list({id(m.weight): m.weight.detach() for m in model.modules() if isinstance(m, FewRowLinear)}.values())
+
+
+def pass_seconds(weights: list[torch.Tensor], rows: int, products, repeats: int = 3) -> list[float]:
     """For each product, the fastest of ``repeats`` passes of ``rows`` rows through every weight
     (the products take turns, so a busy moment of a shared machine slows both)."""
     inputs = {w.size(1): torch.randn(rows, w.size(1)) for w in weights}
@@ -90,7 +95,7 @@ def probe(weights: list[torch.Tensor]) -> dict:
     ``{"faster": [probed row counts where the transposed layout wins], "timings": …}``."""
     timings, faster = {}, []
     for rows in PROBED_ROWS:
-        plain, other = _pass_seconds(weights, rows, (F.linear, transposed_linear))
+        plain, other = pass_seconds(weights, rows, (F.linear, transposed_linear))
         timings[str(rows)] = {"linear_ms": round(plain * 1e3, 3), "transposed_ms": round(other * 1e3, 3)}
         if other * MARGIN < plain:
             faster.append(rows)
@@ -112,14 +117,11 @@ def tune(model: nn.Module) -> None:
     one has run torch's parallel work, MKL's multi-threaded products ran 2-4x slower here and
     varied from run to run (each thread has its own OpenMP team, and this machine wakes threads
     slowly), while the matrix-vector kernel did not — no answer measured there held."""
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or getattr(model, "_few_rows_tuned", False):
         return
-    here = threading.get_ident()
-    if getattr(model, "_few_rows_tuned_in", None) == here:
-        return
+    model._few_rows_tuned = True
     layers = [m for m in model.modules() if isinstance(m, FewRowLinear)]
-    weights = list({id(m.weight): m.weight.detach() for m in layers}.values())  # a tied head once
-    model._few_rows_tuned_in = here
+    weights = linear_weights(model)
     if not weights or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
         return
     cfg = getattr(model, "cfg", None)
@@ -134,4 +136,4 @@ def tune(model: nn.Module) -> None:
         machine.write_cache(data)
     rows = fast_rows(entry["faster"])
     for m in layers:
-        m.fast_rows, m.tuned_in = rows, here
+        m.fast_rows, m.tuned_in = rows, threading.get_ident()

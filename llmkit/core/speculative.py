@@ -222,6 +222,10 @@ def speculative_batch(model: Transformer, prompts: list[list[int]], cfg: SampleC
     # kept them all), so kept / (kept + failed) estimates the chance of keeping the next guess
     # after a kept one. Decayed, since the loops of small models come and go.
     kept_n, failed_n = [0.0] * B, [0.0] * B
+    free = all(p.free for p in proposers)  # copied guesses: made first, trimmed by the pacer
+
+    def guess(b: int, n: int) -> list[int]:
+        return proposers[b].propose(views[b] + [pending[b]], n) if n > 0 else []
 
     def emit(b: int, token: int) -> bool:
         """Append a chosen token to row b's output; False when the row has ended."""
@@ -248,11 +252,6 @@ def speculative_batch(model: Transformer, prompts: list[list[int]], cfg: SampleC
         slide = {b for b in rows if len(views[b]) >= context}
         clock = time.perf_counter()  # a pass's cost: its guessing, where guesses cost, and its check
         rooms = [min(k, cfg.max_new_tokens - len(outs[b].ids), context - len(views[b]) - 1) for b in rows]
-
-        def guess(b: int, n: int) -> list[int]:
-            return proposers[b].propose(views[b] + [pending[b]], n) if n > 0 else []
-
-        free = all(getattr(proposers[b], "free", False) for b in rows)
         guesses = [guess(b, room) for b, room in zip(rows, rooms)] if free else None
         width = 1 + max(max(rooms), 0)
         if paced:
