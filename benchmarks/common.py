@@ -34,15 +34,32 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# What each kernel library is told, to run a processor as one with only AVX2: ATen's own kernels,
+# oneDNN (convolutions, bf16 products) and MKL (fp32 products).
+ISA_CAPS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+
+
+def cap_isa(isa: str | None) -> None:
+    """Run this script again with its kernels capped to ``isa`` (``--isa avx2``): an AVX-512
+    machine then measures the code an AVX2-only one runs. The caps must be set before the
+    libraries load, hence a fresh process; they travel to every subprocess it starts."""
+    if not isa:
+        return
+    caps = ISA_CAPS[isa]
+    if all(os.environ.get(k) == v for k, v in caps.items()):
+        return  # this is the capped run
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **caps})
+
+
 def machine() -> dict:
     """What a figure was measured on: every benchmark prints it first."""
     from llmkit.core.device import cpu_has_native_bf16
-    from llmkit.core.machine import cpu_flags
+    from llmkit.core.machine import cpu_flags, kernels
 
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu_model(), "cores": cores, "cpu_flags": flags, "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": kernels(),
             "cpu_native_bf16": cpu_has_native_bf16(), "platform": sys.platform}
 
 

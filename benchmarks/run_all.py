@@ -1,6 +1,6 @@
 """Run the speed benchmarks and rewrite their tables in docs/benchmarks.md.
 
-    cd benchmarks && ../.venv/bin/python run_all.py [--only startup,loop,step,decode,rows] [--target CKPT --draft CKPT]
+    cd benchmarks && ../.venv/bin/python run_all.py [--only startup,loop,loop_avx2,step,decode,rows] [--target CKPT --draft CKPT]
                                                     [--rows-models CKPT,CKPT]
                                                     [--loop-seconds 60] [--dry-run]
 
@@ -38,6 +38,8 @@ def rows_of(cmd: list[str]) -> list[dict]:
 def header(m: dict, command: str) -> str:
     """The machine and command a table came from (a saved run's own machine line when there is one)."""
     flags = ", ".join(m["cpu_flags"]) or "none of avx2/avx512/amx"
+    if m.get("kernels"):
+        flags += f"; kernels {m['kernels']}"
     return (f"Measured {date.today().isoformat()} on {m['cpu']} ({m['cores']} core(s); {flags}), torch {m['torch']}, "
             f"Python {m['python']}, {m['threads']} thread(s). Command: `{command}`.\n\n")
 
@@ -80,10 +82,10 @@ def saved_or_run(args, name: str, cmd: list[str]) -> list[dict]:
     return rows_of(cmd)
 
 
-def loop(args, m) -> str:
+def loop(args, m, isa: str | None = None) -> str:
     cmd = [PY, "train_loop.py", "--shapes", args.loop_shapes, "--seconds", str(args.loop_seconds), "--rounds",
-           str(args.rounds)]
-    every = saved_or_run(args, "loop", cmd)
+           str(args.rounds), *(["--isa", isa] if isa else [])]
+    every = saved_or_run(args, f"loop_{isa}" if isa else "loop", cmd)
     m, rows = ran_on(m, every), [r for r in every if r.get("event") == "train_loop"]
     body = [[r["shape"], r["mode"], f"{r['llmkit_bare']:,}", f"{r['llmkit_loop']:,}", f"**{r['loop_vs_bare']:.3f}**",
              f"{r['nanogpt_bare']:,}", f"{r['nanogpt_loop']:,}", f"**{r['loop_vs_nanogpt_loop']:.2f}**"] for r in rows]
@@ -131,7 +133,12 @@ def rows(args, m) -> str | None:
         ["model", "linear weights (MB)", "rows", "x @ W.T (ms)", "(W @ x.T).T (ms)", "speed-up", "taken"], body)
 
 
-SECTIONS = {"startup": startup, "loop": loop, "step": step, "decode": decode, "rows": rows}
+def loop_avx2(args, m) -> str:
+    """The loop section again with torch's kernels capped to AVX2: an AVX2-only machine's code."""
+    return loop(args, m, "avx2")
+
+
+SECTIONS = {"startup": startup, "loop": loop, "loop_avx2": loop_avx2, "step": step, "decode": decode, "rows": rows}
 
 
 def replace(doc: str, name: str, text: str) -> str:

@@ -15,7 +15,11 @@ Shapes: ``nano`` is nanoGPT's CPU command (4 layers, width 128, 4 heads, context
 tiny shakespeare with a character vocabulary; ``small`` is llmkit's preset (6 layers, width 384,
 context 256, batch 16, vocabulary 8192) on corpus_fr.
 
-    .venv/bin/python benchmarks/train_loop.py [--shapes nano,small] [--seconds 60] [--core 0]
+    .venv/bin/python benchmarks/train_loop.py [--shapes nano,small] [--seconds 60] [--core 0] [--isa avx2]
+
+``--isa avx2`` caps torch's kernel libraries to AVX2 (common.cap_isa): on an AVX-512 machine it
+measures what an AVX2-only one runs (the speed probe then finds bf16 slow and keeps fp32). It is
+the same processor otherwise (caches, clock), so it stands in for, not equals, an AVX2 machine.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, SHARED_DATA, emit, machine
+from common import ISA_CAPS, ROOT, SHARED_DATA, cap_isa, emit, machine
 import nanogpt_ref
 
 from llmkit.core import speed
@@ -91,7 +95,10 @@ def main() -> None:
     ap.add_argument("--bare-seconds", type=float, default=15.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--core", type=int, default=0)
+    ap.add_argument("--isa", choices=sorted(ISA_CAPS), help="cap torch's kernels to this instruction set "
+                    "(measure an AVX2-only machine's code on an AVX-512 one)")
     args = ap.parse_args()
+    cap_isa(args.isa)
     if not SHARED_DATA.exists():
         sys.exit(f"skipped: {SHARED_DATA} not present")
     os.sched_setaffinity(0, {args.core})

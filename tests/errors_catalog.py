@@ -53,6 +53,23 @@ def write(name: str, text: str | bytes) -> Callable[[Path], None]:
     return setup
 
 
+_HELD: list[socket.socket] = []
+
+
+def hold_port(port: int) -> Callable[[Path], None]:
+    """Listen on 127.0.0.1:port for the rest of the process (a port in use; if something else
+    holds it already, it is in use all the same)."""
+    def setup(root: Path) -> None:
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+            _HELD.append(sock)
+        except OSError:
+            sock.close()
+    return setup
+
+
 def copy_run(dest: str, then: Callable[[Path], None]) -> Callable[[Path], None]:
     def setup(root: Path) -> None:
         shutil.rmtree(root / dest, ignore_errors=True)
@@ -345,6 +362,7 @@ CASES = [
     Case("serve: a port out of range", "serve", ["run", "--port", "70000"]),
     Case("serve: a checkpoint that is not there", "serve", ["nowhere", "--port", "8123"]),
     Case("serve: --max-batch 0", "serve", ["run", "--max-batch", "0"]),
+    Case("serve: the port is in use", "serve", ["run", "--port", "8124"], setup=hold_port(8124)),
 ]
 
 

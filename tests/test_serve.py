@@ -28,10 +28,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(ckpt: Path, *extra: str):
+def _start(ckpt: Path, *extra: str, env: dict | None = None):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", str(ckpt), "--port", str(port), "--quiet",
-                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     httpx = need_module("httpx", "talking to the server")
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):  # the model loads in a second or two
@@ -215,6 +216,38 @@ def test_sigterm_lets_the_request_in_flight_finish(trained_run):
     t.join(timeout=60)
     assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] > 0
     assert proc.wait(timeout=30) == 0
+
+
+def test_the_engine_decodes_on_the_main_thread(trained_run, tmp_path):
+    """`llmkit serve` runs the engine's loop on the main thread, uvicorn beside it: the few-row
+    layout (main thread only, docs/generate.md "Speed") is then probed and recorded for the
+    served model's shape, which an engine in a thread of its own never does."""
+    need_module("fastapi", "the HTTP server")
+    httpx = need_module("httpx", "raw HTTP")
+    cache = tmp_path / "cache"
+    proc, url = _start(trained_run, env={"LLMKIT_CACHE": str(cache)})
+    try:
+        r = httpx.post(url + "/v1/completions", timeout=60, json={"prompt": "La ville de", "max_tokens": 4,
+                                                                  "temperature": 0})
+        assert r.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    speed = json.loads((cache / "speed.json").read_text())
+    assert any(k.startswith("few_rows|") for entries in speed.values() if isinstance(entries, dict) for k in entries)
+
+
+def test_the_listening_socket_lets_asyncio_turn_nagle_off():
+    """asyncio sets TCP_NODELAY only on sockets whose protocol is IPPROTO_TCP by name; without it a
+    stream's first token waited 40 ms for the client's delayed ACK (measured, docs/serve.md)."""
+    need_module("fastapi", "the HTTP server")
+    from llmkit.serve.host import listen
+
+    sock = listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
 
 
 def test_a_classifier_answers_classify(tmp_path, trained_run):

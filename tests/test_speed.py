@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,6 +122,29 @@ def test_the_real_probe_times_a_step():
 def test_machine_key_names_cpu_torch_and_threads():
     key = machine.machine_key()
     assert f"torch {torch.__version__}" in key and f"threads {torch.get_num_threads()}" in key
+    assert f"kernels {torch.backends.cpu.get_cpu_capability()}" in key
+
+
+def test_machine_key_tells_an_instruction_set_cap(monkeypatch):
+    """A processor whose kernel libraries are capped (to AVX2, say) runs another machine's code:
+    its measurements must not be read back uncapped, nor the reverse."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    free = machine.machine_key()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = machine.machine_key()
+    assert capped != free and capped.endswith("ONEDNN_MAX_CPU_ISA=AVX2")
+
+
+def test_machine_key_follows_atens_capability():
+    """ATEN_CPU_CAPABILITY=avx2 (what benchmarks' --isa avx2 sets) lowers the kernels torch
+    dispatches to, and the key says so: an AVX-512 machine's capped figures get a key of their own."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
+    env["ATEN_CPU_CAPABILITY"] = "avx2"
+    key = subprocess.run([sys.executable, "-c", "from llmkit.core import machine; print(machine.machine_key())"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    own = torch.backends.cpu.get_cpu_capability()
+    # A cap never raises the level: a machine below AVX2 keeps its own.
+    assert key.endswith(f"kernels {'AVX2' if own in ('AVX2', 'AVX512') else own}")
 
 
 # --- fast paths against plain ones ---------------------------------------------------------------

@@ -39,15 +39,15 @@ def serve(
     if not 0 < port < 65536:
         raise ConfigError(f"--port must be between 1 and 65535, not {port}")
     try:
-        import uvicorn
-
-        from llmkit.serve.api import Limits, Server, create_app
+        from llmkit.serve import host as hosting
+        from llmkit.serve.api import Limits, Server
     except ImportError as e:
         raise ConfigError(f"llmkit serve needs FastAPI and uvicorn: pip install 'llmkit[serve]' ({e.name} is missing)") from None
     key = api_key or os.environ.get("LLMKIT_API_KEY") or None
     server = Server(checkpoint, device=str(pick_device(device or "auto")), max_batch=max_batch, api_key=key,
                     quantize=quantize,
                     limits=Limits(max_tokens=max_tokens, max_concurrent=max_concurrent, max_body_bytes=max_body))
+    sock = hosting.listen(host, port)  # a port in use: one line, before anything is served
     console = err_console()
     if not quiet:
         shown = "[::1]" if host == "::1" else host
@@ -55,6 +55,5 @@ def serve(
                       f"(chat page at /, OpenAI API at /v1/){'; API key required' if key else ''}", highlight=False)
         if host not in ("127.0.0.1", "localhost", "::1") and not key:
             console.print("[yellow]warning:[/] listening beyond this machine without --api-key", highlight=False)
-    # SIGTERM and Ctrl-C: uvicorn stops taking connections and lets requests in flight finish.
-    uvicorn.run(create_app(server), host=host, port=port, log_level="warning" if quiet else "info",
-                timeout_graceful_shutdown=30, access_log=not quiet)
+    # SIGTERM and Ctrl-C: stop taking connections and let the requests in flight finish.
+    hosting.run(server, sock, quiet=quiet)

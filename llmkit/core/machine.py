@@ -21,6 +21,9 @@ from llmkit.core.config import ModelConfig, cache_home
 
 CACHE_VERSION = 1
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
+# Variables that cap the instruction set torch's kernel libraries use (ATen's own kernels report
+# theirs through get_cpu_capability): the same processor under a cap runs another machine's code.
+_ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,7 +48,15 @@ def machine_key() -> str:
     from llmkit import __version__
 
     # llmkit's version too: a new release may run the same shape differently (attention, kernels).
-    return f"{model}|{flags}|torch {torch.__version__}|llmkit {__version__}|threads {torch.get_num_threads()}"
+    key = f"{model}|{flags}|torch {torch.__version__}|llmkit {__version__}|threads {torch.get_num_threads()}"
+    return key + f"|kernels {kernels()}"
+
+
+def kernels() -> str:
+    """The instruction set torch's kernels run here: ATen's dispatch level (``ATEN_CPU_CAPABILITY``
+    lowers it), plus any cap set on oneDNN or MKL, e.g. ``AVX512`` or ``AVX2 ONEDNN_MAX_CPU_ISA=AVX2``."""
+    caps = [f"{name}={os.environ[name]}" for name in _ISA_CAPS if os.environ.get(name)]
+    return " ".join([torch.backends.cpu.get_cpu_capability(), *caps])
 
 
 def shape_key(cfg: ModelConfig, batch: int) -> str:

@@ -238,7 +238,7 @@ def create_app(server: Server):
     """The FastAPI application over a loaded :class:`Server`."""
     @contextlib.asynccontextmanager
     async def lifespan(_):
-        if not server.engine.thread.is_alive():
+        if not server.engine.hosted and not server.engine.thread.is_alive():
             server.engine.start()
         yield
         server.engine.stop()  # after uvicorn has let the requests in flight finish

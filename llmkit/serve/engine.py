@@ -1,6 +1,9 @@
-"""The model's one thread: a queue of requests, decoded with continuous batching.
+"""The model's one loop: a queue of requests, decoded with continuous batching.
 
-Torch work happens here only (one model, one thread: no locks around the weights). Requests with
+Torch work happens here only (one model, one thread: no locks around the weights). ``llmkit
+serve`` runs this loop on the process's main thread (``run``) and the HTTP server beside it: on a
+CPU, torch's products are fastest in the thread that loaded the model (docs/serve.md, "Speed"). An
+in-process server (tests, ``TestClient``) runs it in a thread of its own (``start``). Requests with
 the same decoding settings share a :class:`~llmkit.core.generate.Slots` batch: one that arrives
 while others decode is prefilled and joins them at the next decoding step, up to ``max_batch``
 rows; a row leaves when it ends, and its place is taken by the next request. Requests with other
@@ -58,14 +61,17 @@ class Engine:
         self.key = None
         self.stats = {"requests": 0, "largest_batch": 0}
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="llmkit-engine", daemon=True)
+        self.hosted = False  # True: the caller runs the loop (``run``); the app must not start a thread
+        self.thread = threading.Thread(target=self.run, name="llmkit-engine", daemon=True)
 
     def start(self) -> None:
+        """Run the loop in a thread of its own (until ``stop``)."""
         self.thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
 
     def submit(self, request: Request) -> None:
         if self.waiting.qsize() + len(self.held) >= self.max_waiting:
@@ -87,11 +93,12 @@ class Engine:
         except queue.Empty:
             return None
 
-    def _run(self) -> None:
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """The loop, on the calling thread: until ``stop`` is called or ``until()`` is true."""
         import torch
 
         with torch.inference_mode():
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not until():
                 try:
                     self._turn()
                 except Exception as e:  # a bug must not take the server down: each caller hears of it
