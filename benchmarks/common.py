@@ -25,13 +25,10 @@ def emit(**row) -> None:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from llmkit.core.machine import cpu_model as from_cpuinfo
+
+    found = from_cpuinfo()
+    return found if found != "unknown" else (platform.processor() or "unknown")
 
 
 # What each kernel library is told, to run a processor as one with only AVX2: ATen's own kernels,

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, SHARED_DATA, emit
+from common import ROOT, SHARED_DATA, emit, machine
 
 LLMKIT = [sys.executable, "-m", "llmkit"]
 FILE_MB = 64
@@ -55,13 +55,6 @@ def generate(folder: Path, gigabytes: float) -> Path:
         i += 1
     done.write_text(str(target))
     return folder
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -132,7 +125,7 @@ def main() -> None:
         sys.exit(f"skipped: {SHARED_DATA} not present")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    emit(event="machine", cpu=cpu_name(), cores=os.cpu_count(), python=sys.version.split()[0])
+    emit(event="machine", **machine())
     tok = work / "tok"
     if not (tok / "tokenizer.yaml").is_file():
         subprocess.run(LLMKIT + ["tokenize", "train", str(SHARED_DATA / "corpus_fr"), "-o", str(tok),

@@ -128,11 +128,11 @@ def tune(model: nn.Module) -> None:
     key = "few_rows|" + (machine.shape_key(cfg, 0) if cfg is not None else
                          ",".join(f"{w.size(0)}x{w.size(1)}" for w in weights))
     data = machine.read_cache()
-    entry = data.setdefault(machine.machine_key(), {}).get(key)
+    here = data.setdefault(machine.machine_key(), {})
+    entry = here.get(key)
     if entry is None or entry.get("rows") != list(PROBED_ROWS):  # none yet, or probed otherwise
         with torch.inference_mode():
-            entry = probe(weights)
-        data[machine.machine_key()][key] = entry
+            entry = here[key] = probe(weights)
         machine.write_cache(data)
     rows = fast_rows(entry["faster"])
     for m in layers:

@@ -27,28 +27,33 @@ _ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    try:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is no such file)."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+            if not line.strip():
+                break  # the first processor's block ends; the others repeat it
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
+    return fields
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
+def cpu_model() -> str:
+    return _cpuinfo().get("model name", "unknown")
 
 
 def machine_key() -> str:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     flags = ",".join(f for f in _FLAGS if f in cpu_flags())
     from llmkit import __version__
 
     # llmkit's version too: a new release may run the same shape differently (attention, kernels).
-    key = f"{model}|{flags}|torch {torch.__version__}|llmkit {__version__}|threads {torch.get_num_threads()}"
+    key = f"{cpu_model()}|{flags}|torch {torch.__version__}|llmkit {__version__}|threads {torch.get_num_threads()}"
     return key + f"|kernels {kernels()}"
 
 

@@ -238,8 +238,7 @@ def create_app(server: Server):
     """The FastAPI application over a loaded :class:`Server`."""
     @contextlib.asynccontextmanager
     async def lifespan(_):
-        if not server.engine.hosted and not server.engine.thread.is_alive():
-            server.engine.start()
+        server.engine.start()  # its own thread, unless `llmkit serve` runs its loop on the main thread
         yield
         server.engine.stop()  # after uvicorn has let the requests in flight finish
 

@@ -61,12 +61,14 @@ class Engine:
         self.key = None
         self.stats = {"requests": 0, "largest_batch": 0}
         self._stop = threading.Event()
-        self.hosted = False  # True: the caller runs the loop (``run``); the app must not start a thread
+        self.hosted = False  # True: the caller runs the loop (``run``), and ``start`` starts no thread
         self.thread = threading.Thread(target=self.run, name="llmkit-engine", daemon=True)
 
     def start(self) -> None:
-        """Run the loop in a thread of its own (until ``stop``)."""
-        self.thread.start()
+        """Run the loop in a thread of its own (until ``stop``), unless it runs already or its
+        caller runs it (``hosted``)."""
+        if not self.hosted and not self.thread.is_alive():
+            self.thread.start()
 
     def stop(self) -> None:
         self._stop.set()

@@ -51,7 +51,7 @@ def run(server: Server, sock: socket.socket, *, quiet: bool) -> None:
 
     where = "{}:{}".format(*sock.getsockname()[:2])
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    server.engine.hosted = True  # the app's start-up must not start the engine's own thread
+    server.engine.hosted = True  # the app's start-up then starts no engine thread
     http = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, name="llmkit-http", daemon=True)
     try:
         http.start()
