@@ -25,7 +25,7 @@ def emit(**row) -> None:
 
 
 def cpu_model() -> str:
-    from llmkit.core.machine import cpu_model as from_cpuinfo
+    from llmkit.core.host.machine import cpu_model as from_cpuinfo
 
     found = from_cpuinfo()
     return found if found != "unknown" else (platform.processor() or "unknown")
@@ -50,8 +50,8 @@ def cap_isa(isa: str | None) -> None:
 
 def machine() -> dict:
     """What a figure was measured on: every benchmark prints it first."""
-    from llmkit.core.device import cpu_has_native_bf16
-    from llmkit.core.machine import cpu_flags, kernels
+    from llmkit.core.host.device import cpu_has_native_bf16
+    from llmkit.core.host.machine import cpu_flags, kernels
 
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

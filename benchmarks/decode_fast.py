@@ -33,12 +33,12 @@ import torch
 
 from common import SHARED_DATA, emit, hf_llama, machine
 
-from llmkit.core.checkpoint import load_model
+from llmkit.core.interop.resolve import open_model
 from llmkit.core.config import SampleConfig
-from llmkit.core.generate import decode_batch
-from llmkit.core.quantize import int8_copy, quantize_int8
-from llmkit.core.speculative import DraftModel, PromptLookup, guesses_per_pass, speculative_batch
-from llmkit.core.train import mean_token_loss
+from llmkit.core.decoding.decoder.steps import decode_batch
+from llmkit.core.model.transformer.quantize import int8_copy, quantize_int8
+from llmkit.core.decoding.decoder.speculative import DraftModel, PromptLookup, guesses_per_pass, speculative_batch
+from llmkit.core.training.loop import mean_token_loss
 
 
 def french_text() -> str:
@@ -62,13 +62,13 @@ def main() -> None:
     ap.add_argument("--draft-tokens", type=int, default=0, help="0: as generate (4 with a draft, 8 for lookup)")
     args = ap.parse_args()
     emit(event="machine", **machine())
-    plain, ckpt = load_model(args.target)
+    plain, ckpt = open_model(args.target)
     tok = ckpt.tokenizer
     peer = hf_llama(plain)
-    int8, _ = load_model(args.target)
+    int8, _ = open_model(args.target)
     quantize_int8(int8)
-    draft = load_model(args.draft)[0] if args.draft else None
-    draft8 = quantize_int8(load_model(args.draft)[0]) if args.draft else None
+    draft = open_model(args.draft)[0] if args.draft else None
+    draft8 = quantize_int8(open_model(args.draft)[0]) if args.draft else None
     twin = int8_copy(plain)  # --draft int8: the model's own int8 twin guesses
 
     text = french_text()

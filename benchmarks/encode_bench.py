@@ -23,8 +23,8 @@ import torch
 
 from common import SHARED_DATA, bag_of_words, emit, hf_llama, logistic_probe, machine, peak_of, read_classify
 
-from llmkit.core.checkpoint import load_model
-from llmkit.core.heads import pool
+from llmkit.core.interop.resolve import open_model
+from llmkit.core.model.transformer.heads import pool
 
 
 @torch.inference_mode()
@@ -46,7 +46,7 @@ def pooled(model, tok, texts, layer, batch=32, max_len=128) -> dict[str, np.ndar
 
 
 def probe(ckpt: str) -> None:
-    model, c = load_model(Path(ckpt))
+    model, c = open_model(Path(ckpt))
     tok = c.tokenizer
     layers = {"middle": model.cfg.n_layer // 2, "top": -1}
     for name in ("sib200_topic_fr", "theatre17_genre_fr"):
@@ -82,11 +82,11 @@ def peer_mean_pool(peer, rows: list[list[int]], dim: int, batch: int) -> np.ndar
 
 
 def speed(ckpt: str, rounds: int = 5) -> None:
-    model, c = load_model(Path(ckpt))
+    model, c = open_model(Path(ckpt))
     tok = c.tokenizer
     peer = hf_llama(model).model  # the LlamaModel trunk
     texts = read_classify("sib200_topic_fr", "train")[0] * 2
-    from llmkit.core.embed import EmbedConfig, embed_items
+    from llmkit.core.jobs.embed import EmbedConfig, embed_items
 
     def hf_mean(texts):
         return peer_mean_pool(peer, [r[:128] for r in tok.encode_batch(texts)], model.cfg.d_model, batch=32)
@@ -108,7 +108,7 @@ def speed(ckpt: str, rounds: int = 5) -> None:
 
 def peer_encode(ckpt: str, src: str, out: str) -> None:
     """The peer's way, in its own process: LlamaModel + mean pooling, every vector kept in RAM, then saved."""
-    model, c = load_model(Path(ckpt))
+    model, c = open_model(Path(ckpt))
     peer = hf_llama(model).model
     texts = [line for line in Path(src).read_text().splitlines() if line.strip()]
     vectors = peer_mean_pool(peer, c.tokenizer.encode_batch(texts), model.cfg.d_model, batch=64)

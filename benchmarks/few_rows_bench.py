@@ -1,4 +1,4 @@
-"""The two layouts of a few-row product, on a checkpoint's own weights: what ``core/few_rows.py``'s
+"""The two layouts of a few-row product, on a checkpoint's own weights: what ``core/model/few_rows.py``'s
 probe measures, with more repeats, printed as a table.
 
     cd benchmarks && ../.venv/bin/python few_rows_bench.py CKPT [CKPT ...] [--repeats 5]
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from common import emit, machine
 
-from llmkit.core import few_rows
-from llmkit.core.checkpoint import load_model
+from llmkit.core.model.transformer.transformer import few_rows
+from llmkit.core.interop.resolve import open_model
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     emit(event="machine", **machine())
     for path in args.checkpoints:
-        model, _ = load_model(path)
+        model, _ = open_model(path)
         weights = few_rows.linear_weights(model)
         mb = sum(w.numel() for w in weights) * 4 / 2**20
         with torch.inference_mode():

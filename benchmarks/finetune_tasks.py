@@ -98,9 +98,9 @@ ZERO_SHOT = "Translate this French text into English. Answer with the translatio
 
 
 def _chat_model(ckpt: str) -> bool:
-    from llmkit.core.checkpoint import read_checkpoint
+    from llmkit.core.interop.resolve import open_checkpoint
 
-    return bool(read_checkpoint(Path(ckpt)).tokenizer.chat_template)
+    return bool(open_checkpoint(Path(ckpt)).tokenizer.chat_template)
 
 
 def zero_shot(ckpt: str, dev: list[dict]) -> dict:
@@ -143,7 +143,7 @@ def translate(ckpt: str, work: Path) -> None:
 
 
 def _scores(hyps: list[str], refs: list[str]) -> dict:
-    from llmkit.core.metrics import bleu, chrf
+    from llmkit.core.tasks.objectives.metrics import bleu, chrf
 
     return {"chrf": round(chrf(hyps, refs), 2), "bleu": round(bleu(hyps, refs), 2)}
 

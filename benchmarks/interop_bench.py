@@ -42,11 +42,11 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from llmkit.core.checkpoint import load_model
+    from llmkit.core.interop.resolve import open_model
     from llmkit.core.config import SampleConfig
-    from llmkit.core.generate import decode_batch
+    from llmkit.core.decoding.decoder.steps import decode_batch
 
-    ours, ckpt = load_model(out)
+    ours, ckpt = open_model(out)
     tok = ckpt.tokenizer
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     theirs = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32).eval()

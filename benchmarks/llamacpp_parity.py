@@ -27,11 +27,11 @@ PROMPTS = ["La ville de", "Il était une fois, dans un village de Provence,",
 
 
 def llmkit_greedy(ckpt: Path, ids: list[int], new: int) -> list[int]:
-    from llmkit.core.checkpoint import load_model
+    from llmkit.core.interop.resolve import open_model
     from llmkit.core.config import SampleConfig
-    from llmkit.core.generate import decode_batch
+    from llmkit.core.decoding.decoder.steps import decode_batch
 
-    model, c = load_model(ckpt, "cpu")
+    model, c = open_model(ckpt, "cpu")
     out = decode_batch(model, [ids], SampleConfig(max_new_tokens=new, temperature=0.0), eos_id=None,
                        decode=c.tokenizer.decode, device="cpu")
     return list(out[0].ids)
@@ -46,7 +46,7 @@ def main() -> None:
         import llama_cpp
     except ImportError:
         sys.exit("skipped: llama-cpp-python is not installed (pip install llama-cpp-python builds it)")
-    from llmkit.core.checkpoint import read_checkpoint
+    from llmkit.core.interop.resolve import open_checkpoint
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def main() -> None:
                            stdout=subprocess.DEVNULL)
         models["SmolLM2-135M-Instruct (byte-level BPE)"] = smol
     for name, ckpt in models.items():
-        tok = read_checkpoint(ckpt).tokenizer
+        tok = open_checkpoint(ckpt).tokenizer
         for quant in ("f32", "f16"):
             gguf = work / f"{ckpt.parent.name if ckpt.name == 'best' else ckpt.name}-{quant}.gguf"
             gguf.unlink(missing_ok=True)

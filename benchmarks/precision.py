@@ -1,4 +1,4 @@
-"""fp32 against bf16 on this CPU: the measurement behind precision 'auto' (core/device.py).
+"""fp32 against bf16 on this CPU: the measurement behind precision 'auto' (core/host/device.py).
 
 Times square matmuls in fp32 and bf16, and one forward+backward of the llmkit `tiny` shape in fp32
 and under bf16 autocast, interleaved. Prints one JSON line per result with the bf16/fp32 ratio.
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from common import emit, machine
 
 from llmkit.core.config import ModelConfig
-from llmkit.core.device import pick_precision
-from llmkit.core.model import Transformer
+from llmkit.core.host.device import pick_precision
+from llmkit.core.model.transformer.transformer import Transformer
 
 
 def timed(fn, rounds: int) -> float:

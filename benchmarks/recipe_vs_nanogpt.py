@@ -46,8 +46,8 @@ def seconds_of(text: str) -> float:
 def char_split(corpus: Path, work: Path):
     """llmkit's own split of the corpus, in characters: (train ids, val ids, vocab, val bytes)."""
     from llmkit.core.config import DataConfig, TokenizerConfig
-    from llmkit.core.corpus.mix import load_corpus, plan_sources
-    from llmkit.core.tokenizer import train_on_files
+    from llmkit.core.text.mix import load_corpus, plan_sources
+    from llmkit.core.text.tokenizer import train_on_files
 
     data_cfg = DataConfig()
     sources, val, _ = plan_sources([str(corpus)], data_cfg)
@@ -95,11 +95,11 @@ def nanogpt_side(train, val, vocab, val_bytes, seconds, core, out_file, work):
 
 
 def llmkit_score(run: Path, corpus: Path) -> dict:
-    from llmkit.core.checkpoint import load_model
+    from llmkit.core.interop.resolve import open_model
     from llmkit.core.config import DataConfig
-    from llmkit.core.corpus.mix import load_corpus, plan_sources
+    from llmkit.core.text.mix import load_corpus, plan_sources
 
-    model, ckpt = load_model(run / "best")
+    model, ckpt = open_model(run / "best")
     sources, val, _ = plan_sources([str(corpus)], DataConfig())
     data = load_corpus(sources, val, ckpt.tokenizer, DataConfig())
     ids = torch.from_numpy(np.concatenate([v for _, v in data.val_parts]).astype("int64"))

@@ -112,9 +112,9 @@ def load(url: str, clients: int, requests: int, tokens: int) -> dict:
 def transformers_sequential(ckpt: Path, requests: int, tokens: int) -> dict:
     import torch
 
-    from llmkit.core.checkpoint import load_model
+    from llmkit.core.interop.resolve import open_model
 
-    model, c = load_model(ckpt)
+    model, c = open_model(ckpt)
     hf = hf_llama(model)
     t0 = time.perf_counter()
     with torch.inference_mode():

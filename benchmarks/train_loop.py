@@ -39,7 +39,7 @@ import torch
 from common import ISA_CAPS, ROOT, SHARED_DATA, cap_isa, emit, machine
 import nanogpt_ref
 
-from llmkit.core import speed
+from llmkit.core.training import speed
 from llmkit.core.config import ModelConfig
 
 SHAPES = {

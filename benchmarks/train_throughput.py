@@ -3,7 +3,7 @@
 Each round times one optimizer step (forward, backward, AdamW) of each contender in turn
 (interleaved, so machine noise hits both alike); the median over rounds is reported with the
 llmkit/peer ratio. Also measures fp32 against bf16 autocast for llmkit (the 'auto' precision
-choice of llmkit/core/device.py rests on this).
+choice of llmkit/core/host/device.py rests on this).
 
     .venv/bin/python benchmarks/train_throughput.py [--rounds 12] [--shapes tiny,small]
 """
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from common import emit, hf_llama, machine
 
 from llmkit.core.config import ModelConfig, load_preset, build_section
-from llmkit.core.model import Transformer
+from llmkit.core.model.transformer.transformer import Transformer
 
 
 def shape(name: str, vocab: int) -> tuple[ModelConfig, int]:

@@ -36,7 +36,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def sample_docs():
-    from llmkit.core.corpus import read_corpus, sample_corpus
+    from llmkit.core.files.corpus import read_corpus, sample_corpus
 
     return read_corpus(sample_corpus())
 
@@ -44,7 +44,7 @@ def sample_docs():
 @pytest.fixture(scope="session")
 def tokenizer(sample_docs):
     from llmkit.core.config import TokenizerConfig
-    from llmkit.core.tokenizer import train_tokenizer
+    from llmkit.core.text.tokenizer import train_tokenizer
 
     tok, _ = train_tokenizer(sample_docs, TokenizerConfig(vocab_size=400), corpus_sha256="test")
     return tok
@@ -92,7 +92,7 @@ def trained_run(tmp_path_factory, sample_docs):
     """A tiny model pretrained for a few steps, shared read-only by the generate tests."""
     import os
 
-    from llmkit.core.pretrain import plan, pretrain
+    from llmkit.core.jobs.pretrain import plan, pretrain
 
     root = tmp_path_factory.mktemp("trained")
     os.environ.setdefault("LLMKIT_CACHE", str(root / "cache"))

@@ -424,7 +424,7 @@ def build_world(root: Path) -> None:
     from typer.testing import CliRunner
 
     from llmkit.cli.app import app
-    from llmkit.core.corpus import sample_corpus
+    from llmkit.core.files.corpus import sample_corpus
 
     root.mkdir(parents=True, exist_ok=True)
     text = "\n".join(p.read_text(encoding="utf-8") for p in sample_corpus())

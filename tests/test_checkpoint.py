@@ -6,10 +6,10 @@ import shutil
 import pytest
 import torch
 
-from llmkit.core import checkpoint as ck
+from llmkit.core.store import checkpoint as ck
 from llmkit.core.errors import CheckpointError
-from llmkit.core.model import Transformer
-from llmkit.core.train import make_optimizer, lm_loss
+from llmkit.core.model.transformer import Transformer
+from llmkit.core.training.loop import make_optimizer, lm_loss
 from llmkit.core.config import OptimConfig
 
 

@@ -94,9 +94,9 @@ def test_pretrain_happy_path_and_generate(run_dir):
     # Greedy is the arg-max path: the same text whatever the seed, and the text core decodes.
     assert greedy.stdout == invoke("generate", run_dir / "last", "--prompt", "Le", "--greedy", "-n", 5,
                                    "--seed", 7).stdout
-    from llmkit.core.checkpoint import load_model
+    from llmkit.core.store.checkpoint import load_model
     from llmkit.core.config import SampleConfig
-    from llmkit.core.generate import decode_batch
+    from llmkit.core.decoding.steps import decode_batch
 
     model, ckpt = load_model(run_dir / "last")
     tok = ckpt.tokenizer
@@ -230,7 +230,7 @@ def test_core_never_imports_the_cli_typer_or_rich():
 
 
 def test_a_budget_without_preset_sizes_the_model(tmp_path):
-    from llmkit.core import recipe
+    from llmkit.core.training import recipe
 
     quick = ["--set", "tokenizer.vocab_size=400", "--set", "train.samples=0", "--set", "train.report=false",
              "--set", "train.dtype=fp32", "--set", "train.compile=false", "--set", "train.eval_every=5"]

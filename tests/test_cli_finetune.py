@@ -96,10 +96,10 @@ def test_csv_columns(trained_run, data, tmp_path):
 
 
 def test_translate_generate_and_eval(translator, data):
-    from llmkit.core.checkpoint import load_model
+    from llmkit.core.store.checkpoint import load_model
     from llmkit.core.config import SampleConfig
-    from llmkit.core.task_data import encode_prompt
-    from llmkit.core.generate import decode_batch
+    from llmkit.core.text.examples import encode_prompt
+    from llmkit.core.decoding.steps import decode_batch
 
     r = invoke("generate", translator / "merged", "-n", 6, "--json", input="le chat dort\nle roi dort\n")
     assert r.exit_code == 0, r.output

@@ -17,11 +17,11 @@ import pytest
 
 from conftest import need_module
 from llmkit.core.config import DataConfig, TokenizerConfig
-from llmkit.core.corpus import stream
-from llmkit.core.corpus.cache import Source, encode_text, load_or_build, load_source
-from llmkit.core.corpus.files import decode_text, resolve_files
-from llmkit.core.corpus.mix import check_fits, load_corpus, mixed_starts, parse_mix, plan_sources
-from llmkit.core.data import batch_generator
+from llmkit.core.files import stream
+from llmkit.core.text.token_cache import Source, encode_text, load_or_build, load_source
+from llmkit.core.files.corpus import decode_text, resolve_files
+from llmkit.core.text.mix import check_fits, load_corpus, mixed_starts, parse_mix, plan_sources
+from llmkit.core.text.batches import batch_generator
 from llmkit.core.errors import ConfigError, DataError
 
 
@@ -97,10 +97,10 @@ def test_worker_count_and_chunk_size_do_not_change_the_cache(tmp_path, tokenizer
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from llmkit.core.corpus import stream
-    from llmkit.core.corpus.cache import load_or_build
+    from llmkit.core.files import stream
+    from llmkit.core.text.token_cache import load_or_build
     from llmkit.core.config import DataConfig
-    from llmkit.core.tokenizer import Tokenizer
+    from llmkit.core.text.tokenizer import Tokenizer
     stream.CHUNK_BYTES = 4096
     tok = Tokenizer.load(Path(sys.argv[1]))
     paths = [Path(p) for p in sys.argv[3:]]
@@ -139,8 +139,8 @@ def test_the_fast_path_trusts_size_and_time_and_can_be_turned_off(tmp_path, toke
     first = load_or_build(paths, tokenizer, _cfg(tmp_path))
     opened = []
     real = stream.open_raw
-    monkeypatch.setattr("llmkit.core.corpus.cache.open_raw", lambda p: opened.append(p) or real(p))
-    monkeypatch.setattr("llmkit.core.corpus.stream.open_raw", lambda p: opened.append(p) or real(p))
+    monkeypatch.setattr("llmkit.core.text.token_cache.open_raw", lambda p: opened.append(p) or real(p))
+    monkeypatch.setattr("llmkit.core.files.stream.open_raw", lambda p: opened.append(p) or real(p))
     again = load_or_build(paths, tokenizer, _cfg(tmp_path))
     assert again.from_cache and not opened  # unchanged size and time: not even read
     # same size and time, other bytes: trusted by default (documented), caught when turned off
@@ -265,7 +265,7 @@ def test_sources_validate_apart_and_val_files_replace_the_tails(tmp_path, tokeni
 
 
 def test_tokenizer_sample_is_bounded_seeded_and_whole_for_a_small_corpus(tmp_path, sample_docs):
-    from llmkit.core.tokenizer import _lines
+    from llmkit.core.text.tokenizer import _lines
 
     paths = _corpus(tmp_path, sample_docs, copies=2)
     files = resolve_files([str(p) for p in paths])
@@ -286,7 +286,7 @@ def test_tokenizer_sample_is_bounded_seeded_and_whole_for_a_small_corpus(tmp_pat
 
 
 def test_tokenizer_trains_on_a_sample_and_reports_it(tmp_path, sample_docs):
-    from llmkit.core.tokenizer import train_on_files
+    from llmkit.core.text.tokenizer import train_on_files
 
     paths = _corpus(tmp_path, sample_docs, copies=2)
     cfg = TokenizerConfig(vocab_size=400, max_sentences=200)
@@ -362,8 +362,8 @@ def test_pretrain_mixes_sources_and_reports_each_validation_loss(tmp_path, sampl
 def test_models_trained_with_a_leading_bos_get_one_everywhere(tmp_path, tokenizer, sample_docs):
     """Llama-family tokenizers (contract add_bos) put BOS before every text: documents of the token
     cache, classification rows, embedding rows, prompts — as transformers' tokenizers do."""
-    from llmkit.core.task_data import classify_ids, encode_prompt
-    from llmkit.core.tokenizer import Tokenizer
+    from llmkit.core.text.examples import classify_ids, encode_prompt
+    from llmkit.core.text.tokenizer import Tokenizer
 
     llama = Tokenizer(tokenizer.model_bytes, {**tokenizer.contract, "add_bos": True})
     bos = llama.bos_id

@@ -119,7 +119,7 @@ def test_killed_and_resumed_matches_uninterrupted(tok, tmp_path):
     assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step 20"
     kill_all(str(killed))  # torchrun and its workers, mid-run, without warning
     proc.wait()
-    from llmkit.core.checkpoint import find_latest, read_state
+    from llmkit.core.store.checkpoint import find_latest, read_state
 
     latest = find_latest(killed)
     assert latest is not None and 20 <= read_state(latest)["step"] < 240
@@ -138,7 +138,7 @@ def test_a_failing_rank_stops_the_job_with_its_message(tok, tmp_path):
     script = tmp_path / "fail_on_rank_1.py"
     script.write_text(
         "import os, sys\n"
-        "import llmkit.core.pretrain as p\n"
+        "import llmkit.core.jobs.pretrain as p\n"
         "from llmkit.core.errors import DataError\n"
         "if os.environ['RANK'] == '1':\n"
         "    def broken(corpus, cfg):\n"

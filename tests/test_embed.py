@@ -8,10 +8,10 @@ import torch
 from typer.testing import CliRunner
 
 from llmkit.cli.app import app
-from llmkit.core import embed
+from llmkit.core.jobs import embed
 from llmkit.core.config import POOLINGS
-from llmkit.core.embed import EmbedConfig, embed_batch, embed_items, encode_to_file, load_index
-from llmkit.core.model import Transformer
+from llmkit.core.jobs.embed import EmbedConfig, embed_batch, embed_items, encode_to_file, load_index
+from llmkit.core.model.transformer import Transformer
 from test_cli import assert_one_line_error
 
 ITEMS = ["Le pain de campagne sort du four.", "La mer.", "Les abeilles dansent pour indiquer les fleurs.",

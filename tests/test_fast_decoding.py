@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkit.core.checkpoint import load_model
+from llmkit.core.store.checkpoint import load_model
 from llmkit.core.config import SampleConfig
-from llmkit.core.decoding import Decoder
+from llmkit.core.decoding.decoder import Decoder
 from llmkit.core.errors import ConfigError
-from llmkit.core.generate import decode_batch
-from llmkit.core.model import Transformer
-from llmkit.core.quantize import Int8Linear, available, int8_copy, quantize_int8
-from llmkit.core.speculative import DraftModel, PromptLookup, speculative_batch
-from llmkit.core.train import mean_token_loss
+from llmkit.core.decoding.steps import decode_batch
+from llmkit.core.model.transformer import Transformer
+from llmkit.core.model.quantize import Int8Linear, available, int8_copy, quantize_int8
+from llmkit.core.decoding.speculative import DraftModel, PromptLookup, speculative_batch
+from llmkit.core.training.loop import mean_token_loss
 
 PROMPTS = ["Le chat", "La mer est calme. La mer est", "", "Il était une fois, il était une fois, il"]
 
@@ -141,7 +141,7 @@ def test_speculative_decoding_respects_stop_strings(target):
 
 
 def test_the_pacer_guesses_only_where_guessing_pays():
-    from llmkit.core.speculative import _Pacer
+    from llmkit.core.decoding.speculative import _Pacer
 
     pacer = _Pacer()
     g = [4, 4]  # two rows of four guesses (made, or room for them)

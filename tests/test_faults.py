@@ -84,7 +84,7 @@ def same_checkpoint(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from llmkit.core.corpus import sample_corpus
+    from llmkit.core.files.corpus import sample_corpus
 
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(p.read_text(encoding="utf-8") for p in sample_corpus()), encoding="utf-8")
@@ -191,7 +191,7 @@ def test_a_full_disk_stops_in_one_line_and_keeps_every_checkpoint(tmp_path, corp
         assert r.returncode == 1, r.stderr
         lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and "No space left on device" in lines[0] and "Traceback" not in r.stderr
-        from llmkit.core.checkpoint import is_checkpoint, load_model
+        from llmkit.core.store.checkpoint import is_checkpoint, load_model
 
         complete = [p for p in out.iterdir() if p.is_dir() and is_checkpoint(p)]
         assert len(complete) >= 2

@@ -1,4 +1,4 @@
-"""The few-row layout of decoding's products (core/few_rows.py): the same numbers as F.linear, taken
+"""The few-row layout of decoding's products (core/model/few_rows.py): the same numbers as F.linear, taken
 only where the probe found it faster and only for inference, remembered per machine and shape."""
 
 from __future__ import annotations
@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkit.core import few_rows, machine
+from llmkit.core.model import fast, few_rows
+
+from llmkit.core.host import machine
 from llmkit.core.config import ModelConfig, SampleConfig
-from llmkit.core.few_rows import FewRowLinear, transposed_linear
-from llmkit.core.generate import decode_batch
-from llmkit.core.model import Transformer
+from llmkit.core.model.few_rows import FewRowLinear, transposed_linear
+from llmkit.core.decoding.steps import decode_batch
+from llmkit.core.model.transformer import Transformer
 
 CFG = ModelConfig(vocab_size=97, d_model=48, n_layer=2, n_head=4, n_kv_head=2, context=64)
 
@@ -72,7 +74,7 @@ def test_tune_probes_once_per_machine_and_shape_and_remembers(monkeypatch):
     machine.write_cache(data)
     torch.manual_seed(0)
     model = Transformer(CFG).eval()
-    few_rows.tune(model)
+    fast.for_decoding(model)
     # every linear weight once (the tied head is the embedding): 7 per block + the head
     assert probed == [7 * CFG.n_layer + 1]
     layers = [m for m in model.modules() if isinstance(m, FewRowLinear)]
@@ -81,18 +83,18 @@ def test_tune_probes_once_per_machine_and_shape_and_remembers(monkeypatch):
     assert entry["faster"] == [1, 8] and set(entry["timings"]) == {str(r) for r in few_rows.PROBED_ROWS}
     assert all(t["linear_ms"] > 0 and t["transposed_ms"] > 0 for t in entry["timings"].values())
     other = Transformer(CFG).eval()  # another model of the same shape: the cached answer
-    few_rows.tune(other)
+    fast.for_decoding(other)
     assert probed == [7 * CFG.n_layer + 1]
     assert all(m.fast_rows == {1, 5, 6, 7, 8} for m in other.modules() if isinstance(m, FewRowLinear))
     # another thread (a server decodes in one) neither probes nor changes anything
     fresh = Transformer(CFG).eval()
-    worker = threading.Thread(target=few_rows.tune, args=(fresh,))
+    worker = threading.Thread(target=fast.for_decoding, args=(fresh,))
     worker.start()
     worker.join()
     assert probed == [7 * CFG.n_layer + 1]
     assert all(not m.fast_rows for m in fresh.modules() if isinstance(m, FewRowLinear))
     low = Transformer(CFG).to(torch.bfloat16)  # not fp32: nothing to probe, nothing changes
-    few_rows.tune(low)
+    fast.for_decoding(low)
     assert probed == [7 * CFG.n_layer + 1]
     assert all(not m.fast_rows for m in low.modules() if isinstance(m, FewRowLinear))
 
@@ -107,6 +109,7 @@ def test_decoding_through_either_layout_gives_the_same_greedy_text(monkeypatch):
             if p.ndim == 2:
                 p.mul_(6)
     model._few_rows_tuned = True  # no probe: each layout is set by hand below
+    fast.for_decoding(model)
     calls = []
     real = few_rows.transposed_linear
     monkeypatch.setattr(few_rows, "transposed_linear", lambda *a: calls.append(1) or real(*a))
@@ -120,7 +123,7 @@ def test_decoding_through_either_layout_gives_the_same_greedy_text(monkeypatch):
         one = [decode_batch(model, [p], cfg, eos_id=None, decode=str)[0].ids for p in prompts]
         return one + [o.ids for o in decode_batch(model, prompts, cfg, eos_id=None, decode=str)]
 
-    fast = decode(frozenset(range(1, 65)))
+    transposed = decode(frozenset(range(1, 65)))
     assert len(calls) >= 40 * 8  # every step's products went the other way
     calls.clear()
-    assert fast == decode(frozenset()) and not calls
+    assert transposed == decode(frozenset()) and not calls

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmkit.core import checkpoint as ckpt_io
+from llmkit.core.store import checkpoint as ckpt_io
 from llmkit.core.config import TaskConfig
-from llmkit.core.task_data import pair_sequence, read_examples
-from llmkit.core.finetune import finetune, plan
-from llmkit.core.heads import attach_classifier, classify_logits
-from llmkit.core.model import Transformer
-from llmkit.core.tasks import balanced_weights, classify_texts, epoch_indices, pair_batch
+from llmkit.core.text.examples import pair_sequence, read_examples
+from llmkit.core.jobs.finetune import finetune, plan
+from llmkit.core.model.heads import attach_classifier, classify_logits
+from llmkit.core.model.transformer import Transformer
+from llmkit.core.tasks.objectives import balanced_weights, classify_texts, epoch_indices, pair_batch
 
 FT_SETS = ["train.eval_every=4", "train.save_every=4", "train.log_every=1", "optim.warmup_steps=2",
            "train.batch_size=8", "train.dtype=fp32", "train.device=cpu"]
@@ -50,7 +50,8 @@ def run_finetune(base, out, data, *sets, val=None, merge=False, resume=None, tas
                                   flags={"task": {"kind": task if resume is None else None}})
     events = []
 
-    def on_event(kind, data):
+    def on_event(event):
+        kind, data = event.kind, event.as_dict()
         events.append((kind, data))
         if kind == "step" and data["step"] == stop_at:
             raise KeyboardInterrupt

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from llmkit.core.config import resolve_run_config
-from llmkit.core.generate import TextStream, drop_invalid
+from llmkit.core.decoding.steps import TextStream, drop_invalid
 from test_cli import _sets, assert_one_line_error, invoke
 
 

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from llmkit.core.config import ModelConfig, SampleConfig
-from llmkit.core.generate import TextStream, beam_search, decode_batch
-from llmkit.core.model import Transformer
-from llmkit.core.sampling import next_token, top_k_filter
+from llmkit.core.decoding.steps import TextStream, beam_search, decode_batch
+from llmkit.core.model.transformer import Transformer
+from llmkit.core.decoding.sampling import next_token, top_k_filter
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ENDX"
 
@@ -157,7 +157,7 @@ def test_show_probs_records_the_sampled_distribution(tiny_model_cfg):
 def _continuous(model, jobs, capacity, join_every, cfg):
     """Run ``jobs`` (ids, seed, max_new) through Slots, admitting one waiting job every
     ``join_every`` steps while others decode; the outputs in job order."""
-    from llmkit.core.generate import SlotJob, Slots
+    from llmkit.core.decoding.steps import SlotJob, Slots
 
     slots = Slots(model, capacity, cfg, eos_id=None, decode=char_decode)
     waiting = [SlotJob(ids, seed, n) for ids, seed, n in jobs]
@@ -195,7 +195,7 @@ def test_continuous_batching_equals_each_prompt_alone(tiny_model_cfg):
 
 
 def test_continuous_batching_cancels_a_row_and_refuses_what_cannot_fit(tiny_model_cfg):
-    from llmkit.core.generate import SlotJob, Slots
+    from llmkit.core.decoding.steps import SlotJob, Slots
 
     model = _model(tiny_model_cfg)
     cfg = SampleConfig(max_new_tokens=8, temperature=0.0)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import need_module
-from llmkit.core import inspect as ins
-from llmkit.core.checkpoint import load_model
+from llmkit.core.jobs import introspect as ins
+from llmkit.core.store.checkpoint import load_model
 
 TEXT = "Le chat dort sur le canapé. La mer est calme."
 
@@ -58,7 +58,7 @@ def test_logit_lens_last_layer_is_the_models_output(loaded):
 
 
 def test_surprisal_is_the_eval_loss_on_the_same_text(loaded):
-    from llmkit.core.train import mean_token_loss
+    from llmkit.core.training.loop import mean_token_loss
 
     model, ckpt = loaded
     s = ins.surprise(model, ckpt.tokenizer, TEXT)

@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import need_module, shared
-from llmkit.core.checkpoint import load_model, read_checkpoint
+from llmkit.core.store.checkpoint import load_model, read_checkpoint
 from llmkit.core.config import EmbedConfig, SampleConfig
-from llmkit.core.embed import embed_items
+from llmkit.core.jobs.embed import embed_items
 from llmkit.core.errors import CheckpointError
-from llmkit.core.generate import decode_batch
-from llmkit.core.interop import import_model
+from llmkit.core.decoding.steps import decode_batch
+from llmkit.core.interop.resolve import import_model
 from llmkit.core.interop.export import export
 from llmkit.core.interop.tokenizer_io import write_hf_tokenizer
 
@@ -142,7 +142,7 @@ def test_chat_template_travels_and_renders(pair):
     _, ckpt, _, folder = pair
     transformers = need_module("transformers", "the reference implementation")
     ref = transformers.AutoTokenizer.from_pretrained(folder)
-    from llmkit.core.chat import render
+    from llmkit.core.text.templates import render
 
     turns = [("user", "Bonjour !"), ("assistant", "Salut."), ("user", "Ça va ?")]
     want = ref.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False,
@@ -229,7 +229,7 @@ def test_smollm2_gguf_equals_transformers_gguf_loader(smol):
         diff = (model(torch.tensor([ids])) - ref.eval()(torch.tensor([ids])).logits).abs().max().item()
     assert diff < 1e-4
     msgs = [{"role": "user", "content": "Bonjour, qui es-tu ?"}]
-    from llmkit.core.chat import render
+    from llmkit.core.text.templates import render
 
     assert render(ckpt.tokenizer, [("user", msgs[0]["content"])]) == \
         ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -292,7 +292,7 @@ def test_an_unsupported_gguf_tensor_type_is_named(tmp_path, pair):
 
 def test_generate_talks_to_a_chat_model_in_its_own_format(pair):
     from llmkit.core.config import SampleConfig as S
-    from llmkit.core.decoding import Conversation, Decoder
+    from llmkit.core.decoding.decoder import Conversation, Decoder
     from test_cli import invoke
 
     model, ckpt, _, _ = pair

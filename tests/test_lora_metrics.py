@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import need_module
-from llmkit.core import metrics
-from llmkit.core.lora import LoRALinear, adapter_state, apply_lora, merge_lora, trainable_parameters
-from llmkit.core.model import Transformer
-from llmkit.core.train import lm_loss
+from llmkit.core.tasks import metrics
+from llmkit.core.model.lora import LoRALinear, adapter_state, apply_lora, merge_lora, trainable_parameters
+from llmkit.core.model.transformer import Transformer
+from llmkit.core.training.loop import lm_loss
 
 
 def _pair(cfg):

@@ -2,8 +2,8 @@
 
 import torch
 
-from llmkit.core.model import KVCache, Transformer
-from llmkit.core.train import lm_loss
+from llmkit.core.model.transformer import KVCache, Transformer
+from llmkit.core.training.loop import lm_loss
 
 
 def _model(cfg, seed=0):
@@ -74,3 +74,44 @@ def test_tied_embeddings_share_one_tensor(tiny_model_cfg):
     assert model.lm_head.weight is model.embed.weight
     names = [n for n, _ in model.named_parameters()]
     assert "lm_head.weight" not in names  # counted once
+
+
+def test_the_model_file_is_plain_pytorch():
+    """The performance machinery stays outside the network's definition (core/model/fast.py)."""
+    import ast
+    from pathlib import Path
+
+    import llmkit.core.model.transformer as t
+
+    tree = ast.parse(Path(t.__file__).read_text())
+    ours = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("llmkit")}
+    assert ours == {"llmkit.core.config"}, ours
+    assert not any(isinstance(n, ast.Attribute) and n.attr in ("bfloat16", "get_ident") for n in ast.walk(tree))
+
+
+def test_outputs_are_identical_with_the_performance_switch_on_or_off(tiny_model_cfg, monkeypatch):
+    from llmkit.core.config import SampleConfig
+    from llmkit.core.decoding.steps import decode_batch
+    from llmkit.core.model import fast
+
+    def run(plain: str):
+        monkeypatch.setenv("LLMKIT_PLAIN", plain)
+        torch.manual_seed(0)
+        with fast.building():  # off: weights initialised, then overwritten all the same
+            model = Transformer(tiny_model_cfg)
+        model.load_state_dict(reference)
+        model = fast.for_training(model.eval())
+        with torch.no_grad():
+            logits = model(x)
+        out = decode_batch(model, [[1, 2, 3], [4, 5]], SampleConfig(max_new_tokens=12, temperature=0.0), eos_id=None,
+                           decode=lambda ids: " ".join(map(str, ids)))
+        return logits, [o.ids for o in out], type(model.blocks[0].attn).__name__
+
+    torch.manual_seed(1)
+    reference = Transformer(tiny_model_cfg).state_dict()
+    x = torch.randint(0, tiny_model_cfg.vocab_size, (3, 24))
+    fast_logits, fast_tokens, fast_attn = run("0")
+    plain_logits, plain_tokens, plain_attn = run("1")
+    assert (fast_attn, plain_attn) == ("Fp32CpuAttention", "Attention")
+    assert torch.equal(fast_logits, plain_logits)
+    assert fast_tokens == plain_tokens

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from conftest import TINY_SETS
 from llmkit.core.config import resolve_run_config
 from llmkit.core.errors import ConfigError, TrainingDiverged
-from llmkit.core.pretrain import plan, pretrain
+from llmkit.core.jobs.pretrain import plan, pretrain
 
 
-def _run(out, corpus, sets=(), resume=None, on_event=lambda k, d: None, steps=4):
+def _run(out, corpus, sets=(), resume=None, on_event=lambda event: None, steps=4):
     cfg, resume_from = plan(out, resume=resume, preset=None, config_file=None,
                             sets=[*TINY_SETS, f"train.steps={steps}", *sets], flags={})
     return pretrain([str(corpus)], out, cfg, resume_from=resume_from, on_event=on_event)
@@ -27,8 +27,8 @@ def test_resume_is_exact(tmp_path, corpus_file):
     straight = _run(tmp_path / "a", corpus_file, sets=["model.dropout=0.1"])
     assert straight.stop_reason == "steps"
 
-    def interrupt_at_two(kind, data):
-        if kind == "step" and data["step"] == 2:
+    def interrupt_at_two(event):
+        if event.kind == "step" and event.step == 2:
             raise KeyboardInterrupt
 
     first = _run(tmp_path / "b", corpus_file, sets=["model.dropout=0.1"], on_event=interrupt_at_two)
@@ -70,9 +70,9 @@ def test_early_stopping_with_patience(tmp_path, corpus_file):
 def test_divergence_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, corpus_file):
     events = []
 
-    def poison(kind, data):
-        events.append(kind)
-        if kind == "save" and data["kind"] == "step" and data["step"] == 2:
+    def poison(event):
+        events.append(event.kind)
+        if event.kind == "save" and event.what == "step" and event.step == 2:
             # Corrupt the weights after the step-2 checkpoint: the next loss is NaN.
             import gc
 

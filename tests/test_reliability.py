@@ -19,19 +19,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import TINY_SETS
-from llmkit.core import checkpoint as ckpt_io
+from llmkit.core.store import checkpoint as ckpt_io
 from llmkit.core.config import SampleConfig, TokenizerConfig, resolve_run_config
-from llmkit.core.distributed import Dist
+from llmkit.core.training.distributed import Dist
 from llmkit.core.errors import CheckpointError, ConfigError
-from llmkit.core.pretrain import plan, pretrain
-from llmkit.core.rundir import read_metrics, run_lock
-from llmkit.core.sampling import min_p_filter, pick, process_logits, top_k_filter, top_p_filter
-from llmkit.core.tokenizer import cut_long_line, train_tokenizer
+from llmkit.core.jobs.pretrain import plan, pretrain
+from llmkit.core.store.lock import run_lock
+from llmkit.core.store.metrics_log import read_metrics
+from llmkit.core.decoding.sampling import min_p_filter, pick, process_logits, top_k_filter, top_p_filter
+from llmkit.core.text.tokenizer import cut_long_line, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(out, corpus, steps=4, sets=(), resume=None, on_event=lambda k, d: None):
+def _run(out, corpus, steps=4, sets=(), resume=None, on_event=lambda event: None):
     cfg, resume_from = plan(out, resume=resume, preset=None, config_file=None,
                             sets=[*TINY_SETS, f"train.steps={steps}", "train.samples=0", *sets], flags={})
     return pretrain([str(corpus)], out, cfg, resume_from=resume_from, on_event=on_event)
@@ -107,7 +108,7 @@ def test_the_lock_of_a_killed_process_not_yet_reaped_is_taken_over(tmp_path):
     kill(pid, 0) with its own start time, but it writes nothing, so its lock is stale."""
     import socket
 
-    from llmkit.core.rundir import _start_time
+    from llmkit.core.store.lock import _start_time
 
     zombie = subprocess.Popen(["sleep", "0"])
     for _ in range(200):  # it has exited; not waited for, it stays a zombie

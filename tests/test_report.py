@@ -25,7 +25,7 @@ def test_training_writes_a_report_with_every_logged_number(tmp_path, corpus_file
     page = (run / "report.html").read_text(encoding="utf-8")
     rows, keys = _numbers(run)
     assert all(f">{k}<" in page for k in keys)  # a column for every metric of metrics.jsonl
-    from llmkit.core.report import _fmt
+    from llmkit.core.jobs.report import _fmt
 
     for row in rows:  # and every value
         for k in keys:

@@ -5,7 +5,7 @@ import math
 import torch
 
 from llmkit.core.config import SampleConfig
-from llmkit.core.sampling import (NGramIndex, min_p_filter, no_repeat_ngram, presence_frequency_penalty,
+from llmkit.core.decoding.sampling import (NGramIndex, min_p_filter, no_repeat_ngram, presence_frequency_penalty,
                                   process_logits, repetition_penalty, token_counts, top_k_filter, top_p_filter)
 
 

@@ -64,9 +64,9 @@ def client(server):
 
 def _alone(trained_run, prompt: str, n: int = 12) -> str:
     """What llmkit's own decoding gives for a prompt, greedily: the reference for the server."""
-    from llmkit.core.checkpoint import load_model
+    from llmkit.core.store.checkpoint import load_model
     from llmkit.core.config import SampleConfig
-    from llmkit.core.decoding import Decoder
+    from llmkit.core.decoding.decoder import Decoder
 
     model, ckpt = load_model(trained_run)
     d = Decoder(model, ckpt.tokenizer, SampleConfig(max_new_tokens=n, temperature=0.0), "cpu")
@@ -110,7 +110,7 @@ def test_streaming_gives_the_same_text_as_one_answer(client):
 def test_logprobs_are_the_models_own(client, trained_run):
     import torch
 
-    from llmkit.core.checkpoint import load_model
+    from llmkit.core.store.checkpoint import load_model
 
     r = client.completions.create(model="run", prompt="Le chat", max_tokens=3, temperature=0, logprobs=2,
                                   extra_body={"top_k": 0})
@@ -124,9 +124,9 @@ def test_logprobs_are_the_models_own(client, trained_run):
 def test_embeddings_equal_llmkit_encode(client, trained_run):
     import numpy as np
 
-    from llmkit.core.checkpoint import load_model
+    from llmkit.core.store.checkpoint import load_model
     from llmkit.core.config import EmbedConfig
-    from llmkit.core.embed import embed_items
+    from llmkit.core.jobs.embed import embed_items
 
     texts = ["Le chat dort.", "La mer est calme ce matin."]
     r = client.embeddings.create(model="run", input=texts)

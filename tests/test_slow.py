@@ -6,7 +6,7 @@ import math
 import pytest
 
 from conftest import shared
-from llmkit.core.pretrain import plan, pretrain
+from llmkit.core.jobs.pretrain import plan, pretrain
 
 pytestmark = pytest.mark.slow
 

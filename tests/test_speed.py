@@ -12,11 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkit.core import machine, speed
+from llmkit.core.host import machine
+
+from llmkit.core.training import speed
 from llmkit.core.config import ModelConfig, OptimConfig
-from llmkit.core.model import Transformer
-from llmkit.core.speed import Mode, Timing
-from llmkit.core.train import make_optimizer, mean_token_loss, next_token_loss, target_loss
+from llmkit.core.model.transformer import Transformer
+from llmkit.core.training.speed import Mode, Timing
+from llmkit.core.training.loop import make_optimizer, mean_token_loss, next_token_loss, target_loss
 
 CFG = ModelConfig(vocab_size=97, context=16, d_model=32, n_layer=2, n_head=2, n_kv_head=1)
 
@@ -140,7 +142,7 @@ def test_machine_key_follows_atens_capability():
     dispatches to, and the key says so: an AVX-512 machine's capped figures get a key of their own."""
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
     env["ATEN_CPU_CAPABILITY"] = "avx2"
-    key = subprocess.run([sys.executable, "-c", "from llmkit.core import machine; print(machine.machine_key())"],
+    key = subprocess.run([sys.executable, "-c", "from llmkit.core.host import machine; print(machine.machine_key())"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     own = torch.backends.cpu.get_cpu_capability()
     # A cap never raises the level: a machine below AVX2 keeps its own.
@@ -176,7 +178,7 @@ def test_bf16_autocast_logits_follow_fp32():
 
 
 def test_fused_rmsnorm_equals_the_written_out_formula():
-    from llmkit.core.model import RMSNorm
+    from llmkit.core.model.transformer import RMSNorm
 
     norm = RMSNorm(32, 1e-5)
     with torch.no_grad():
@@ -250,7 +252,7 @@ def test_compiled_training_matches_eager():
 # --- the budget-sized recipe ----------------------------------------------------------------------
 
 def test_recipe_params_match_a_built_model():
-    from llmkit.core import recipe
+    from llmkit.core.training import recipe
 
     for shape in recipe.LADDER[:4]:
         cfg = shape.model(CFG, 512)
@@ -258,7 +260,7 @@ def test_recipe_params_match_a_built_model():
 
 
 def test_recipe_grows_the_model_with_the_budget():
-    from llmkit.core import recipe
+    from llmkit.core.training import recipe
     from llmkit.core.config import RunConfig
 
     cfg = RunConfig()

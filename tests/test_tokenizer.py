@@ -4,7 +4,7 @@ import pytest
 
 from llmkit.core.config import TokenizerConfig
 from llmkit.core.errors import TokenizerError
-from llmkit.core.tokenizer import Tokenizer, check_compatible, train_tokenizer
+from llmkit.core.text.tokenizer import Tokenizer, check_compatible, train_tokenizer
 
 
 def test_round_trip_keeps_newlines_indentation_and_rare_characters(tokenizer):

@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 from llmkit import __version__
 from llmkit.cli.options import escape
 from llmkit.core.errors import LlmkitError, Terminated
-from llmkit.core.signals import deliver
+from llmkit.core.host.signals import deliver
 
 
 def _fail(message: str, code: int = 1):
@@ -106,7 +106,7 @@ def _on_signal(signum, frame):
 
 def main() -> None:
     # SIGTERM is handled like Ctrl-C (a training run writes its checkpoint first), exit 143; both
-    # wait for an optimizer update in progress to finish (core/signals.py).
+    # wait for an optimizer update in progress to finish (core/host/signals.py).
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:

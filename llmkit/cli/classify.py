@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, require_kind
+from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, check_positive, require_kind
 from llmkit.core.errors import ConfigError
 
 
@@ -31,19 +31,18 @@ def classify(
 ) -> None:
     from llmkit.cli.encode import read_items
     from llmkit.cli.render import err_console
-    from llmkit.core.checkpoint import load_model, read_checkpoint
-    from llmkit.core.device import pick_device
-    from llmkit.core.tasks import classify_texts
+    from llmkit.core.interop.resolve import open_model, open_checkpoint
+    from llmkit.core.host.device import pick_device
+    from llmkit.core.tasks.objectives import classify_texts
 
-    if batch_size <= 0 or top_k <= 0:
-        raise ConfigError("--batch-size and --top-k must be positive")
+    check_positive(batch_size=batch_size, top_k=top_k)
     if bool(texts) == (input is not None):
         raise ConfigError("give texts as arguments or --input FILE (one of the two)")
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = open_checkpoint(checkpoint)
     require_kind(ckpt, ("classify",), "a classifier", hint=" (or llmkit finetune --task classify)")
     items = list(texts) if texts else list(read_items(input, field, column))
     dev = pick_device(device or "auto")
-    model, ckpt = load_model(ckpt, dev)
+    model, ckpt = open_model(ckpt, dev)
     labels = ckpt.task.labels
     logits, truncated = classify_texts(model, ckpt.tokenizer, items, pooling=ckpt.task.pooling,
                                        batch_size=batch_size, device=dev)

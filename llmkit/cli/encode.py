@@ -5,13 +5,15 @@ With --query and --index, search a saved index for the nearest items instead (co
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import DeviceOpt, JsonOpt, OutOpt, QuietOpt
+from llmkit.cli.options import DeviceOpt, JsonOpt, OutOpt, QuietOpt, check_positive
 from llmkit.core.config import EmbedConfig as E
 from llmkit.core.errors import ConfigError, DataError
 
@@ -36,45 +38,52 @@ def encode(
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
 ) -> None:
-    from llmkit.cli.render import err_console
-    from llmkit.core import embed
-    from llmkit.core.checkpoint import load_model, resolve_checkpoint
-    from llmkit.core.device import pick_device
-
-    if batch_size <= 0:
-        raise ConfigError(f"--batch-size must be positive, not {batch_size}")
-    path = resolve_checkpoint(checkpoint)
+    check_positive(batch_size=batch_size)
     if query is not None:
         if index is None:
             raise ConfigError("--query needs --index (a file written by llmkit encode)")
-        vectors, texts, meta = embed.load_index(index)
-        settings = embed.index_settings(meta)
-    else:
-        if input is None or out is None:
-            raise ConfigError("give INPUT and -o OUT (or --query with --index to search)")
-        settings = E(pooling=pooling, layer=layer, normalize=normalize, max_length=max_length, dtype=dtype)
-        if out.suffix.lower() not in embed.FORMATS:
-            raise ConfigError(f"output {out}: unsupported extension {out.suffix or '(none)'}; "
-                              f"use {', '.join(embed.FORMATS)}")
-        items = read_items(input, field, column)
-    dev = pick_device(device or "auto")
-    model, ckpt = load_model(path, dev)
-    embed.check_layer(model, settings.layer)
-    model_id = embed.model_hash(ckpt.path)
-    console = err_console()
-    if query is not None:
-        embed.check_index(index, vectors, meta, model, model_id)
-        vec, _ = embed.embed_items(model, ckpt.tokenizer, [query], settings, device=dev)
-        hits = embed.search(vectors, vec[0], top_k)
-        if json_out:
-            import json
-
-            for rank, (row, score) in enumerate(hits, 1):
-                print(json.dumps({"rank": rank, "score": round(score, 6), "id": row, "text": texts[row]},
-                                 ensure_ascii=False))
-        else:
-            _show_hits(hits, texts)
+        _search(checkpoint, query, index, top_k=top_k, json_out=json_out, device=device)
         return
+    if input is None or out is None:
+        raise ConfigError("give INPUT and -o OUT (or --query with --index to search)")
+    settings = E(pooling=pooling, layer=layer, normalize=normalize, max_length=max_length, dtype=dtype)
+    _encode(checkpoint, input, out, settings, field=field, column=column, batch_size=batch_size, resume=resume,
+            quiet=quiet, device=device)
+
+
+def _search(checkpoint: Path, query: str, index: Path, *, top_k: int, json_out: bool, device: str | None) -> None:
+    """The items of a saved index nearest to ``query``, as a table or JSON lines."""
+    from llmkit.core.host.device import pick_device
+    from llmkit.core.interop.resolve import open_model
+    from llmkit.core.jobs import embed
+
+    found = embed.IndexFile.open(index)  # a bad index fails before the model loads
+    dev = pick_device(device or "auto")
+    model, ckpt = open_model(checkpoint, dev)
+    hits = found.search(model, ckpt, query, top_k, device=dev)
+    if json_out:
+        for rank, (row, score, text) in enumerate(hits, 1):
+            print(json.dumps({"rank": rank, "score": round(score, 6), "id": row, "text": text}, ensure_ascii=False))
+    else:
+        _show_hits(hits)
+
+
+def _encode(checkpoint: Path, input: str, out: Path, settings, *, field: str | None, column: str | None,
+            batch_size: int, resume: bool, quiet: bool, device: str | None) -> None:
+    """Every item of ``input`` as a vector in ``out``, with a progress bar and a closing line."""
+    from llmkit.cli.render import err_console
+    from llmkit.core.host.device import pick_device
+    from llmkit.core.interop.resolve import open_model
+    from llmkit.core.jobs import embed
+
+    if out.suffix.lower() not in embed.FORMATS:
+        raise ConfigError(f"output {out}: unsupported extension {out.suffix or '(none)'}; "
+                          f"use {', '.join(embed.FORMATS)}")
+    items = read_items(input, field, column)
+    dev = pick_device(device or "auto")
+    model, ckpt = open_model(checkpoint, dev)
+    embed.check_layer(model, settings.layer)
+    console = err_console()
     progress = None
     if console.is_terminal and not quiet:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -83,8 +92,6 @@ def encode(
                             TextColumn("{task.fields[rate]} items/s"), TimeRemainingColumn(), console=console)
         progress.start()
         task = progress.add_task("encode", total=items.n, rate="-")
-    import time
-
     t0, first = time.perf_counter(), None
 
     def on_progress(done: int, total: int, truncated: int) -> None:
@@ -95,14 +102,15 @@ def encode(
             progress.update(task, completed=done, rate=f"{rate:.1f}")
 
     try:
-        meta = embed.encode_to_file(model, ckpt.tokenizer, items, out, settings, model_id=model_id,
+        meta = embed.encode_to_file(model, ckpt.tokenizer, items, out, settings, model_id=embed.model_hash(ckpt.path),
                                     batch_size=batch_size, device=dev, resume=resume, on_progress=on_progress)
     finally:
         if progress:
             progress.stop()
     if not quiet:
         rate = (meta["rows_done"] - (first or 0)) / max(time.perf_counter() - t0, 1e-9)
-        note = f", {meta['truncated']} truncated to {settings.max_length or model.cfg.context} tokens" if meta["truncated"] else ""
+        cut = settings.max_length or model.cfg.context
+        note = f", {meta['truncated']} truncated to {cut} tokens" if meta["truncated"] else ""
         console.print(f"{meta['rows_done']} vectors of dimension {meta['dim']} ({settings.pooling} pooling, "
                       f"layer {settings.layer}) at {rate:.1f} items/s{note}", highlight=False)
     typer.echo(str(out))
@@ -110,7 +118,7 @@ def encode(
 
 def read_items(spec: str, field: str | None, column: str | None):
     """The input as a lazily read, already validated ItemSource (stdin is read whole: it cannot rewind)."""
-    from llmkit.core.embed import ItemSource
+    from llmkit.core.jobs.embed import ItemSource
 
     if spec == "-":
         return ItemSource.from_text(sys.stdin.read(), "stdin", field=field, column=column).scan()
@@ -120,7 +128,7 @@ def read_items(spec: str, field: str | None, column: str | None):
     return ItemSource.from_file(path, field=field, column=column).scan()
 
 
-def _show_hits(hits, texts) -> None:
+def _show_hits(hits) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -130,6 +138,6 @@ def _show_hits(hits, texts) -> None:
     table.add_column("score", justify="right")
     table.add_column("id", justify="right")
     table.add_column("text")
-    for rank, (row, score) in enumerate(hits, 1):
-        table.add_row(str(rank), f"{score:.4f}", str(row), escape(texts[row][:200]))
+    for rank, (row, score, text) in enumerate(hits, 1):
+        table.add_row(str(rank), f"{score:.4f}", str(row), escape(text[:200]))
     Console(highlight=False).print(table)

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, opt
+from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, check_positive, opt
 from llmkit.core.errors import ConfigError
 
 
@@ -34,11 +34,10 @@ def evaluate(
     device: DeviceOpt = None,
 ) -> None:
     from llmkit.cli.render import err_console, eval_tables
-    from llmkit.core.device import pick_device
-    from llmkit.core.evaluate import evaluate_checkpoint
+    from llmkit.core.host.device import pick_device
+    from llmkit.core.jobs.evaluate import evaluate_checkpoint
 
-    if batch_size <= 0 or limit < 0 or show < 0:
-        raise ConfigError("--batch-size must be positive; --limit and --show must not be negative")
+    check_positive(batch_size=batch_size, limit=limit, show=show, allow_zero=("limit", "show"))
     console = err_console()
     fields = {"text_field": text_field, "label_field": label_field, "prompt_field": prompt_field,
               "response_field": response_field, "src_field": src_field, "tgt_field": tgt_field}

@@ -59,8 +59,8 @@ def finetune(
     json_out: JsonOpt = False,
 ) -> None:
     from llmkit.cli.render import FinetuneView, end_interrupted, print_result, training_view
-    from llmkit.core.finetune import finetune as run_finetune
-    from llmkit.core.finetune import plan
+    from llmkit.core.jobs.finetune import finetune as run_finetune
+    from llmkit.core.jobs.finetune import plan
 
     check_positive(steps=steps, batch_size=batch_size, lr=lr, epochs=epochs, context=context)
     if not data:

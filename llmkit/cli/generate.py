@@ -56,13 +56,13 @@ def generate(
 ) -> None:
     from llmkit.cli.generate_run import GenerateView
     from llmkit.cli.render import err_console
-    from llmkit.core.checkpoint import load_model, read_checkpoint
+    from llmkit.core.interop.resolve import open_model, open_checkpoint
     from llmkit.core.config import sample_config
-    from llmkit.core.decoding import Decoder
-    from llmkit.core.device import pick_device
+    from llmkit.core.decoding.decoder import Decoder, Prompts
+    from llmkit.core.host.device import pick_device
     from llmkit.core.errors import ConfigError
 
-    ckpt = read_checkpoint(checkpoint)  # a bad path fails before any prompt is read
+    ckpt = open_checkpoint(checkpoint)  # a bad path fails before any prompt is read
     require_kind(ckpt, ("lm", "instruct", "translate"), "a language model")
     sampling = (temperature, top_k, top_p, min_p, num_samples)
     if ckpt.kind == "translate" and not greedy and all(v is None for v in sampling):
@@ -77,7 +77,7 @@ def generate(
     check_quantize(quantize)
     prompts = None if interactive else _prompts(prompt, prompt_file, field)
     dev = pick_device(device or "auto")
-    model, ckpt = load_model(ckpt, dev)
+    model, ckpt = open_model(ckpt, dev)
     draft_model = None
     if draft == "int8":  # the model's int8 twin guesses, the model checks: its exact output
         if quantize == "int8":
@@ -85,23 +85,23 @@ def generate(
                               "guess no faster than it checks")
         if Path(draft).exists():
             raise ConfigError("--draft int8: ambiguous, a path int8 exists here; write ./int8 for that checkpoint")
-        from llmkit.core.quantize import int8_copy
+        from llmkit.core.model.quantize import int8_copy
 
         draft_model = int8_copy(model)
     elif draft is not None:
-        draft_ckpt = read_checkpoint(Path(draft))
+        draft_ckpt = open_checkpoint(Path(draft))
         require_kind(draft_ckpt, ("lm", "instruct", "translate"), "a language model (--draft)")
-        draft_model, _ = load_model(draft_ckpt, dev)
+        draft_model, _ = open_model(draft_ckpt, dev)
     if quantize == "int8":
-        from llmkit.core.quantize import quantize_int8
+        from llmkit.core.model.quantize import quantize_int8
 
         model = quantize_int8(model)
         draft_model = quantize_int8(draft_model) if draft_model is not None else None
-    template = ckpt.task.prompt_template if ckpt.task.uses_template and not raw else None
-    if ckpt.tokenizer.chat_template and not raw and (chat or (interactive and template is None)):
-        template = "chat"  # a pretrained chat model talks in its own format
-    elif chat:
+    # A pretrained chat model talks in its own format when asked, or in a session with no task template.
+    use_chat = not raw and (chat or (interactive and not ckpt.task.uses_template))
+    if chat and not (use_chat and ckpt.tokenizer.chat_template):
         raise ConfigError(f"--chat: {ckpt.path} has no chat template")
+    template = None if raw else Prompts.template_for(ckpt.task, ckpt.tokenizer, chat=use_chat)
     view = GenerateView(Decoder(model, ckpt.tokenizer, cfg, dev, template=template, draft=draft_model),
                         console=err_console(),
                         quiet=quiet)
@@ -114,12 +114,12 @@ def generate(
 def _prompts(prompt: str | None, prompt_file: Path | None, field: str) -> list[str]:
     if prompt is not None and prompt_file is not None:
         raise DataError("give --prompt or --prompt-file, not both")
-    from llmkit.core.records import read_prompts
+    from llmkit.core.files.records import read_prompts
 
     if prompt is not None:
         return [prompt]
     if prompt_file is not None:
-        from llmkit.core.corpus import read_text
+        from llmkit.core.files.corpus import read_text
 
         return read_prompts(read_text(prompt_file), str(prompt_file), field)
     if sys.stdin is not None and not sys.stdin.isatty():

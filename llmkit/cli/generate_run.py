@@ -112,7 +112,7 @@ class GenerateView:
 
     def interactive(self) -> None:
         """Read a line, continue the conversation so far, stream the answer; Ctrl-D ends."""
-        from llmkit.core.decoding import Conversation
+        from llmkit.core.decoding.decoder import Conversation
 
         chat = Conversation(self.decoder)
         hello = "interactive: type text and press Enter" if self.decoder.continues_prompt else \

@@ -25,15 +25,15 @@ def import_model(
     import time
 
     from llmkit.cli.render import err_console
-    from llmkit.core.checkpoint import read_checkpoint
+    from llmkit.core.interop.resolve import open_checkpoint
     from llmkit.core.errors import ConfigError
-    from llmkit.core.interop import import_model as run_import
+    from llmkit.core.interop.resolve import import_model as run_import
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists: choose a new directory")
     t0 = time.perf_counter()
     path = run_import(src, out)
-    ckpt = read_checkpoint(path)
+    ckpt = open_checkpoint(path)
     if not quiet:
         m = ckpt.model_cfg
         err_console().print(
@@ -53,7 +53,7 @@ def export_model(
 ) -> None:
     """Export a checkpoint for transformers (--format hf) or llama.cpp / Ollama (--format gguf)."""
     from llmkit.cli.render import err_console
-    from llmkit.core.checkpoint import read_checkpoint
+    from llmkit.core.interop.resolve import open_checkpoint
     from llmkit.core.errors import ConfigError
     from llmkit.core.interop.export import export
 
@@ -61,7 +61,7 @@ def export_model(
         raise ConfigError(f"--format must be hf or gguf, not {format!r}")
     if quant is not None and format != "gguf":
         raise ConfigError("--quant applies to --format gguf")
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = open_checkpoint(checkpoint)
     path = export(ckpt, out, format=format, quant=quant or "f16")
     if not quiet:
         what = f"gguf ({quant or 'f16'})" if format == "gguf" else "a Hugging Face folder"

@@ -52,13 +52,16 @@ def check_quantize(value: str | None) -> None:
         raise ConfigError(f"--quantize: the choice is int8, not {value!r}")
 
 
-def check_positive(**given) -> None:
-    """Refuse a flag given as zero or less: ``check_positive(steps=...)`` names it ``--steps``."""
+def check_positive(*, allow_zero: tuple[str, ...] = (), **given) -> None:
+    """Refuse a flag given as zero or less (or below zero, for the names in ``allow_zero``):
+    ``check_positive(steps=...)`` names it ``--steps``. The one check every command uses."""
     from llmkit.core.errors import ConfigError
 
     for name, value in given.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, not {value}")
+        zero_ok = name in allow_zero
+        if value is not None and (value < 0 if zero_ok else value <= 0):
+            rule = "must not be negative" if zero_ok else "must be positive"
+            raise ConfigError(f"--{name.replace('_', '-')} {rule}, not {value}")
 
 
 COMMAND_FOR_KIND = {

@@ -51,7 +51,7 @@ def pretrain(
     json_out: JsonOpt = False,
 ) -> None:
     from llmkit.cli.render import PretrainView, end_interrupted, print_result, sample_block, training_view
-    from llmkit.core.pretrain import plan
+    from llmkit.core.jobs.pretrain import plan
 
     check_positive(steps=steps, batch_size=batch_size, lr=lr)
     flags = {"train": {"steps": steps, "tokens": tokens, "time": time, "batch_size": batch_size,
@@ -60,7 +60,7 @@ def pretrain(
              "optim": {"lr": lr},
              "data": {"sources": tuple(mix) if mix else None, "val": tuple(val) if val else None,
                       "text_field": text_field, "workers": workers}}
-    # No preset but a time or token budget: the model is sized to it (core/recipe.py), unless
+    # No preset but a time or token budget: the model is sized to it (core/training/recipe.py), unless
     # the model's shape is already given (--set model.*, a config file) or comes from --init.
     given = given_keys(set_ or [], flags)
     sized = preset is None and bool(time or tokens) and init is None and config is None \
@@ -74,7 +74,7 @@ def pretrain(
         typer.echo(cfg.to_yaml(), nl=False)
         return
 
-    from llmkit.core.pretrain import pretrain as run_pretrain
+    from llmkit.core.jobs.pretrain import pretrain as run_pretrain
 
     view, main = training_view(PretrainView, quiet=quiet, json_out=json_out)
     quiet = view.quiet

@@ -20,6 +20,8 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TransferSpeedColumn)
 from rich.table import Table
 
+from llmkit.core import events
+
 
 @functools.lru_cache(maxsize=None)
 def _console(stream_id: int) -> Console:
@@ -68,13 +70,27 @@ class PretrainView:
         if not self.quiet:
             (self.progress.console if self.progress else self.console).print(message, highlight=False)
 
-    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+    LISTENS: dict[type[events.Event], str] = {
+        events.Corpus: "on_corpus", events.Tokenizing: "on_tokenizing",
+        events.TokenizerTraining: "on_tokenizer_training", events.Tokenizer: "on_tokenizer", events.Data: "on_data",
+        events.Resume: "on_resume", events.Recipe: "on_recipe", events.Model: "on_model", events.Start: "on_start",
+        events.Tick: "on_tick", events.Step: "on_step", events.Eval: "on_eval", events.Stop: "on_stop",
+        events.ReportFailed: "on_report_failed", events.FinetuneData: "on_finetune_data",
+        events.Save: "skipped: checkpoints are named in the run's summary at the end",
+        events.Import: "skipped: the import command reports its own result",
+    }
+    """The handler of every kind of event, or why it is not shown (tests/test_events.py checks all
+    kinds are here)."""
+    JSON_LINES = (events.Step, events.Eval, events.Save, events.Stop)
+    """The kinds --json prints on stdout as they come."""
+
+    def __call__(self, event: events.Event) -> None:
         try:
-            if self.json_lines and kind in ("step", "eval", "save", "stop"):
-                print(json.dumps({"event": kind, **data}, default=str), flush=True)
-            handler = getattr(self, f"on_{kind}", None)
-            if handler:
-                handler(data)
+            if self.json_lines and isinstance(event, self.JSON_LINES):
+                print(json.dumps(event.as_dict(), default=str), flush=True)
+            handler = self.LISTENS[type(event)]
+            if not handler.startswith("skipped"):
+                getattr(self, handler)(event.as_dict())
         except (OSError, ValueError):
             # stderr (or stdout) was closed under us: the run matters more than its progress bar.
             # Go quiet for good and let training go on to its checkpoints.
@@ -203,6 +219,12 @@ class PretrainView:
             self.progress.console.print(line, highlight=False)
         elif not self.quiet:
             self.console.print(f"{line} (loss {self.fields['loss']}, {self.fields['tps']} tok/s)", highlight=False)
+
+    def on_report_failed(self, d):
+        self.log(f"[yellow]warning:[/] report.html or the loss curve could not be drawn: {escape(d['error'])}")
+
+    def on_finetune_data(self, d):
+        """Pretraining has no fine-tuning data; ``FinetuneView`` shows it."""
 
     def on_stop(self, d):
         if self.progress:
@@ -372,7 +394,7 @@ def print_result(result, json_out: bool) -> None:
 def training_view(cls, *, quiet: bool, json_out: bool):
     """The progress view of a pretraining or fine-tuning command; under torchrun rank 0 alone
     speaks for the job. Returns (view, whether this process is rank 0)."""
-    from llmkit.core.distributed import env_rank
+    from llmkit.core.training.distributed import env_rank
 
     main = env_rank() == 0
     return cls(quiet=quiet or not main, json_lines=json_out and main), main

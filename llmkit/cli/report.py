@@ -15,7 +15,7 @@ def report(
     run: Annotated[Path, typer.Argument(help="A run directory (with metrics.jsonl).", show_default=False)],
 ) -> None:
     from llmkit.core.errors import ConfigError
-    from llmkit.core.report import write_report
+    from llmkit.core.jobs.report import write_report
 
     if not (run / "metrics.jsonl").is_file():
         raise ConfigError(f"{run} is not a run directory (no metrics.jsonl)")

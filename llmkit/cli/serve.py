@@ -31,7 +31,7 @@ def serve(
     quiet: QuietOpt = False,
 ) -> None:
     from llmkit.cli.render import err_console
-    from llmkit.core.device import pick_device
+    from llmkit.core.host.device import pick_device
     from llmkit.core.errors import ConfigError
 
     check_positive(max_batch=max_batch, max_tokens=max_tokens, max_concurrent=max_concurrent, max_body=max_body)

@@ -41,8 +41,8 @@ def train(
     print its quality report."""
     from llmkit.cli.render import err_console, tokenizer_report_table
     from llmkit.core.config import resolve_run_config
-    from llmkit.core.corpus import resolve_files
-    from llmkit.core.tokenizer import train_on_files
+    from llmkit.core.files.corpus import resolve_files
+    from llmkit.core.text.tokenizer import train_on_files
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory")
@@ -81,9 +81,9 @@ def encode(
     json_out: JsonOpt = False,
 ) -> None:
     """Encode text into token ids (or show its pieces)."""
-    from llmkit.core.checkpoint import find_tokenizer
+    from llmkit.core.interop.resolve import open_tokenizer
 
-    tok = find_tokenizer(tokenizer)
+    tok = open_tokenizer(tokenizer)
     if text is None or text == "-":
         text = _read_stdin("text")
     ids = tok.encode(text)
@@ -112,9 +112,9 @@ def decode(
     ids: Annotated[Optional[list[str]], typer.Argument(help="Token ids; nothing reads them from stdin.", show_default=False)] = None,
 ) -> None:
     """Decode token ids (arguments or stdin, separated by spaces or commas) back into text."""
-    from llmkit.core.checkpoint import find_tokenizer
+    from llmkit.core.interop.resolve import open_tokenizer
 
-    tok = find_tokenizer(tokenizer)
+    tok = open_tokenizer(tokenizer)
     raw = " ".join(ids) if ids else _read_stdin("ids")
     values = []
     for item in raw.replace(",", " ").replace("[", " ").replace("]", " ").split():

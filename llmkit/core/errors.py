@@ -3,6 +3,8 @@
 Anything else that escapes is a bug and keeps its traceback.
 """
 
+from llmkit import __version__
+
 
 class LlmkitError(Exception):
     """Base class: a problem with the user's input, phrased for the user."""
@@ -35,8 +37,6 @@ class TrainingDiverged(LlmkitError):
 
 def check_format(found, supported: int, what: str, written_by: str | None = None) -> None:
     """Refuse a file written in a newer format than this llmkit reads, naming both versions."""
-    from llmkit import __version__
-
     try:
         number = int(found)
     except (TypeError, ValueError):

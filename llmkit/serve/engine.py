@@ -4,7 +4,7 @@ Torch work happens here only (one model, one thread: no locks around the weights
 serve`` runs this loop on the process's main thread (``run``) and the HTTP server beside it: on a
 CPU, torch's products are fastest in the thread that loaded the model (docs/serve.md, "Speed"). An
 in-process server (tests, ``TestClient``) runs it in a thread of its own (``start``). Requests with
-the same decoding settings share a :class:`~llmkit.core.generate.Slots` batch: one that arrives
+the same decoding settings share a :class:`~llmkit.core.decoding.steps.Slots` batch: one that arrives
 while others decode is prefilled and joins them at the next decoding step, up to ``max_batch``
 rows; a row leaves when it ends, and its place is taken by the next request. Requests with other
 settings wait until the batch drains. Each output is a pure function of its prompt, its settings
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from llmkit.core.config import SampleConfig
-from llmkit.core.decoding import Decoder
-from llmkit.core.generate import random_seed, row_seed
+from llmkit.core.decoding.decoder import Decoder
+from llmkit.core.decoding.steps import random_seed, row_seed
 
 
 @dataclass
@@ -128,7 +128,7 @@ class Engine:
     def _admit(self) -> None:
         from dataclasses import replace
 
-        from llmkit.core.generate import SlotJob, Slots
+        from llmkit.core.decoding.steps import SlotJob, Slots
 
         while True:  # everything waiting, in order of arrival
             try:
@@ -175,14 +175,14 @@ class Engine:
     def _serve_one(self, r: Request) -> None:
         try:
             if r.kind == "embed":
-                from llmkit.core.embed import embed_items
+                from llmkit.core.jobs.embed import embed_items
 
                 vectors, truncated = embed_items(self.model, self.tok, r.texts, self.embed_cfg, device=self.device)
                 r.on_done((vectors, truncated))
             elif r.kind == "classify":
                 import torch
 
-                from llmkit.core.tasks import classify_texts
+                from llmkit.core.tasks.objectives import classify_texts
 
                 logits, truncated = classify_texts(self.model, self.tok, r.texts, pooling=self.pooling,
                                                    device=self.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmkit.core.errors import ConfigError
+from llmkit.core.interop import gguf_io, hf
 
 
 def model_card(ckpt) -> str:
@@ -44,8 +45,6 @@ def model_card(ckpt) -> str:
 
 
 def export(ckpt, out: Path, *, format: str, quant: str = "f16") -> Path:
-    from llmkit.core.interop import gguf_io, hf
-
     out = Path(out)
     if format == "hf":
         if out.exists() and (not out.is_dir() or any(out.iterdir())):

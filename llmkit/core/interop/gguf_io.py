@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmkit.core import events
 from llmkit.core.errors import CheckpointError
+from llmkit.core.events import EventFn
+from dataclasses import replace
+from llmkit.core.model.transformer import rope_frequencies
+from llmkit.core.config import ModelConfig
+from llmkit.core.interop.hf import base_state, write_checkpoint
+from llmkit.core.interop import tokenizer_io
+from llmkit.core.store.checkpoint import build_model
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 ARCHS = ("llama", "qwen2")
@@ -54,7 +62,7 @@ def read_fields(reader) -> dict[str, Any]:
 
 
 def open_reader(path: Path):
-    import gguf
+    import gguf  # optional dependency (the interop extra)
 
     try:
         return gguf.GGUFReader(str(path))
@@ -98,9 +106,6 @@ LLAMA3_ORIGINAL_CONTEXTS = tuple(2 ** k for k in range(4, 18))  # 16 … 131072 
 
 def rope_freq_table(c) -> torch.Tensor:
     """llama.cpp's ``rope_freqs``: how much each rotary frequency is divided by (llama3 scaling)."""
-    from dataclasses import replace
-
-    from llmkit.core.model import rope_frequencies
 
     plain = rope_frequencies(replace(c, rope_scaling=""))
     return (plain / rope_frequencies(c)).float()  # (D/2,)
@@ -110,8 +115,6 @@ def llama3_from_table(table: np.ndarray, section: dict[str, Any], fields: dict[s
     """The llama3 scaling a ``rope_freqs`` table encodes: llmkit's own keys when it wrote the file,
     else the parameters of Meta's releases (low 1, high 4) with the original context that gives
     this very table; a table no such parameters give is refused, never ignored."""
-    from llmkit.core.config import ModelConfig
-
     if fields.get(f"{LLMKIT_ROPE}.factor") is not None:
         candidates = [(float(fields[f"{LLMKIT_ROPE}.factor"]), float(fields[f"{LLMKIT_ROPE}.low_freq_factor"]),
                        float(fields[f"{LLMKIT_ROPE}.high_freq_factor"]), int(fields[f"{LLMKIT_ROPE}.original_context"]))]
@@ -129,7 +132,7 @@ def llama3_from_table(table: np.ndarray, section: dict[str, Any], fields: dict[s
 
 def _tensor(t, where: str) -> np.ndarray:
     """One GGUF tensor as fp32, in PyTorch's shape (GGUF lists dimensions fastest first)."""
-    from gguf import quants
+    from gguf import quants  # optional dependency (the interop extra)
 
     name = t.tensor_type.name
     if name not in SUPPORTED_TYPES:
@@ -144,15 +147,11 @@ def _tensor(t, where: str) -> np.ndarray:
     return values.reshape(shape)
 
 
-def import_to(src: Path, dest: Path, *, on_event=lambda k, d: None) -> Path:
-    from llmkit.core.interop import base_state
-    from llmkit.core.interop.hf import write_checkpoint
-    from llmkit.core.interop.tokenizer_io import from_gguf
-
+def import_to(src: Path, dest: Path, *, on_event: EventFn = events.ignore) -> Path:
     reader = open_reader(src)
     fields = read_fields(reader)
     section = config_from_gguf(fields, str(src))
-    tokenizer = from_gguf(fields, str(src))
+    tokenizer = tokenizer_io.from_gguf(fields, str(src))
     section["vocab_size"] = int(fields.get(f"{fields['general.architecture']}.vocab_size") or tokenizer.vocab_size)
     heads, kv = section["n_head"], section["n_kv_head"]
     tensors: dict[str, torch.Tensor] = {}
@@ -175,7 +174,7 @@ def import_to(src: Path, dest: Path, *, on_event=lambda k, d: None) -> Path:
             w = _unpermute(w, kv)
         tensors[ours] = torch.from_numpy(np.ascontiguousarray(w))
     section["tie_embeddings"] = "lm_head.weight" not in tensors
-    on_event("import", {"source": str(src), "format": "gguf", "tensors": len(tensors)})
+    on_event(events.Import(source=str(src), format="gguf", tensors=len(tensors)))
     state = base_state(src, "gguf", {"architecture": fields["general.architecture"],
                                      "gguf_file_type": fields.get("general.file_type")})
     return write_checkpoint(dest, tensors, section, tokenizer, state)
@@ -196,10 +195,8 @@ def to_gguf_name(name: str) -> str:
 
 def export_file(ckpt, dest: Path, *, quant: str = "f16", name: str = "") -> Path:
     """A GGUF llama.cpp and Ollama run: ``llama`` (or ``qwen2`` with attention biases)."""
-    import gguf
+    import gguf  # optional dependency (the interop extra)
 
-    from llmkit.core.checkpoint import build_model
-    from llmkit.core.interop.tokenizer_io import gguf_metadata
 
     if quant not in QUANTS:
         raise CheckpointError(f"--quant {quant!r}: choose {', '.join(QUANTS)}")
@@ -235,7 +232,7 @@ def export_file(ckpt, dest: Path, *, quant: str = "f16", name: str = "") -> Path
         w.add_tensor("rope_freqs.weight", rope_freq_table(c).numpy(), raw_dtype=gguf.GGMLQuantizationType.F32)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])
-    for key, value in gguf_metadata(ckpt.tokenizer).items():
+    for key, value in tokenizer_io.gguf_metadata(ckpt.tokenizer).items():
         _add(w, key, value)
     state = model.state_dict()
     if c.tie_embeddings:

@@ -16,7 +16,17 @@ from typing import Any, Iterator
 
 import torch
 
+from llmkit.core import events
 from llmkit.core.errors import CheckpointError
+from llmkit.core.events import EventFn
+from safetensors import SafetensorError, safe_open
+from llmkit.core.model import fast
+from llmkit.core.model.transformer import Transformer
+from llmkit.core.store import checkpoint as ckpt_io
+from llmkit.core.config import resolve_run_config
+from llmkit.core.interop import tokenizer_io
+from safetensors.torch import save_file
+from llmkit.core.store.checkpoint import build_model
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -156,8 +166,6 @@ def weight_files(folder: Path) -> list[Path]:
 
 def read_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(llmkit name, fp32 tensor) for every weight, one tensor in memory at a time."""
-    from safetensors import SafetensorError, safe_open
-
     for file in weight_files(folder):
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -172,9 +180,7 @@ def read_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def check_shapes(tensors: dict[str, torch.Tensor], model_cfg, where: str) -> None:
     """Every tensor the network needs is there with its shape: a file that disagrees with its
     config is refused before anything is written."""
-    from llmkit.core.model import Transformer, skip_init
-
-    with skip_init(), torch.device("meta"):
+    with fast.building(), torch.device("meta"):
         ref = Transformer(model_cfg)
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     if model_cfg.tie_embeddings:
@@ -190,9 +196,6 @@ def check_shapes(tensors: dict[str, torch.Tensor], model_cfg, where: str) -> Non
 def write_checkpoint(dest: Path, tensors: dict[str, torch.Tensor], model_section: dict[str, Any], tokenizer,
                      state: dict[str, Any]) -> Path:
     """An llmkit checkpoint from converted tensors: the shared ending of every import."""
-    from llmkit.core import checkpoint as ckpt_io
-    from llmkit.core.config import resolve_run_config
-
     cfg = resolve_run_config(base={"model": model_section, "tokenizer": {"vocab_size": max(tokenizer.vocab_size, 8)}})
     check_shapes(tensors, cfg.model, str(state.get("imported_from", dest)))
     if cfg.model.tie_embeddings:
@@ -201,20 +204,17 @@ def write_checkpoint(dest: Path, tensors: dict[str, torch.Tensor], model_section
                                    tensors=(tensors, None))
 
 
-def import_to(src: Path, dest: Path, *, on_event=lambda k, d: None) -> Path:
-    from llmkit.core.interop import base_state
-    from llmkit.core.interop.tokenizer_io import from_hf_folder
-
+def import_to(src: Path, dest: Path, *, on_event: EventFn = events.ignore) -> Path:
     hf = read_config(src)
     section = config_from_hf(hf, str(src / "config.json"))
-    tokenizer = from_hf_folder(src, hf)
+    tokenizer = tokenizer_io.from_hf_folder(src, hf)
     tensors = dict(read_tensors(src))
     if section["tie_embeddings"] and "lm_head.weight" in tensors:
         if torch.equal(tensors["lm_head.weight"], tensors["embed.weight"]):
             tensors.pop("lm_head.weight")
         else:  # the config says tied, the file holds two different matrices: keep both
             section["tie_embeddings"] = False
-    on_event("import", {"source": str(src), "format": "hf", "tensors": len(tensors)})
+    on_event(events.Import(source=str(src), format="hf", tensors=len(tensors)))
     return write_checkpoint(dest, tensors, section, tokenizer, base_state(src, "hf", {"architecture": hf["model_type"]}))
 
 
@@ -223,11 +223,6 @@ def import_to(src: Path, dest: Path, *, on_event=lambda k, d: None) -> Path:
 def export_folder(ckpt, dest: Path, *, card: str) -> Path:
     """``dest`` as a folder ``transformers`` loads offline: config.json, generation_config.json,
     model.safetensors (fp32, Hugging Face names), the tokenizer files, README.md (the model card)."""
-    from safetensors.torch import save_file
-
-    from llmkit.core.checkpoint import build_model
-    from llmkit.core.interop import write_json
-    from llmkit.core.interop.tokenizer_io import write_hf_tokenizer
 
     if ckpt.kind == "classify":
         # LlamaForSequenceClassification scores the last real token with a bias-free layer; llmkit's
@@ -250,6 +245,15 @@ def export_folder(ckpt, dest: Path, *, card: str) -> Path:
     write_json(dest / "config.json", hf_cfg)
     write_json(dest / "generation_config.json", {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
                                                  "pad_token_id": tok.pad_id})
-    write_hf_tokenizer(tok, dest, context=model.cfg.context)
+    tokenizer_io.write_hf_tokenizer(tok, dest, context=model.cfg.context)
     (dest / "README.md").write_text(card, encoding="utf-8")
     return dest
+
+def base_state(src: Path, kind: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """trainer_state.json of an imported model: step 0, where it came from."""
+    return {"step": 0, "tokens_seen": 0, "kind": "lm", "imported_from": str(src), "source_format": kind,
+            **(extra or {})}
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -22,7 +22,8 @@ from typing import Any
 
 from llmkit import __version__
 from llmkit.core.errors import CheckpointError
-from llmkit.core.tokenizer import FORMAT_VERSION, Tokenizer
+from llmkit.core.text.tokenizer import FORMAT_VERSION, Tokenizer
+import struct
 
 # The pre-tokenizer split of llama.cpp's byte-level BPE families (the regexes its converter and
 # transformers use), by the GGUF's ``tokenizer.ggml.pre``.
@@ -70,7 +71,7 @@ def from_hf_folder(folder: Path, hf_cfg: dict[str, Any]) -> Tokenizer:
             raise CheckpointError(f"{folder}/tokenizer_config.json is not valid JSON: {e}") from None
     template = _chat_template(folder, tok_cfg)
     if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as HFTokenizer  # optional dependency (the interop extra)
 
         raw = (folder / "tokenizer.json").read_bytes()
         try:
@@ -92,7 +93,7 @@ def from_hf_folder(folder: Path, hf_cfg: dict[str, Any]) -> Tokenizer:
     if (folder / "tokenizer.model").is_file():
         raw = (folder / "tokenizer.model").read_bytes()
         try:
-            import sentencepiece
+            import sentencepiece  # start-up time: loaded when a tokenizer is first used, not when the CLI starts
 
             sp = sentencepiece.SentencePieceProcessor(model_proto=raw)
         except Exception as e:
@@ -121,8 +122,8 @@ def _guess_pre(spec: dict[str, Any]) -> str:
 
 def from_gguf(fields: dict[str, Any], where: str) -> Tokenizer:
     """The tokenizer of a GGUF's ``tokenizer.ggml.*`` metadata (byte-level BPE or SentencePiece)."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers  # optional dependency (the interop extra)
+    from tokenizers import Tokenizer as HFTokenizer  # optional dependency (the interop extra)
 
     kind = fields.get("tokenizer.ggml.model")
     if fields.get(LLMKIT_SP_KEY):  # written by llmkit: its own SentencePiece model, exactly
@@ -193,8 +194,6 @@ def _pb_bytes(field: int, data: bytes) -> bytes:
 
 
 def _pb_float(field: int, value: float) -> bytes:
-    import struct
-
     return _varint(field << 3 | 5) + struct.pack("<f", value)
 
 
@@ -297,8 +296,8 @@ def sentencepiece_to_json(tok: Tokenizer) -> str:
     """An llmkit SentencePiece tokenizer as a ``tokenizer.json`` that encodes to the same ids:
     spaces become ▁ (SentencePiece's own escape, no dummy prefix), ``\\n``/``\\t`` and the special
     tokens are matched whole, BPE merges follow piece scores, unknown bytes fall back to <0xNN>."""
-    from tokenizers import AddedToken, decoders, models, normalizers
-    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import AddedToken, decoders, models, normalizers  # optional dependency (the interop extra)
+    from tokenizers import Tokenizer as HFTokenizer  # optional dependency (the interop extra)
 
     sp = tok.sp
     n = sp.get_piece_size()

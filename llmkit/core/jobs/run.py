@@ -1,0 +1,205 @@
+"""The run driver shared by pretraining and fine-tuning: from a built model and task to a
+finished run directory (``train_run``), and the process set-up around it (torchrun rank, device,
+threads, epochs as steps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from llmkit.core.atomic import atomic_write
+from llmkit.core import events
+from llmkit.core.events import EventFn
+from llmkit.core.config import ModelConfig, RunConfig
+from llmkit.core.errors import CheckpointError, ConfigError, TrainingDiverged
+from llmkit.core.host.device import pick_device, set_threads
+from llmkit.core.model import fast
+from llmkit.core.model.lora import trainable_parameters
+from llmkit.core.store import checkpoint as ckpt_io
+from llmkit.core.store.metrics_log import MetricsLog
+from llmkit.core.store.rundir import Checkpointer, load_training_state, outcome
+from llmkit.core.training import speed
+from llmkit.core.training.distributed import Dist, shard
+from llmkit.core.training.loop import Task, Trainer, TrainState, make_optimizer
+import os
+from llmkit.core.jobs.report import write_report
+from llmkit.core.jobs.pictures import loss_curve
+
+
+@dataclass
+class RunResult:
+    """How a pretraining or fine-tuning run ended, and what it left in its directory."""
+
+    out: Path
+    stop_reason: str
+    state: TrainState
+    params: int
+    trainable: int
+    precision: str
+    best: Path | None
+    last: Path | None
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    """The validation metrics of the evaluation that made best/ (this session's)."""
+    samples: list[tuple[str, str]] = field(default_factory=list)
+    merged: Path | None = None
+
+
+def check_launch(cfg: RunConfig) -> None:
+    """Refuse, before any work and on every rank, what the launch makes impossible: a global batch
+    the processes cannot share evenly, a device this machine does not have."""
+    cfg.train.accumulation(int(os.environ.get("WORLD_SIZE", "1")))
+    pick_device(cfg.train.device)
+
+
+def start_process(cfg: RunConfig) -> tuple[Dist, torch.device, tuple[int, str]]:
+    """This process's place in a torchrun job (or a world of one), its device, and its CPU threads
+    with the reason for their number."""
+    dist = Dist.from_env(cfg.train.device)
+    device = dist.device(pick_device(cfg.train.device))
+    # Several processes on one CPU share its cores: each keeps torch's choice (or the user's).
+    threads = set_threads(cfg.train.threads) if not dist.enabled else (torch.get_num_threads(), "torchrun")
+    return dist, device, threads
+
+
+def with_epoch_budget(cfg: RunConfig, sequences_per_epoch: float, world: int) -> RunConfig:
+    """train.epochs as a step budget: epochs x sequences per epoch / global batch, rounded up
+    (the smaller of that and train.steps when both are given)."""
+    if not cfg.train.epochs:
+        return cfg
+    epoch_steps = math.ceil(cfg.train.epochs * sequences_per_epoch / cfg.train.global_batch(world))
+    return cfg.replace("train", steps=min(s for s in (cfg.train.steps, epoch_steps) if s))
+
+
+def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, tokenizer, dist: Dist,
+              device: torch.device, resume_from: Path | None, kind: str, on_event: EventFn,
+              val_tokens: int = 0, val_bytes: int = 0, extra: dict[str, Any] | None = None,
+              threads: tuple[int, str] = (0, ""), reports: dict[str, Any] | None = None) -> RunResult:
+    """Train a built model on a task in ``out``, fresh or resumed, to a finished run directory.
+
+    Everything that is the same for pretraining and fine-tuning happens here: the optimizer and
+    trainer state (resumed when asked), config.yaml, metrics.jsonl (with perplexity and bits per
+    byte when ``val_tokens``/``val_bytes`` are known), the checkpointer, ``Trainer.fit``, the loss
+    curve, and a diverged run turned into one clear error. ``extra`` goes into the ``model`` event
+    and every checkpoint's trainer state.
+    """
+    extra = extra or {}
+    fast.for_training(model)
+    resumed = ckpt_io.read_state(resume_from) if resume_from is not None else None
+    precision, compiled = speed.plan(cfg, device, distributed=dist.enabled, resumed=resumed)
+    params = model.num_params()
+    trainable = trainable_parameters(model)
+    optimizer, state = start_training(model, cfg, dist, resume_from, on_event)
+    on_event(events.Model(params=params, trainable=trainable, device=str(device), precision=precision.name,
+                          precision_reason=precision.reason, compiled=compiled, config=cfg.model, task=kind,
+                          processes=dist.world, strategy=cfg.train.strategy if dist.enabled else None,
+                          threads=threads[0], threads_reason=threads[1], extra=extra))
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.yaml", cfg.to_yaml())
+        if reports:  # the data (and tokenizer) reports, for report.html
+            atomic_write(out / "reports.json", json.dumps(reports, ensure_ascii=False, indent=1, default=str))
+    metrics = MetricsLog(out / "metrics.jsonl", val_tokens, val_bytes)
+    save = Checkpointer(out, model=model, config=cfg.to_dict(), tokenizer=tokenizer, optimizer=optimizer,
+                        extra_state={"seed": cfg.train.seed, "kind": kind, "precision": precision.name,
+                                     "compiled": compiled,
+                                     "device": str(device), "params": params, "trainable": trainable, **extra},
+                        keep=cfg.train.keep_checkpoints, on_event=on_event, dist=dist)
+    best_metrics: dict[str, Any] = {}
+    reported = {"at": time.monotonic(), "cost": 0.0}
+
+    def report(final: bool = False) -> None:
+        """Refresh report.html while training, at most every 30 s and so that drawing it takes
+        under 2% of the run (a page costs ~0.7 s of matplotlib here); a page never stops a run."""
+        wait = max(30.0, 50 * reported["cost"])
+        if not (cfg.train.report and dist.is_main) or (not final and time.monotonic() - reported["at"] < wait):
+            return
+        start = time.monotonic()
+        try:
+            write_report(out)
+        except Exception as e:  # noqa: BLE001 - a picture library's failure is not the run's
+            on_event(events.ReportFailed(error=f"{type(e).__name__}: {e}"))
+        reported.update(at=time.monotonic(), cost=time.monotonic() - start)
+
+    def relay(event: events.Event) -> None:
+        """The loop's events, with language modelling's perplexity and bits per byte added to
+        evaluations, to metrics.jsonl, the caller's listener and (at evaluations) report.html."""
+        if isinstance(event, events.Eval):
+            event = metrics.enrich(event)
+        if dist.is_main:
+            metrics(event)
+        if isinstance(event, events.Eval) and event.improved:
+            best_metrics.clear()
+            best_metrics.update({k: v for k, v in event.as_dict().items() if k != "event"})
+        on_event(event)
+        if isinstance(event, events.Eval):
+            report()
+
+    trainer = Trainer(model, task, optimizer, state, cfg.optim, cfg.train, device, precision,
+                      tokens_per_step=cfg.train.global_batch(dist.world) * cfg.model.context, save=save,
+                      on_event=relay, compiled=torch.compile(model) if compiled else None,
+                      metric=cfg.task.best_metric, dist=dist)
+    reason = trainer.fit()
+    dist.close()
+    best, last = outcome(out)
+    result = RunResult(out, reason, state, params, trainable, precision.name, best, last, best_metrics)
+    if not dist.is_main:
+        return result
+    title = f"{out.name}: loss" + (f" ({kind})" if kind != "lm" else "")
+    unit = "loss (nats/example)" if kind == "classify" else "loss (nats/token)"
+    try:  # matplotlib is an extra: without it a run has no picture, nothing else is missing
+        loss_curve(out / "loss.svg", metrics.train, metrics.val, title, unit)
+    except ConfigError as e:
+        on_event(events.ReportFailed(error=str(e)))
+    report(final=True)
+    if reason == "diverged":
+        raise TrainingDiverged(f"training diverged at step {state.step} (loss is NaN or infinite); "
+                               f"last good checkpoint: {last or best or 'none'}; lower optim.lr or raise "
+                               "optim.warmup_steps")
+    return result
+
+
+def check_same_model(resume_from: Path, saved: ModelConfig, wanted: ModelConfig) -> None:
+    if saved != wanted:
+        diff = [f"model.{k} {getattr(wanted, k)!r} (checkpoint: {getattr(saved, k)!r})"
+                for k in wanted.__dataclass_fields__ if getattr(wanted, k) != getattr(saved, k)]
+        raise CheckpointError(f"cannot resume {resume_from}: the config changes the model: {', '.join(diff)}")
+
+
+def start_training(model: torch.nn.Module, cfg, dist: Dist, resume_from: Path | None,
+                   on_event: EventFn) -> tuple[torch.optim.Optimizer, TrainState]:
+    """Shard the model if asked, then its optimizer and trainer state (fresh, or resumed)."""
+    parallelize(model, cfg.train.strategy, dist)
+    optimizer = make_optimizer(model, cfg.optim)
+    state = TrainState()
+    if resume_from is not None:
+        state = load_training_state(model, optimizer, resume_from)
+        on_event(events.Resume(path=str(resume_from), step=state.step, budget=cfg.train.budget_text()))
+    return optimizer, state
+
+
+def parallelize(model: torch.nn.Module, strategy: str, dist: Dist) -> torch.nn.Module:
+    """Under torchrun with ``--strategy fsdp``, shard the model in place (DDP wraps it inside
+    ``fit`` instead: its weights stay whole, so nothing changes here)."""
+    if dist.enabled and strategy == "fsdp":
+        shard(model)
+    return model
+
+
+def main_only(on_event: EventFn, dist: Dist) -> EventFn:
+    """Events reach the listener (progress, logs, metrics.jsonl) from rank 0 only."""
+    return on_event if dist.is_main else events.ignore
+
+
+def main_first(dist: Dist, fn: Callable[[], Any]) -> Any:
+    """Rank 0 runs ``fn`` (e.g. building a token cache) while the others wait, then they run it
+    (reading what rank 0 left)."""
+    result = fn() if dist.is_main else None
+    dist.barrier()
+    return result if dist.is_main else fn()

@@ -1,0 +1,138 @@
+"""The loaded checkpoint behind the routes: its prompts (core's shared prompt policy), its engine,
+and awaiting the engine's answers from the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from llmkit.core.config import EmbedConfig, SampleConfig
+from llmkit.core.decoding.decoder import Prompts
+from llmkit.core.errors import LlmkitError
+from llmkit.core.interop.resolve import open_checkpoint, open_model
+from llmkit.core.model.quantize import quantize_int8
+from llmkit.serve.engine import Busy, Engine, Request
+from llmkit.serve.protocol import ApiError, Limits, busy
+
+ROLES = ("system", "user", "assistant", "developer")
+
+
+class Server:
+    """The loaded checkpoint, its engine and what the routes need to answer."""
+
+    def __init__(self, checkpoint: Path, *, device: str = "cpu", max_batch: int = 8, limits: Limits | None = None,
+                 api_key: str | None = None, name: str | None = None, quantize: str | None = None):
+        ckpt = open_checkpoint(checkpoint)
+        self.model, self.ckpt = open_model(ckpt, device)
+        if quantize == "int8":  # weight-only int8 linear layers: faster decoding (docs/generate.md)
+            quantize_int8(self.model)
+        self.tok, self.kind = self.ckpt.tokenizer, self.ckpt.kind
+        self.limits = limits or Limits()
+        self.api_key = api_key
+        self.name = name or (self.ckpt.path.parent.name if self.ckpt.path.name in ("best", "last")
+                             else self.ckpt.path.name)
+        self.context = self.model.cfg.context
+        task = self.ckpt.task
+        # Completions go through the checkpoint's task template; chats through the model's own chat
+        # format where it has one: the same policy as `llmkit generate` (and `--chat`).
+        self.prompts = Prompts(self.tok, Prompts.template_for(task, self.tok, chat=False))
+        self.chat_prompts = Prompts(self.tok, Prompts.template_for(task, self.tok, chat=True))
+        self.engine = Engine(self.model, self.tok, device, max_batch=max_batch, max_waiting=self.limits.max_concurrent,
+                             cache_tokens=self.limits.max_tokens + 512, embed_cfg=EmbedConfig(),
+                             pooling=task.pooling if self.kind == "classify" else "last")
+        self.in_flight = 0
+        self.created = int(time.time())
+
+    # --- prompts ----------------------------------------------------------------------------------
+    def _fit(self, ids: list[int]) -> list[int]:
+        limit = self.limits.max_prompt_tokens or self.context - 1
+        if len(ids) > limit:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; this server takes at most {limit}", param="prompt",
+                           code="context_length_exceeded")
+        return ids
+
+    def completion_ids(self, text: str) -> list[int]:
+        return self._fit(self.prompts.text(text))
+
+    def chat_ids(self, messages: Any) -> list[int]:
+        try:
+            return self._fit(self.chat_prompts.turns(turns_of(messages)))
+        except LlmkitError as e:
+            raise ApiError(400, str(e), param="messages") from None
+
+    def token_entry(self, step, top: int) -> dict[str, Any]:
+        text = self.tok.token_text(step.token)
+        return {"token": text, "logprob": math.log(max(step.prob, 1e-45)), "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [{"token": self.tok.token_text(t), "logprob": math.log(max(p, 1e-45)),
+                                  "bytes": list(self.tok.token_text(t).encode("utf-8"))} for t, p in step.top[:top]]}
+
+    # --- running ----------------------------------------------------------------------------------
+    def _submit(self, r: Request) -> None:
+        try:
+            self.engine.submit(r)
+        except Busy as e:
+            raise busy(e) from None
+
+    async def run(self, ids: list[int], cfg: SampleConfig, sample: int, logprobs: bool, http_request=None,
+                  stream_to: asyncio.Queue | None = None):
+        """One output, decoded by the engine; text deltas go to ``stream_to`` as they come."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def settle(fn, value):
+            if not done.done():
+                fn(value)
+
+        r = Request("generate", prompt_ids=ids, cfg=cfg, seed=Engine.seed(cfg.seed, sample), logprobs=logprobs,
+                    on_text=(lambda t: loop.call_soon_threadsafe(stream_to.put_nowait, t)) if stream_to else
+                    (lambda t: None),
+                    on_done=lambda out: loop.call_soon_threadsafe(settle, done.set_result, out),
+                    on_error=lambda e: loop.call_soon_threadsafe(settle, done.set_exception, e))
+        self._submit(r)
+        try:
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(done), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if http_request is not None and await http_request.is_disconnected():
+                        r.cancelled.set()  # the client went away: its row stops at the next token
+                        raise asyncio.CancelledError from None
+        finally:
+            if not done.done():
+                r.cancelled.set()
+
+    async def run_all(self, jobs: list[tuple[list[int], int]], cfg: SampleConfig, logprobs: bool, http_request):
+        """Every (prompt ids, sample) job, decoded side by side."""
+        return await asyncio.gather(*(self.run(ids, cfg, s, logprobs, http_request) for ids, s in jobs))
+
+    async def run_other(self, kind: str, texts: list[str]):
+        """Embeddings or class probabilities of ``texts``, from the engine."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        r = Request(kind, texts=texts,
+                    on_done=lambda res: loop.call_soon_threadsafe(done.set_result, res),
+                    on_error=lambda e: loop.call_soon_threadsafe(done.set_exception, e))
+        self._submit(r)
+        return await done
+
+
+def turns_of(messages: Any) -> list[tuple[str, str]]:
+    """OpenAI's chat messages as (role, text) turns, or a 400 naming what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}] needs a role (system, user or assistant)", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}]
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be text", param="messages")
+        turns.append(("system" if m["role"] == "developer" else m["role"], content))
+    if turns[-1][0] == "assistant":
+        raise ApiError(400, "the last message must not be the assistant's", param="messages")
+    return turns
