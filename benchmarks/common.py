@@ -55,9 +55,17 @@ def machine() -> dict:
 
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu_model(), "cores": cores, "cpu_flags": flags, "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": kernels(),
-            "cpu_native_bf16": cpu_has_native_bf16(), "platform": sys.platform}
+    return {
+        "cpu": cpu_model(),
+        "cores": cores,
+        "cpu_flags": flags,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "kernels": kernels(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "platform": sys.platform,
+    }
 
 
 def hf_llama(model):
@@ -65,14 +73,27 @@ def hf_llama(model):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.cfg
-    hf_cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ff_dim,
-                         num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads,
-                         max_position_embeddings=c.context, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                         tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False)
+    hf_cfg = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.d_model,
+        intermediate_size=c.ff_dim,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.kv_heads,
+        max_position_embeddings=c.context,
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+    )
     hf_cfg._attn_implementation = "sdpa"
     hf = LlamaForCausalLM(hf_cfg)
-    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
-          "lm_head.weight": model.lm_head.weight}
+    sd = {
+        "model.embed_tokens.weight": model.embed.weight,
+        "model.norm.weight": model.norm.weight,
+        "lm_head.weight": model.lm_head.weight,
+    }
     for i, b in enumerate(model.blocks):
         p = f"model.layers.{i}."
         sd[p + "input_layernorm.weight"] = b.attn_norm.weight
@@ -88,7 +109,9 @@ def hf_llama(model):
 
 
 def read_classify(name: str, split: str) -> tuple[list[str], list[str]]:
-    rows = [json.loads(line) for line in (SHARED_DATA / "classify_fr" / f"{name}.{split}.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (SHARED_DATA / "classify_fr" / f"{name}.{split}.jsonl").read_text().splitlines()
+    ]
     return [r["text"] for r in rows], [r["label"] for r in rows]
 
 
@@ -105,7 +128,7 @@ def logistic_probe(xtr: np.ndarray, ytr: list[str], xdv: np.ndarray, ydv: list[s
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(a @ w + bias, y) + l2 * (w ** 2).sum()
+        loss = torch.nn.functional.cross_entropy(a @ w + bias, y) + l2 * (w**2).sum()
         loss.backward()
         return loss
 

@@ -37,8 +37,12 @@ def generate(folder: Path, gigabytes: float) -> Path:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    paragraphs = [p for f in sorted((SHARED_DATA / "corpus_fr").glob("*.txt"))
-                  for p in f.read_text(encoding="utf-8").split("\n") if p.strip()]
+    paragraphs = [
+        p
+        for f in sorted((SHARED_DATA / "corpus_fr").glob("*.txt"))
+        for p in f.read_text(encoding="utf-8").split("\n")
+        if p.strip()
+    ]
     written, i = 0, 0
     while written < target:
         rng = random.Random(i)
@@ -99,8 +103,11 @@ def measured(cmd: list[str]) -> dict:
     if status:
         sys.exit(proc.stderr.read())
     main = usage.ru_maxrss / 1024
-    return {"seconds": round(seconds, 1), "peak_rss_main_mb": round(main),
-            "peak_rss_tree_mb": round(max(peak[0], main))}  # sampled every 0.25 s: never below the main's own
+    return {
+        "seconds": round(seconds, 1),
+        "peak_rss_main_mb": round(main),
+        "peak_rss_tree_mb": round(max(peak[0], main)),
+    }  # sampled every 0.25 s: never below the main's own
 
 
 def raw_encode_rate(tokenizer: Path, corpus: Path, threads: int) -> float:
@@ -128,23 +135,56 @@ def main() -> None:
     emit(event="machine", **machine())
     tok = work / "tok"
     if not (tok / "tokenizer.yaml").is_file():
-        subprocess.run(LLMKIT + ["tokenize", "train", str(SHARED_DATA / "corpus_fr"), "-o", str(tok),
-                                 "--vocab-size", "4096", "--quiet"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            LLMKIT
+            + ["tokenize", "train", str(SHARED_DATA / "corpus_fr"), "-o", str(tok), "--vocab-size", "4096", "--quiet"],
+            cwd=ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     for gb in (float(s) for s in args.sizes.split(",")):
         corpus = generate(work / f"corpus-{gb:g}gb", gb)
         size_mb = sum(p.stat().st_size for p in corpus.glob("*.txt")) / 1e6
         for threads in (1, 2):
-            emit(corpus_gb=gb, method=f"raw SentencePiece encode, {threads} thread(s)",
-                 mb_per_s=round(raw_encode_rate(tok, corpus, threads), 2))
+            emit(
+                corpus_gb=gb,
+                method=f"raw SentencePiece encode, {threads} thread(s)",
+                mb_per_s=round(raw_encode_rate(tok, corpus, threads), 2),
+            )
         for workers in (int(w) for w in args.workers.split(",")):
             cache = work / "cache"
             shutil.rmtree(cache, ignore_errors=True)
-            row = measured(LLMKIT + ["pretrain", str(corpus), "--tokenizer", str(tok), "--preset", "tiny",
-                                     "--steps", "1", "--workers", str(workers), "-o", str(work / "run"),
-                                     "--quiet", "--set", f"data.cache_dir={cache}", "--set", "train.samples=0",
-                                     "--set", "train.eval_batches=1"])
-            emit(corpus_gb=gb, corpus_mb=round(size_mb), method=f"llmkit pretrain to step 1, {workers} worker(s)",
-                 mb_per_s=round(size_mb / row["seconds"], 2), **row)
+            row = measured(
+                LLMKIT
+                + [
+                    "pretrain",
+                    str(corpus),
+                    "--tokenizer",
+                    str(tok),
+                    "--preset",
+                    "tiny",
+                    "--steps",
+                    "1",
+                    "--workers",
+                    str(workers),
+                    "-o",
+                    str(work / "run"),
+                    "--quiet",
+                    "--set",
+                    f"data.cache_dir={cache}",
+                    "--set",
+                    "train.samples=0",
+                    "--set",
+                    "train.eval_batches=1",
+                ]
+            )
+            emit(
+                corpus_gb=gb,
+                corpus_mb=round(size_mb),
+                method=f"llmkit pretrain to step 1, {workers} worker(s)",
+                mb_per_s=round(size_mb / row["seconds"], 2),
+                **row,
+            )
             shutil.rmtree(work / "run", ignore_errors=True)
         shutil.rmtree(work / "cache", ignore_errors=True)
 

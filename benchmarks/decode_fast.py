@@ -30,14 +30,13 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import SHARED_DATA, emit, hf_llama, machine
 
-from llmkit.core.interop.resolve import open_model
 from llmkit.core.config import SampleConfig
-from llmkit.core.decoding.decoder.steps import decode_batch
-from llmkit.core.model.transformer.quantize import int8_copy, quantize_int8
 from llmkit.core.decoding.decoder.speculative import DraftModel, PromptLookup, guesses_per_pass, speculative_batch
+from llmkit.core.decoding.decoder.steps import decode_batch
+from llmkit.core.interop.resolve import open_model
+from llmkit.core.model.transformer.quantize import int8_copy, quantize_int8
 from llmkit.core.training.loop import mean_token_loss
 
 
@@ -49,7 +48,7 @@ def french_text() -> str:
 def perplexity(model, ids: list[int], context: int) -> float:
     T = min(context, 256)
     rows = torch.tensor(ids[: (len(ids) // (T + 1)) * (T + 1)]).view(-1, T + 1)  # (N, T + 1)
-    batches = [(rows[i: i + 8, :-1], rows[i: i + 8, 1:]) for i in range(0, rows.size(0), 8)]
+    batches = [(rows[i : i + 8, :-1], rows[i : i + 8, 1:]) for i in range(0, rows.size(0), 8)]
     return math.exp(mean_token_loss(model, batches, "cpu").loss)
 
 
@@ -72,8 +71,8 @@ def main() -> None:
     twin = int8_copy(plain)  # --draft int8: the model's own int8 twin guesses
 
     text = french_text()
-    words = text[len(text) // 3:].split()
-    openings = [tok.encode_text(" ".join(words[i * 500: i * 500 + 40]))[:16] for i in range(8)]
+    words = text[len(text) // 3 :].split()
+    openings = [tok.encode_text(" ".join(words[i * 500 : i * 500 + 40]))[:16] for i in range(8)]
     tail = tok.encode_text(text[-60_000:])[-4096:]
     ppl, ppl8 = perplexity(plain, tail, plain.cfg.context), perplexity(int8, tail, plain.cfg.context)
     sample = SampleConfig(max_new_tokens=args.new, temperature=0.0)
@@ -84,8 +83,9 @@ def main() -> None:
     def speculative(model, propose, prompts):
         proposers = [propose() for _ in prompts]
         k = args.draft_tokens or guesses_per_pass(proposers[0])  # generate's defaults
-        outs = speculative_batch(model, prompts, sample, proposers, eos_id=None, decode=tok.decode,
-                                 device="cpu", draft_tokens=k)
+        outs = speculative_batch(
+            model, prompts, sample, proposers, eos_id=None, decode=tok.decode, device="cpu", draft_tokens=k
+        )
         return outs, sum(o.accepted for o in outs) / max(sum(o.drafted for o in outs), 1)
 
     def one_by_one(model, propose=None):
@@ -95,31 +95,51 @@ def main() -> None:
             outs = [speculative(model, propose, [p])[0][0] for p in prompts]
             run.acceptance = sum(o.accepted for o in outs) / max(sum(o.drafted for o in outs), 1)
             return [o.ids for o in outs]
+
         return run
 
     def together(model, propose):
         def run(prompts):
             outs, run.acceptance = speculative(model, propose, prompts)
             return [o.ids for o in outs]
+
         return run
 
     @torch.inference_mode()
     def transformers_run(prompts):
         x = torch.tensor(prompts)
-        out = peer.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.new, min_new_tokens=args.new,
-                            do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None)
-        return out[:, x.size(1):].tolist()
+        out = peer.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=args.new,
+            min_new_tokens=args.new,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        return out[:, x.size(1) :].tolist()
 
     def transformers_one_by_one(prompts):
         return [transformers_run([p])[0] for p in prompts]
 
-    contenders = {1: {"transformers": transformers_one_by_one, "llmkit": one_by_one(plain),
-                      "llmkit int8": one_by_one(int8), "llmkit lookup": one_by_one(plain, lambda: PromptLookup(3)),
-                      "llmkit int8 + lookup": one_by_one(int8, lambda: PromptLookup(3)),
-                      "llmkit draft: int8 twin": one_by_one(plain, lambda: DraftModel(twin, "cpu"))},
-                  8: {"transformers": transformers_run, "llmkit": batched(plain), "llmkit int8": batched(int8),
-                      "llmkit lookup": together(plain, lambda: PromptLookup(3)),
-                      "llmkit int8 + lookup": together(int8, lambda: PromptLookup(3))}}
+    contenders = {
+        1: {
+            "transformers": transformers_one_by_one,
+            "llmkit": one_by_one(plain),
+            "llmkit int8": one_by_one(int8),
+            "llmkit lookup": one_by_one(plain, lambda: PromptLookup(3)),
+            "llmkit int8 + lookup": one_by_one(int8, lambda: PromptLookup(3)),
+            "llmkit draft: int8 twin": one_by_one(plain, lambda: DraftModel(twin, "cpu")),
+        },
+        8: {
+            "transformers": transformers_run,
+            "llmkit": batched(plain),
+            "llmkit int8": batched(int8),
+            "llmkit lookup": together(plain, lambda: PromptLookup(3)),
+            "llmkit int8 + lookup": together(int8, lambda: PromptLookup(3)),
+        },
+    }
     if draft is not None:
         contenders[1]["llmkit draft"] = one_by_one(plain, lambda: DraftModel(draft, "cpu"))
         contenders[1]["llmkit int8 + int8 draft"] = one_by_one(int8, lambda: DraftModel(draft8, "cpu"))
@@ -150,11 +170,24 @@ def main() -> None:
         base = statistics.median(times[(b, "transformers")])
         for name in fns:
             m = statistics.median(times[(b, name)])
-            emit(event="decode", model=str(args.target), params=plain.num_params(), batch=b, contender=name,
-                 new_tokens_per_s=round(len(prompts[b]) * args.new / m, 1), ratio_vs_transformers=round(base / m, 2),
-                 output=checks[(b, name)], acceptance=round(acceptance[name], 3) if name in acceptance else None)
-    emit(event="int8_perplexity", text_tokens=len(tail), fp32=round(ppl, 3), int8=round(ppl8, 3),
-         change_pct=round(100 * (ppl8 / ppl - 1), 2))
+            emit(
+                event="decode",
+                model=str(args.target),
+                params=plain.num_params(),
+                batch=b,
+                contender=name,
+                new_tokens_per_s=round(len(prompts[b]) * args.new / m, 1),
+                ratio_vs_transformers=round(base / m, 2),
+                output=checks[(b, name)],
+                acceptance=round(acceptance[name], 3) if name in acceptance else None,
+            )
+    emit(
+        event="int8_perplexity",
+        text_tokens=len(tail),
+        fp32=round(ppl, 3),
+        int8=round(ppl8, 3),
+        change_pct=round(100 * (ppl8 / ppl - 1), 2),
+    )
 
 
 if __name__ == "__main__":

@@ -24,17 +24,46 @@ from common import ROOT, emit, machine
 
 def one_run(nproc: int, strategy: str, out: Path, args) -> float:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "llmkit", "pretrain", "-o", str(out),
-           "--preset", args.preset, "--steps", str(args.steps), "--global-batch-size", str(args.global_batch),
-           "--batch-size", str(args.global_batch // 2), "--strategy", strategy, "-q",
-           "--set", "train.eval_every=100000", "--set", "train.save_every=100000", "--set", "train.samples=0",
-           "--set", "train.log_every=1", "--set", "train.dtype=fp32", "--set", "train.device=cpu"]
+    cmd = [
+        *(launcher if nproc > 1 else [sys.executable]),
+        "-m",
+        "llmkit",
+        "pretrain",
+        "-o",
+        str(out),
+        "--preset",
+        args.preset,
+        "--steps",
+        str(args.steps),
+        "--global-batch-size",
+        str(args.global_batch),
+        "--batch-size",
+        str(args.global_batch // 2),
+        "--strategy",
+        strategy,
+        "-q",
+        "--set",
+        "train.eval_every=100000",
+        "--set",
+        "train.save_every=100000",
+        "--set",
+        "train.samples=0",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.dtype=fp32",
+        "--set",
+        "train.device=cpu",
+    ]
     threads = {"OMP_NUM_THREADS": str(max(os.cpu_count() // nproc, 1))}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **threads})
     if r.returncode:
         sys.exit(r.stderr[-2000:])
-    rates = [json.loads(line)["tokens_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if '"event": "step"' in line]
+    rates = [
+        json.loads(line)["tokens_per_s"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if '"event": "step"' in line
+    ]
     return statistics.median(rates[5:])
 
 
@@ -55,9 +84,14 @@ def main() -> None:
                 results.setdefault(name, []).append(rate)
     base = statistics.median(results["1 process"])
     for name, rates in results.items():
-        emit(preset=args.preset, global_batch=args.global_batch, setting=name,
-             tokens_per_s=round(statistics.median(rates), 1), vs_one_process=round(statistics.median(rates) / base, 3),
-             rounds=[round(x, 1) for x in rates])
+        emit(
+            preset=args.preset,
+            global_batch=args.global_batch,
+            setting=name,
+            tokens_per_s=round(statistics.median(rates), 1),
+            vs_one_process=round(statistics.median(rates) / base, 3),
+            rounds=[round(x, 1) for x in rates],
+        )
 
 
 if __name__ == "__main__":

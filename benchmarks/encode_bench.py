@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import SHARED_DATA, bag_of_words, emit, hf_llama, logistic_probe, machine, peak_of, read_classify
 
 from llmkit.core.interop.resolve import open_model
@@ -35,7 +34,7 @@ def pooled(model, tok, texts, layer, batch=32, max_len=128) -> dict[str, np.ndar
     out = {"mean": np.zeros((len(rows), model.cfg.d_model), np.float32), "last": None}
     out["last"] = out["mean"].copy()
     for s in range(0, len(order), batch):
-        idx = order[s: s + batch]
+        idx = order[s : s + batch]
         T = max(len(rows[i]) for i in idx)
         ids = torch.tensor([rows[i] + [0] * (T - len(rows[i])) for i in idx])
         valid = torch.tensor([[True] * len(rows[i]) + [False] * (T - len(rows[i])) for i in idx])
@@ -53,15 +52,25 @@ def probe(ckpt: str) -> None:
         xtr_t, ytr = read_classify(name, "train")
         xdv_t, ydv = read_classify(name, "dev")
         majority = Counter(ytr).most_common(1)[0][0]
-        emit(event="probe", data=name, features="majority class", accuracy=round(float(np.mean([y == majority for y in ydv])), 4))
+        emit(
+            event="probe",
+            data=name,
+            features="majority class",
+            accuracy=round(float(np.mean([y == majority for y in ydv])), 4),
+        )
         btr, bdv = bag_of_words(xtr_t, xdv_t)
         emit(event="probe", data=name, features="bag of words", **logistic_probe(btr, ytr, bdv, ydv))
         for lname, layer in layers.items():
             t0 = time.perf_counter()
             tr, dv = pooled(model, tok, xtr_t, layer), pooled(model, tok, xdv_t, layer)
             for how in ("mean", "last"):
-                emit(event="probe", data=name, features=f"llmkit {how} pooling, {lname} layer ({layer})",
-                     seconds=round(time.perf_counter() - t0, 1), **logistic_probe(tr[how], ytr, dv[how], ydv))
+                emit(
+                    event="probe",
+                    data=name,
+                    features=f"llmkit {how} pooling, {lname} layer ({layer})",
+                    seconds=round(time.perf_counter() - t0, 1),
+                    **logistic_probe(tr[how], ytr, dv[how], ydv),
+                )
 
 
 @torch.inference_mode()
@@ -71,7 +80,7 @@ def peer_mean_pool(peer, rows: list[list[int]], dim: int, batch: int) -> np.ndar
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out = np.zeros((len(rows), dim), np.float32)
     for s in range(0, len(order), batch):
-        idx = order[s: s + batch]
+        idx = order[s : s + batch]
         T = max(len(rows[i]) for i in idx)
         ids = torch.tensor([rows[i] + [0] * (T - len(rows[i])) for i in idx])
         mask = torch.tensor([[1] * len(rows[i]) + [0] * (T - len(rows[i])) for i in idx])
@@ -102,8 +111,13 @@ def speed(ckpt: str, rounds: int = 5) -> None:
             times[name].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) for k, v in times.items()}
     for k, m in med.items():
-        emit(event="encode_speed", contender=k, items=len(texts), items_per_s=round(len(texts) / m, 1),
-             ratio_vs_transformers=round(med["transformers"] / m, 3))
+        emit(
+            event="encode_speed",
+            contender=k,
+            items=len(texts),
+            items_per_s=round(len(texts) / m, 1),
+            ratio_vs_transformers=round(med["transformers"] / m, 3),
+        )
 
 
 def peer_encode(ckpt: str, src: str, out: str) -> None:
@@ -126,15 +140,39 @@ def memory(ckpt: str) -> None:
             src.write_text("\n".join(" ".join(rng.choice(words, size=8)) for _ in range(n)) + "\n")
             out = Path(tmp) / f"{n}.npy"
             runs = {
-                "llmkit": [sys.executable, "-m", "llmkit", "encode", ckpt, str(src), "-o", str(out), "--quiet",
-                           "--batch-size", "64"],
-                "transformers": [sys.executable, str(Path(__file__)), "peer", ckpt, "--src", str(src),
-                                 "--out", str(Path(tmp) / f"{n}.peer.npy")],
+                "llmkit": [
+                    sys.executable,
+                    "-m",
+                    "llmkit",
+                    "encode",
+                    ckpt,
+                    str(src),
+                    "-o",
+                    str(out),
+                    "--quiet",
+                    "--batch-size",
+                    "64",
+                ],
+                "transformers": [
+                    sys.executable,
+                    str(Path(__file__)),
+                    "peer",
+                    ckpt,
+                    "--src",
+                    str(src),
+                    "--out",
+                    str(Path(tmp) / f"{n}.peer.npy"),
+                ],
             }
             for name, cmd in runs.items():
                 seconds, peak = peak_of(cmd)
-                emit(event="encode_memory", contender=name, lines=n, seconds=round(seconds, 1),
-                     peak_rss_mb=round(peak, 1))
+                emit(
+                    event="encode_memory",
+                    contender=name,
+                    lines=n,
+                    seconds=round(seconds, 1),
+                    peak_rss_mb=round(peak, 1),
+                )
 
 
 def main() -> None:

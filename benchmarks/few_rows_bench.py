@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from common import emit, machine
 
-from llmkit.core.model.transformer.transformer import few_rows
 from llmkit.core.interop.resolve import open_model
+from llmkit.core.model.transformer.transformer import few_rows
 
 
 def main() -> None:
@@ -36,12 +35,19 @@ def main() -> None:
         mb = sum(w.numel() for w in weights) * 4 / 2**20
         with torch.inference_mode():
             for rows in (*few_rows.PROBED_ROWS, 64):  # and one count past the probed ones, for the record
-                linear, transposed = few_rows.pass_seconds(weights, rows, (F.linear, few_rows.transposed_linear),
-                                                           args.repeats)
-                emit(event="few_rows", model=path.name, weights_mb=round(mb, 1), rows=rows,
-                     linear_ms=round(linear * 1e3, 2), transposed_ms=round(transposed * 1e3, 2),
-                     speedup=round(linear / transposed, 2),
-                     taken=rows <= few_rows.PROBED_ROWS[-1] and transposed * few_rows.MARGIN < linear)
+                linear, transposed = few_rows.pass_seconds(
+                    weights, rows, (F.linear, few_rows.transposed_linear), args.repeats
+                )
+                emit(
+                    event="few_rows",
+                    model=path.name,
+                    weights_mb=round(mb, 1),
+                    rows=rows,
+                    linear_ms=round(linear * 1e3, 2),
+                    transposed_ms=round(transposed * 1e3, 2),
+                    speedup=round(linear / transposed, 2),
+                    taken=rows <= few_rows.PROBED_ROWS[-1] and transposed * few_rows.MARGIN < linear,
+                )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ def run(args: list[str]) -> tuple[float, float]:
 
 
 def evaluate(ckpt: Path, data: Path, *extra: str) -> dict:
-    out = subprocess.run(LLMKIT + ["eval", str(ckpt), str(data), "--json", "--quiet", *extra], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        LLMKIT + ["eval", str(ckpt), str(data), "--json", "--quiet", *extra], cwd=ROOT, capture_output=True, text=True
+    )
     if out.returncode:
         sys.exit(out.stderr)
     report = json.loads(out.stdout)
@@ -73,20 +74,49 @@ def classify(ckpt: str, work: Path, sets: tuple[str, ...] = (), methods: tuple[s
         dev = SHARED_DATA / "classify_fr" / f"{name}.dev.jsonl"
         (xtr_t, ytr), (xdv_t, ydv) = read_classify(name, "train"), read_classify(name, "dev")
         majority = Counter(ytr).most_common(1)[0][0]
-        emit(task="classify", data=name, method="majority", accuracy=round(sum(y == majority for y in ydv) / len(ydv), 4))
+        emit(
+            task="classify", data=name, method="majority", accuracy=round(sum(y == majority for y in ydv) / len(ydv), 4)
+        )
         xtr, xdv = bag_of_words(xtr_t, xdv_t)
         emit(task="classify", data=name, method="bag-of-words logreg", **logistic_probe(xtr, ytr, xdv, ydv))
         for method, extra in (("full", []), ("lora", ["--lora"])):
             if method not in methods:
                 continue
             out = work / f"{name}-{method}"
-            seconds, peak = run(["finetune", ckpt, "--task", "classify", "--data", str(train), "--val", str(dev),
-                                 "--out", str(out), "--epochs", epochs, "--quiet", *extra,
-                                 "--set", f"train.eval_every={every}", "--set", "train.patience=6"])
+            seconds, peak = run(
+                [
+                    "finetune",
+                    ckpt,
+                    "--task",
+                    "classify",
+                    "--data",
+                    str(train),
+                    "--val",
+                    str(dev),
+                    "--out",
+                    str(out),
+                    "--epochs",
+                    epochs,
+                    "--quiet",
+                    *extra,
+                    "--set",
+                    f"train.eval_every={every}",
+                    "--set",
+                    "train.patience=6",
+                ]
+            )
             report = evaluate(out / "best", dev)
-            emit(task="classify", data=name, method=f"llmkit {method}", accuracy=round(report["accuracy"], 4),
-                 macro_f1=round(report["macro_f1"], 4), seconds=seconds, peak_rss_mb=peak, **trained(out),
-                 **params_line(out))
+            emit(
+                task="classify",
+                data=name,
+                method=f"llmkit {method}",
+                accuracy=round(report["accuracy"], 4),
+                macro_f1=round(report["macro_f1"], 4),
+                seconds=seconds,
+                peak_rss_mb=peak,
+                **trained(out),
+                **params_line(out),
+            )
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -107,8 +137,13 @@ def zero_shot(ckpt: str, dev: list[dict]) -> dict:
     """Greedy answers of a chat model to a plain instruction, one conversation per source sentence."""
     prompts = "".join(json.dumps({"prompt": ZERO_SHOT.format(src=r["src"])}, ensure_ascii=False) + "\n" for r in dev)
     t0 = time.perf_counter()
-    out = subprocess.run(LLMKIT + ["generate", ckpt, "--chat", "--greedy", "-n", "96", "--json", "--quiet"],
-                         input=prompts, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        LLMKIT + ["generate", ckpt, "--chat", "--greedy", "-n", "96", "--json", "--quiet"],
+        input=prompts,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if out.returncode:
         sys.exit(out.stderr)
     hyps = [json.loads(line)["text"].strip() for line in out.stdout.splitlines()]
@@ -126,20 +161,56 @@ def translate(ckpt: str, work: Path) -> None:
     src = (lambda r: ZERO_SHOT.format(src=r["src"])) if chat else (lambda r: r["src"])  # noqa: E731
     train = _jsonl(work / "translate.train.jsonl", [{"src": src(r), "tgt": r["tgt"]} for r in ntrex + rest])
     dev_file = _jsonl(work / "translate.dev.jsonl", [{"src": src(r), "tgt": r["tgt"]} for r in dev])
-    emit(task="translate", data="translate_fr_en", method="copy source (baseline)",
-         **_scores([r["src"] for r in dev], [r["tgt"] for r in dev]))
+    emit(
+        task="translate",
+        data="translate_fr_en",
+        method="copy source (baseline)",
+        **_scores([r["src"] for r in dev], [r["tgt"] for r in dev]),
+    )
     if chat:  # a chat model is asked in its own format, zero-shot, then fine-tuned in that format
-        emit(task="translate", data="translate_fr_en", method="llmkit zero-shot (chat)", examples=len(dev),
-             **zero_shot(ckpt, dev))
+        emit(
+            task="translate",
+            data="translate_fr_en",
+            method="llmkit zero-shot (chat)",
+            examples=len(dev),
+            **zero_shot(ckpt, dev),
+        )
     out = work / "translate-full"
-    seconds, peak = run(["finetune", ckpt, "--task", "translate", "--data", str(train), "--val", str(dev_file),
-                         "--out", str(out), "--epochs", "1", "--quiet",
-                         "--set", "train.eval_every=100", "--set", "task.eval_limit=50",
-                         *(["--set", "task.template=chat"] if chat else [])])
+    seconds, peak = run(
+        [
+            "finetune",
+            ckpt,
+            "--task",
+            "translate",
+            "--data",
+            str(train),
+            "--val",
+            str(dev_file),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--quiet",
+            "--set",
+            "train.eval_every=100",
+            "--set",
+            "task.eval_limit=50",
+            *(["--set", "task.template=chat"] if chat else []),
+        ]
+    )
     report = evaluate(out / "best", dev_file)
-    emit(task="translate", data="translate_fr_en", method="llmkit full", chrf=round(report["chrf"], 2),
-         bleu=round(report["bleu"], 2), examples=report["examples"], seconds=seconds, peak_rss_mb=peak,
-         **trained(out), **params_line(out))
+    emit(
+        task="translate",
+        data="translate_fr_en",
+        method="llmkit full",
+        chrf=round(report["chrf"], 2),
+        bleu=round(report["bleu"], 2),
+        examples=report["examples"],
+        seconds=seconds,
+        peak_rss_mb=peak,
+        **trained(out),
+        **params_line(out),
+    )
 
 
 def _scores(hyps: list[str], refs: list[str]) -> dict:
@@ -158,14 +229,42 @@ def instruct(ckpt: str, work: Path) -> None:
     dev = _jsonl(work / "qa.dev.jsonl", [as_pair(r) for r in dev_rows[:200]])
     titles = len({r["title"] for r in dev_rows})
     out = work / "qa-full"
-    seconds, peak = run(["finetune", ckpt, "--task", "instruct", "--data", str(train), "--val", str(dev),
-                         "--out", str(out), "--epochs", "1", "--quiet",
-                         "--set", "train.eval_every=100", "--set", "task.max_new_tokens=32"])
+    seconds, peak = run(
+        [
+            "finetune",
+            ckpt,
+            "--task",
+            "instruct",
+            "--data",
+            str(train),
+            "--val",
+            str(dev),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--quiet",
+            "--set",
+            "train.eval_every=100",
+            "--set",
+            "task.max_new_tokens=32",
+        ]
+    )
     report = evaluate(out / "best", dev)
-    emit(task="instruct", data="piaf_qa_fr", method="llmkit full", held_out_articles=titles,
-         exact_match=round(report["exact_match"], 2), token_f1=round(report["token_f1"], 2),
-         examples=report["examples"], truncated=report["truncated"], seconds=seconds, peak_rss_mb=peak,
-         **trained(out), **params_line(out))
+    emit(
+        task="instruct",
+        data="piaf_qa_fr",
+        method="llmkit full",
+        held_out_articles=titles,
+        exact_match=round(report["exact_match"], 2),
+        token_f1=round(report["token_f1"], 2),
+        examples=report["examples"],
+        truncated=report["truncated"],
+        seconds=seconds,
+        peak_rss_mb=peak,
+        **trained(out),
+        **params_line(out),
+    )
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ import statistics
 import time
 
 import torch
-
 from common import emit, hf_llama, machine
 
 from llmkit.core.config import ModelConfig, SampleConfig
@@ -45,10 +44,17 @@ def main() -> None:
 
     @torch.inference_mode()
     def run_peer(prompts):
-        out = peer.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new,
-                            min_new_tokens=args.new, do_sample=False, num_beams=1, pad_token_id=3,
-                            eos_token_id=None)
-        return out[:, prompts.size(1):].tolist()
+        out = peer.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=args.new,
+            min_new_tokens=args.new,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=3,
+            eos_token_id=None,
+        )
+        return out[:, prompts.size(1) :].tolist()
 
     batches = [int(b) for b in args.batches.split(",")]
     prompts = {b: torch.randint(4, cfg.vocab_size, (b, args.prompt)) for b in batches}
@@ -65,9 +71,17 @@ def main() -> None:
     for b in batches:
         med = {name: statistics.median(times[(name, b)]) for name in ("llmkit", "transformers")}
         for name, m in med.items():
-            row = dict(event="generate", contender=name, batch=b, prompt=args.prompt, new_tokens=args.new,
-                       params=ours.num_params(), median_s=round(m, 3), new_tokens_per_s=round(b * args.new / m, 1),
-                       ratio_vs_transformers=round(med["transformers"] / m, 3))
+            row = dict(
+                event="generate",
+                contender=name,
+                batch=b,
+                prompt=args.prompt,
+                new_tokens=args.new,
+                params=ours.num_params(),
+                median_s=round(m, 3),
+                new_tokens_per_s=round(b * args.new / m, 1),
+                ratio_vs_transformers=round(med["transformers"] / m, 3),
+            )
             if b == 1:
                 row["weight_GB_per_s"] = round(weight_bytes * args.new / m / 1e9, 2)
             emit(**row)

@@ -17,14 +17,19 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import ROOT, emit, machine, peak_of
 
 GGUF = ROOT.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPTS = ["La Révolution française a commencé en", "The quickest way to learn a language is",
-           "Le fromage de Comté est fabriqué", "Once upon a time, in a small village,",
-           "Les abeilles sont importantes parce que", "Python is a programming language that",
-           "La tour Eiffel mesure", "To make bread, you need"]
+PROMPTS = [
+    "La Révolution française a commencé en",
+    "The quickest way to learn a language is",
+    "Le fromage de Comté est fabriqué",
+    "Once upon a time, in a small village,",
+    "Les abeilles sont importantes parce que",
+    "Python is a programming language that",
+    "La tour Eiffel mesure",
+    "To make bread, you need",
+]
 
 
 def main() -> None:
@@ -37,14 +42,19 @@ def main() -> None:
     emit(kind="machine", **machine())
     out = Path(tempfile.mkdtemp()) / "smol"
     seconds, peak = peak_of([sys.executable, "-m", "llmkit", "import", str(GGUF), "-o", str(out), "-q"])
-    emit(kind="import", seconds=round(seconds, 2), peak_rss_mb=round(peak), gguf_mb=round(GGUF.stat().st_size / 2**20),
-         fp32_mb=round((out / "model.safetensors").stat().st_size / 2**20))
+    emit(
+        kind="import",
+        seconds=round(seconds, 2),
+        peak_rss_mb=round(peak),
+        gguf_mb=round(GGUF.stat().st_size / 2**20),
+        fp32_mb=round((out / "model.safetensors").stat().st_size / 2**20),
+    )
 
     from transformers import AutoModelForCausalLM
 
-    from llmkit.core.interop.resolve import open_model
     from llmkit.core.config import SampleConfig
     from llmkit.core.decoding.decoder.steps import decode_batch
+    from llmkit.core.interop.resolve import open_model
 
     ours, ckpt = open_model(out)
     tok = ckpt.tokenizer
@@ -65,15 +75,28 @@ def main() -> None:
             times["llmkit"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             with torch.no_grad():
-                ref = theirs.generate(torch.tensor(prompts), max_new_tokens=args.new, min_new_tokens=args.new,
-                                      do_sample=False, pad_token_id=tok.pad_id)
+                ref = theirs.generate(
+                    torch.tensor(prompts),
+                    max_new_tokens=args.new,
+                    min_new_tokens=args.new,
+                    do_sample=False,
+                    pad_token_id=tok.pad_id,
+                )
             times["transformers"].append(time.perf_counter() - t0)
             same &= all(o.ids == r[short:].tolist() for o, r in zip(outs, ref))
         med = {k: statistics.median(v) for k, v in times.items()}
         tokens = batch * args.new
-        emit(kind="decode", batch=batch, new_tokens=args.new, prompt_tokens=short, identical_greedy=same,
-             llmkit_tok_s=round(tokens / med["llmkit"], 1), transformers_tok_s=round(tokens / med["transformers"], 1),
-             ratio=round(med["transformers"] / med["llmkit"], 2), widest_prompt=width)
+        emit(
+            kind="decode",
+            batch=batch,
+            new_tokens=args.new,
+            prompt_tokens=short,
+            identical_greedy=same,
+            llmkit_tok_s=round(tokens / med["llmkit"], 1),
+            transformers_tok_s=round(tokens / med["transformers"], 1),
+            ratio=round(med["transformers"] / med["llmkit"], 2),
+            widest_prompt=width,
+        )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,7 @@ class Block(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)  # each (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         x = x + F.dropout(self.attn_proj(y), self.dropout, self.training)
         return x + F.dropout(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)))), self.dropout, self.training)
@@ -104,8 +103,10 @@ class GPT(nn.Module):
 
 def _optimizer(model: GPT, r: Recipe) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": r.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": r.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=r.learning_rate, betas=(r.beta1, r.beta2))
 
 
@@ -118,8 +119,15 @@ def _lr(r: Recipe, it: int) -> float:
     return r.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (r.learning_rate - r.min_lr)
 
 
-def run(train: torch.Tensor, val: torch.Tensor, vocab_size: int, seconds: float, out: Path,
-        r: Recipe | None = None, seed: int = 1337) -> dict:
+def run(
+    train: torch.Tensor,
+    val: torch.Tensor,
+    vocab_size: int,
+    seconds: float,
+    out: Path,
+    r: Recipe | None = None,
+    seed: int = 1337,
+) -> dict:
     """Train until ``seconds`` of wall-clock pass (or max_iters); the model and the loop's figures."""
     r = r or Recipe()
     torch.manual_seed(seed)
@@ -128,8 +136,8 @@ def run(train: torch.Tensor, val: torch.Tensor, vocab_size: int, seconds: float,
 
     def batch(data: torch.Tensor):
         ix = torch.randint(len(data) - r.block_size, (r.batch_size,))
-        x = torch.stack([data[i: i + r.block_size] for i in ix])  # (B, T)
-        y = torch.stack([data[i + 1: i + 1 + r.block_size] for i in ix])  # (B, T)
+        x = torch.stack([data[i : i + r.block_size] for i in ix])  # (B, T)
+        y = torch.stack([data[i + 1 : i + 1 + r.block_size] for i in ix])  # (B, T)
         return x, y
 
     @torch.no_grad()
@@ -155,8 +163,9 @@ def run(train: torch.Tensor, val: torch.Tensor, vocab_size: int, seconds: float,
             if losses["val"] < best:
                 best = losses["val"]
                 if it > 0:
-                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter_num": it},
-                               out / "ckpt.pt")
+                    torch.save(
+                        {"model": model.state_dict(), "optimizer": opt.state_dict(), "iter_num": it}, out / "ckpt.pt"
+                    )
         if steady is None:
             steady = (time.perf_counter(), it)
         if time.perf_counter() - start >= seconds or it > r.max_iters:
@@ -172,9 +181,15 @@ def run(train: torch.Tensor, val: torch.Tensor, vocab_size: int, seconds: float,
         it += 1
     now = time.perf_counter()
     per_iter = r.batch_size * r.block_size
-    return {"model": model, "iters": it, "tokens": it * per_iter, "seconds": now - start,
-            "tokens_per_s": it * per_iter / (now - start),
-            "steady_tokens_per_s": (it - steady[1]) * per_iter / max(now - steady[0], 1e-9), "evals": evals}
+    return {
+        "model": model,
+        "iters": it,
+        "tokens": it * per_iter,
+        "seconds": now - start,
+        "tokens_per_s": it * per_iter / (now - start),
+        "steady_tokens_per_s": (it - steady[1]) * per_iter / max(now - steady[0], 1e-9),
+        "evals": evals,
+    }
 
 
 def bare_step(vocab_size: int, r: Recipe | None = None):
@@ -190,4 +205,5 @@ def bare_step(vocab_size: int, r: Recipe | None = None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step

@@ -14,7 +14,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from common import emit, machine
 
 from llmkit.core.config import ModelConfig
@@ -41,10 +40,15 @@ def main() -> None:
     for n in map(int, args.sizes.split(",")):
         a32, b32 = torch.randn(n, n), torch.randn(n, n)
         a16, b16 = a32.bfloat16(), b32.bfloat16()
-        t32 = timed(lambda: a32 @ b32, args.rounds)
-        t16 = timed(lambda: a16 @ b16, args.rounds)
-        emit(event="matmul", n=n, fp32_gflops=round(2 * n**3 / t32 / 1e9, 2), bf16_gflops=round(2 * n**3 / t16 / 1e9, 2),
-             bf16_speedup=round(t32 / t16, 3))
+        t32 = timed(lambda a=a32, b=b32: a @ b, args.rounds)
+        t16 = timed(lambda a=a16, b=b16: a @ b, args.rounds)
+        emit(
+            event="matmul",
+            n=n,
+            fp32_gflops=round(2 * n**3 / t32 / 1e9, 2),
+            bf16_gflops=round(2 * n**3 / t16 / 1e9, 2),
+            bf16_speedup=round(t32 / t16, 3),
+        )
     cfg = ModelConfig(vocab_size=2048, context=128, d_model=128, n_layer=4, n_head=4, n_kv_head=2)
     torch.manual_seed(0)
     model = Transformer(cfg)
@@ -58,8 +62,15 @@ def main() -> None:
 
     t32 = timed(lambda: step(False), args.rounds)
     t16 = timed(lambda: step(True), args.rounds)
-    emit(event="train_step_tiny", batch=4, context=128, fp32_s=round(t32, 4), bf16_autocast_s=round(t16, 4),
-         bf16_speedup=round(t32 / t16, 3), auto_choice=pick_precision("auto", torch.device("cpu"), 384).name)
+    emit(
+        event="train_step_tiny",
+        batch=4,
+        context=128,
+        fp32_s=round(t32, 4),
+        bf16_autocast_s=round(t16, 4),
+        bf16_speedup=round(t32 / t16, 3),
+        auto_choice=pick_precision("auto", torch.device("cpu"), 384).name,
+    )
 
 
 if __name__ == "__main__":

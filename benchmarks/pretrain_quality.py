@@ -34,11 +34,18 @@ def summarize(out: Path, **extra) -> None:
     evals = [r for r in rows if r["event"] == "eval"]
     steps = [r for r in rows if r["event"] == "step"]
     best = min(evals, key=lambda r: r["val_loss"])
-    tps = sorted(r["tokens_per_s"] for r in steps[len(steps) // 10:])  # skip warm-up
-    emit(**extra, best_val_loss=round(best["val_loss"], 4), best_val_bpb=round(best["val_bpb"], 4),
-         best_step=best["step"], steps=steps[-1]["step"], tokens=steps[-1]["tokens"],
-         train_seconds=round(steps[-1]["elapsed_s"], 1), median_tokens_per_s=round(tps[len(tps) // 2]),
-         precision=_precision(out))
+    tps = sorted(r["tokens_per_s"] for r in steps[len(steps) // 10 :])  # skip warm-up
+    emit(
+        **extra,
+        best_val_loss=round(best["val_loss"], 4),
+        best_val_bpb=round(best["val_bpb"], 4),
+        best_step=best["step"],
+        steps=steps[-1]["step"],
+        tokens=steps[-1]["tokens"],
+        train_seconds=round(steps[-1]["elapsed_s"], 1),
+        median_tokens_per_s=round(tps[len(tps) // 2]),
+        precision=_precision(out),
+    )
 
 
 def _precision(out: Path) -> str:
@@ -48,14 +55,35 @@ def _precision(out: Path) -> str:
 def shakespeare(work: Path, time: str) -> None:
     corpus = SHARED_DATA / "shakespeare" / "input.txt"
     out = work / "shakespeare"
-    sets = ["tokenizer.model_type=char", "tokenizer.byte_fallback=false", "model.context=64", "model.d_model=128",
-            "model.n_layer=4", "model.n_head=4", "model.n_kv_head=4", "model.dropout=0.0", "optim.lr=1e-3",
-            "optim.beta2=0.99", "optim.warmup_steps=100", "optim.min_lr_ratio=0.1", "train.batch_size=12",
-            "train.eval_every=250", "train.eval_batches=20", "train.patience=0", "train.steps=0",
-            "train.save_every=100000"]
+    sets = [
+        "tokenizer.model_type=char",
+        "tokenizer.byte_fallback=false",
+        "model.context=64",
+        "model.d_model=128",
+        "model.n_layer=4",
+        "model.n_head=4",
+        "model.n_kv_head=4",
+        "model.dropout=0.0",
+        "optim.lr=1e-3",
+        "optim.beta2=0.99",
+        "optim.warmup_steps=100",
+        "optim.min_lr_ratio=0.1",
+        "train.batch_size=12",
+        "train.eval_every=250",
+        "train.eval_batches=20",
+        "train.patience=0",
+        "train.steps=0",
+        "train.save_every=100000",
+    ]
     run(["pretrain", str(corpus), "-o", str(out), "--time", time, "--quiet", *[a for s in sets for a in ("--set", s)]])
-    summarize(out, event="quality", corpus="shakespeare", tokenizer="char", budget=time,
-              reference="nanoGPT CPU config: 1.88 after ~3 min on a laptop")
+    summarize(
+        out,
+        event="quality",
+        corpus="shakespeare",
+        tokenizer="char",
+        budget=time,
+        reference="nanoGPT CPU config: 1.88 after ~3 min on a laptop",
+    )
 
 
 def corpus_fr(work: Path, times: list[str]) -> None:
@@ -64,9 +92,31 @@ def corpus_fr(work: Path, times: list[str]) -> None:
     run(["tokenize", "train", str(corpus), "-o", str(tok), "--vocab-size", "8192", "--quiet"])
     for t in times:
         out = work / f"fr_small_{t}"
-        run(["pretrain", str(corpus), "-o", str(out), "--preset", "small", "--tokenizer", str(tok), "--time", t,
-             "--quiet", "--set", "train.steps=0", "--set", "train.eval_every=25", "--set", "train.eval_batches=8",
-             "--set", "train.patience=0", "--set", "optim.warmup_steps=30"])
+        run(
+            [
+                "pretrain",
+                str(corpus),
+                "-o",
+                str(out),
+                "--preset",
+                "small",
+                "--tokenizer",
+                str(tok),
+                "--time",
+                t,
+                "--quiet",
+                "--set",
+                "train.steps=0",
+                "--set",
+                "train.eval_every=25",
+                "--set",
+                "train.eval_batches=8",
+                "--set",
+                "train.patience=0",
+                "--set",
+                "optim.warmup_steps=30",
+            ]
+        )
         summarize(out, event="quality", corpus="corpus_fr", preset="small", budget=t)
 
 

@@ -28,11 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import nanogpt_ref
 import numpy as np
 import torch
-
 from common import ROOT, SHARED_DATA, emit, machine
-import nanogpt_ref
 
 CORPORA = {"shakespeare": SHARED_DATA / "shakespeare" / "input.txt", "corpus_fr": SHARED_DATA / "corpus_fr"}
 
@@ -64,11 +63,13 @@ def windows_loss(forward, ids: torch.Tensor, context: int, batch: int = 32) -> f
     """Mean next-token loss over every non-overlapping window of ``context`` + 1 ids."""
     n = (ids.numel() - 1) // context
     x = ids[: n * context].view(n, context)  # (N, T)
-    y = ids[1: n * context + 1].view(n, context)  # (N, T)
+    y = ids[1 : n * context + 1].view(n, context)  # (N, T)
     total = 0.0
     for i in range(0, n, batch):
-        logits = forward(x[i: i + batch])  # (b, T, V)
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[i: i + batch].flatten(), reduction="sum").item()
+        logits = forward(x[i : i + batch])  # (b, T, V)
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), y[i : i + batch].flatten(), reduction="sum"
+        ).item()
     return total / (n * context)
 
 
@@ -89,14 +90,22 @@ def nanogpt_side(train, val, vocab, val_bytes, seconds, core, out_file, work):
     result = nanogpt_ref.run(train, val, vocab, seconds, work, r)
     model = result["model"].eval()
     loss = windows_loss(lambda x: model(x)[0], val, r.block_size)
-    json.dump({"iters": result["iters"], "max_iters": r.max_iters, "tokens": result["tokens"],
-               "tokens_per_s": round(result["tokens_per_s"]), "val_loss": loss,
-               "val_bpb": loss / math.log(2) * val.numel() / val_bytes}, open(out_file, "w"))
+    json.dump(
+        {
+            "iters": result["iters"],
+            "max_iters": r.max_iters,
+            "tokens": result["tokens"],
+            "tokens_per_s": round(result["tokens_per_s"]),
+            "val_loss": loss,
+            "val_bpb": loss / math.log(2) * val.numel() / val_bytes,
+        },
+        open(out_file, "w"),
+    )
 
 
 def llmkit_score(run: Path, corpus: Path) -> dict:
-    from llmkit.core.interop.resolve import open_model
     from llmkit.core.config import DataConfig
+    from llmkit.core.interop.resolve import open_model
     from llmkit.core.text.mix import load_corpus, plan_sources
 
     model, ckpt = open_model(run / "best")
@@ -105,10 +114,16 @@ def llmkit_score(run: Path, corpus: Path) -> dict:
     ids = torch.from_numpy(np.concatenate([v for _, v in data.val_parts]).astype("int64"))
     loss = windows_loss(model, ids, model.cfg.context)
     state = json.loads((run / "last" / "trainer_state.json").read_text())
-    return {"params": model.num_params(), "shape": f"d{model.cfg.d_model}-l{model.cfg.n_layer}-T{model.cfg.context}",
-            "steps": state["step"], "tokens": state["tokens_seen"], "precision": state.get("precision"),
-            "compiled": state.get("compiled"), "val_loss": loss,
-            "val_bpb": loss / math.log(2) * ids.numel() / data.val_bytes}
+    return {
+        "params": model.num_params(),
+        "shape": f"d{model.cfg.d_model}-l{model.cfg.n_layer}-T{model.cfg.context}",
+        "steps": state["step"],
+        "tokens": state["tokens_seen"],
+        "precision": state.get("precision"),
+        "compiled": state.get("compiled"),
+        "val_loss": loss,
+        "val_bpb": loss / math.log(2) * ids.numel() / data.val_bytes,
+    }
 
 
 def main() -> None:
@@ -126,19 +141,39 @@ def main() -> None:
         work = Path(tmp)
         train, val, vocab, val_bytes = char_split(corpus, work)
         theirs = mp.get_context("spawn").Process(
-            target=nanogpt_side, args=(train, val, vocab, val_bytes, seconds, int(their_core), work / "ng.json", work))
+            target=nanogpt_side, args=(train, val, vocab, val_bytes, seconds, int(their_core), work / "ng.json", work)
+        )
         run = work / "llmkit"
-        cmd = ["taskset", "-c", ours_core, sys.executable, "-m", "llmkit", "pretrain", str(corpus), "-o", str(run),
-               "--time", args.time, "--quiet", "--set", "train.threads=1"]
+        cmd = [
+            "taskset",
+            "-c",
+            ours_core,
+            sys.executable,
+            "-m",
+            "llmkit",
+            "pretrain",
+            str(corpus),
+            "-o",
+            str(run),
+            "--time",
+            args.time,
+            "--quiet",
+            "--set",
+            "train.threads=1",
+        ]
         theirs.start()
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         theirs.join()
         ng = json.loads((work / "ng.json").read_text())
         ours = llmkit_score(run, corpus)
-        emit(event="recipe_vs_nanogpt", corpus=args.which, budget=args.time,
-             llmkit={k: (round(v, 4) if isinstance(v, float) else v) for k, v in ours.items()},
-             nanogpt={k: (round(v, 4) if isinstance(v, float) else v) for k, v in ng.items()},
-             bpb_reduction_pct=round(100 * (1 - ours["val_bpb"] / ng["val_bpb"]), 1))
+        emit(
+            event="recipe_vs_nanogpt",
+            corpus=args.which,
+            budget=args.time,
+            llmkit={k: (round(v, 4) if isinstance(v, float) else v) for k, v in ours.items()},
+            nanogpt={k: (round(v, 4) if isinstance(v, float) else v) for k, v in ng.items()},
+            bpb_reduction_pct=round(100 * (1 - ours["val_bpb"] / ng["val_bpb"]), 1),
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Run the speed benchmarks and rewrite their tables in docs/benchmarks.md.
 
-    cd benchmarks && ../.venv/bin/python run_all.py [--only startup,loop,loop_avx2,step,decode,rows] [--target CKPT --draft CKPT]
-                                                    [--rows-models CKPT,CKPT]
+    cd benchmarks && ../.venv/bin/python run_all.py [--only startup,loop,loop_avx2,step,decode,rows]
+                                                    [--target CKPT --draft CKPT] [--rows-models CKPT,CKPT]
                                                     [--loop-seconds 60] [--dry-run]
 
 Each section runs its script in a child process (one JSON line per result), renders a markdown
@@ -40,8 +40,10 @@ def header(m: dict, command: str) -> str:
     flags = ", ".join(m["cpu_flags"]) or "none of avx2/avx512/amx"
     if m.get("kernels"):
         flags += f"; kernels {m['kernels']}"
-    return (f"Measured {date.today().isoformat()} on {m['cpu']} ({m['cores']} core(s); {flags}), torch {m['torch']}, "
-            f"Python {m['python']}, {m['threads']} thread(s). Command: `{command}`.\n\n")
+    return (
+        f"Measured {date.today().isoformat()} on {m['cpu']} ({m['cores']} core(s); {flags}), torch {m['torch']}, "
+        f"Python {m['python']}, {m['threads']} thread(s). Command: `{command}`.\n\n"
+    )
 
 
 def ran_on(m: dict, rows: list[dict]) -> dict:
@@ -58,12 +60,43 @@ def table(head: list[str], rows: list[list]) -> str:
 def startup(args, m) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "t"
-        subprocess.run([PY, "-m", "llmkit", "pretrain", "llmkit/sample", "--preset", "tiny", "--steps", "20", "-o",
-                        str(run), "-q", "--set", "train.samples=0"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        cases = {"`python -c 'import torch'` (the floor)": [PY, "-c", "import torch"],
-                 "`llmkit --help`": [PY, "-m", "llmkit", "--help"],
-                 "`llmkit generate CKPT -p Le -n 1 -q` (tiny model)": [PY, "-m", "llmkit", "generate", str(run), "-p",
-                                                                     "Le", "-n", "1", "-q"]}
+        subprocess.run(
+            [
+                PY,
+                "-m",
+                "llmkit",
+                "pretrain",
+                "llmkit/sample",
+                "--preset",
+                "tiny",
+                "--steps",
+                "20",
+                "-o",
+                str(run),
+                "-q",
+                "--set",
+                "train.samples=0",
+            ],
+            cwd=ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        cases = {
+            "`python -c 'import torch'` (the floor)": [PY, "-c", "import torch"],
+            "`llmkit --help`": [PY, "-m", "llmkit", "--help"],
+            "`llmkit generate CKPT -p Le -n 1 -q` (tiny model)": [
+                PY,
+                "-m",
+                "llmkit",
+                "generate",
+                str(run),
+                "-p",
+                "Le",
+                "-n",
+                "1",
+                "-q",
+            ],
+        }
         times = {k: [] for k in cases}
         for _ in range(args.repeat):
             for k, cmd in cases.items():
@@ -71,7 +104,8 @@ def startup(args, m) -> str:
                 subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
                 times[k].append(time.perf_counter() - t0)
     return header(m, "run_all.py --only startup") + table(
-        ["command", f"median of {args.repeat} (s)"], [[k, f"{statistics.median(v):.2f}"] for k, v in times.items()])
+        ["command", f"median of {args.repeat} (s)"], [[k, f"{statistics.median(v):.2f}"] for k, v in times.items()]
+    )
 
 
 def saved_or_run(args, name: str, cmd: list[str]) -> list[dict]:
@@ -83,15 +117,45 @@ def saved_or_run(args, name: str, cmd: list[str]) -> list[dict]:
 
 
 def loop(args, m, isa: str | None = None) -> str:
-    cmd = [PY, "train_loop.py", "--shapes", args.loop_shapes, "--seconds", str(args.loop_seconds), "--rounds",
-           str(args.rounds), *(["--isa", isa] if isa else [])]
+    cmd = [
+        PY,
+        "train_loop.py",
+        "--shapes",
+        args.loop_shapes,
+        "--seconds",
+        str(args.loop_seconds),
+        "--rounds",
+        str(args.rounds),
+        *(["--isa", isa] if isa else []),
+    ]
     every = saved_or_run(args, f"loop_{isa}" if isa else "loop", cmd)
     m, rows = ran_on(m, every), [r for r in every if r.get("event") == "train_loop"]
-    body = [[r["shape"], r["mode"], f"{r['llmkit_bare']:,}", f"{r['llmkit_loop']:,}", f"**{r['loop_vs_bare']:.3f}**",
-             f"{r['nanogpt_bare']:,}", f"{r['nanogpt_loop']:,}", f"**{r['loop_vs_nanogpt_loop']:.2f}**"] for r in rows]
+    body = [
+        [
+            r["shape"],
+            r["mode"],
+            f"{r['llmkit_bare']:,}",
+            f"{r['llmkit_loop']:,}",
+            f"**{r['loop_vs_bare']:.3f}**",
+            f"{r['nanogpt_bare']:,}",
+            f"{r['nanogpt_loop']:,}",
+            f"**{r['loop_vs_nanogpt_loop']:.2f}**",
+        ]
+        for r in rows
+    ]
     return header(m, " ".join(["train_loop.py", *cmd[2:]])) + table(
-        ["shape", "llmkit mode (probe)", "llmkit bare step tok/s", "llmkit loop tok/s", "loop / bare",
-         "nanoGPT bare tok/s", "nanoGPT loop tok/s", "llmkit loop / nanoGPT loop"], body)
+        [
+            "shape",
+            "llmkit mode (probe)",
+            "llmkit bare step tok/s",
+            "llmkit loop tok/s",
+            "loop / bare",
+            "nanoGPT bare tok/s",
+            "nanoGPT loop tok/s",
+            "llmkit loop / nanoGPT loop",
+        ],
+        body,
+    )
 
 
 def step(args, m) -> str:
@@ -100,7 +164,8 @@ def step(args, m) -> str:
     m, rows = ran_on(m, every), [r for r in every if r.get("event") == "train_step"]
     body = [[r["shape"], r["contender"], f"{r['tokens_per_s']:,}", f"{r['ratio_vs_transformers']:.2f}"] for r in rows]
     return header(m, " ".join(["train_throughput.py", *cmd[2:]])) + table(
-        ["shape", "contender", "tokens/s", "vs transformers fp32"], body)
+        ["shape", "contender", "tokens/s", "vs transformers fp32"], body
+    )
 
 
 def decode(args, m) -> str | None:
@@ -111,14 +176,28 @@ def decode(args, m) -> str | None:
         cmd += ["--draft", str(args.draft)]
     rows = saved_or_run(args, "decode", cmd)
     m = ran_on(m, rows)
-    body = [[r["batch"], r["contender"], f"{r['new_tokens_per_s']:,}", f"**{r['ratio_vs_transformers']:.2f}**",
-             r["output"], "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"]
-            for r in rows if r.get("event") == "decode"]
+    body = [
+        [
+            r["batch"],
+            r["contender"],
+            f"{r['new_tokens_per_s']:,}",
+            f"**{r['ratio_vs_transformers']:.2f}**",
+            r["output"],
+            "" if r["acceptance"] is None else f"{r['acceptance']:.0%}",
+        ]
+        for r in rows
+        if r.get("event") == "decode"
+    ]
     ppl = next(r for r in rows if r.get("event") == "int8_perplexity")
-    note = (f"\nint8 perplexity on {ppl['text_tokens']:,} tokens of held-out French: {ppl['fp32']} (fp32) → "
-            f"{ppl['int8']} (int8), {ppl['change_pct']:+.2f}%.\n")
-    return header(m, " ".join(["decode_fast.py", *cmd[2:]])) + table(
-        ["batch", "contender", "new tokens/s", "vs transformers", "output", "guesses accepted"], body) + note
+    note = (
+        f"\nint8 perplexity on {ppl['text_tokens']:,} tokens of held-out French: {ppl['fp32']} (fp32) → "
+        f"{ppl['int8']} (int8), {ppl['change_pct']:+.2f}%.\n"
+    )
+    return (
+        header(m, " ".join(["decode_fast.py", *cmd[2:]]))
+        + table(["batch", "contender", "new tokens/s", "vs transformers", "output", "guesses accepted"], body)
+        + note
+    )
 
 
 def rows(args, m) -> str | None:
@@ -127,10 +206,22 @@ def rows(args, m) -> str | None:
     cmd = [PY, "few_rows_bench.py", *(args.rows_models or "").split(",")]
     every = saved_or_run(args, "rows", cmd)
     m = ran_on(m, every)
-    body = [[r["model"], f"{r['weights_mb']:,}", r["rows"], r["linear_ms"], r["transposed_ms"], f"**{r['speedup']:.2f}**",
-             "yes" if r["taken"] and r["rows"] <= 16 else "no"] for r in every if r.get("event") == "few_rows"]
+    body = [
+        [
+            r["model"],
+            f"{r['weights_mb']:,}",
+            r["rows"],
+            r["linear_ms"],
+            r["transposed_ms"],
+            f"**{r['speedup']:.2f}**",
+            "yes" if r["taken"] and r["rows"] <= 16 else "no",
+        ]
+        for r in every
+        if r.get("event") == "few_rows"
+    ]
     return header(m, " ".join(["few_rows_bench.py", *cmd[2:]])) + table(
-        ["model", "linear weights (MB)", "rows", "x @ W.T (ms)", "(W @ x.T).T (ms)", "speed-up", "taken"], body)
+        ["model", "linear weights (MB)", "rows", "x @ W.T (ms)", "(W @ x.T).T (ms)", "speed-up", "taken"], body
+    )
 
 
 def loop_avx2(args, m) -> str:
@@ -160,8 +251,14 @@ def main() -> None:
     ap.add_argument("--loop-seconds", type=float, default=60.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5, help="startup: runs of each command")
-    ap.add_argument("--from", dest="saved", action="append", default=[], metavar="NAME=FILE",
-                    help="render section NAME from the saved JSON lines of an earlier run of its script")
+    ap.add_argument(
+        "--from",
+        dest="saved",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="render section NAME from the saved JSON lines of an earlier run of its script",
+    )
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args()
     m = machine()

@@ -28,8 +28,16 @@ from pathlib import Path
 from common import ROOT, emit, hf_llama, machine
 
 LLMKIT = [sys.executable, "-m", "llmkit"]
-PROMPTS = ["La ville de", "Le pain", "Au printemps,", "La mer", "Il était une fois", "Le français",
-           "Dans la cuisine", "Les oiseaux"]
+PROMPTS = [
+    "La ville de",
+    "Le pain",
+    "Au printemps,",
+    "La mer",
+    "Il était une fois",
+    "Le français",
+    "Dans la cuisine",
+    "Les oiseaux",
+]
 
 
 def free_port() -> int:
@@ -42,9 +50,24 @@ def start(ckpt: Path, max_batch: int):
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen(LLMKIT + ["serve", str(ckpt), "--port", str(port), "--quiet", "--max-batch",
-                                      str(max_batch), "--max-concurrent", "256"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        LLMKIT
+        + [
+            "serve",
+            str(ckpt),
+            "--port",
+            str(port),
+            "--quiet",
+            "--max-batch",
+            str(max_batch),
+            "--max-concurrent",
+            "256",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -71,8 +94,13 @@ def load(url: str, clients: int, requests: int, tokens: int) -> dict:
                     if not jobs:
                         return
                     i = jobs.pop()
-                body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens, "temperature": 0, "stream": True,
-                        "stream_options": {"include_usage": True}}
+                body = {
+                    "prompt": PROMPTS[i % len(PROMPTS)],
+                    "max_tokens": tokens,
+                    "temperature": 0,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
                 t0, first, n = time.perf_counter(), None, 0
                 with http.stream("POST", url + "/v1/completions", json=body) as r:
                     status = r.status_code
@@ -103,10 +131,16 @@ def load(url: str, clients: int, requests: int, tokens: int) -> dict:
         t.join()
     wall = time.perf_counter() - t0
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
-    return {"tokens_per_s": round(produced[0] / wall, 1), "p50_latency_s": round(statistics.median(latencies), 3),
-            "p99_latency_s": round(q[98], 3), "p50_ttft_s": round(statistics.median(ttfts), 3),
-            "answered": statuses.get(200, 0), "refused": sum(v for k, v in statuses.items() if k != 200),
-            "lost": requests - sum(statuses.values()), "wall_s": round(wall, 1)}
+    return {
+        "tokens_per_s": round(produced[0] / wall, 1),
+        "p50_latency_s": round(statistics.median(latencies), 3),
+        "p99_latency_s": round(q[98], 3),
+        "p50_ttft_s": round(statistics.median(ttfts), 3),
+        "answered": statuses.get(200, 0),
+        "refused": sum(v for k, v in statuses.items() if k != 200),
+        "lost": requests - sum(statuses.values()),
+        "wall_s": round(wall, 1),
+    }
 
 
 def transformers_sequential(ckpt: Path, requests: int, tokens: int) -> dict:
@@ -138,22 +172,49 @@ def main() -> None:
     run = work / "small"
     if not (run / "best").is_dir():
         shutil.rmtree(run, ignore_errors=True)
-        subprocess.run(LLMKIT + ["pretrain", "--preset", "small", "--steps", "1", "-o", str(run), "--quiet",
-                                 "--set", "train.samples=0", "--set", "train.eval_batches=1"],
-                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            LLMKIT
+            + [
+                "pretrain",
+                "--preset",
+                "small",
+                "--steps",
+                "1",
+                "-o",
+                str(run),
+                "--quiet",
+                "--set",
+                "train.samples=0",
+                "--set",
+                "train.eval_batches=1",
+            ],
+            cwd=ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     ckpt = run / "best"
     for max_batch in (16, 1):
         proc, url = start(ckpt, max_batch)
         try:
             load(url, 4, 8, args.tokens)  # warm-up
             for clients in (int(c) for c in args.clients.split(",")):
-                emit(server=f"llmkit serve --max-batch {max_batch}", clients=clients, requests=args.requests,
-                     max_tokens=args.tokens, **load(url, clients, args.requests, args.tokens))
+                emit(
+                    server=f"llmkit serve --max-batch {max_batch}",
+                    clients=clients,
+                    requests=args.requests,
+                    max_tokens=args.tokens,
+                    **load(url, clients, args.requests, args.tokens),
+                )
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-    emit(server="transformers generate(), one request after another", clients=1, requests=args.requests,
-         max_tokens=args.tokens, **transformers_sequential(ckpt, args.requests, args.tokens))
+    emit(
+        server="transformers generate(), one request after another",
+        clients=1,
+        requests=args.requests,
+        max_tokens=args.tokens,
+        **transformers_sequential(ckpt, args.requests, args.tokens),
+    )
 
 
 if __name__ == "__main__":

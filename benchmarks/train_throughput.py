@@ -16,10 +16,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from common import emit, hf_llama, machine
 
-from llmkit.core.config import ModelConfig, load_preset, build_section
+from llmkit.core.config import ModelConfig, build_section, load_preset
 from llmkit.core.model.transformer.transformer import Transformer
 
 
@@ -37,6 +36,7 @@ def step_fn(model, opt, x, y, hf: bool, amp: torch.dtype | None):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return run
 
 
@@ -62,7 +62,8 @@ def main() -> None:
         if args.bf16:
             ours_bf = Transformer(cfg).train()
             contenders["llmkit_bf16_autocast"] = step_fn(
-                ours_bf, torch.optim.AdamW(ours_bf.parameters(), lr=1e-4), x, y, False, torch.bfloat16)
+                ours_bf, torch.optim.AdamW(ours_bf.parameters(), lr=1e-4), x, y, False, torch.bfloat16
+            )
         for fn in contenders.values():  # warm-up
             fn()
         times: dict[str, list[float]] = {k: [] for k in contenders}
@@ -74,9 +75,17 @@ def main() -> None:
         tokens = batch * cfg.context
         med = {k: statistics.median(v) for k, v in times.items()}
         for key, m in med.items():
-            emit(event="train_step", shape=name, contender=key, params=ours.num_params(), batch=batch,
-                 context=cfg.context, median_s=round(m, 4), tokens_per_s=round(tokens / m),
-                 ratio_vs_transformers=round(med["transformers_fp32"] / m, 3))
+            emit(
+                event="train_step",
+                shape=name,
+                contender=key,
+                params=ours.num_params(),
+                batch=batch,
+                context=cfg.context,
+                median_s=round(m, 4),
+                tokens_per_s=round(tokens / m),
+                ratio_vs_transformers=round(med["transformers_fp32"] / m, 3),
+            )
 
 
 if __name__ == "__main__":

@@ -35,13 +35,25 @@ class Browser:
         to_child_r, from_child_w = fcntl.fcntl(r, fcntl.F_DUPFD, 20), fcntl.fcntl(w, fcntl.F_DUPFD, 20)
         os.close(r)
         os.close(w)
-        args = ["--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--hide-scrollbars",
-                f"--window-size={width},{height}", f"--user-data-dir={self.profile}", "about:blank"]
+        args = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--remote-debugging-pipe",
+            "--hide-scrollbars",
+            f"--window-size={width},{height}",
+            f"--user-data-dir={self.profile}",
+            "about:blank",
+        ]
         # The browser reads commands on fd 3 and answers on fd 4: bash moves the pipes there (dash
         # cannot name descriptors above 9).
         remap = f'exec "$0" "$@" 3<&{to_child_r} 4>&{from_child_w} {to_child_r}<&- {from_child_w}>&-'
-        self.proc = subprocess.Popen(["bash", "-c", remap, exe, *args], pass_fds=(to_child_r, from_child_w),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["bash", "-c", remap, exe, *args],
+            pass_fds=(to_child_r, from_child_w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(to_child_r)
         os.close(from_child_w)
         self._buf, self._id, self.session = b"", 0, None
@@ -70,8 +82,10 @@ class Browser:
         msg = json.loads(raw)
         method, params = msg.get("method"), msg.get("params", {})
         if method == "Runtime.exceptionThrown":
-            self.errors.append(params["exceptionDetails"].get("exception", {}).get("description")
-                               or params["exceptionDetails"].get("text", "exception"))
+            self.errors.append(
+                params["exceptionDetails"].get("exception", {}).get("description")
+                or params["exceptionDetails"].get("text", "exception")
+            )
         elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
             self.errors.append(" ".join(str(a.get("value", a.get("description"))) for a in params.get("args", [])))
         elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
@@ -86,8 +100,11 @@ class Browser:
         self._send("Page.navigate", {"url": url}, session=self.session)
 
     def eval(self, expression: str):
-        result = self._send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                 "awaitPromise": True}, session=self.session)
+        result = self._send(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
+            session=self.session,
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(result["exceptionDetails"].get("text"))
         return result["result"].get("value")

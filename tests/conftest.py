@@ -21,10 +21,24 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # A model small enough that a training step takes milliseconds: 2 layers, width 32.
 TINY_SETS = [
-    "model.d_model=32", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.context=32",
-    "model.dropout=0.0", "tokenizer.vocab_size=400", "train.batch_size=4", "train.eval_every=2",
-    "train.eval_batches=2", "train.save_every=2", "train.samples=1", "train.log_every=1",
-    "optim.warmup_steps=2", "train.dtype=fp32", "train.compile=false", "train.device=cpu", "train.report=false",
+    "model.d_model=32",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_kv_head=1",
+    "model.context=32",
+    "model.dropout=0.0",
+    "tokenizer.vocab_size=400",
+    "train.batch_size=4",
+    "train.eval_every=2",
+    "train.eval_batches=2",
+    "train.save_every=2",
+    "train.samples=1",
+    "train.log_every=1",
+    "optim.warmup_steps=2",
+    "train.dtype=fp32",
+    "train.compile=false",
+    "train.device=cpu",
+    "train.report=false",
 ]
 
 
@@ -98,7 +112,13 @@ def trained_run(tmp_path_factory, sample_docs):
     os.environ.setdefault("LLMKIT_CACHE", str(root / "cache"))
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(sample_docs), encoding="utf-8")
-    cfg, _ = plan(root / "run", resume=None, preset=None, config_file=None,
-                  sets=[*TINY_SETS, "train.steps=4", "train.samples=0"], flags={})
+    cfg, _ = plan(
+        root / "run",
+        resume=None,
+        preset=None,
+        config_file=None,
+        sets=[*TINY_SETS, "train.steps=4", "train.samples=0"],
+        flags={},
+    )
     pretrain([str(corpus)], root / "run", cfg)
     return root / "run"

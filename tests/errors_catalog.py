@@ -19,9 +19,9 @@ import re
 import shutil
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -45,11 +45,13 @@ class Case:
 
 # --- setups: what a case breaks before it runs ------------------------------------------------------
 
+
 def write(name: str, text: str | bytes) -> Callable[[Path], None]:
     def setup(root: Path) -> None:
         p = root / name
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(text) if isinstance(text, bytes) else p.write_text(text, encoding="utf-8")
+
     return setup
 
 
@@ -59,6 +61,7 @@ _HELD: list[socket.socket] = []
 def hold_port(port: int) -> Callable[[Path], None]:
     """Listen on 127.0.0.1:port for the rest of the process (a port in use; if something else
     holds it already, it is in use all the same)."""
+
     def setup(root: Path) -> None:
         sock = socket.socket()
         try:
@@ -67,6 +70,7 @@ def hold_port(port: int) -> Callable[[Path], None]:
             _HELD.append(sock)
         except OSError:
             sock.close()
+
     return setup
 
 
@@ -75,6 +79,7 @@ def copy_run(dest: str, then: Callable[[Path], None]) -> Callable[[Path], None]:
         shutil.rmtree(root / dest, ignore_errors=True)
         shutil.copytree(root / "run", root / dest)
         then(root / dest)
+
     return setup
 
 
@@ -99,6 +104,7 @@ def newer(file: str, key: str) -> Callable[[Path], None]:
             p.write_text(json.dumps(d))
         else:
             p.write_text(p.read_text().replace("format: 1", "format: 99"))
+
     return then
 
 
@@ -108,6 +114,7 @@ def break_optimizer(content: bytes) -> Callable[[Path], None]:
             if (ckpt / "optimizer.safetensors").exists():
                 (ckpt / "optimizer.safetensors").unlink()
                 (ckpt / "optimizer.safetensors").write_bytes(content)
+
     return then
 
 
@@ -121,13 +128,17 @@ def damage_metrics(run: Path) -> None:
 def drop_file(name: str) -> Callable[[Path], None]:
     def then(run: Path) -> None:
         (run / "best" / name).unlink()
+
     return then
 
 
 def live_lock(root: Path) -> None:
     started = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    (root / ".busy.llmkit-lock").write_text(json.dumps(
-        {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "since": "2026-11-29 10:00:00"}))
+    (root / ".busy.llmkit-lock").write_text(
+        json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "since": "2026-11-29 10:00:00"}
+        )
+    )
 
 
 def other_model_index(root: Path) -> None:
@@ -152,6 +163,7 @@ def index_made(root: Path) -> None:
 
 def hf_copy(name: str, change, *, index: bool = False, pickle: bool = False) -> Callable[[Path], None]:
     """A copy of the exported Hugging Face folder ``hf/``, its config changed or its weights broken."""
+
     def setup(root: Path) -> None:
         dest = root / name
         shutil.rmtree(dest, ignore_errors=True)
@@ -162,11 +174,15 @@ def hf_copy(name: str, change, *, index: bool = False, pickle: bool = False) -> 
             (dest / "config.json").write_text(json.dumps(cfg))
         if index:
             (dest / "model.safetensors").rename(dest / "model-00001-of-00002.safetensors")
-            (dest / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-                "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+            (dest / "model.safetensors.index.json").write_text(
+                json.dumps(
+                    {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+                )
+            )
         if pickle:
             (dest / "model.safetensors").unlink()
             (dest / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+
     return setup
 
 
@@ -189,78 +205,150 @@ CASES = [
     # pretrain: the corpus
     Case("corpus file missing", "pretrain", ["nowhere.txt", "-o", "out", "--steps", "1"]),
     Case("corpus empty", "pretrain", ["empty.txt", "-o", "out", "--steps", "1"], setup=write("empty.txt", "")),
-    Case("corpus binary", "pretrain", ["blob.txt", "-o", "out", "--steps", "1"],
-         setup=write("blob.txt", b"\x00\x01\x02binary\x00" * 20)),
-    Case("corpus not UTF-8", "pretrain", ["latin1.txt", "-o", "out", "--steps", "1"],
-         setup=write("latin1.txt", "Un été à la mer.\n".encode("latin-1"))),
-    Case("corpus smaller than one block", "pretrain",
-         ["tiny.txt", "-o", "out", "--steps", "1", *SETS, "--set", "model.context=512", "--tokenizer", "run/tokenizer"],
-         setup=write("tiny.txt", "Bonjour.\n")),
-    Case("JSON line without the text field", "pretrain",
-         ["docs.jsonl", "-o", "out", "--steps", "1", "--tokenizer", "run/tokenizer"],
-         setup=write("docs.jsonl", '{"text": "Un document."}\n{"titre": "Deux"}\n')),
-    Case("JSON line that is not JSON", "pretrain",
-         ["docs2.jsonl", "-o", "out", "--steps", "1", "--tokenizer", "run/tokenizer"],
-         setup=write("docs2.jsonl", '{"text": "Un document."}\n{"text": "coupé\n')),
-    Case("parquet without pyarrow", "pretrain", ["t.parquet", "-o", "out", "--steps", "1", "--tokenizer", "run/tokenizer"],
-         setup=write("t.parquet", b"PAR1"), hide=("pyarrow", "pyarrow.parquet")),
-    Case("damaged gzip corpus", "pretrain", ["cut.txt.gz", "-o", "out", "--steps", "1", "--tokenizer", "run/tokenizer"],
-         setup=write("cut.txt.gz", __import__("gzip").compress(b"Bonjour.\n" * 500)[:-30])),
-    Case("--mix weights that do not sum to 1", "pretrain",
-         ["--mix", "corpus.txt=0.5", "--mix", "run=0.3", "-o", "out", "--steps", "1"]),
+    Case(
+        "corpus binary",
+        "pretrain",
+        ["blob.txt", "-o", "out", "--steps", "1"],
+        setup=write("blob.txt", b"\x00\x01\x02binary\x00" * 20),
+    ),
+    Case(
+        "corpus not UTF-8",
+        "pretrain",
+        ["latin1.txt", "-o", "out", "--steps", "1"],
+        setup=write("latin1.txt", "Un été à la mer.\n".encode("latin-1")),
+    ),
+    Case(
+        "corpus smaller than one block",
+        "pretrain",
+        ["tiny.txt", "-o", "out", "--steps", "1", *SETS, "--set", "model.context=512", "--tokenizer", "run/tokenizer"],
+        setup=write("tiny.txt", "Bonjour.\n"),
+    ),
+    Case(
+        "JSON line without the text field",
+        "pretrain",
+        ["docs.jsonl", "-o", "out", "--steps", "1", "--tokenizer", "run/tokenizer"],
+        setup=write("docs.jsonl", '{"text": "Un document."}\n{"titre": "Deux"}\n'),
+    ),
+    Case(
+        "JSON line that is not JSON",
+        "pretrain",
+        ["docs2.jsonl", "-o", "out", "--steps", "1", "--tokenizer", "run/tokenizer"],
+        setup=write("docs2.jsonl", '{"text": "Un document."}\n{"text": "coupé\n'),
+    ),
+    Case(
+        "parquet without pyarrow",
+        "pretrain",
+        ["t.parquet", "-o", "out", "--steps", "1", "--tokenizer", "run/tokenizer"],
+        setup=write("t.parquet", b"PAR1"),
+        hide=("pyarrow", "pyarrow.parquet"),
+    ),
+    Case(
+        "damaged gzip corpus",
+        "pretrain",
+        ["cut.txt.gz", "-o", "out", "--steps", "1", "--tokenizer", "run/tokenizer"],
+        setup=write("cut.txt.gz", __import__("gzip").compress(b"Bonjour.\n" * 500)[:-30]),
+    ),
+    Case(
+        "--mix weights that do not sum to 1",
+        "pretrain",
+        ["--mix", "corpus.txt=0.5", "--mix", "run=0.3", "-o", "out", "--steps", "1"],
+    ),
     Case("--mix without a weight", "pretrain", ["--mix", "corpus.txt", "-o", "out", "--steps", "1"]),
-    Case("--mix and a corpus argument", "pretrain", ["corpus.txt", "--mix", "corpus.txt=1", "-o", "out", "--steps", "1"]),
-    Case("a --mix source that is empty", "pretrain",
-         ["--mix", "corpus.txt=0.5", "--mix", "blank.txt=0.5", "-o", "out", "--steps", "1"],
-         setup=write("blank.txt", "  \n\n")),
+    Case(
+        "--mix and a corpus argument", "pretrain", ["corpus.txt", "--mix", "corpus.txt=1", "-o", "out", "--steps", "1"]
+    ),
+    Case(
+        "a --mix source that is empty",
+        "pretrain",
+        ["--mix", "corpus.txt=0.5", "--mix", "blank.txt=0.5", "-o", "out", "--steps", "1"],
+        setup=write("blank.txt", "  \n\n"),
+    ),
     # pretrain: settings
     Case("unknown config key", "pretrain", ["corpus.txt", "-o", "out", "--set", "train.stpes=5"]),
     Case("value of the wrong type", "pretrain", ["corpus.txt", "-o", "out", "--set", "model.n_layer=abc"]),
     Case("NaN in a setting", "pretrain", ["corpus.txt", "-o", "out", "--set", "optim.lr=nan"]),
     Case("--set without =", "pretrain", ["corpus.txt", "-o", "out", "--set", "train.steps"]),
-    Case("invalid YAML config", "pretrain", ["corpus.txt", "-o", "out", "--config", "bad.yaml"],
-         setup=write("bad.yaml", "train:\n  steps: [1, 2\n")),
+    Case(
+        "invalid YAML config",
+        "pretrain",
+        ["corpus.txt", "-o", "out", "--config", "bad.yaml"],
+        setup=write("bad.yaml", "train:\n  steps: [1, 2\n"),
+    ),
     Case("config file missing", "pretrain", ["corpus.txt", "-o", "out", "--config", "none.yaml"]),
     Case("unknown preset", "pretrain", ["corpus.txt", "-o", "out", "--preset", "huge"]),
     Case("--steps 0", "pretrain", ["corpus.txt", "-o", "out", "--steps", "0"]),
-    Case("train.compile neither on nor off", "pretrain", ["corpus.txt", "-o", "out", "--steps", "1", "--set",
-                                                          "train.compile=sometimes"]),
+    Case(
+        "train.compile neither on nor off",
+        "pretrain",
+        ["corpus.txt", "-o", "out", "--steps", "1", "--set", "train.compile=sometimes"],
+    ),
     Case("--lr negative", "pretrain", ["corpus.txt", "-o", "out", "--lr", "-1"]),
     Case("--time unreadable", "pretrain", ["corpus.txt", "-o", "out", "--time", "soon"]),
     Case("fp16 on the CPU", "pretrain", ["corpus.txt", "-o", "out", "--steps", "1", "--dtype", "fp16"]),
     Case("CUDA requested without a GPU", "pretrain", ["corpus.txt", "-o", "out", "--steps", "1", "--device", "cuda"]),
-    Case("global batch not shared evenly", "pretrain",
-         ["corpus.txt", "-o", "out", "--steps", "1", "--batch-size", "4", "--global-batch-size", "16"],
-         env={"WORLD_SIZE": "3", "RANK": "0"}),
+    Case(
+        "global batch not shared evenly",
+        "pretrain",
+        ["corpus.txt", "-o", "out", "--steps", "1", "--batch-size", "4", "--global-batch-size", "16"],
+        env={"WORLD_SIZE": "3", "RANK": "0"},
+    ),
     Case("--out is a file", "pretrain", ["corpus.txt", "-o", "corpus.txt", "--steps", "1"]),
     Case("run directory already holds a run", "pretrain", ["corpus.txt", "-o", "run", "--steps", "1"]),
     Case("--resume from a missing checkpoint", "pretrain", ["corpus.txt", "-o", "out", "--resume", "gone/best"]),
     Case("--tokenizer that is not one", "pretrain", ["corpus.txt", "-o", "out", "--steps", "1", "--tokenizer", "."]),
-    Case("resume with another tokenizer", "pretrain",
-         ["corpus.txt", "-o", "run", "--resume", "auto", "--steps", "9", "--tokenizer", "tok2", *SETS]),
-    Case("resume with another model shape", "pretrain",
-         ["corpus.txt", "-o", "run", "--resume", "auto", "--steps", "9", *SETS, "--set", "model.d_model=64"]),
+    Case(
+        "resume with another tokenizer",
+        "pretrain",
+        ["corpus.txt", "-o", "run", "--resume", "auto", "--steps", "9", "--tokenizer", "tok2", *SETS],
+    ),
+    Case(
+        "resume with another model shape",
+        "pretrain",
+        ["corpus.txt", "-o", "run", "--resume", "auto", "--steps", "9", *SETS, "--set", "model.d_model=64"],
+    ),
     Case("another run writes to --out", "pretrain", ["corpus.txt", "-o", "busy", "--steps", "1"], setup=live_lock),
-    Case("optimizer state damaged", "pretrain", ["corpus.txt", "-o", "r_opt", "--resume", "auto", "--steps", "9", *SETS],
-         setup=copy_run("r_opt", break_optimizer(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"))),
-    Case("optimizer state is a pickle", "pretrain",
-         ["corpus.txt", "-o", "r_pkl", "--resume", "auto", "--steps", "9", *SETS],
-         setup=copy_run("r_pkl", break_optimizer(b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94.cos\nsystem\n"))),
-    Case("metrics.jsonl damaged mid-file", "pretrain",
-         ["corpus.txt", "-o", "r_met", "--resume", "auto", "--steps", "9", *SETS],
-         setup=copy_run("r_met", damage_metrics)),
+    Case(
+        "optimizer state damaged",
+        "pretrain",
+        ["corpus.txt", "-o", "r_opt", "--resume", "auto", "--steps", "9", *SETS],
+        setup=copy_run("r_opt", break_optimizer(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")),
+    ),
+    Case(
+        "optimizer state is a pickle",
+        "pretrain",
+        ["corpus.txt", "-o", "r_pkl", "--resume", "auto", "--steps", "9", *SETS],
+        setup=copy_run("r_pkl", break_optimizer(b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94.cos\nsystem\n")),
+    ),
+    Case(
+        "metrics.jsonl damaged mid-file",
+        "pretrain",
+        ["corpus.txt", "-o", "r_met", "--resume", "auto", "--steps", "9", *SETS],
+        setup=copy_run("r_met", damage_metrics),
+    ),
     # checkpoints, for any command that reads one
     Case("checkpoint missing", "generate", ["nowhere", "-p", "x"]),
     Case("a file given as checkpoint", "generate", ["corpus.txt", "-p", "x"]),
     Case("a directory that is no checkpoint", "generate", ["tok2", "-p", "x"]),
-    Case("checkpoint incomplete", "generate", ["r_inc/best", "-p", "x"],
-         setup=copy_run("r_inc", drop_file("tokenizer.model"))),
+    Case(
+        "checkpoint incomplete",
+        "generate",
+        ["r_inc/best", "-p", "x"],
+        setup=copy_run("r_inc", drop_file("tokenizer.model")),
+    ),
     Case("tokenizer swapped for another", "generate", ["r_swap", "-p", "x"], setup=copy_run("r_swap", swap_tokenizer)),
     Case("config.yaml edited to another width", "generate", ["r_wid", "-p", "x"], setup=copy_run("r_wid", edit_width)),
-    Case("checkpoint from a newer llmkit", "generate", ["r_new", "-p", "x"],
-         setup=copy_run("r_new", newer("trainer_state.json", "format"))),
-    Case("tokenizer from a newer llmkit", "generate", ["r_tnew", "-p", "x"],
-         setup=copy_run("r_tnew", newer("tokenizer.yaml", "format"))),
+    Case(
+        "checkpoint from a newer llmkit",
+        "generate",
+        ["r_new", "-p", "x"],
+        setup=copy_run("r_new", newer("trainer_state.json", "format")),
+    ),
+    Case(
+        "tokenizer from a newer llmkit",
+        "generate",
+        ["r_tnew", "-p", "x"],
+        setup=copy_run("r_tnew", newer("tokenizer.yaml", "format")),
+    ),
     # generate
     Case("--temperature negative", "generate", ["run", "-p", "x", "--temperature", "-1"]),
     Case("--top-p above 1", "generate", ["run", "-p", "x", "--top-p", "3"]),
@@ -270,18 +358,32 @@ CASES = [
     Case("empty --stop", "generate", ["run", "-p", "x", "--stop", ""]),
     Case("--prompt and --prompt-file", "generate", ["run", "-p", "x", "--prompt-file", "corpus.txt"]),
     Case("prompt file missing", "generate", ["run", "--prompt-file", "none.txt"]),
-    Case("prompt file empty", "generate", ["run", "--prompt-file", "empty_prompts.txt"],
-         setup=write("empty_prompts.txt", "\n\n")),
-    Case("JSONL prompt without the field", "generate", ["run", "--prompt-file", "p.jsonl"],
-         setup=write("p.jsonl", '{"text": "Bonjour"}\n')),
+    Case(
+        "prompt file empty",
+        "generate",
+        ["run", "--prompt-file", "empty_prompts.txt"],
+        setup=write("empty_prompts.txt", "\n\n"),
+    ),
+    Case(
+        "JSONL prompt without the field",
+        "generate",
+        ["run", "--prompt-file", "p.jsonl"],
+        setup=write("p.jsonl", '{"text": "Bonjour"}\n'),
+    ),
     Case("a classifier given to generate", "generate", ["clf", "-p", "x"]),
     Case("--quantize to an unknown format", "generate", ["run", "-p", "x", "--quantize", "int4"]),
     Case("--lookup with sampling", "generate", ["run", "-p", "x", "--lookup", "3", "--temperature", "0.8"]),
-    Case("--draft with penalties", "generate", ["run", "-p", "x", "--draft", "run", "--greedy",
-                                                "--repetition-penalty", "1.3"]),
+    Case(
+        "--draft with penalties",
+        "generate",
+        ["run", "-p", "x", "--draft", "run", "--greedy", "--repetition-penalty", "1.3"],
+    ),
     Case("--draft of another kind", "generate", ["run", "-p", "x", "--draft", "clf", "--greedy"]),
-    Case("--draft int8 on int8 weights", "generate", ["run", "-p", "x", "--draft", "int8", "--quantize", "int8",
-                                                      "--greedy"]),
+    Case(
+        "--draft int8 on int8 weights",
+        "generate",
+        ["run", "-p", "x", "--draft", "int8", "--quantize", "int8", "--greedy"],
+    ),
     # tokenize
     Case("tokenizer corpus missing", "tokenize", ["train", "nowhere.txt", "-o", "t"]),
     Case("vocabulary too small", "tokenize", ["train", "corpus.txt", "-o", "t", "--vocab-size", "8"]),
@@ -292,36 +394,86 @@ CASES = [
     Case("--task missing", "finetune", ["run", "--data", "pairs.jsonl", "-o", "ft"], setup=write("pairs.jsonl", PAIRS)),
     Case("--data missing", "finetune", ["run", "--task", "classify", "-o", "ft"]),
     Case("data file of unknown format", "finetune", ["run", "--task", "classify", "--data", "corpus.txt", "-o", "ft"]),
-    Case("label field missing", "finetune", ["run", "--task", "classify", "--data", "nolabel.jsonl", "-o", "ft"],
-         setup=write("nolabel.jsonl", '{"text": "Bonjour"}\n')),
-    Case("malformed JSON line", "finetune", ["run", "--task", "classify", "--data", "broken.jsonl", "-o", "ft"],
-         setup=write("broken.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label"\n')),
-    Case("a single class", "finetune", ["run", "--task", "classify", "--data", "one.jsonl", "-o", "ft"],
-         setup=write("one.jsonl", "\n".join(json.dumps({"text": f"t{i}", "label": "x"}) for i in range(6)))),
-    Case("text that is a number", "finetune", ["run", "--task", "classify", "--data", "num.jsonl", "-o", "ft"],
-         setup=write("num.jsonl", '{"text": 123, "label": "a"}\n')),
-    Case("label that is a list", "finetune", ["run", "--task", "classify", "--data", "list.jsonl", "-o", "ft"],
-         setup=write("list.jsonl", '{"text": "Bonjour", "label": ["a"]}\n')),
-    Case("unknown role in messages", "finetune", ["run", "--task", "instruct", "--data", "roles.jsonl", "-o", "ft"],
-         setup=write("roles.jsonl", json.dumps({"messages": [{"role": "robot", "content": "x"},
-                                                             {"role": "assistant", "content": "y"}]}) + "\n")),
-    Case("--freeze-trunk outside classify", "finetune",
-         ["run", "--task", "translate", "--data", "pairs.jsonl", "-o", "ft", "--freeze-trunk"],
-         setup=write("pairs.jsonl", PAIRS)),
-    Case("--merge without --lora", "finetune", ["run", "--task", "translate", "--data", "pairs.jsonl", "-o", "ft",
-                                                "--merge", "--steps", "1"], setup=write("pairs.jsonl", PAIRS)),
-    Case("unknown LoRA target", "finetune", ["run", "--task", "translate", "--data", "pairs.jsonl", "-o", "ft",
-                                             "--lora", "--lora-targets", "qkv"], setup=write("pairs.jsonl", PAIRS)),
-    Case("--val with --task lm", "finetune", ["run", "--task", "lm", "--data", "corpus.txt", "--val", "corpus.txt",
-                                              "-o", "ft", "--steps", "1"]),
-    Case("--context 0", "finetune", ["run", "--task", "translate", "--data", "pairs.jsonl", "-o", "ft", "--context",
-                                     "0"], setup=write("pairs.jsonl", PAIRS)),
-    Case("fine-tuning that changes the network", "finetune",
-         ["run", "--task", "translate", "--data", "pairs.jsonl", "-o", "ft", "--set", "model.n_layer=3"],
-         setup=write("pairs.jsonl", PAIRS)),
-    Case("--task other than the resumed run's", "finetune",
-         ["run", "--task", "translate", "--data", "reviews.jsonl", "-o", "clf", "--resume", "auto"],
-         setup=write("reviews.jsonl", REVIEWS)),
+    Case(
+        "label field missing",
+        "finetune",
+        ["run", "--task", "classify", "--data", "nolabel.jsonl", "-o", "ft"],
+        setup=write("nolabel.jsonl", '{"text": "Bonjour"}\n'),
+    ),
+    Case(
+        "malformed JSON line",
+        "finetune",
+        ["run", "--task", "classify", "--data", "broken.jsonl", "-o", "ft"],
+        setup=write("broken.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label"\n'),
+    ),
+    Case(
+        "a single class",
+        "finetune",
+        ["run", "--task", "classify", "--data", "one.jsonl", "-o", "ft"],
+        setup=write("one.jsonl", "\n".join(json.dumps({"text": f"t{i}", "label": "x"}) for i in range(6))),
+    ),
+    Case(
+        "text that is a number",
+        "finetune",
+        ["run", "--task", "classify", "--data", "num.jsonl", "-o", "ft"],
+        setup=write("num.jsonl", '{"text": 123, "label": "a"}\n'),
+    ),
+    Case(
+        "label that is a list",
+        "finetune",
+        ["run", "--task", "classify", "--data", "list.jsonl", "-o", "ft"],
+        setup=write("list.jsonl", '{"text": "Bonjour", "label": ["a"]}\n'),
+    ),
+    Case(
+        "unknown role in messages",
+        "finetune",
+        ["run", "--task", "instruct", "--data", "roles.jsonl", "-o", "ft"],
+        setup=write(
+            "roles.jsonl",
+            json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n",
+        ),
+    ),
+    Case(
+        "--freeze-trunk outside classify",
+        "finetune",
+        ["run", "--task", "translate", "--data", "pairs.jsonl", "-o", "ft", "--freeze-trunk"],
+        setup=write("pairs.jsonl", PAIRS),
+    ),
+    Case(
+        "--merge without --lora",
+        "finetune",
+        ["run", "--task", "translate", "--data", "pairs.jsonl", "-o", "ft", "--merge", "--steps", "1"],
+        setup=write("pairs.jsonl", PAIRS),
+    ),
+    Case(
+        "unknown LoRA target",
+        "finetune",
+        ["run", "--task", "translate", "--data", "pairs.jsonl", "-o", "ft", "--lora", "--lora-targets", "qkv"],
+        setup=write("pairs.jsonl", PAIRS),
+    ),
+    Case(
+        "--val with --task lm",
+        "finetune",
+        ["run", "--task", "lm", "--data", "corpus.txt", "--val", "corpus.txt", "-o", "ft", "--steps", "1"],
+    ),
+    Case(
+        "--context 0",
+        "finetune",
+        ["run", "--task", "translate", "--data", "pairs.jsonl", "-o", "ft", "--context", "0"],
+        setup=write("pairs.jsonl", PAIRS),
+    ),
+    Case(
+        "fine-tuning that changes the network",
+        "finetune",
+        ["run", "--task", "translate", "--data", "pairs.jsonl", "-o", "ft", "--set", "model.n_layer=3"],
+        setup=write("pairs.jsonl", PAIRS),
+    ),
+    Case(
+        "--task other than the resumed run's",
+        "finetune",
+        ["run", "--task", "translate", "--data", "reviews.jsonl", "-o", "clf", "--resume", "auto"],
+        setup=write("reviews.jsonl", REVIEWS),
+    ),
     # classify and eval
     Case("a language model given to classify", "classify", ["run", "Bonjour"]),
     Case("texts and --input together", "classify", ["clf", "Bonjour", "--input", "corpus.txt"]),
@@ -334,20 +486,44 @@ CASES = [
     Case("--layer out of range", "encode", ["run", "corpus.txt", "-o", "v.npy", "--layer", "7"]),
     Case("unknown pooling", "encode", ["run", "corpus.txt", "-o", "v.npy", "--pooling", "median"]),
     Case("--query without --index", "encode", ["run", "--query", "Bonjour"]),
-    Case("an index another model built", "encode", ["run", "--query", "Bonjour", "--index", "clf_index.npy"],
-         setup=other_model_index),
-    Case("--resume with other settings", "encode",
-         ["run", "items.txt", "-o", "index.npy", "--resume", "--pooling", "last"], setup=index_made),
+    Case(
+        "an index another model built",
+        "encode",
+        ["run", "--query", "Bonjour", "--index", "clf_index.npy"],
+        setup=other_model_index,
+    ),
+    Case(
+        "--resume with other settings",
+        "encode",
+        ["run", "items.txt", "-o", "index.npy", "--resume", "--pooling", "last"],
+        setup=index_made,
+    ),
     Case("CSV input without --column", "encode", ["run", "t.csv", "-o", "v.npy"], setup=write("t.csv", "a,b\n1,2\n")),
     # pretrained models: import and export
-    Case("pretrained folder of an unknown architecture", "import", ["hf_neox", "-o", "imp"],
-         setup=hf_copy("hf_neox", lambda c: c.update(model_type="gpt_neox"))),
-    Case("pretrained weights that disagree with config.json", "import", ["hf_shape", "-o", "imp"],
-         setup=hf_copy("hf_shape", lambda c: c.update(intermediate_size=80))),
-    Case("pretrained folder with a shard missing", "import", ["hf_shard", "-o", "imp"],
-         setup=hf_copy("hf_shard", None, index=True)),
-    Case("pretrained folder with pickle weights only", "import", ["hf_bin", "-o", "imp"],
-         setup=hf_copy("hf_bin", None, pickle=True)),
+    Case(
+        "pretrained folder of an unknown architecture",
+        "import",
+        ["hf_neox", "-o", "imp"],
+        setup=hf_copy("hf_neox", lambda c: c.update(model_type="gpt_neox")),
+    ),
+    Case(
+        "pretrained weights that disagree with config.json",
+        "import",
+        ["hf_shape", "-o", "imp"],
+        setup=hf_copy("hf_shape", lambda c: c.update(intermediate_size=80)),
+    ),
+    Case(
+        "pretrained folder with a shard missing",
+        "import",
+        ["hf_shard", "-o", "imp"],
+        setup=hf_copy("hf_shard", None, index=True),
+    ),
+    Case(
+        "pretrained folder with pickle weights only",
+        "import",
+        ["hf_bin", "-o", "imp"],
+        setup=hf_copy("hf_bin", None, pickle=True),
+    ),
     Case("a truncated GGUF file", "generate", ["cut.gguf", "-p", "x"], setup=truncated_gguf),
     Case("import into an existing directory", "import", ["hf", "-o", "run"]),
     Case("export to an unknown format", "export", ["run", "-o", "x", "--format", "onnx"]),
@@ -436,8 +612,23 @@ def build_world(root: Path) -> None:
         runner = CliRunner()
         r = runner.invoke(app, ["pretrain", "corpus.txt", "-o", "run", "--steps", "2", *SETS, "-q"])
         assert r.exit_code == 0, r.output
-        r = runner.invoke(app, ["finetune", "run", "--task", "classify", "--data", "reviews.jsonl", "-o", "clf",
-                                "--steps", "2", *SETS, "-q"])
+        r = runner.invoke(
+            app,
+            [
+                "finetune",
+                "run",
+                "--task",
+                "classify",
+                "--data",
+                "reviews.jsonl",
+                "-o",
+                "clf",
+                "--steps",
+                "2",
+                *SETS,
+                "-q",
+            ],
+        )
         assert r.exit_code == 0, r.output
         r = runner.invoke(app, ["tokenize", "train", "corpus.txt", "-o", "tok2", "--vocab-size", "420"])
         assert r.exit_code == 0, r.output
@@ -463,7 +654,9 @@ def render(results: list[tuple[Case, int, str]]) -> str:
         args = " ".join(case.args)
         args = args.replace(" ".join(SETS), "--set … (the tiny model's settings)")
         shown = args.replace("|", "\\|")
-        rows.append(f"| {case.name} | `llmkit {case.command} {shown}` | {code} | `{message.replace('|', chr(92) + '|')}` |")
+        rows.append(
+            f"| {case.name} | `llmkit {case.command} {shown}` | {code} | `{message.replace('|', chr(92) + '|')}` |"
+        )
     return HEADER + "\n".join(rows) + "\n" + FOOTER
 
 
@@ -479,8 +672,8 @@ codes: **130** after Ctrl-C and **143** after SIGTERM, each once the run's check
 The table is written from real runs by `python tests/errors_catalog.py` and checked by
 `tests/test_errors.py`, which runs every case and fails if a message differs from the one shown
 here. Cases run in a scratch directory holding `corpus.txt`, a tiny pretrained run `run/` (and
-`hf/`, its export as a Hugging Face folder), a classifier `clf/` and a second tokenizer `tok2/`; parts that change from run to run (a PID, a
-hash, a version) are shown as `…` or `X`.
+`hf/`, its export as a Hugging Face folder), a classifier `clf/` and a second tokenizer `tok2/`;
+parts that change from run to run (a PID, a hash, a version) are shown as `…` or `X`.
 
 | case | command | exit | message |
 |---|---|---|---|

@@ -6,11 +6,11 @@ import shutil
 import pytest
 import torch
 
-from llmkit.core.store import checkpoint as ck
+from llmkit.core.config import OptimConfig
 from llmkit.core.errors import CheckpointError
 from llmkit.core.model.transformer import Transformer
-from llmkit.core.training.loop import make_optimizer, lm_loss
-from llmkit.core.config import OptimConfig
+from llmkit.core.store import checkpoint as ck
+from llmkit.core.training.loop import lm_loss, make_optimizer
 
 
 def _save(tmp_path, tokenizer, cfg, name="ckpt", optimizer=True):
@@ -20,10 +20,24 @@ def _save(tmp_path, tokenizer, cfg, name="ckpt", optimizer=True):
     x = torch.randint(0, cfg.vocab_size, (2, 17))
     lm_loss(model(x[:, :-1]), x[:, 1:]).backward()
     opt.step()
-    config = {"model": {"vocab_size": cfg.vocab_size, "context": cfg.context, "d_model": cfg.d_model,
-                        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head}}
-    path = ck.save_checkpoint(tmp_path / name, model=model, config=config, tokenizer=tokenizer,
-                              state={"step": 1}, optimizer=opt if optimizer else None)
+    config = {
+        "model": {
+            "vocab_size": cfg.vocab_size,
+            "context": cfg.context,
+            "d_model": cfg.d_model,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_kv_head": cfg.n_kv_head,
+        }
+    }
+    path = ck.save_checkpoint(
+        tmp_path / name,
+        model=model,
+        config=config,
+        tokenizer=tokenizer,
+        state={"step": 1},
+        optimizer=opt if optimizer else None,
+    )
     return path, model.eval(), opt
 
 
@@ -50,8 +64,7 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path, tokenizer, tiny_mo
 
 def test_layout_and_trainer_state_written(tmp_path, tokenizer, tiny_model_cfg):
     path, _, _ = _save(tmp_path, tokenizer, tiny_model_cfg)
-    assert sorted(p.name for p in path.iterdir()) == sorted(
-        [*ck.REQUIRED, "tokenizer.model", "optimizer.safetensors"])
+    assert sorted(p.name for p in path.iterdir()) == sorted([*ck.REQUIRED, "tokenizer.model", "optimizer.safetensors"])
     state = json.loads((path / "trainer_state.json").read_text())
     assert state["step"] == 1 and "torch" in state["versions"]
     assert not (tmp_path / "ckpt.tmp").exists()

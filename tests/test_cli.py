@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_SETS, skip_or_fail
 from typer.testing import CliRunner
 
-from conftest import TINY_SETS, skip_or_fail
 from llmkit.cli.app import app
 
 runner = CliRunner()
@@ -50,6 +50,7 @@ def run_dir(tmp_path, corpus_file):
 
 # --- tokenize ---------------------------------------------------------------------------------
 
+
 def test_tokenize_train_encode_decode(tmp_path, corpus_file):
     out = tmp_path / "tok"
     r = invoke("tokenize", "train", corpus_file, "-o", out, "--vocab-size", 400, "--user-symbols", "<sep>")
@@ -69,19 +70,23 @@ def test_tokenize_train_encode_decode(tmp_path, corpus_file):
 
 
 def test_tokenize_errors(tmp_path, corpus_file):
-    assert_one_line_error(invoke("tokenize", "train", tmp_path / "missing.txt", "-o", tmp_path / "t"),
-                          "corpus not found")
+    assert_one_line_error(
+        invoke("tokenize", "train", tmp_path / "missing.txt", "-o", tmp_path / "t"), "corpus not found"
+    )
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert_one_line_error(invoke("tokenize", "train", corpus_file, "-o", afile), "is a file")
-    assert_one_line_error(invoke("tokenize", "train", corpus_file, "-o", tmp_path / "t", "--model-type", "wordpiece"),
-                          "tokenizer.model_type")
+    assert_one_line_error(
+        invoke("tokenize", "train", corpus_file, "-o", tmp_path / "t", "--model-type", "wordpiece"),
+        "tokenizer.model_type",
+    )
     assert_one_line_error(invoke("tokenize", "encode", tmp_path, "x"), "holds no tokenizer")
     invoke("tokenize", "train", corpus_file, "-o", tmp_path / "t", "--vocab-size", 400)
     assert_one_line_error(invoke("tokenize", "decode", tmp_path / "t", "12", "99999"), "not a token id")
 
 
 # --- pretrain ---------------------------------------------------------------------------------
+
 
 def test_pretrain_happy_path_and_generate(run_dir):
     assert (run_dir / "best" / "trainer_state.json").is_file()
@@ -92,16 +97,18 @@ def test_pretrain_happy_path_and_generate(run_dir):
     greedy = invoke("generate", run_dir / "last", "--prompt", "Le", "--greedy", "-n", 5)
     assert greedy.exit_code == 0, greedy.output
     # Greedy is the arg-max path: the same text whatever the seed, and the text core decodes.
-    assert greedy.stdout == invoke("generate", run_dir / "last", "--prompt", "Le", "--greedy", "-n", 5,
-                                   "--seed", 7).stdout
-    from llmkit.core.store.checkpoint import load_model
+    assert (
+        greedy.stdout == invoke("generate", run_dir / "last", "--prompt", "Le", "--greedy", "-n", 5, "--seed", 7).stdout
+    )
     from llmkit.core.config import SampleConfig
     from llmkit.core.decoding.steps import decode_batch
+    from llmkit.core.store.checkpoint import load_model
 
     model, ckpt = load_model(run_dir / "last")
     tok = ckpt.tokenizer
-    want = decode_batch(model, [tok.encode("Le")], SampleConfig(max_new_tokens=5, temperature=0),
-                        eos_id=tok.eos_id, decode=tok.decode)[0]
+    want = decode_batch(
+        model, [tok.encode("Le")], SampleConfig(max_new_tokens=5, temperature=0), eos_id=tok.eos_id, decode=tok.decode
+    )[0]
     assert greedy.stdout == "Le" + want.text + "\n"
 
 
@@ -127,15 +134,18 @@ def test_resume_auto_continues_and_tokenizer_mismatch_is_named(tmp_path, corpus_
     assert_one_line_error(r, "vocab_size is 380")
 
 
-@pytest.mark.parametrize("args, phrase", [
-    (["--steps", "0"], "--steps must be positive"),
-    (["--steps", "-3"], "--steps must be positive"),
-    (["--steps", "2", "--batch-size", "0"], "--batch-size must be positive"),
-    (["--steps", "2", "--lr", "0"], "--lr must be positive"),
-    (["--steps", "2", "--set", "model.n_layers=2"], "did you mean 'n_layer'"),
-    (["--steps", "2", "--preset", "tinny"], "unknown preset 'tinny'"),
-    (["--steps", "2", "--time", "forever"], "cannot read 'forever'"),
-])
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        (["--steps", "0"], "--steps must be positive"),
+        (["--steps", "-3"], "--steps must be positive"),
+        (["--steps", "2", "--batch-size", "0"], "--batch-size must be positive"),
+        (["--steps", "2", "--lr", "0"], "--lr must be positive"),
+        (["--steps", "2", "--set", "model.n_layers=2"], "did you mean 'n_layer'"),
+        (["--steps", "2", "--preset", "tinny"], "unknown preset 'tinny'"),
+        (["--steps", "2", "--time", "forever"], "cannot read 'forever'"),
+    ],
+)
 def test_pretrain_bad_flags(tmp_path, corpus_file, args, phrase):
     assert_one_line_error(invoke("pretrain", corpus_file, "-o", tmp_path / "r", *args), phrase)
 
@@ -151,12 +161,16 @@ def test_pretrain_bad_corpora(tmp_path):
     assert_one_line_error(invoke("pretrain", binary, "-o", out, "--steps", 1), "data.bin.txt", "byte offset 4")
     latin = tmp_path / "latin.txt"
     latin.write_bytes(b"Bonjour, " + "été".encode("latin-1"))
-    assert_one_line_error(invoke("pretrain", latin, "-o", out, "--steps", 1), "latin.txt", "not valid UTF-8 at byte offset 9")
+    assert_one_line_error(
+        invoke("pretrain", latin, "-o", out, "--steps", 1), "latin.txt", "not valid UTF-8 at byte offset 9"
+    )
     small = tmp_path / "small.txt"
     small.write_text("Une ligne.\nDeux lignes.\n" * 3)
-    assert_one_line_error(invoke("pretrain", small, "-o", out, "--steps", 1, *_sets("tokenizer.model_type=char",
-                                                                               "model.context=256")),
-                          "corpus too small", alone=False)
+    assert_one_line_error(
+        invoke("pretrain", small, "-o", out, "--steps", 1, *_sets("tokenizer.model_type=char", "model.context=256")),
+        "corpus too small",
+        alone=False,
+    )
     assert not (out / "best").exists() and not (out / "last").exists()
 
 
@@ -175,6 +189,7 @@ def test_existing_run_without_resume_is_refused(corpus_file, run_dir):
 
 # --- generate ---------------------------------------------------------------------------------
 
+
 def test_generate_errors(tmp_path, run_dir):
     assert_one_line_error(invoke("generate", tmp_path / "nothing", "--prompt", "x"), "checkpoint not found")
     (run_dir / "last" / "model.safetensors").unlink()
@@ -183,6 +198,7 @@ def test_generate_errors(tmp_path, run_dir):
 
 
 # --- the installed program --------------------------------------------------------------------
+
 
 def _entry_point() -> str:
     exe = Path(sys.executable).parent / "llmkit"
@@ -193,22 +209,30 @@ def _entry_point() -> str:
 
 def test_installed_entry_point_runs_and_fails_cleanly(tmp_path, corpus_file):
     env = {**os.environ, "LLMKIT_CACHE": str(tmp_path / "cache")}
-    ok = subprocess.run([_entry_point(), "pretrain", str(corpus_file), "-o", str(tmp_path / "r"), "--steps", "2",
-                         *_sets()], capture_output=True, text=True, env=env, timeout=300)
+    ok = subprocess.run(
+        [_entry_point(), "pretrain", str(corpus_file), "-o", str(tmp_path / "r"), "--steps", "2", *_sets()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip().endswith("best")
-    bad = subprocess.run([_entry_point(), "generate", str(tmp_path / "nope")], capture_output=True, text=True,
-                         env=env, timeout=60)
+    bad = subprocess.run(
+        [_entry_point(), "generate", str(tmp_path / "nope")], capture_output=True, text=True, env=env, timeout=60
+    )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "checkpoint not found" in bad.stderr
     usage = subprocess.run([_entry_point(), "pretrain", "--no-such-flag"], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys\nfrom typer.testing import CliRunner\nfrom llmkit.cli.app import app\n"
-            "for args in ([ '--help'], ['pretrain', '--help'], ['tokenize', '--help'], ['generate', '--help']):\n"
-            "    r = CliRunner().invoke(app, args)\n    assert r.exit_code == 0, r.output\n"
-            "print('torch' in sys.modules)\n")
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom llmkit.cli.app import app\n"
+        "for args in ([ '--help'], ['pretrain', '--help'], ['tokenize', '--help'], ['generate', '--help']):\n"
+        "    r = CliRunner().invoke(app, args)\n    assert r.exit_code == 0, r.output\n"
+        "print('torch' in sys.modules)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -232,8 +256,20 @@ def test_core_never_imports_the_cli_typer_or_rich():
 def test_a_budget_without_preset_sizes_the_model(tmp_path):
     from llmkit.core.training import recipe
 
-    quick = ["--set", "tokenizer.vocab_size=400", "--set", "train.samples=0", "--set", "train.report=false",
-             "--set", "train.dtype=fp32", "--set", "train.compile=false", "--set", "train.eval_every=5"]
+    quick = [
+        "--set",
+        "tokenizer.vocab_size=400",
+        "--set",
+        "train.samples=0",
+        "--set",
+        "train.report=false",
+        "--set",
+        "train.dtype=fp32",
+        "--set",
+        "train.compile=false",
+        "--set",
+        "train.eval_every=5",
+    ]
     r = invoke("pretrain", "-o", tmp_path / "auto", "--time", "3s", *quick)
     assert r.exit_code == 0, r.output
     assert "sized to the budget" in r.stderr

@@ -5,16 +5,28 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
-
 from conftest import TINY_SETS
-from llmkit.cli.app import app
 from test_cli import assert_one_line_error
 from test_finetune import SUMMER, WINTER, write_jsonl
+from typer.testing import CliRunner
+
+from llmkit.cli.app import app
 
 runner = CliRunner()
-FAST = ["--set", "train.eval_every=2", "--set", "train.log_every=1", "--set", "optim.warmup_steps=1",
-        "--set", "train.batch_size=4", "--set", "train.device=cpu", "--set", "train.dtype=fp32"]
+FAST = [
+    "--set",
+    "train.eval_every=2",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "optim.warmup_steps=1",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.device=cpu",
+    "--set",
+    "train.dtype=fp32",
+]
 
 
 def invoke(*args, input=None):
@@ -27,22 +39,55 @@ def data(tmp_path_factory):
     rows = [{"text": t, "label": "été"} for t in SUMMER] + [{"text": t, "label": "hiver"} for t in WINTER]
     write_jsonl(d / "train.jsonl", rows)
     write_jsonl(d / "dev.jsonl", rows[:3] + rows[-3:] + [{"text": "Les feuilles tombent.", "label": "automne"}])
-    (d / "train.csv").write_text("phrase,saison\n" + "".join(f"\"{r['text']}\",{r['label']}\n" for r in rows))
-    write_jsonl(d / "pairs.jsonl", [{"src": f"le {w} dort", "tgt": f"the {e} sleeps"} for w, e in
-                                    (("chat", "cat"), ("chien", "dog"), ("roi", "king"), ("loup", "wolf"),
-                                     ("lion", "lion"), ("ours", "bear"))])
-    write_jsonl(d / "chat.jsonl", [{"messages": [{"role": "user", "content": f"Capitale de {p} ?"},
-                                                 {"role": "assistant", "content": c}]}
-                                   for p, c in (("France", "Paris"), ("Italie", "Rome"), ("Espagne", "Madrid"),
-                                                ("Portugal", "Lisbonne"), ("Grèce", "Athènes"))])
+    (d / "train.csv").write_text("phrase,saison\n" + "".join(f'"{r["text"]}",{r["label"]}\n' for r in rows))
+    write_jsonl(
+        d / "pairs.jsonl",
+        [
+            {"src": f"le {w} dort", "tgt": f"the {e} sleeps"}
+            for w, e in (
+                ("chat", "cat"),
+                ("chien", "dog"),
+                ("roi", "king"),
+                ("loup", "wolf"),
+                ("lion", "lion"),
+                ("ours", "bear"),
+            )
+        ],
+    )
+    write_jsonl(
+        d / "chat.jsonl",
+        [
+            {"messages": [{"role": "user", "content": f"Capitale de {p} ?"}, {"role": "assistant", "content": c}]}
+            for p, c in (
+                ("France", "Paris"),
+                ("Italie", "Rome"),
+                ("Espagne", "Madrid"),
+                ("Portugal", "Lisbonne"),
+                ("Grèce", "Athènes"),
+            )
+        ],
+    )
     return d
 
 
 @pytest.fixture(scope="module")
 def classifier(trained_run, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("clf") / "run"
-    r = invoke("finetune", trained_run, "--task", "classify", "--data", data / "train.jsonl", "--val",
-               data / "dev.jsonl", "--out", out, "--steps", 4, *FAST)
+    r = invoke(
+        "finetune",
+        trained_run,
+        "--task",
+        "classify",
+        "--data",
+        data / "train.jsonl",
+        "--val",
+        data / "dev.jsonl",
+        "--out",
+        out,
+        "--steps",
+        4,
+        *FAST,
+    )
     assert r.exit_code == 0, r.output
     assert "1 validation example(s) have labels unseen in training (automne)" in r.stderr
     assert "accuracy" in r.stderr and "confusion" in r.stderr
@@ -52,8 +97,23 @@ def classifier(trained_run, data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def translator(trained_run, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("tr") / "run"
-    r = invoke("finetune", trained_run, "--task", "translate", "--data", data / "pairs.jsonl", "--out", out,
-               "--steps", 4, "--lora", "--lora-rank", 2, "--merge", *FAST)
+    r = invoke(
+        "finetune",
+        trained_run,
+        "--task",
+        "translate",
+        "--data",
+        data / "pairs.jsonl",
+        "--out",
+        out,
+        "--steps",
+        4,
+        "--lora",
+        "--lora-rank",
+        2,
+        "--merge",
+        *FAST,
+    )
     assert r.exit_code == 0, r.output
     assert r.stdout.strip().endswith("merged") and "with LoRA" in r.stderr and "chrF" in r.stderr
     return out
@@ -88,18 +148,37 @@ def test_classifier_checkpoint_encodes(classifier, tmp_path):
 
 
 def test_csv_columns(trained_run, data, tmp_path):
-    r = invoke("finetune", trained_run, "--task", "classify", "--data", data / "train.csv", "--text-field", "phrase",
-               "--label-field", "saison", "--out", tmp_path / "csv", "--steps", 2, "--pooling", "mean",
-               "--class-weights", "balanced", "--freeze-trunk", *FAST)
+    r = invoke(
+        "finetune",
+        trained_run,
+        "--task",
+        "classify",
+        "--data",
+        data / "train.csv",
+        "--text-field",
+        "phrase",
+        "--label-field",
+        "saison",
+        "--out",
+        tmp_path / "csv",
+        "--steps",
+        2,
+        "--pooling",
+        "mean",
+        "--class-weights",
+        "balanced",
+        "--freeze-trunk",
+        *FAST,
+    )
     assert r.exit_code == 0, r.output
     assert "held out of" in r.stderr and "training 66 parameters" in r.stderr
 
 
 def test_translate_generate_and_eval(translator, data):
-    from llmkit.core.store.checkpoint import load_model
     from llmkit.core.config import SampleConfig
-    from llmkit.core.text.examples import encode_prompt
     from llmkit.core.decoding.steps import decode_batch
+    from llmkit.core.store.checkpoint import load_model
+    from llmkit.core.text.examples import encode_prompt
 
     r = invoke("generate", translator / "merged", "-n", 6, "--json", input="le chat dort\nle roi dort\n")
     assert r.exit_code == 0, r.output
@@ -107,8 +186,13 @@ def test_translate_generate_and_eval(translator, data):
     assert [x["prompt"] for x in rows] == ["le chat dort", "le roi dort"]
     model, ckpt = load_model(translator / "merged")
     ids = encode_prompt(ckpt.tokenizer, ckpt.task.prompt_template, [("user", "le chat dort")])
-    want = decode_batch(model, [ids], SampleConfig(max_new_tokens=6, temperature=0.0), eos_id=ckpt.tokenizer.eos_id,
-                        decode=ckpt.tokenizer.decode)[0].text
+    want = decode_batch(
+        model,
+        [ids],
+        SampleConfig(max_new_tokens=6, temperature=0.0),
+        eos_id=ckpt.tokenizer.eos_id,
+        decode=ckpt.tokenizer.decode,
+    )[0].text
     assert rows[0]["text"] == want  # the template applied, greedy by default for a translator
     raw = invoke("generate", translator / "merged", "-n", 6, "--raw", "--greedy", "-p", "le chat dort")
     assert raw.stdout.startswith("le chat dort")  # --raw: a plain continuation of the text
@@ -118,8 +202,25 @@ def test_translate_generate_and_eval(translator, data):
 
 def test_instruct_messages_and_eval(trained_run, data, tmp_path):
     out = tmp_path / "chat"
-    r = invoke("finetune", trained_run, "--task", "instruct", "--data", data / "chat.jsonl", "--val",
-               data / "chat.jsonl", "--out", out, "--steps", 2, "--template", "Q: {prompt}\nR: ", "--set", "task.max_new_tokens=8", *FAST)
+    r = invoke(
+        "finetune",
+        trained_run,
+        "--task",
+        "instruct",
+        "--data",
+        data / "chat.jsonl",
+        "--val",
+        data / "chat.jsonl",
+        "--out",
+        out,
+        "--steps",
+        2,
+        "--template",
+        "Q: {prompt}\nR: ",
+        "--set",
+        "task.max_new_tokens=8",
+        *FAST,
+    )
     assert r.exit_code == 0, r.output
     assert "template: 'Q: {prompt}\\nR: '" in r.stderr
     report = json.loads(invoke("eval", out, data / "chat.jsonl", "--json").stdout)
@@ -127,8 +228,21 @@ def test_instruct_messages_and_eval(trained_run, data, tmp_path):
 
 
 def test_continued_pretraining_and_lm_eval(trained_run, corpus_file, tmp_path):
-    r = invoke("finetune", trained_run, "--task", "lm", "--data", corpus_file, "--out", tmp_path / "lm",
-               "--steps", 2, "--set", "train.eval_batches=2", *FAST)
+    r = invoke(
+        "finetune",
+        trained_run,
+        "--task",
+        "lm",
+        "--data",
+        corpus_file,
+        "--out",
+        tmp_path / "lm",
+        "--steps",
+        2,
+        "--set",
+        "train.eval_batches=2",
+        *FAST,
+    )
     assert r.exit_code == 0, r.output
     report = json.loads(invoke("eval", tmp_path / "lm", corpus_file, "--json").stdout)
     assert report["task"] == "lm" and report["bits_per_byte"] > 0 and report["perplexity"] > 1
@@ -136,24 +250,42 @@ def test_continued_pretraining_and_lm_eval(trained_run, corpus_file, tmp_path):
 
 def _bad(trained_run, tmp_path, rows_or_text, *extra, name="bad.jsonl"):
     f = tmp_path / name
-    f.write_text(rows_or_text if isinstance(rows_or_text, str) else
-                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_or_text))
-    return invoke("finetune", trained_run, "--data", f, "--out", tmp_path / "o", "--steps", 2, *FAST,
-                  *(extra or ("--task", "classify")))
+    f.write_text(
+        rows_or_text
+        if isinstance(rows_or_text, str)
+        else "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_or_text)
+    )
+    return invoke(
+        "finetune",
+        trained_run,
+        "--data",
+        f,
+        "--out",
+        tmp_path / "o",
+        "--steps",
+        2,
+        *FAST,
+        *(extra or ("--task", "classify")),
+    )
 
 
 def test_bad_training_data(trained_run, tmp_path):
-    assert_one_line_error(_bad(trained_run, tmp_path, [{"text": "a", "label": "x"}, {"text": "b"}]),
-                          "bad.jsonl: line 2 has no field 'label' (choose it with --label-field)")
-    assert_one_line_error(_bad(trained_run, tmp_path, [{"texte": "a", "label": "x"}]),
-                          "line 1 has no field 'text'")
-    assert_one_line_error(_bad(trained_run, tmp_path, [{"text": "a", "label": "x"}, {"text": "b", "label": "x"}]),
-                          "only one class ('x')")
-    assert_one_line_error(_bad(trained_run, tmp_path, '{"text": "a", "label": "x"}\n{"text": "b", label}\n'),
-                          "bad.jsonl: line 2 is not valid JSON")
+    assert_one_line_error(
+        _bad(trained_run, tmp_path, [{"text": "a", "label": "x"}, {"text": "b"}]),
+        "bad.jsonl: line 2 has no field 'label' (choose it with --label-field)",
+    )
+    assert_one_line_error(_bad(trained_run, tmp_path, [{"texte": "a", "label": "x"}]), "line 1 has no field 'text'")
+    assert_one_line_error(
+        _bad(trained_run, tmp_path, [{"text": "a", "label": "x"}, {"text": "b", "label": "x"}]), "only one class ('x')"
+    )
+    assert_one_line_error(
+        _bad(trained_run, tmp_path, '{"text": "a", "label": "x"}\n{"text": "b", label}\n'),
+        "bad.jsonl: line 2 is not valid JSON",
+    )
     assert_one_line_error(_bad(trained_run, tmp_path, "a,b\n", name="bad.parquet"), "unknown format '.parquet'")
-    assert_one_line_error(_bad(trained_run, tmp_path, [{"prompt": "a"}], "--task", "instruct"),
-                          "line 1 has no field 'response'")
+    assert_one_line_error(
+        _bad(trained_run, tmp_path, [{"prompt": "a"}], "--task", "instruct"), "line 1 has no field 'response'"
+    )
     assert not (tmp_path / "o").exists()  # a run that fails before training leaves nothing behind
 
 
@@ -167,27 +299,66 @@ def test_blank_rows_and_long_examples_are_counted(trained_run, tmp_path):
 
 def test_bad_options(trained_run, classifier, data, tmp_path):
     train = data / "train.jsonl"
-    assert_one_line_error(invoke("finetune", trained_run, "--data", train, "--out", tmp_path / "a"), "--task is required")
-    assert_one_line_error(invoke("finetune", trained_run, "--task", "classify", "--data", train, "--merge",
-                                 "--out", tmp_path / "b"), "--merge folds LoRA adapters")
-    assert_one_line_error(invoke("finetune", trained_run, "--task", "instruct", "--data", train, "--freeze-trunk",
-                                 "--out", tmp_path / "c"), "--freeze-trunk trains a classification head only")
-    assert_one_line_error(invoke("finetune", trained_run, "--task", "summarize", "--data", train,
-                                 "--out", tmp_path / "d"), "task.kind: must be one of")
-    assert_one_line_error(invoke("finetune", trained_run, "--task", "instruct", "--data", train,
-                                 "--out", classifier, "--resume", "auto"), "--task instruct does not match")
+    assert_one_line_error(
+        invoke("finetune", trained_run, "--data", train, "--out", tmp_path / "a"), "--task is required"
+    )
+    assert_one_line_error(
+        invoke("finetune", trained_run, "--task", "classify", "--data", train, "--merge", "--out", tmp_path / "b"),
+        "--merge folds LoRA adapters",
+    )
+    assert_one_line_error(
+        invoke(
+            "finetune", trained_run, "--task", "instruct", "--data", train, "--freeze-trunk", "--out", tmp_path / "c"
+        ),
+        "--freeze-trunk trains a classification head only",
+    )
+    assert_one_line_error(
+        invoke("finetune", trained_run, "--task", "summarize", "--data", train, "--out", tmp_path / "d"),
+        "task.kind: must be one of",
+    )
+    assert_one_line_error(
+        invoke("finetune", trained_run, "--task", "instruct", "--data", train, "--out", classifier, "--resume", "auto"),
+        "--task instruct does not match",
+    )
 
 
 def test_wrong_kind_of_checkpoint(trained_run, classifier):
-    assert_one_line_error(invoke("generate", classifier, "-p", "x"),
-                          "is a classify checkpoint, not a language model: use llmkit classify")
-    assert_one_line_error(invoke("classify", trained_run, "x"), "is a lm checkpoint, not a classifier: use llmkit generate")
+    assert_one_line_error(
+        invoke("generate", classifier, "-p", "x"), "is a classify checkpoint, not a language model: use llmkit classify"
+    )
+    assert_one_line_error(
+        invoke("classify", trained_run, "x"), "is a lm checkpoint, not a classifier: use llmkit generate"
+    )
 
 
 def test_resume_from_a_checkpoint_with_another_tokenizer(trained_run, data, tmp_path, corpus_file):
     other = tmp_path / "other"
-    r = invoke("pretrain", corpus_file, "--out", other, "--steps", 1, *[a for s in TINY_SETS for a in ("--set", s)],
-               "--set", "tokenizer.vocab_size=420", "--set", "train.samples=0")
+    r = invoke(
+        "pretrain",
+        corpus_file,
+        "--out",
+        other,
+        "--steps",
+        1,
+        *[a for s in TINY_SETS for a in ("--set", s)],
+        "--set",
+        "tokenizer.vocab_size=420",
+        "--set",
+        "train.samples=0",
+    )
     assert r.exit_code == 0, r.output
-    assert_one_line_error(invoke("finetune", trained_run, "--task", "lm", "--data", corpus_file, "--out", tmp_path / "x",
-                                 "--resume", other / "last"), "does not match the checkpoint's: vocab_size")
+    assert_one_line_error(
+        invoke(
+            "finetune",
+            trained_run,
+            "--task",
+            "lm",
+            "--data",
+            corpus_file,
+            "--out",
+            tmp_path / "x",
+            "--resume",
+            other / "last",
+        ),
+        "does not match the checkpoint's: vocab_size",
+    )

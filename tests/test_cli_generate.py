@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from test_cli import assert_one_line_error
 from typer.testing import CliRunner
 
 from llmkit.cli.app import app
-from test_cli import assert_one_line_error
 
 runner = CliRunner()
 
@@ -28,8 +28,9 @@ def test_json_many_prompts_from_a_file_and_num_samples(trained_run, tmp_path):
     r = gen(trained_run, "--prompt-file", f, "--json", "-n", 5, "--num-samples", 2, "--seed", 1, "--batch-size", 3)
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [(x["prompt"], x["sample"]) for x in rows] == [(p, s) for p in ("Le pain", "La mer", "Une ville")
-                                                          for s in (0, 1)]
+    assert [(x["prompt"], x["sample"]) for x in rows] == [
+        (p, s) for p in ("Le pain", "La mer", "Une ville") for s in (0, 1)
+    ]
     assert all(x["finish_reason"] in ("eos", "length", "stop") and x["tokens"] <= 5 for x in rows)
     # batching does not change outputs: the same prompts one at a time give the same texts
     r1 = gen(trained_run, "--prompt-file", f, "--json", "-n", 5, "--num-samples", 2, "--seed", 1, "--batch-size", 1)
@@ -52,8 +53,27 @@ def test_show_probs_and_beams_and_penalties(trained_run):
     r = gen(trained_run, "--prompt", "Le", "-n", 6, "--num-beams", 3, "--length-penalty", 0.8, "--json")
     assert r.exit_code == 0, r.output
     assert "score" in json.loads(r.stdout)
-    r = gen(trained_run, "--prompt", "Le", "-n", 8, "--repetition-penalty", 1.3, "--no-repeat-ngram", 2,
-            "--presence-penalty", 0.5, "--frequency-penalty", 0.5, "--top-p", 0.9, "--min-p", 0.05, "--seed", 0)
+    r = gen(
+        trained_run,
+        "--prompt",
+        "Le",
+        "-n",
+        8,
+        "--repetition-penalty",
+        1.3,
+        "--no-repeat-ngram",
+        2,
+        "--presence-penalty",
+        0.5,
+        "--frequency-penalty",
+        0.5,
+        "--top-p",
+        0.9,
+        "--min-p",
+        0.05,
+        "--seed",
+        0,
+    )
     assert r.exit_code == 0, r.output
 
 
@@ -77,15 +97,18 @@ def test_long_prompt_warns_once_and_keeps_its_end(trained_run):
     assert r.stderr.count("longer than the context") == 1
 
 
-@pytest.mark.parametrize("args, phrase", [
-    (["--temperature", "-0.5"], "--temperature: must be >= 0"),
-    (["--top-p", "0"], "--top-p: must be in (0, 1]"),
-    (["--top-p", "1.5"], "--top-p: must be in (0, 1]"),
-    (["--top-k", "-1"], "--top-k: must be >= 0"),
-    (["--num-beams", "0"], "--num-beams: must be >= 1"),
-    (["--num-beams", "3", "--top-k", "5"], "cannot be combined with --top-k"),
-    (["--num-beams", "3", "--temperature", "0.7"], "cannot be combined with --temperature"),
-])
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        (["--temperature", "-0.5"], "--temperature: must be >= 0"),
+        (["--top-p", "0"], "--top-p: must be in (0, 1]"),
+        (["--top-p", "1.5"], "--top-p: must be in (0, 1]"),
+        (["--top-k", "-1"], "--top-k: must be >= 0"),
+        (["--num-beams", "0"], "--num-beams: must be >= 1"),
+        (["--num-beams", "3", "--top-k", "5"], "cannot be combined with --top-k"),
+        (["--num-beams", "3", "--temperature", "0.7"], "cannot be combined with --temperature"),
+    ],
+)
 def test_bad_flags(trained_run, args, phrase):
     assert_one_line_error(gen(trained_run, "--prompt", "x", *args), phrase)
 

@@ -9,8 +9,12 @@ from llmkit.core.errors import ConfigError
 def test_precedence_defaults_preset_file_set_flags(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("model:\n  n_layer: 3\noptim:\n  lr: 5e-4\ntrain:\n  batch_size: 8\n")
-    cfg = resolve_run_config(preset="tiny", config_file=cfg_file, sets=["train.batch_size=6"],
-                             flags={"train": {"batch_size": 5, "steps": None}})
+    cfg = resolve_run_config(
+        preset="tiny",
+        config_file=cfg_file,
+        sets=["train.batch_size=6"],
+        flags={"train": {"batch_size": 5, "steps": None}},
+    )
     assert cfg.model.d_model == 128  # preset
     assert cfg.model.n_layer == 3  # file over preset
     assert cfg.train.batch_size == 5  # flag over --set over file
@@ -42,13 +46,16 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
         resolve_run_config(config_file=f)
 
 
-@pytest.mark.parametrize("item, message", [
-    ("train.batch_size=0", "train.batch_size: must be positive"),
-    ("optim.lr=-1", "optim.lr: must be positive"),
-    ("train.steps=-5", "train.steps: must not be negative"),
-    ("model.n_layer=abc", "model.n_layer: expected an integer"),
-    ("train.time=soon", "train.time: cannot read 'soon'"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("train.batch_size=0", "train.batch_size: must be positive"),
+        ("optim.lr=-1", "optim.lr: must be positive"),
+        ("train.steps=-5", "train.steps: must not be negative"),
+        ("model.n_layer=abc", "model.n_layer: expected an integer"),
+        ("train.time=soon", "train.time: cannot read 'soon'"),
+    ],
+)
 def test_invalid_values_name_the_key(item, message):
     with pytest.raises(ConfigError, match=message):
         resolve_run_config(sets=[item])

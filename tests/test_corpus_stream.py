@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import need_module
+
 from llmkit.core.config import DataConfig, TokenizerConfig
-from llmkit.core.files import stream
-from llmkit.core.text.token_cache import Source, encode_text, load_or_build, load_source
-from llmkit.core.files.corpus import decode_text, resolve_files
-from llmkit.core.text.mix import check_fits, load_corpus, mixed_starts, parse_mix, plan_sources
-from llmkit.core.text.batches import batch_generator
 from llmkit.core.errors import ConfigError, DataError
+from llmkit.core.files import stream
+from llmkit.core.files.corpus import decode_text, resolve_files
+from llmkit.core.text.batches import batch_generator
+from llmkit.core.text.mix import check_fits, load_corpus, mixed_starts, parse_mix, plan_sources
+from llmkit.core.text.token_cache import Source, encode_text, load_or_build, load_source
 
 
 def single_pass(paths: list[Path], tok, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +47,7 @@ def _corpus(tmp_path: Path, sample_docs: list[str], copies: int = 3) -> list[Pat
     not change."""
     paths = []
     for i in range(copies):
-        text = f"Document {i}.\n" + "\n".join(sample_docs)[i * 97:] + "\n" + ("é" * 3000) + " fin\n"
+        text = f"Document {i}.\n" + "\n".join(sample_docs)[i * 97 :] + "\n" + ("é" * 3000) + " fin\n"
         data = text.encode("utf-8")
         if i == 1:
             data = b"\xef\xbb\xbf" + data.replace(b"\n", b"\r\n")
@@ -118,8 +118,12 @@ def test_a_build_killed_at_70_percent_resumes_byte_identical(tmp_path, tokenizer
     tokenizer.save(tmp_path / "tok")
     cache = tmp_path / "killed"
     env = {**os.environ, "W": str(workers)}
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "tok"), str(cache), *map(str, paths)],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(tmp_path / "tok"), str(cache), *map(str, paths)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == -9, proc.stderr
     builds = list((cache / "tokens").glob("build-*"))
     assert len(builds) == 1 and (builds[0] / "state.json").is_file()
@@ -196,7 +200,7 @@ def test_jsonl_records_round_trip(tmp_path, tokenizer, sample_docs, small_chunks
         while ids:
             end = ids.index(tokenizer.eos_id)
             out.append(tokenizer.decode(ids[:end]))
-            ids = ids[end + 1:]
+            ids = ids[end + 1 :]
     assert sorted(out) == sorted(set(docs))  # every record once, whole, on one side
     assert data.meta["documents"] == len(set(docs)) and data.val.size > 0
 
@@ -232,8 +236,9 @@ def test_exact_duplicates_are_dropped_and_counted(tmp_path, tokenizer, sample_do
 
 
 def test_mixing_draws_sources_in_proportion_and_is_a_pure_function_of_the_step():
-    draws = np.concatenate([mixed_starts([10_000, 500], [0.7, 0.3], 64, 32, batch_generator(0, s))[0]
-                            for s in range(300)])
+    draws = np.concatenate(
+        [mixed_starts([10_000, 500], [0.7, 0.3], 64, 32, batch_generator(0, s))[0] for s in range(300)]
+    )
     share = float(np.mean(draws == 0))
     assert abs(share - 0.7) < 0.02, share  # 19,200 draws: 6 standard errors
     a = mixed_starts([10_000, 500], [0.7, 0.3], 64, 32, batch_generator(0, 41))
@@ -296,6 +301,7 @@ def test_tokenizer_trains_on_a_sample_and_reports_it(tmp_path, sample_docs):
 
 # --- bad inputs: one clear line each ---------------------------------------------------------------
 
+
 def test_a_damaged_shard_is_rebuilt_never_trusted(tmp_path, tokenizer, sample_docs, small_chunks):
     paths = _corpus(tmp_path, sample_docs, copies=1)
     data = load_or_build(paths, tokenizer, _cfg(tmp_path))
@@ -346,8 +352,20 @@ def test_pretrain_mixes_sources_and_reports_each_validation_loss(tmp_path, sampl
     wiki = tmp_path / "wiki.jsonl"
     wiki.write_text("".join(json.dumps({"body": d}) + "\n" for d in _records(sample_docs) * 2))
     out = tmp_path / "run"
-    result = invoke("pretrain", "--mix", f"{tmp_path / 'novels'}=0.7", "--mix", f"{wiki}=0.3", "--text-field", "body",
-                    "-o", out, "--steps", 4, *_sets())
+    result = invoke(
+        "pretrain",
+        "--mix",
+        f"{tmp_path / 'novels'}=0.7",
+        "--mix",
+        f"{wiki}=0.3",
+        "--text-field",
+        "body",
+        "-o",
+        out,
+        "--steps",
+        4,
+        *_sets(),
+    )
     assert result.exit_code == 0, result.stderr
     assert "duplicate(s) dropped" in result.stderr and "novels" in result.stderr
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

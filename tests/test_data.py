@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from llmkit.core.config import DataConfig
-from llmkit.core.files.corpus import read_corpus, resolve_corpus
-from llmkit.core.text.token_cache import load_or_build
-from llmkit.core.text.mix import Corpus, check_fits
-from llmkit.core.text.batches import batch_generator, train_batch
 from llmkit.core.errors import DataError
+from llmkit.core.files.corpus import read_corpus, resolve_corpus
+from llmkit.core.text.batches import batch_generator, train_batch
+from llmkit.core.text.mix import Corpus, check_fits
+from llmkit.core.text.token_cache import load_or_build
 
 
 def test_split_follows_line_boundaries(tmp_path, tokenizer):

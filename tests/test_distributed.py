@@ -20,9 +20,22 @@ from llmkit.cli.app import app
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-SETS = ["model.d_model=32", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.context=32",
-        "model.dropout=0.0", "train.eval_every=3", "train.eval_batches=2", "train.save_every=3",
-        "train.samples=0", "train.log_every=1", "optim.warmup_steps=2", "train.dtype=fp32", "train.device=cpu"]
+SETS = [
+    "model.d_model=32",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_kv_head=1",
+    "model.context=32",
+    "model.dropout=0.0",
+    "train.eval_every=3",
+    "train.eval_batches=2",
+    "train.save_every=3",
+    "train.samples=0",
+    "train.log_every=1",
+    "optim.warmup_steps=2",
+    "train.dtype=fp32",
+    "train.device=cpu",
+]
 
 
 def llmkit_cmd(nproc: int, *args) -> list[str]:
@@ -45,8 +58,9 @@ def pretrain_args(out: Path, tok: Path, *extra) -> list:
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok") / "tok"
-    r = CliRunner().invoke(app, ["tokenize", "train", str(ROOT / "llmkit" / "sample"), "-o", str(out),
-                                 "--vocab-size", "400"])
+    r = CliRunner().invoke(
+        app, ["tokenize", "train", str(ROOT / "llmkit" / "sample"), "-o", str(out), "--vocab-size", "400"]
+    )
     assert r.exit_code == 0, r.output
     return out
 
@@ -84,8 +98,11 @@ def assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
 def losses(run_dir: Path) -> list[float]:
     import json
 
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if '"event": "step"' in line]
+    return [
+        json.loads(line)["loss"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"event": "step"' in line
+    ]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -106,13 +123,30 @@ def test_two_processes_train_like_one(one_process, tok, tmp_path, strategy):
 
 
 def test_killed_and_resumed_matches_uninterrupted(tok, tmp_path):
-    steps = ["--steps", 240, "--set", "train.save_every=5", "--set", "train.eval_every=1000",
-             "--set", "train.keep_checkpoints=0", "--set", "model.context=64", "--set", "model.d_model=64"]
+    steps = [
+        "--steps",
+        240,
+        "--set",
+        "train.save_every=5",
+        "--set",
+        "train.eval_every=1000",
+        "--set",
+        "train.keep_checkpoints=0",
+        "--set",
+        "model.context=64",
+        "--set",
+        "model.d_model=64",
+    ]
     straight = tmp_path / "straight"
     assert run(2, *pretrain_args(straight, tok, *steps)).returncode == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(llmkit_cmd(2, *pretrain_args(killed, tok, *steps)), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        llmkit_cmd(2, *pretrain_args(killed, tok, *steps)),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 120
     while not (killed / "step-000020").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -146,9 +180,17 @@ def test_a_failing_rank_stops_the_job_with_its_message(tok, tmp_path):
         "    p.plan_sources = broken\n"
         "from llmkit.cli.app import main\n"
         "sys.argv = ['llmkit', *sys.argv[1:]]\n"
-        "main()\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           *map(str, pretrain_args(tmp_path / "out", tok, "--steps", 50))]
+        "main()\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        *map(str, pretrain_args(tmp_path / "out", tok, "--steps", 50)),
+    ]
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0

@@ -5,17 +5,23 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_cli import assert_one_line_error
 from typer.testing import CliRunner
 
 from llmkit.cli.app import app
-from llmkit.core.jobs import embed
 from llmkit.core.config import POOLINGS
+from llmkit.core.jobs import embed
 from llmkit.core.jobs.embed import EmbedConfig, embed_batch, embed_items, encode_to_file, load_index
 from llmkit.core.model.transformer import Transformer
-from test_cli import assert_one_line_error
 
-ITEMS = ["Le pain de campagne sort du four.", "La mer.", "Les abeilles dansent pour indiquer les fleurs.",
-         "Un", "Le fromage de comté mûrit dans les caves du Jura.", "La ville rose."]
+ITEMS = [
+    "Le pain de campagne sort du four.",
+    "La mer.",
+    "Les abeilles dansent pour indiquer les fleurs.",
+    "Un",
+    "Le fromage de comté mûrit dans les caves du Jura.",
+    "La ville rose.",
+]
 
 
 @pytest.fixture
@@ -83,11 +89,21 @@ def test_interrupted_run_resumes_from_rows_written(model, tokenizer, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        encode_to_file(model, tokenizer, ITEMS, out, EmbedConfig(), model_id="m", chunk=2,
-                       on_progress=stop_after_first_chunk)
+        encode_to_file(
+            model, tokenizer, ITEMS, out, EmbedConfig(), model_id="m", chunk=2, on_progress=stop_after_first_chunk
+        )
     seen = []
-    encode_to_file(model, tokenizer, ITEMS, out, EmbedConfig(), model_id="m", chunk=2, resume=True,
-                   on_progress=lambda d, t, x: seen.append(d))
+    encode_to_file(
+        model,
+        tokenizer,
+        ITEMS,
+        out,
+        EmbedConfig(),
+        model_id="m",
+        chunk=2,
+        resume=True,
+        on_progress=lambda d, t, x: seen.append(d),
+    )
     assert seen[0] == 2  # started where it stopped
     full = tmp_path / "full.npy"
     encode_to_file(model, tokenizer, ITEMS, full, EmbedConfig(), model_id="m")
@@ -139,7 +155,9 @@ def test_cli_encode_errors(trained_run, tmp_path):
     ok = tmp_path / "ok.txt"
     ok.write_text("Le pain\n")
     assert_one_line_error(enc(trained_run, ok, "-o", tmp_path / "x.parquet"), "unsupported extension .parquet")
-    assert_one_line_error(enc(trained_run, ok, "-o", tmp_path / "x.npy", "--layer", 9), "out of range: this model has layers -3..2")
+    assert_one_line_error(
+        enc(trained_run, ok, "-o", tmp_path / "x.npy", "--layer", 9), "out of range: this model has layers -3..2"
+    )
     index = tmp_path / "i.npy"
     assert enc(trained_run, ok, "-o", index).exit_code == 0
     meta = json.loads(embed.meta_path(index).read_text())
@@ -162,6 +180,6 @@ def test_file_source_streams_the_same_items_and_names_bad_bytes(tmp_path):
     src = embed.ItemSource.from_file(f, column="t").scan()
     assert list(src) == ["Le pain, chaud", "La mer\nmonte"] and src.n == 2
     bad = tmp_path / "bad.txt"
-    bad.write_bytes("Le pain\n".encode() + "été".encode("latin-1") + b"\n")
+    bad.write_bytes(b"Le pain\n" + "été".encode("latin-1") + b"\n")
     with pytest.raises(embed.DataError, match="not valid UTF-8 at byte offset 8"):
         embed.ItemSource.from_file(bad).scan()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from errors_catalog import CASES, HERE, build_world, documented, run_case
 
 

@@ -22,8 +22,12 @@ def _emitted() -> set[str]:
     names = set()
     for path in (ROOT / "llmkit" / "core").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "events"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "events"
+            ):
                 names.add(node.func.attr)
     return names - {"ignore"}
 
@@ -38,8 +42,11 @@ def test_every_event_core_emits_is_defined_once_with_named_fields():
         assert [f.name for f in dataclasses.fields(cls)], cls
 
 
-@pytest.mark.parametrize("listener", [PretrainView, FinetuneView, MetricsLog, report],
-                         ids=["PretrainView", "FinetuneView", "MetricsLog", "report"])
+@pytest.mark.parametrize(
+    "listener",
+    [PretrainView, FinetuneView, MetricsLog, report],
+    ids=["PretrainView", "FinetuneView", "MetricsLog", "report"],
+)
 def test_every_kind_has_a_listener_in_the_view_the_metrics_log_and_the_report(listener):
     declared = listener.LISTENS
     missing = [cls.__name__ for cls in events.Event.__subclasses__() if cls not in declared]
@@ -66,8 +73,11 @@ def test_a_failed_report_is_shown_in_the_view_logged_and_on_the_page(tmp_path, c
     err = capsys.readouterr().err
     assert "could not be drawn" in err and "no fonts" in err
     log = MetricsLog(tmp_path / "metrics.jsonl")
-    log(events.Step(step=1, loss=2.0, lr=1e-3, grad_norm=1.0, tokens=64, elapsed_s=0.1, tokens_per_s=640.0,
-                    progress=0.5))
+    log(
+        events.Step(
+            step=1, loss=2.0, lr=1e-3, grad_norm=1.0, tokens=64, elapsed_s=0.1, tokens_per_s=640.0, progress=0.5
+        )
+    )
     log(events.ReportFailed(error="RuntimeError: no fonts <b>"))
     log(events.Tick(step=1, elapsed_s=0.1, progress=0.5))
     rows = read_metrics(tmp_path / "metrics.jsonl")
@@ -79,8 +89,17 @@ def test_a_failed_report_is_shown_in_the_view_logged_and_on_the_page(tmp_path, c
 def test_json_lines_keep_their_shape(capsys):
     view = PretrainView(quiet=True, json_lines=True)
     view(events.Save(what="best", path="runs/x/best", step=4))
-    ev = events.Eval(step=4, metrics={"val_loss": 1.5, "val_bpb": 2.0}, best_val_loss=1.5, metric="val_loss",
-                     score=1.5, best_score=1.5, improved=True, tokens=10, elapsed_s=1.0)
+    ev = events.Eval(
+        step=4,
+        metrics={"val_loss": 1.5, "val_bpb": 2.0},
+        best_val_loss=1.5,
+        metric="val_loss",
+        score=1.5,
+        best_score=1.5,
+        improved=True,
+        tokens=10,
+        elapsed_s=1.0,
+    )
     view(ev)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == '{"event": "save", "kind": "best", "path": "runs/x/best", "step": 4}'

@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkit.core.store.checkpoint import load_model
 from llmkit.core.config import SampleConfig
 from llmkit.core.decoding.decoder import Decoder
-from llmkit.core.errors import ConfigError
-from llmkit.core.decoding.steps import decode_batch
-from llmkit.core.model.transformer import Transformer
-from llmkit.core.model.quantize import Int8Linear, available, int8_copy, quantize_int8
 from llmkit.core.decoding.speculative import DraftModel, PromptLookup, speculative_batch
+from llmkit.core.decoding.steps import decode_batch
+from llmkit.core.errors import ConfigError
+from llmkit.core.model.quantize import Int8Linear, available, int8_copy, quantize_int8
+from llmkit.core.model.transformer import Transformer
+from llmkit.core.store.checkpoint import load_model
 from llmkit.core.training.loop import mean_token_loss
 
 PROMPTS = ["Le chat", "La mer est calme. La mer est", "", "Il était une fois, il était une fois, il"]
@@ -44,8 +44,9 @@ def _draft_like(model, seed):
 
 def _speculative(model, tok, prompts, cfg, proposers, k=4):
     # Unpaced: every pass carries the guesses (the pacer's timing would make the test's path vary).
-    return speculative_batch(model, prompts, cfg, proposers, eos_id=tok.eos_id, decode=tok.decode,
-                             device="cpu", draft_tokens=k, paced=False)
+    return speculative_batch(
+        model, prompts, cfg, proposers, eos_id=tok.eos_id, decode=tok.decode, device="cpu", draft_tokens=k, paced=False
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 40])
@@ -54,8 +55,12 @@ def test_speculative_output_is_the_plain_greedy_output(target, n, k):
     model, ckpt = target
     tok = ckpt.tokenizer
     twin = int8_copy(model)
-    proposers = {"self": lambda: DraftModel(model, "cpu"), "other": lambda: DraftModel(_draft_like(model, 1), "cpu"),
-                 "int8 twin": lambda: DraftModel(twin, "cpu"), "lookup": lambda: PromptLookup(3)}
+    proposers = {
+        "self": lambda: DraftModel(model, "cpu"),
+        "other": lambda: DraftModel(_draft_like(model, 1), "cpu"),
+        "int8 twin": lambda: DraftModel(twin, "cpu"),
+        "lookup": lambda: PromptLookup(3),
+    }
     cfg = SampleConfig(temperature=0.0, max_new_tokens=n)
     prompts = [tok.encode_text(text) for text in PROMPTS]
     plain = [_plain(model, tok, ids, n) for ids in prompts]  # each prompt alone, the plain way
@@ -117,8 +122,10 @@ def test_batched_speculation_with_holes_and_slides_stays_exact(target, sharp):
     for n, k in [(3 * context, 4), (context + 3, 2), (9, 3)]:
         cfg = SampleConfig(temperature=0.0, max_new_tokens=n)
         plain = [_plain(sharp, tok, ids, n) for ids in prompts]
-        mixed = [[_Misled(vocab), PromptLookup(3), DraftModel(_draft_like(sharp, b), "cpu")][b % 3]
-                 for b in range(len(prompts))]
+        mixed = [
+            [_Misled(vocab), PromptLookup(3), DraftModel(_draft_like(sharp, b), "cpu")][b % 3]
+            for b in range(len(prompts))
+        ]
         fast = _speculative(sharp, tok, prompts, cfg, mixed, k)
         assert [o.ids for o in fast] == [o.ids for o in plain], (n, k)
         assert [o.finish_reason for o in fast] == [o.finish_reason for o in plain]
@@ -200,8 +207,9 @@ def test_paced_speculation_is_still_the_plain_greedy_output(target, sharp):
     tok = ckpt.tokenizer
     prompts = [tok.encode_text(t) for t in PROMPTS]
     cfg = SampleConfig(temperature=0.0, max_new_tokens=50)
-    fast = speculative_batch(sharp, prompts, cfg, [PromptLookup(2) for _ in prompts], eos_id=tok.eos_id,
-                             decode=tok.decode, device="cpu")
+    fast = speculative_batch(
+        sharp, prompts, cfg, [PromptLookup(2) for _ in prompts], eos_id=tok.eos_id, decode=tok.decode, device="cpu"
+    )
     assert [o.ids for o in fast] == [_plain(sharp, tok, ids, 50).ids for ids in prompts]
 
 
@@ -220,8 +228,7 @@ def test_the_decoder_refuses_speculation_where_it_would_change_the_output(target
     with pytest.raises(ConfigError, match="greedy"):
         Decoder(model, ckpt.tokenizer, SampleConfig(temperature=0.8, lookup=3), "cpu")
     with pytest.raises(ConfigError, match="penalties"):
-        Decoder(model, ckpt.tokenizer, SampleConfig(temperature=0.0, repetition_penalty=1.2), "cpu",
-                draft=model)
+        Decoder(model, ckpt.tokenizer, SampleConfig(temperature=0.0, repetition_penalty=1.2), "cpu", draft=model)
     other = Transformer(type(model.cfg)(**{**model.cfg.__dict__, "vocab_size": model.cfg.vocab_size + 1}))
     with pytest.raises(ConfigError, match="vocabulary"):
         Decoder(model, ckpt.tokenizer, SampleConfig(temperature=0.0), "cpu", draft=other)
@@ -232,6 +239,7 @@ def test_the_decoder_refuses_speculation_where_it_would_change_the_output(target
 
 
 # --- int8 ------------------------------------------------------------------------------------------
+
 
 def test_int8_linear_is_the_dequantized_product():
     assert available()  # torch's int8 weight-only kernel, in every build llmkit supports
@@ -262,12 +270,33 @@ def test_int8_perplexity_moves_less_than_two_percent(target, sample_docs):
 
 
 def test_generate_cli_with_int8_and_lookup(trained_run):
-    out = subprocess.run([sys.executable, "-m", "llmkit", "generate", str(trained_run), "-p", "Le chat. Le chat. Le chat. Le",
-                          "-n", "8", "--greedy", "--quantize", "int8", "--lookup", "2"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmkit",
+            "generate",
+            str(trained_run),
+            "-p",
+            "Le chat. Le chat. Le chat. Le",
+            "-n",
+            "8",
+            "--greedy",
+            "--quantize",
+            "int8",
+            "--lookup",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "guesses accepted" in out.stderr
-    bad = subprocess.run([sys.executable, "-m", "llmkit", "generate", str(trained_run), "-p", "x", "--quantize", "int4"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "llmkit", "generate", str(trained_run), "-p", "x", "--quantize", "int4"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: --quantize")
 
 
@@ -277,7 +306,9 @@ def test_the_int8_twin_shares_every_other_tensor_and_leaves_the_model_alone(targ
     before = model(x)
     twin = int8_copy(model)
     assert not any(isinstance(m, torch.nn.Linear) for m in twin.modules())
-    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == sum(isinstance(m, Int8Linear) for m in twin.modules())
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == sum(
+        isinstance(m, Int8Linear) for m in twin.modules()
+    )
     assert torch.equal(model(x), before)  # the model is still fp32
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     for name, t in [*twin.named_parameters(), *twin.named_buffers()]:
@@ -294,7 +325,18 @@ def test_the_int8_twin_shares_every_other_tensor_and_leaves_the_model_alone(targ
 
 
 def test_generate_cli_with_the_int8_twin_as_draft(trained_run):
-    args = [sys.executable, "-m", "llmkit", "generate", str(trained_run), "-p", "Il était une fois", "-n", "12", "--greedy"]
+    args = [
+        sys.executable,
+        "-m",
+        "llmkit",
+        "generate",
+        str(trained_run),
+        "-p",
+        "Il était une fois",
+        "-n",
+        "12",
+        "--greedy",
+    ]
     plain = subprocess.run(args, capture_output=True, text=True)
     twin = subprocess.run(args + ["--draft", "int8"], capture_output=True, text=True)
     assert plain.returncode == 0 and twin.returncode == 0, twin.stderr
@@ -312,5 +354,3 @@ def test_the_server_can_serve_int8_weights(trained_run):
     server = Server(trained_run, quantize="int8")
     assert any(isinstance(m, Int8Linear) for m in server.model.modules())
     assert not any(isinstance(m, torch.nn.Linear) for m in server.model.modules())
-
-

@@ -21,15 +21,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import TINY_SETS
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
 EXE = str(Path(sys.executable).parent / "llmkit")
-SETS = [a for s in [*TINY_SETS, "model.dropout=0.1", "train.samples=0", "train.patience=0", "train.eval_every=50",
-                    "train.save_every=20", "train.log_every=10"] for a in ("--set", s)]
+SETS = [
+    a
+    for s in [
+        *TINY_SETS,
+        "model.dropout=0.1",
+        "train.samples=0",
+        "train.patience=0",
+        "train.eval_every=50",
+        "train.save_every=20",
+        "train.log_every=10",
+    ]
+    for a in ("--set", s)
+]
 KILLS = 20
 MOST_KILLS = 15
 ITEMS = 40000
@@ -113,9 +123,30 @@ def test_lora_finetune_killed_20_times_ends_bit_identical(tmp_path, corpus):
     rows = [{"text": " ".join(rng.choice(words) for _ in range(12)), "label": f"c{i % 3}"} for i in range(300)]
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
-    args = lambda out: ["finetune", str(base), "--task", "classify", "--data", str(data), "-o", str(out),  # noqa: E731
-                        "--lora", "--steps", "5000", "--resume", "auto", "-q", *SETS, "--set", "lora.dropout=0.1",
-                        "--set", "train.eval_every=250"]
+
+    def args(out):
+        return [
+            "finetune",
+            str(base),
+            "--task",
+            "classify",
+            "--data",
+            str(data),
+            "-o",
+            str(out),
+            "--lora",
+            "--steps",
+            "5000",
+            "--resume",
+            "auto",
+            "-q",
+            *SETS,
+            "--set",
+            "lora.dropout=0.1",
+            "--set",
+            "train.eval_every=250",
+        ]
+
     ref = run(args(tmp_path / "ref"), tmp_path)
     assert ref.returncode == 0, ref.stderr
     report = kill_and_resume(args(tmp_path / "run"), tmp_path, kills=KILLS, delays=(1.5, 3.5), seed=2)
@@ -128,8 +159,25 @@ def test_lora_finetune_killed_20_times_ends_bit_identical(tmp_path, corpus):
 
 def test_encode_of_40000_lines_killed_20_times_ends_identical(tmp_path, corpus):
     model = tmp_path / "m"
-    assert run(["pretrain", str(corpus), "-o", str(model), "--preset", "tiny", "--steps", "2", "-q",
-                "--set", "train.samples=0"], tmp_path).returncode == 0
+    assert (
+        run(
+            [
+                "pretrain",
+                str(corpus),
+                "-o",
+                str(model),
+                "--preset",
+                "tiny",
+                "--steps",
+                "2",
+                "-q",
+                "--set",
+                "train.samples=0",
+            ],
+            tmp_path,
+        ).returncode
+        == 0
+    )
     rng = random.Random(3)
     sentences = [s.strip() for s in corpus.read_text(encoding="utf-8").replace("\n", " ").split(".") if len(s) > 20]
     items = tmp_path / "items.txt"
@@ -137,13 +185,15 @@ def test_encode_of_40000_lines_killed_20_times_ends_identical(tmp_path, corpus):
     args = lambda out: ["encode", str(model), str(items), "-o", str(out), "--batch-size", "8", "-q"]  # noqa: E731
     ref = run(args(tmp_path / "ref.npy"), tmp_path)
     assert ref.returncode == 0, ref.stderr
-    first = subprocess.Popen([EXE, *args(tmp_path / "run.npy")], env=env(tmp_path),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [EXE, *args(tmp_path / "run.npy")], env=env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     time.sleep(2.5)
     first.kill()
     first.wait()
-    report = kill_and_resume([*args(tmp_path / "run.npy"), "--resume"], tmp_path, kills=KILLS - 1,
-                             delays=(1.5, 4.5), seed=3)
+    report = kill_and_resume(
+        [*args(tmp_path / "run.npy"), "--resume"], tmp_path, kills=KILLS - 1, delays=(1.5, 4.5), seed=3
+    )
     assert not report["failures"], report["failures"]
     assert report["kills"] >= MOST_KILLS - 1, report
     assert report["final"].returncode == 0, report["final"].stderr
@@ -156,12 +206,26 @@ def test_encode_of_40000_lines_killed_20_times_ends_identical(tmp_path, corpus):
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_mid_run_writes_the_current_step_and_resume_is_exact(tmp_path, corpus, sig, code):
-    args = lambda out: ["pretrain", str(corpus), "-o", str(out), "--steps", "1500", "--resume", "auto", *SETS,  # noqa: E731
-                        "--set", "train.save_every=100000"]
+    def args(out):
+        return [
+            "pretrain",
+            str(corpus),
+            "-o",
+            str(out),
+            "--steps",
+            "1500",
+            "--resume",
+            "auto",
+            *SETS,
+            "--set",
+            "train.save_every=100000",
+        ]
+
     ref = run(args(tmp_path / "ref"), tmp_path)
     assert ref.returncode == 0, ref.stderr
-    proc = subprocess.Popen([EXE, *args(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env(tmp_path))
+    proc = subprocess.Popen(
+        [EXE, *args(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(tmp_path)
+    )
     log = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count('"event": "step"') >= 12):
@@ -186,8 +250,22 @@ def test_a_full_disk_stops_in_one_line_and_keeps_every_checkpoint(tmp_path, corp
         pytest.skip("cannot mount a small tmpfs here (needs root); test_reliability.py injects ENOSPC instead")
     try:
         out = disk / "run"
-        r = run(["pretrain", str(corpus), "-o", str(out), "--steps", "400", *SETS, "--set", "train.save_every=2",
-                 "--set", "train.keep_checkpoints=0"], tmp_path)
+        r = run(
+            [
+                "pretrain",
+                str(corpus),
+                "-o",
+                str(out),
+                "--steps",
+                "400",
+                *SETS,
+                "--set",
+                "train.save_every=2",
+                "--set",
+                "train.keep_checkpoints=0",
+            ],
+            tmp_path,
+        )
         assert r.returncode == 1, r.stderr
         lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and "No space left on device" in lines[0] and "Traceback" not in r.stderr

@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkit.core.model import fast, few_rows
-
-from llmkit.core.host import machine
 from llmkit.core.config import ModelConfig, SampleConfig
-from llmkit.core.model.few_rows import FewRowLinear, transposed_linear
 from llmkit.core.decoding.steps import decode_batch
+from llmkit.core.host import machine
+from llmkit.core.model import fast, few_rows
+from llmkit.core.model.few_rows import FewRowLinear, transposed_linear
 from llmkit.core.model.transformer import Transformer
 
 CFG = ModelConfig(vocab_size=97, d_model=48, n_layer=2, n_head=4, n_kv_head=2, context=64)

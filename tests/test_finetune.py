@@ -9,21 +9,40 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmkit.core.store import checkpoint as ckpt_io
 from llmkit.core.config import TaskConfig
-from llmkit.core.text.examples import pair_sequence, read_examples
 from llmkit.core.jobs.finetune import finetune, plan
 from llmkit.core.model.heads import attach_classifier, classify_logits
 from llmkit.core.model.transformer import Transformer
+from llmkit.core.store import checkpoint as ckpt_io
 from llmkit.core.tasks.objectives import balanced_weights, classify_texts, epoch_indices, pair_batch
+from llmkit.core.text.examples import pair_sequence, read_examples
 
-FT_SETS = ["train.eval_every=4", "train.save_every=4", "train.log_every=1", "optim.warmup_steps=2",
-           "train.batch_size=8", "train.dtype=fp32", "train.device=cpu"]
+FT_SETS = [
+    "train.eval_every=4",
+    "train.save_every=4",
+    "train.log_every=1",
+    "optim.warmup_steps=2",
+    "train.batch_size=8",
+    "train.dtype=fp32",
+    "train.device=cpu",
+]
 
-SUMMER = ["Le soleil brille et il fait chaud.", "La plage est chaude en été.", "Le soleil de midi est brûlant.",
-          "Nous nageons dans la mer chaude.", "Un été chaud sous le soleil.", "La chaleur du soleil d'été."]
-WINTER = ["La neige tombe et il fait froid.", "Le froid de l'hiver est glacial.", "La neige couvre la ville.",
-          "Un hiver froid et gris.", "Il gèle, la neige est froide.", "Le vent d'hiver est glacé."]
+SUMMER = [
+    "Le soleil brille et il fait chaud.",
+    "La plage est chaude en été.",
+    "Le soleil de midi est brûlant.",
+    "Nous nageons dans la mer chaude.",
+    "Un été chaud sous le soleil.",
+    "La chaleur du soleil d'été.",
+]
+WINTER = [
+    "La neige tombe et il fait froid.",
+    "Le froid de l'hiver est glacial.",
+    "La neige couvre la ville.",
+    "Un hiver froid et gris.",
+    "Il gèle, la neige est froide.",
+    "Le vent d'hiver est glacé.",
+]
 
 
 def write_jsonl(path, rows):
@@ -39,15 +58,31 @@ def seasons(tmp_path):
 
 @pytest.fixture
 def pairs(tmp_path):
-    rows = [{"src": f"le {w} est grand", "tgt": f"the {e} is big"}
-            for w, e in (("chat", "cat"), ("chien", "dog"), ("pain", "bread"), ("ciel", "sky"), ("mur", "wall"),
-                         ("lac", "lake"), ("roi", "king"), ("port", "harbour"))]
+    rows = [
+        {"src": f"le {w} est grand", "tgt": f"the {e} is big"}
+        for w, e in (
+            ("chat", "cat"),
+            ("chien", "dog"),
+            ("pain", "bread"),
+            ("ciel", "sky"),
+            ("mur", "wall"),
+            ("lac", "lake"),
+            ("roi", "king"),
+            ("port", "harbour"),
+        )
+    ]
     return write_jsonl(tmp_path / "pairs.jsonl", rows)
 
 
 def run_finetune(base, out, data, *sets, val=None, merge=False, resume=None, task="classify", stop_at=None):
-    cfg, ckpt, resume_from = plan(base, out, resume=resume, config_file=None, sets=[*FT_SETS, *sets],
-                                  flags={"task": {"kind": task if resume is None else None}})
+    cfg, ckpt, resume_from = plan(
+        base,
+        out,
+        resume=resume,
+        config_file=None,
+        sets=[*FT_SETS, *sets],
+        flags={"task": {"kind": task if resume is None else None}},
+    )
     events = []
 
     def on_event(event):
@@ -56,8 +91,9 @@ def run_finetune(base, out, data, *sets, val=None, merge=False, resume=None, tas
         if kind == "step" and data["step"] == stop_at:
             raise KeyboardInterrupt
 
-    result = finetune([str(d) for d in data], out, cfg, base=ckpt, val=val, resume_from=resume_from,
-                      merge=merge, on_event=on_event)
+    result = finetune(
+        [str(d) for d in data], out, cfg, base=ckpt, val=val, resume_from=resume_from, merge=merge, on_event=on_event
+    )
     return result, events
 
 
@@ -83,12 +119,12 @@ def test_prompt_is_masked_out_of_the_loss(tokenizer):
     x, y = pair_batch([seq], mask_prompt=True)
     targets = y[0].tolist()
     assert targets[: len(prompt) - 1] == [-100] * (len(prompt) - 1)
-    assert targets[len(prompt) - 1:] == seq.ids[len(prompt):]
+    assert targets[len(prompt) - 1 :] == seq.ids[len(prompt) :]
     # Behaviour, not bookkeeping: the loss does not depend on the logits at prompt positions.
     logits = torch.randn(1, x.size(1), tokenizer.vocab_size, requires_grad=True)
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100).backward()
     assert logits.grad[0, : len(prompt) - 1].abs().sum() == 0
-    assert logits.grad[0, len(prompt) - 1:].abs().sum() > 0
+    assert logits.grad[0, len(prompt) - 1 :].abs().sum() > 0
     _, y_all = pair_batch([seq], mask_prompt=False)
     assert (y_all[0] != -100).all()
 
@@ -97,13 +133,13 @@ def test_long_examples_keep_the_start_of_the_response(tokenizer):
     long_prompt = "mot " * 80
     seq = pair_sequence(tokenizer, "{prompt}", [("user", long_prompt), ("assistant", "fin de la réponse")], context=24)
     assert seq.truncated and len(seq.ids) == 25
-    assert seq.ids[seq.n_prompt:] == tokenizer.encode("fin de la réponse") + [tokenizer.eos_id]
+    assert seq.ids[seq.n_prompt :] == tokenizer.encode("fin de la réponse") + [tokenizer.eos_id]
 
 
 def test_epoch_indices_cover_each_example_once_per_epoch():
     idx = epoch_indices(10, seed=3, start=0, count=30)
     for e in range(3):
-        assert sorted(idx[10 * e: 10 * (e + 1)]) == list(range(10))
+        assert sorted(idx[10 * e : 10 * (e + 1)]) == list(range(10))
     assert epoch_indices(10, 3, 7, 9) == idx[7:16]  # a pure function of the position: exact resume
 
 
@@ -113,14 +149,23 @@ def test_balanced_weights():
 
 
 def test_instruct_row_shapes(tmp_path):
-    f = write_jsonl(tmp_path / "i.jsonl", [
-        {"prompt": "a", "response": "b"},
-        {"instruction": "traduis", "input": "chat", "output": "cat"},
-        {"messages": [{"role": "system", "content": "sois bref"}, {"role": "user", "content": "u1"},
-                      {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
-                      {"role": "assistant", "content": "a2"}]},
-        {"prompt": "  ", "response": "vide"},
-    ])
+    f = write_jsonl(
+        tmp_path / "i.jsonl",
+        [
+            {"prompt": "a", "response": "b"},
+            {"instruction": "traduis", "input": "chat", "output": "cat"},
+            {
+                "messages": [
+                    {"role": "system", "content": "sois bref"},
+                    {"role": "user", "content": "u1"},
+                    {"role": "assistant", "content": "a1"},
+                    {"role": "user", "content": "u2"},
+                    {"role": "assistant", "content": "a2"},
+                ]
+            },
+            {"prompt": "  ", "response": "vide"},
+        ],
+    )
     s = read_examples(f, TaskConfig(kind="instruct"))
     assert [e.response for e in s.examples] == ["b", "cat", "a2"] and s.blank == 1
     assert s.examples[1].prompt == "traduis\n\nchat"
@@ -128,8 +173,9 @@ def test_instruct_row_shapes(tmp_path):
 
 
 def test_a_tiny_classifier_learns_a_separable_task(trained_run, seasons, tmp_path):
-    result, events = run_finetune(trained_run, tmp_path / "clf", [seasons], "train.steps=60", "optim.lr=3e-3",
-                                  "task.val_fraction=0.2")
+    result, events = run_finetune(
+        trained_run, tmp_path / "clf", [seasons], "train.steps=60", "optim.lr=3e-3", "task.val_fraction=0.2"
+    )
     assert result.best is not None
     model, ckpt = ckpt_io.load_model(result.last)
     assert ckpt.kind == "classify" and ckpt.task.labels == ("hiver", "été")
@@ -151,8 +197,17 @@ def test_freeze_trunk_trains_the_head_only(trained_run, seasons, tmp_path):
 
 
 def test_lora_run_saves_the_adapter_apart_and_merges(trained_run, pairs, tmp_path):
-    result, events = run_finetune(trained_run, tmp_path / "tr", [pairs], "train.steps=4", "lora.enabled=true",
-                                  "lora.rank=4", "optim.lr=1e-2", merge=True, task="translate")
+    result, events = run_finetune(
+        trained_run,
+        tmp_path / "tr",
+        [pairs],
+        "train.steps=4",
+        "lora.enabled=true",
+        "lora.rank=4",
+        "optim.lr=1e-2",
+        merge=True,
+        task="translate",
+    )
     best = result.best
     adapter = load_file(str(best / "adapter.safetensors"))
     assert adapter and all(k.endswith(("lora_a", "lora_b")) for k in adapter)
@@ -172,8 +227,16 @@ def test_lora_run_saves_the_adapter_apart_and_merges(trained_run, pairs, tmp_pat
 
 
 def test_lora_resume_is_exact(trained_run, pairs, tmp_path):
-    sets = ("lora.enabled=true", "lora.rank=4", "lora.dropout=0.1", "optim.lr=1e-2", "train.save_every=2",
-            "train.eval_every=2", "train.keep_checkpoints=0", "task.eval_limit=2")
+    sets = (
+        "lora.enabled=true",
+        "lora.rank=4",
+        "lora.dropout=0.1",
+        "optim.lr=1e-2",
+        "train.save_every=2",
+        "train.eval_every=2",
+        "train.keep_checkpoints=0",
+        "task.eval_limit=2",
+    )
     straight, _ = run_finetune(trained_run, tmp_path / "a", [pairs], "train.steps=4", *sets, task="translate")
     first, _ = run_finetune(trained_run, tmp_path / "b", [pairs], "train.steps=4", *sets, task="translate", stop_at=2)
     assert first.stop_reason == "interrupted"
@@ -185,8 +248,9 @@ def test_lora_resume_is_exact(trained_run, pairs, tmp_path):
 
 
 def test_continued_pretraining(trained_run, corpus_file, tmp_path):
-    result, events = run_finetune(trained_run, tmp_path / "lm", [corpus_file], "train.steps=2",
-                                  "train.eval_batches=2", task="lm")
+    result, events = run_finetune(
+        trained_run, tmp_path / "lm", [corpus_file], "train.steps=2", "train.eval_batches=2", task="lm"
+    )
     ckpt = ckpt_io.read_checkpoint(result.last)
     assert ckpt.kind == "lm" and ckpt.task.init_from.endswith("best")
     evals = [d for k, d in events if k == "eval"]

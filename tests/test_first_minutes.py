@@ -1,17 +1,18 @@
 """What a newcomer meets first: budgets on resume, clean text, pipes, exit codes, early refusals."""
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 
-from llmkit.core.config import resolve_run_config
-from llmkit.core.decoding.steps import TextStream, drop_invalid
 from test_cli import _sets, assert_one_line_error, invoke
 
+from llmkit.core.config import resolve_run_config
+from llmkit.core.decoding.steps import TextStream, drop_invalid
 
 # --- budgets --------------------------------------------------------------------------------------
+
 
 def test_a_budget_given_on_resume_replaces_the_saved_one():
     saved = {"train": {"time": "90s", "steps": 0, "batch_size": 4}}
@@ -29,14 +30,24 @@ def test_resume_with_steps_after_a_time_run_runs_the_steps(tmp_path, corpus_file
     first = invoke("pretrain", corpus_file, "-o", out, "--time", "1s", *_sets("train.samples=0"))
     assert first.exit_code == 0, first.output
     done = json.loads((out / "last" / "trainer_state.json").read_text())["step"]
-    more = invoke("pretrain", corpus_file, "-o", out, "--resume", "auto", "--steps", done + 3,
-                  *_sets("train.samples=0", "train.patience=0"))
+    more = invoke(
+        "pretrain",
+        corpus_file,
+        "-o",
+        out,
+        "--resume",
+        "auto",
+        "--steps",
+        done + 3,
+        *_sets("train.samples=0", "train.patience=0"),
+    )
     assert more.exit_code == 0, more.output
     assert f"budget: {done + 3} steps" in more.stderr  # the resumed run says what it runs under
     assert json.loads((out / "last" / "trainer_state.json").read_text())["step"] == done + 3
 
 
 # --- text as a reader sees it -----------------------------------------------------------------------
+
 
 def test_split_utf8_sequences_are_held_back_until_complete(tokenizer):
     text = "café crème, où ça ? 🙂 déjà"
@@ -62,6 +73,7 @@ def test_invalid_bytes_are_dropped_and_an_unfinished_character_is_left_out(token
 
 
 # --- pipes and exit codes -----------------------------------------------------------------------------
+
 
 def test_a_closed_stdout_ends_quietly(trained_run):
     exe = os.path.join(os.path.dirname(sys.executable), "llmkit")
@@ -98,6 +110,7 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_any_work(tmp_path
 
 # --- what runs say ----------------------------------------------------------------------------------
 
+
 def test_pretrain_json_ends_with_a_result_event(tmp_path, corpus_file):
     r = invoke("pretrain", corpus_file, "-o", tmp_path / "r", "--steps", 2, "--json", *_sets())
     assert r.exit_code == 0, r.output
@@ -110,14 +123,38 @@ def test_finetune_says_which_context_would_fit(tmp_path, trained_run):
     data = tmp_path / "pairs.jsonl"
     long = "une phrase assez longue pour déborder " * 3
     data.write_text("\n".join(json.dumps({"src": long + str(i), "tgt": "court"}) for i in range(12)))
-    r = invoke("finetune", trained_run, "--task", "translate", "--data", data, "-o", tmp_path / "t", "--steps", 1,
-               *_sets("task.eval_limit=1", "task.max_new_tokens=2"))
+    r = invoke(
+        "finetune",
+        trained_run,
+        "--task",
+        "translate",
+        "--data",
+        data,
+        "-o",
+        tmp_path / "t",
+        "--steps",
+        1,
+        *_sets("task.eval_limit=1", "task.max_new_tokens=2"),
+    )
     assert r.exit_code == 0, r.output
     assert "fits 95% of them" in r.stderr and "--context" in r.stderr
     fits_all = int(re.search(r"\((\d+) fits all\)", r.stderr).group(1))
     assert fits_all > 32  # the base's context
-    wider = invoke("finetune", trained_run, "--task", "translate", "--data", data, "-o", tmp_path / "w", "--steps", 1,
-                   "--context", fits_all, *_sets("task.eval_limit=1", "task.max_new_tokens=2"))
+    wider = invoke(
+        "finetune",
+        trained_run,
+        "--task",
+        "translate",
+        "--data",
+        data,
+        "-o",
+        tmp_path / "w",
+        "--steps",
+        1,
+        "--context",
+        fits_all,
+        *_sets("task.eval_limit=1", "task.max_new_tokens=2"),
+    )
     assert wider.exit_code == 0, wider.output
     assert "truncated" not in wider.stderr
     assert f"context: {fits_all}" in (tmp_path / "w" / "config.yaml").read_text()

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from llmkit.core.config import ModelConfig, SampleConfig
+from llmkit.core.decoding.sampling import next_token, top_k_filter
 from llmkit.core.decoding.steps import TextStream, beam_search, decode_batch
 from llmkit.core.model.transformer import Transformer
-from llmkit.core.decoding.sampling import next_token, top_k_filter
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ENDX"
 
@@ -42,8 +42,9 @@ def test_same_seed_same_tokens_and_different_seeds_differ(tiny_model_cfg):
 
 def test_generation_slides_past_the_context(tiny_model_cfg):
     model = _model(tiny_model_cfg)
-    out = decode_batch(model, [[1] * 30], SampleConfig(max_new_tokens=50, temperature=0), eos_id=None,
-                       decode=char_decode)[0]
+    out = decode_batch(
+        model, [[1] * 30], SampleConfig(max_new_tokens=50, temperature=0), eos_id=None, decode=char_decode
+    )[0]
     assert out.finish_reason == "length"
     assert len(out.ids) == 50  # 30 + 50 tokens > context 32: the window slid instead of failing
 
@@ -51,8 +52,10 @@ def test_generation_slides_past_the_context(tiny_model_cfg):
 def test_batched_equals_unbatched(tiny_model_cfg):
     model = _model(tiny_model_cfg)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]
-    for cfg in (SampleConfig(max_new_tokens=15, temperature=0),
-                SampleConfig(max_new_tokens=15, temperature=1.0, top_k=0)):
+    for cfg in (
+        SampleConfig(max_new_tokens=15, temperature=0),
+        SampleConfig(max_new_tokens=15, temperature=1.0, top_k=0),
+    ):
         batched = decode_batch(model, prompts, cfg, eos_id=None, decode=char_decode, seeds=[11, 12, 13])
         for p, seed, out in zip(prompts, [11, 12, 13], batched):
             alone = decode_batch(model, [p], cfg, eos_id=None, decode=char_decode, seeds=[seed])[0]
@@ -91,12 +94,22 @@ def _logprob(model, prompt, ids):
 def test_beam_search_beats_greedy_on_a_trap():
     # Greedy takes 1 (0.6) and then faces four equal choices (0.25): 0.15 in all.
     # Through 2 (0.4) the next token is nearly certain (0.99): 0.396.
-    model = Chain({0: {1: 0.6, 2: 0.4}, 1: {2: 0.25, 3: 0.25, 4: 0.25, 5: 0.25}, 2: {3: 0.99, 4: 0.01},
-                   3: {3: 1.0}, 4: {4: 1.0}, 5: {5: 1.0}})
-    greedy = decode_batch(model, [[0]], SampleConfig(max_new_tokens=2, temperature=0), eos_id=None,
-                          decode=char_decode)[0]
-    beam = beam_search(model, [0], SampleConfig(max_new_tokens=2, temperature=0, num_beams=2), eos_id=None,
-                       decode=char_decode)
+    model = Chain(
+        {
+            0: {1: 0.6, 2: 0.4},
+            1: {2: 0.25, 3: 0.25, 4: 0.25, 5: 0.25},
+            2: {3: 0.99, 4: 0.01},
+            3: {3: 1.0},
+            4: {4: 1.0},
+            5: {5: 1.0},
+        }
+    )
+    greedy = decode_batch(model, [[0]], SampleConfig(max_new_tokens=2, temperature=0), eos_id=None, decode=char_decode)[
+        0
+    ]
+    beam = beam_search(
+        model, [0], SampleConfig(max_new_tokens=2, temperature=0, num_beams=2), eos_id=None, decode=char_decode
+    )
     assert greedy.ids[0] == 1 and beam.ids == [2, 3]
     assert _logprob(model, [0], beam.ids) >= _logprob(model, [0], greedy.ids)
 
@@ -104,12 +117,22 @@ def test_beam_search_beats_greedy_on_a_trap():
 def test_beam_search_ends_at_eos_and_length_penalty_changes_the_choice():
     model = Chain({0: {1: 0.5, 2: 0.5}, 1: {5: 0.9, 3: 0.1}, 2: {3: 0.6, 4: 0.4}, 3: {3: 1.0}, 4: {4: 1.0}})
     # By total log-probability, 0 1 <eos> (0.45) beats 0 2 3 3 3 3 (0.30) ...
-    plain = beam_search(model, [0], SampleConfig(max_new_tokens=5, temperature=0, num_beams=3,
-                                                 length_penalty=0.0), eos_id=5, decode=char_decode)
+    plain = beam_search(
+        model,
+        [0],
+        SampleConfig(max_new_tokens=5, temperature=0, num_beams=3, length_penalty=0.0),
+        eos_id=5,
+        decode=char_decode,
+    )
     assert plain.finish_reason == "eos" and plain.ids == [1]
     # ... but per token the long one is better, and a length penalty of 1 prefers it.
-    long = beam_search(model, [0], SampleConfig(max_new_tokens=5, temperature=0, num_beams=3,
-                                                length_penalty=1.0, early_stopping=False), eos_id=5, decode=char_decode)
+    long = beam_search(
+        model,
+        [0],
+        SampleConfig(max_new_tokens=5, temperature=0, num_beams=3, length_penalty=1.0, early_stopping=False),
+        eos_id=5,
+        decode=char_decode,
+    )
     assert long.finish_reason == "length" and long.ids == [2, 3, 3, 3, 3]
 
 
@@ -133,8 +156,13 @@ def test_decode_batch_stops_rows_at_stop_strings():
     order = [CHARS.index(c) for c in "ab END"]
     table = {a: {b: 1.0} for a, b in zip(order, order[1:] + order[:1])}
     model = Chain(table, vocab=len(CHARS))
-    out = decode_batch(model, [[order[-1]]], SampleConfig(max_new_tokens=20, temperature=0, stop=("END",)),
-                       eos_id=None, decode=char_decode)[0]
+    out = decode_batch(
+        model,
+        [[order[-1]]],
+        SampleConfig(max_new_tokens=20, temperature=0, stop=("END",)),
+        eos_id=None,
+        decode=char_decode,
+    )[0]
     assert out.text == "ab " and out.finish_reason == "stop"
 
 
@@ -147,8 +175,9 @@ def test_top_k_filter_keeps_exactly_k():
 
 def test_show_probs_records_the_sampled_distribution(tiny_model_cfg):
     model = _model(tiny_model_cfg)
-    out = decode_batch(model, [[4]], SampleConfig(max_new_tokens=3, temperature=0), eos_id=None,
-                       decode=char_decode, record_probs=True)[0]
+    out = decode_batch(
+        model, [[4]], SampleConfig(max_new_tokens=3, temperature=0), eos_id=None, decode=char_decode, record_probs=True
+    )[0]
     assert len(out.probs) == 3
     for step, tok in zip(out.probs, out.ids):
         assert step.token == tok and step.top[0][0] == tok and 0 < step.prob <= 1
@@ -189,8 +218,14 @@ def test_continuous_batching_equals_each_prompt_alone(tiny_model_cfg):
         outs, joined = _continuous(model, jobs, capacity=3, join_every=2, cfg=cfg)
         assert joined >= 2  # the test does exercise rows joining others mid-flight
         for (ids, seed, n), out in zip(jobs, outs):
-            alone = decode_batch(model, [ids], SampleConfig(max_new_tokens=n, temperature=temperature, top_k=20),
-                                 eos_id=None, decode=char_decode, seeds=[seed])[0]
+            alone = decode_batch(
+                model,
+                [ids],
+                SampleConfig(max_new_tokens=n, temperature=temperature, top_k=20),
+                eos_id=None,
+                decode=char_decode,
+                seeds=[seed],
+            )[0]
             assert out.ids == alone.ids and out.finish_reason == "length"
 
 

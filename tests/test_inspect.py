@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import need_module
+
 from llmkit.core.jobs import introspect as ins
 from llmkit.core.store.checkpoint import load_model
 
@@ -107,7 +107,7 @@ def test_the_embedding_map_from_encode_output(trained_run, tmp_path):
     need_module("matplotlib", "the pictures of llmkit inspect")
     from test_cli import invoke
 
-    vectors = np.concatenate([np.ones((5, 8)), -np.ones((5, 8))]) + np.random.default_rng(0).normal(0, .01, (10, 8))
+    vectors = np.concatenate([np.ones((5, 8)), -np.ones((5, 8))]) + np.random.default_rng(0).normal(0, 0.01, (10, 8))
     np.save(tmp_path / "v.npy", vectors.astype(np.float32))
     (tmp_path / "labels.txt").write_text("\n".join(["a"] * 5 + ["b"] * 5))
     r = invoke("inspect", "--embeddings", tmp_path / "v.npy", "--labels", tmp_path / "labels.txt", "-o", tmp_path)
@@ -120,7 +120,9 @@ def test_inspect_refuses_bad_requests_in_one_line(trained_run, tmp_path):
 
     assert_one_line_error(invoke("inspect", trained_run), "give the text with --text or --file")
     assert_one_line_error(invoke("inspect", trained_run, "--text", "x", "--head", 0), "--head needs --layer")
-    assert_one_line_error(invoke("inspect", trained_run, "--text", "x", "--attention", "--layer", 9), "--layer must be 0..")
+    assert_one_line_error(
+        invoke("inspect", trained_run, "--text", "x", "--attention", "--layer", 9), "--layer must be 0.."
+    )
     assert_one_line_error(invoke("inspect", trained_run, "--text", "mot " * 100), "over the model's context")
     assert_one_line_error(invoke("inspect", trained_run, "--text", "x", "--format", "gif"), "png or svg")
     (tmp_path / "bad.npy").write_text("no")
@@ -135,8 +137,24 @@ def test_every_checkpoint_kind_can_be_inspected(trained_run, tmp_path):
 
     data = Path(__file__).resolve().parents[1] / "examples" / "data"
     clf = tmp_path / "clf"
-    assert invoke("finetune", trained_run, "--task", "classify", "--data", data / "avis.train.jsonl", "--val",
-                  data / "avis.dev.jsonl", "--steps", 2, "-o", clf, "--quiet").exit_code == 0
+    assert (
+        invoke(
+            "finetune",
+            trained_run,
+            "--task",
+            "classify",
+            "--data",
+            data / "avis.train.jsonl",
+            "--val",
+            data / "avis.dev.jsonl",
+            "--steps",
+            2,
+            "-o",
+            clf,
+            "--quiet",
+        ).exit_code
+        == 0
+    )
     r = invoke("inspect", clf, "--text", "Un repas parfait.", "--json")
     assert r.exit_code == 0, r.stderr
     assert set(json.loads(r.stdout)) == {"tokens", "attention", "surprise", "logit_lens"}
@@ -144,5 +162,7 @@ def test_every_checkpoint_kind_can_be_inspected(trained_run, tmp_path):
     try:
         import umap  # noqa: F401
     except ImportError:
-        assert_one_line_error(invoke("inspect", "--embeddings", tmp_path / "v.npy", "--method", "umap", "--json"),
-                              "needs the umap-learn package")
+        assert_one_line_error(
+            invoke("inspect", "--embeddings", tmp_path / "v.npy", "--method", "umap", "--json"),
+            "needs the umap-learn package",
+        )

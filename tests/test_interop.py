@@ -11,32 +11,39 @@ from __future__ import annotations
 import json
 import shutil
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import need_module, shared
 from safetensors.torch import load_file
 
-from conftest import need_module, shared
-from llmkit.core.store.checkpoint import load_model, read_checkpoint
 from llmkit.core.config import EmbedConfig, SampleConfig
-from llmkit.core.jobs.embed import embed_items
-from llmkit.core.errors import CheckpointError
 from llmkit.core.decoding.steps import decode_batch
-from llmkit.core.interop.resolve import import_model
+from llmkit.core.errors import CheckpointError
 from llmkit.core.interop.export import export
+from llmkit.core.interop.resolve import import_model
 from llmkit.core.interop.tokenizer_io import write_hf_tokenizer
+from llmkit.core.jobs.embed import embed_items
+from llmkit.core.store.checkpoint import load_model, read_checkpoint
 
 TEXT = "Bonjour ! L'été 2024, à Paris : le chat dort sur le canapé.\n\tThe cat  sleeps — 42 fois 🙂"
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 ARCHS = {
     "llama": dict(model_type="llama"),
-    "llama3-rope": dict(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                          "high_freq_factor": 4.0,
-                                                          "original_max_position_embeddings": 32}),
+    "llama3-rope": dict(
+        model_type="llama",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
     "llama-head-dim": dict(model_type="llama", head_dim=32),
     "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=None),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
@@ -49,9 +56,17 @@ def _hf_model(arch: str, vocab: int):
     model_type = spec.pop("model_type")
     cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
     config = getattr(transformers, f"{cls}Config")(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0,
-        **({"tie_word_embeddings": True} | spec))
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        **({"tie_word_embeddings": True} | spec),
+    )
     torch.manual_seed(0)
     model = getattr(transformers, f"{cls}ForCausalLM")(config).eval()
     with torch.no_grad():  # random biases, norms too: a zero or one everywhere would hide a mix-up
@@ -84,10 +99,12 @@ def test_logits_and_greedy_generation_equal_transformers(pair):
         ours, theirs = model(x), hf(x).logits
     assert (ours - theirs).abs().max().item() < 1e-5
     prompt = ids[:8]
-    want = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                       pad_token_id=0)[0, len(prompt):].tolist()
-    got = decode_batch(model, [prompt], SampleConfig(max_new_tokens=32, temperature=0), eos_id=None,
-                       decode=ckpt.tokenizer.decode)[0].ids
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)[
+        0, len(prompt) :
+    ].tolist()
+    got = decode_batch(
+        model, [prompt], SampleConfig(max_new_tokens=32, temperature=0), eos_id=None, decode=ckpt.tokenizer.decode
+    )[0].ids
     assert got == want
 
 
@@ -145,8 +162,9 @@ def test_chat_template_travels_and_renders(pair):
     from llmkit.core.text.templates import render
 
     turns = [("user", "Bonjour !"), ("assistant", "Salut."), ("user", "Ça va ?")]
-    want = ref.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False,
-                                   add_generation_prompt=True)
+    want = ref.apply_chat_template(
+        [{"role": r, "content": c} for r, c in turns], tokenize=False, add_generation_prompt=True
+    )
     assert render(ckpt.tokenizer, turns) == want
 
 
@@ -172,6 +190,7 @@ def test_llmkit_trained_model_exports_to_transformers(trained_run, tmp_path):
 
 # --- fine-tuning an imported model -------------------------------------------------------------------
 
+
 def test_finetune_an_imported_model_full_and_lora_resumes_exactly(pair, tmp_path):
     from test_cli import invoke
 
@@ -179,24 +198,64 @@ def test_finetune_an_imported_model_full_and_lora_resumes_exactly(pair, tmp_path
     rows = [{"text": f"{w} {i}", "label": "a" if i % 2 else "b"} for i, w in enumerate(TEXT.split() * 3)]
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
-    sets = ["--set", "train.eval_every=2", "--set", "train.save_every=2", "--set", "train.batch_size=4",
-            "--set", "train.device=cpu", "--set", "train.dtype=fp32"]
-    straight = invoke("finetune", ckpt.path, "--task", "classify", "--data", data, "--lora", "--steps", 4,
-                      "-o", tmp_path / "a", *sets)
+    sets = [
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.save_every=2",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "train.dtype=fp32",
+    ]
+    straight = invoke(
+        "finetune", ckpt.path, "--task", "classify", "--data", data, "--lora", "--steps", 4, "-o", tmp_path / "a", *sets
+    )
     assert straight.exit_code == 0, straight.output
-    half = invoke("finetune", ckpt.path, "--task", "classify", "--data", data, "--lora", "--steps", 2,
-                  "-o", tmp_path / "b", *sets)
+    half = invoke(
+        "finetune", ckpt.path, "--task", "classify", "--data", data, "--lora", "--steps", 2, "-o", tmp_path / "b", *sets
+    )
     assert half.exit_code == 0, half.output
-    rest = invoke("finetune", ckpt.path, "--task", "classify", "--data", data, "--lora", "--steps", 4,
-                  "-o", tmp_path / "b", "--resume", "auto", *sets)
+    rest = invoke(
+        "finetune",
+        ckpt.path,
+        "--task",
+        "classify",
+        "--data",
+        data,
+        "--lora",
+        "--steps",
+        4,
+        "-o",
+        tmp_path / "b",
+        "--resume",
+        "auto",
+        *sets,
+    )
     assert rest.exit_code == 0, rest.output
     a, b = (load_file(str(tmp_path / d / "last" / "adapter.safetensors")) for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
     chats = tmp_path / "chat.jsonl"
-    chats.write_text("\n".join(json.dumps({"prompt": f"Question {i} ?", "response": f"Réponse {i}."})
-                               for i in range(12)))
-    instruct = invoke("finetune", ckpt.path, "--task", "instruct", "--data", chats, "--steps", 2,
-                      "-o", tmp_path / "c", *sets, "--set", "task.max_new_tokens=4")
+    chats.write_text(
+        "\n".join(json.dumps({"prompt": f"Question {i} ?", "response": f"Réponse {i}."}) for i in range(12))
+    )
+    instruct = invoke(
+        "finetune",
+        ckpt.path,
+        "--task",
+        "instruct",
+        "--data",
+        chats,
+        "--steps",
+        2,
+        "-o",
+        tmp_path / "c",
+        *sets,
+        "--set",
+        "task.max_new_tokens=4",
+    )
     assert instruct.exit_code == 0, instruct.output
     assert read_checkpoint(tmp_path / "c").task.template == "chat"  # the model's own format, kept
 
@@ -220,8 +279,10 @@ def test_smollm2_gguf_equals_transformers_gguf_loader(smol):
     need_module("accelerate", "transformers' GGUF loader")
     model, ckpt = load_model(ckpt_path)
     ref_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    text = ("Le petit prince demanda : « S'il vous plaît… dessine-moi un mouton ! » En 1943, Saint-Exupéry "
-            "publiait ce conte.\n\nThe little prince asked,   politely, for 3 sheep. 🐑")
+    text = (
+        "Le petit prince demanda : « S'il vous plaît… dessine-moi un mouton ! » En 1943, Saint-Exupéry "
+        "publiait ce conte.\n\nThe little prince asked,   politely, for 3 sheep. 🐑"
+    )
     ids = ckpt.tokenizer.encode(text)
     assert ids == ref_tok.encode(text, add_special_tokens=False)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -231,11 +292,13 @@ def test_smollm2_gguf_equals_transformers_gguf_loader(smol):
     msgs = [{"role": "user", "content": "Bonjour, qui es-tu ?"}]
     from llmkit.core.text.templates import render
 
-    assert render(ckpt.tokenizer, [("user", msgs[0]["content"])]) == \
-        ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert render(ckpt.tokenizer, [("user", msgs[0]["content"])]) == ref_tok.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True
+    )
 
 
 # --- bad inputs -------------------------------------------------------------------------------------
+
 
 def test_bad_pretrained_models_are_refused_in_one_line(pair, tmp_path):
     _, ckpt, _, folder = pair
@@ -251,6 +314,7 @@ def test_bad_pretrained_models_are_refused_in_one_line(pair, tmp_path):
             cfg = json.loads((d / "config.json").read_text())
             cfg[key] = value
             (d / "config.json").write_text(json.dumps(cfg))
+
         return change
 
     cases = [
@@ -259,8 +323,15 @@ def test_bad_pretrained_models_are_refused_in_one_line(pair, tmp_path):
         (broken("act", config("hidden_act", "gelu")), "hidden_act 'gelu'"),
         (broken("rope", config("rope_scaling", {"rope_type": "yarn", "factor": 4.0})), "rope scaling 'yarn'"),
         (broken("noweights", lambda d: (d / "model.safetensors").unlink()), "has no model.safetensors"),
-        (broken("shard", lambda d: (d / "model.safetensors.index.json").write_text(
-            json.dumps({"weight_map": {"x": "model-00002-of-00002.safetensors"}}))), "shard model-00002"),
+        (
+            broken(
+                "shard",
+                lambda d: (d / "model.safetensors.index.json").write_text(
+                    json.dumps({"weight_map": {"x": "model-00002-of-00002.safetensors"}})
+                ),
+            ),
+            "shard model-00002",
+        ),
         (broken("notok", lambda d: [(d / n).unlink() for n in ("tokenizer.json",)]), "has no tokenizer"),
     ]
     for src, phrase in cases:
@@ -289,11 +360,11 @@ def test_an_unsupported_gguf_tensor_type_is_named(tmp_path, pair):
         gguf_io.SUPPORTED_TYPES = real
 
 
-
 def test_generate_talks_to_a_chat_model_in_its_own_format(pair):
+    from test_cli import invoke
+
     from llmkit.core.config import SampleConfig as S
     from llmkit.core.decoding.decoder import Conversation, Decoder
-    from test_cli import invoke
 
     model, ckpt, _, _ = pair
     r = invoke("generate", ckpt.path, "--chat", "-p", "Bonjour", "-n", 3, "--greedy")
@@ -322,8 +393,12 @@ def test_llama3_rope_table_of_another_converter_is_recognised_or_refused(tmp_pat
     foreign = {k: v for k, v in fields.items() if not k.startswith(gguf_io.LLMKIT_ROPE)}
     c = ckpt.model_cfg
     assert gguf_io.llama3_from_table(np.asarray(table), section, foreign, "x") == dict(
-        rope_scaling="llama3", rope_factor=c.rope_factor, rope_low_freq_factor=c.rope_low_freq_factor,
-        rope_high_freq_factor=c.rope_high_freq_factor, rope_original_context=c.rope_original_context)
+        rope_scaling="llama3",
+        rope_factor=c.rope_factor,
+        rope_low_freq_factor=c.rope_low_freq_factor,
+        rope_high_freq_factor=c.rope_high_freq_factor,
+        rope_original_context=c.rope_original_context,
+    )
     with pytest.raises(CheckpointError, match="rope_freqs table is not a llama3 RoPE scaling llmkit can express"):
         gguf_io.llama3_from_table(np.asarray(table) * 1.5, section, foreign, "x")
 
@@ -338,18 +413,43 @@ def test_a_sentencepiece_vocabulary_in_a_gguf_encodes_as_its_model(tmp_path, sam
     from llmkit.core.interop.tokenizer_io import from_gguf
 
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter("\n".join(sample_docs).split("\n")), model_writer=buf,
-                                   vocab_size=500, model_type="bpe", byte_fallback=True, split_digits=True,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   add_dummy_prefix=True, user_defined_symbols=["<sep>"], minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter("\n".join(sample_docs).split("\n")),
+        model_writer=buf,
+        vocab_size=500,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        user_defined_symbols=["<sep>"],
+        minloglevel=2,
+    )
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     n = sp.get_piece_size()
-    kinds = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else
-             4 if sp.id_to_piece(i) == "<sep>" else 1 for i in range(n)]
-    fields = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
-              "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)], "tokenizer.ggml.token_type": kinds,
-              "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-              "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.add_bos_token": True}
+    kinds = [
+        2
+        if sp.is_unknown(i)
+        else 3
+        if sp.is_control(i)
+        else 6
+        if sp.is_byte(i)
+        else 4
+        if sp.id_to_piece(i) == "<sep>"
+        else 1
+        for i in range(n)
+    ]
+    fields = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+        "tokenizer.ggml.token_type": kinds,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_bos_token": True,
+    }
     tok = from_gguf(fields, "llama2.gguf")
     text = TEXT + " <sep> ¤ 123456 \n\n  fin"
     assert tok.encode(text) == sp.encode(text) and tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))

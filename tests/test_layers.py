@@ -11,8 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "llmkit" / "core"
 
 # Bottom to top. Core's top-level modules are the foundation every layer may use.
-LAYERS = ["(top level)", "host", "files", "text", "model", "decoding", "training", "tasks", "store", "interop",
-          "jobs"]
+LAYERS = ["(top level)", "host", "files", "text", "model", "decoding", "training", "tasks", "store", "interop", "jobs"]
 
 
 def _modules() -> dict[str, Path]:
@@ -76,15 +75,19 @@ def test_each_layer_imports_only_the_layers_below_it():
     for name, path in modules.items():
         for target, line, _, _ in _imports(path, modules):
             if target and _layer(target) > _layer(name):
-                upward.append(f"{path.relative_to(ROOT)}:{line} ({LAYERS[_layer(name)]}) imports "
-                              f"{target} ({LAYERS[_layer(target)]})")
+                upward.append(
+                    f"{path.relative_to(ROOT)}:{line} ({LAYERS[_layer(name)]}) imports "
+                    f"{target} ({LAYERS[_layer(target)]})"
+                )
     assert not upward, "\n".join(upward)
 
 
 def test_core_has_no_import_cycles():
     modules = _modules()
-    graph = {name: {t for t, *_ in _imports(path, modules) if t and t != name and not name.startswith(t + ".")}
-             for name, path in modules.items()}
+    graph = {
+        name: {t for t, *_ in _imports(path, modules) if t and t != name and not name.startswith(t + ".")}
+        for name, path in modules.items()
+    }
     # A package's __init__ is only a docstring: importing 'x.y' runs 'x' first, which imports nothing.
     state: dict[str, int] = {}
     cycle: list[str] = []
@@ -93,7 +96,7 @@ def test_core_has_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycle.extend(stack[stack.index(nxt):] + [node, nxt] if nxt in stack else [node, nxt])
+                cycle.extend(stack[stack.index(nxt) :] + [node, nxt] if nxt in stack else [node, nxt])
                 return True
             if state.get(nxt) is None and visit(nxt, stack + [node]):
                 return True
@@ -117,7 +120,8 @@ def test_imports_inside_functions_say_why():
             for node in ast.walk(fn):
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
                     line, before = lines[node.lineno - 1], lines[node.lineno - 2].strip()
-                    if "#" not in line and not before.startswith("#"):
+                    span = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+                    if "#" not in span and not before.startswith("#"):
                         unexplained.append(f"{path.relative_to(ROOT)}:{node.lineno}: {line.strip()}")
     assert not unexplained, "an import inside a function needs a comment saying why:\n" + "\n".join(unexplained)
 
@@ -134,5 +138,19 @@ def test_architecture_doc_lists_every_module_of_core_in_its_folder():
     for line in tree.splitlines():  # each module listed under the folder it lives in
         m = re.match(r"^    ([a-z_]+\.py)\b", line)
         if m:
-            folder = next(f for f in reversed(re.findall(r"^  ([a-z_]+)/", tree[:tree.index(line)], re.M)))
+            folder = next(f for f in reversed(re.findall(r"^  ([a-z_]+)/", tree[: tree.index(line)], re.M)))
             assert (CORE / folder / m.group(1)).is_file(), f"architecture.md: {folder}/{m.group(1)} does not exist"
+
+
+def test_no_function_in_llmkit_is_over_80_lines():
+    """Counted from the first line after the docstring to the last, blank and comment lines included."""
+    long = []
+    for path in sorted((ROOT / "llmkit").rglob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = fn.body[0]
+                doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                start = first.end_lineno + 1 if doc and len(fn.body) > 1 else first.lineno
+                if fn.end_lineno - start + 1 > 80:
+                    long.append(f"{path.relative_to(ROOT)}:{fn.lineno} {fn.name} ({fn.end_lineno - start + 1} lines)")
+    assert not long, "\n".join(long)

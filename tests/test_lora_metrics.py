@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import need_module
-from llmkit.core.tasks import metrics
+
 from llmkit.core.model.lora import LoRALinear, adapter_state, apply_lora, merge_lora, trainable_parameters
 from llmkit.core.model.transformer import Transformer
+from llmkit.core.tasks import metrics
 from llmkit.core.training.loop import lm_loss
 
 
@@ -116,7 +116,9 @@ def test_chrf_and_bleu_agree_with_sacrebleu():
     import random
 
     rng = random.Random(0)
-    words = "le chat noir dort sur la table , mais 3-4 chiens l'ont vu . Il fait « beau » ; dit-il ! 12.5 € & co".split()
+    words = (
+        "le chat noir dort sur la table , mais 3-4 chiens l'ont vu . Il fait « beau » ; dit-il ! 12.5 € & co".split()
+    )
     for _ in range(200):
         refs = [" ".join(rng.choices(words, k=rng.randint(1, 15))) for _ in range(rng.randint(1, 5))]
         hyps = [" ".join(rng.choices(words, k=rng.randint(0, 15))) if rng.random() < 0.6 else r for r in refs]

@@ -103,8 +103,13 @@ def test_outputs_are_identical_with_the_performance_switch_on_or_off(tiny_model_
         model = fast.for_training(model.eval())
         with torch.no_grad():
             logits = model(x)
-        out = decode_batch(model, [[1, 2, 3], [4, 5]], SampleConfig(max_new_tokens=12, temperature=0.0), eos_id=None,
-                           decode=lambda ids: " ".join(map(str, ids)))
+        out = decode_batch(
+            model,
+            [[1, 2, 3], [4, 5]],
+            SampleConfig(max_new_tokens=12, temperature=0.0),
+            eos_id=None,
+            decode=lambda ids: " ".join(map(str, ids)),
+        )
         return logits, [o.ids for o in out], type(model.blocks[0].attn).__name__
 
     torch.manual_seed(1)

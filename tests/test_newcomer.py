@@ -67,8 +67,15 @@ def test_fresh_clone_quick_start_and_tour(tmp_path):
 
     def sh(command: str, stdin: str = "", timeout: int = 1200) -> subprocess.CompletedProcess:
         path = f"{clone / '.venv' / 'bin'}:{env['PATH']}"
-        return subprocess.run(["bash", "-c", command], cwd=clone, env={**env, "PATH": path}, input=stdin,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            ["bash", "-c", command],
+            cwd=clone,
+            env={**env, "PATH": path},
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     quick = sh("bash scripts/quickstart.sh")
     check("bash scripts/quickstart.sh", quick)
@@ -83,10 +90,12 @@ def test_fresh_clone_quick_start_and_tour(tmp_path):
 def test_checker_catches_what_it_must(tmp_path):
     ok = subprocess.CompletedProcess([], 0, "texte\n", "")
     check("ok", ok)
-    for bad in (subprocess.CompletedProcess([], 1, "x", "error: y"),
-                subprocess.CompletedProcess([], 0, "x", "Traceback (most recent call last)"),
-                subprocess.CompletedProcess([], 0, "caf\ufffd", ""),
-                subprocess.CompletedProcess([], 0, "\n\n", "")):
+    for bad in (
+        subprocess.CompletedProcess([], 1, "x", "error: y"),
+        subprocess.CompletedProcess([], 0, "x", "Traceback (most recent call last)"),
+        subprocess.CompletedProcess([], 0, "caf\ufffd", ""),
+        subprocess.CompletedProcess([], 0, "\n\n", ""),
+    ):
         with pytest.raises(AssertionError):
             check("bad", bad)
     assert re.search("llmkit", " ".join(tour_commands((ROOT / "README.md").read_text(encoding="utf-8"))))

@@ -5,17 +5,18 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_SETS
 from safetensors.torch import load_file
 
-from conftest import TINY_SETS
 from llmkit.core.config import resolve_run_config
 from llmkit.core.errors import ConfigError, TrainingDiverged
 from llmkit.core.jobs.pretrain import plan, pretrain
 
 
 def _run(out, corpus, sets=(), resume=None, on_event=lambda event: None, steps=4):
-    cfg, resume_from = plan(out, resume=resume, preset=None, config_file=None,
-                            sets=[*TINY_SETS, f"train.steps={steps}", *sets], flags={})
+    cfg, resume_from = plan(
+        out, resume=resume, preset=None, config_file=None, sets=[*TINY_SETS, f"train.steps={steps}", *sets], flags={}
+    )
     return pretrain([str(corpus)], out, cfg, resume_from=resume_from, on_event=on_event)
 
 
@@ -44,8 +45,15 @@ def test_resume_is_exact(tmp_path, corpus_file):
 def test_run_directory_contents(tmp_path, corpus_file):
     result = _run(tmp_path / "r", corpus_file)
     out = tmp_path / "r"
-    for name in ("config.yaml", "metrics.jsonl", "loss.svg", "tokenizer/tokenizer.model",
-                 "best/model.safetensors", "last/trainer_state.json", "step-000004/optimizer.safetensors"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "loss.svg",
+        "tokenizer/tokenizer.model",
+        "best/model.safetensors",
+        "last/trainer_state.json",
+        "step-000004/optimizer.safetensors",
+    ):
         assert (out / name).exists(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["event"] == "eval"]
@@ -62,8 +70,12 @@ def test_existing_run_needs_resume(tmp_path, corpus_file):
 
 def test_early_stopping_with_patience(tmp_path, corpus_file):
     # A learning rate of ~0 cannot improve after the first evaluation: patience 1 stops it.
-    result = _run(tmp_path / "r", corpus_file, steps=50,
-                  sets=["optim.lr=1e-12", "optim.warmup_steps=0", "train.patience=1", "train.min_delta=0.01"])
+    result = _run(
+        tmp_path / "r",
+        corpus_file,
+        steps=50,
+        sets=["optim.lr=1e-12", "optim.warmup_steps=0", "train.patience=1", "train.min_delta=0.01"],
+    )
     assert result.stop_reason == "early_stop" and result.state.step < 50
 
 

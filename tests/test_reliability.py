@@ -6,8 +6,8 @@ from __future__ import annotations
 import ast
 import errno
 import json
-import os
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -15,30 +15,37 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_SETS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY_SETS
-from llmkit.core.store import checkpoint as ckpt_io
 from llmkit.core.config import SampleConfig, TokenizerConfig, resolve_run_config
-from llmkit.core.training.distributed import Dist
+from llmkit.core.decoding.sampling import min_p_filter, pick, process_logits, top_k_filter, top_p_filter
 from llmkit.core.errors import CheckpointError, ConfigError
 from llmkit.core.jobs.pretrain import plan, pretrain
+from llmkit.core.store import checkpoint as ckpt_io
 from llmkit.core.store.lock import run_lock
 from llmkit.core.store.metrics_log import read_metrics
-from llmkit.core.decoding.sampling import min_p_filter, pick, process_logits, top_k_filter, top_p_filter
 from llmkit.core.text.tokenizer import cut_long_line, train_tokenizer
+from llmkit.core.training.distributed import Dist
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(out, corpus, steps=4, sets=(), resume=None, on_event=lambda event: None):
-    cfg, resume_from = plan(out, resume=resume, preset=None, config_file=None,
-                            sets=[*TINY_SETS, f"train.steps={steps}", "train.samples=0", *sets], flags={})
+    cfg, resume_from = plan(
+        out,
+        resume=resume,
+        preset=None,
+        config_file=None,
+        sets=[*TINY_SETS, f"train.steps={steps}", "train.samples=0", *sets],
+        flags={},
+    )
     return pretrain([str(corpus)], out, cfg, resume_from=resume_from, on_event=on_event)
 
 
 # --- nothing is ever unpickled ----------------------------------------------------------------------
+
 
 def test_no_pickle_torch_load_or_unsafe_yaml_anywhere_in_the_code():
     bad = []
@@ -61,6 +68,7 @@ def test_no_pickle_torch_load_or_unsafe_yaml_anywhere_in_the_code():
 
 
 # --- a full disk ------------------------------------------------------------------------------------
+
 
 def test_a_full_disk_is_one_line_and_earlier_checkpoints_stay_loadable(tmp_path, corpus_file, monkeypatch):
     out = tmp_path / "r"
@@ -87,14 +95,16 @@ def test_a_full_disk_is_one_line_and_earlier_checkpoints_stay_loadable(tmp_path,
 
 # --- one writer per run directory -------------------------------------------------------------------
 
+
 def test_a_stale_lock_is_taken_over_and_a_live_one_refuses(tmp_path):
     out = tmp_path / "run"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock = tmp_path / ".run.llmkit-lock"
     import socket
 
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "1",
-                                "since": "earlier"}))
+    lock.write_text(
+        json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "1", "since": "earlier"})
+    )
     with run_lock(out, Dist()):  # the process that held it is gone: taken over
         assert json.loads(lock.read_text())["pid"] != int(dead.stdout)
         with pytest.raises(ConfigError, match="another llmkit run .* is writing to"):
@@ -117,8 +127,11 @@ def test_the_lock_of_a_killed_process_not_yet_reaped_is_taken_over(tmp_path):
             break
         subprocess.run(["sleep", "0.02"])
     lock = tmp_path / ".run.llmkit-lock"
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": zombie.pid, "started": _start_time(zombie.pid),
-                                "since": "earlier"}))
+    lock.write_text(
+        json.dumps(
+            {"host": socket.gethostname(), "pid": zombie.pid, "started": _start_time(zombie.pid), "since": "earlier"}
+        )
+    )
     with run_lock(tmp_path / "run", Dist()):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     zombie.wait()
@@ -127,8 +140,23 @@ def test_the_lock_of_a_killed_process_not_yet_reaped_is_taken_over(tmp_path):
 def test_two_concurrent_runs_on_one_directory(tmp_path, corpus_file):
     exe = str(Path(sys.executable).parent / "llmkit")
     out = tmp_path / "r"
-    args = [exe, "pretrain", str(corpus_file), "-o", str(out), "--steps", "40", "-q", "--resume", "auto",
-            *[a for s in TINY_SETS for a in ("--set", s)], "--set", "train.samples=0", "--set", "train.patience=0"]
+    args = [
+        exe,
+        "pretrain",
+        str(corpus_file),
+        "-o",
+        str(out),
+        "--steps",
+        "40",
+        "-q",
+        "--resume",
+        "auto",
+        *[a for s in TINY_SETS for a in ("--set", s)],
+        "--set",
+        "train.samples=0",
+        "--set",
+        "train.patience=0",
+    ]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = tmp_path / ".r.llmkit-lock"
     for _ in range(600):
@@ -143,6 +171,7 @@ def test_two_concurrent_runs_on_one_directory(tmp_path, corpus_file):
 
 
 # --- torn files -------------------------------------------------------------------------------------
+
 
 def test_a_torn_last_line_of_metrics_is_repaired_on_resume(tmp_path, corpus_file):
     out = tmp_path / "r"
@@ -159,8 +188,7 @@ def test_a_torn_last_line_of_metrics_is_repaired_on_resume(tmp_path, corpus_file
 
 def test_lines_longer_than_the_trainer_accepts_are_cut_and_reported():
     line = " ".join(f"mot{i % 97} été" for i in range(3000))  # ~30 KB, one line
-    tok, report = train_tokenizer([line], TokenizerConfig(vocab_size=300, max_sentence_length=2000),
-                                  corpus_sha256="x")
+    tok, report = train_tokenizer([line], TokenizerConfig(vocab_size=300, max_sentence_length=2000), corpus_sha256="x")
     assert tok.vocab_size >= 280 and tok.decode(tok.encode(line)) == line  # it learnt pieces: it saw the text
     assert any("cut into pieces" in w for w in report.warnings)
     pieces = cut_long_line(line, 2000)
@@ -169,17 +197,27 @@ def test_lines_longer_than_the_trainer_accepts_are_cut_and_reported():
 
 # --- property-based tests ---------------------------------------------------------------------------
 
-KEYS = {"train.steps": st.integers(0, 10**6), "train.batch_size": st.integers(1, 4096),
-        "optim.lr": st.floats(1e-8, 10, allow_nan=False), "model.dropout": st.floats(0, 0.99),
-        "train.time": st.sampled_from(["", "90s", "10m", "1h30m", "2.5h"]), "lora.enabled": st.booleans()}
+KEYS = {
+    "train.steps": st.integers(0, 10**6),
+    "train.batch_size": st.integers(1, 4096),
+    "optim.lr": st.floats(1e-8, 10, allow_nan=False),
+    "model.dropout": st.floats(0, 0.99),
+    "train.time": st.sampled_from(["", "90s", "10m", "1h30m", "2.5h"]),
+    "lora.enabled": st.booleans(),
+}
 
 
-@given(st.dictionaries(st.sampled_from(sorted(KEYS)), st.none(), max_size=6).flatmap(
-    lambda d: st.fixed_dictionaries({k: KEYS[k] for k in d})))
+@given(
+    st.dictionaries(st.sampled_from(sorted(KEYS)), st.none(), max_size=6).flatmap(
+        lambda d: st.fixed_dictionaries({k: KEYS[k] for k in d})
+    )
+)
 @settings(max_examples=80, deadline=None)
 def test_set_overrides_parse_back_to_the_values_given(values):
-    sets = [f"{k}={v!r}" if isinstance(v, float) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-            for k, v in values.items()]
+    sets = [
+        f"{k}={v!r}" if isinstance(v, float) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in values.items()
+    ]
     cfg = resolve_run_config(sets=sets)
     for key, value in values.items():
         section, name = key.split(".")
@@ -248,8 +286,9 @@ def test_nan_or_inf_logits_are_refused(bad):
         process_logits(torch.full((1, 4), -math.inf), SampleConfig())
 
 
-@pytest.mark.parametrize("name", ["temperature", "top_p", "repetition_penalty", "presence_penalty",
-                                  "frequency_penalty", "length_penalty"])
+@pytest.mark.parametrize(
+    "name", ["temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "length_penalty"]
+)
 def test_sampling_settings_refuse_nan(name):
     with pytest.raises(ConfigError, match="finite"):
         SampleConfig(**{name: math.nan})

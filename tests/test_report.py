@@ -6,15 +6,20 @@ import json
 import re
 
 import pytest
-
 from conftest import need_module
 from test_cli import _sets, invoke
 
 
 def _numbers(run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return rows, sorted({k for r in rows for k, v in r.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "time"})
+    return rows, sorted(
+        {
+            k
+            for r in rows
+            for k, v in r.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "time"
+        }
+    )
 
 
 def test_training_writes_a_report_with_every_logged_number(tmp_path, corpus_file):
@@ -42,8 +47,23 @@ def test_a_classifier_report_shows_its_confusion_matrix(tmp_path, trained_run):
 
     data = Path(__file__).resolve().parents[1] / "examples" / "data"
     out = tmp_path / "clf"
-    r = invoke("finetune", trained_run, "--task", "classify", "--data", data / "avis.train.jsonl", "--val",
-               data / "avis.dev.jsonl", "--steps", 4, "-o", out, "--quiet", "--set", "train.eval_every=2")
+    r = invoke(
+        "finetune",
+        trained_run,
+        "--task",
+        "classify",
+        "--data",
+        data / "avis.train.jsonl",
+        "--val",
+        data / "avis.dev.jsonl",
+        "--steps",
+        4,
+        "-o",
+        out,
+        "--quiet",
+        "--set",
+        "train.eval_every=2",
+    )
     assert r.exit_code == 0, r.stderr
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "Confusion matrix" in page and "macro_f1" in page and "positif" in page
@@ -64,7 +84,6 @@ def test_the_report_command_and_its_one_line_error(tmp_path, corpus_file):
 def test_the_report_renders_in_headless_chromium(tmp_path, corpus_file):
     need_module("matplotlib", "the report's curves")
     from browser import Browser, find_chromium
-
     from conftest import skip_or_fail
 
     exe = find_chromium()
@@ -75,8 +94,9 @@ def test_the_report_renders_in_headless_chromium(tmp_path, corpus_file):
     browser = Browser(exe, height=900)
     try:
         browser.open((run / "report.html").as_uri())
-        browser.wait_for("document.readyState === 'complete' && document.querySelectorAll('svg').length >= 4",
-                         timeout=30)
+        browser.wait_for(
+            "document.readyState === 'complete' && document.querySelectorAll('svg').length >= 4", timeout=30
+        )
         assert browser.eval("document.querySelector('h1').textContent") == "run"
         browser.screenshot(tmp_path / "report.png")
         assert not browser.errors, browser.errors

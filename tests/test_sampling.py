@@ -5,8 +5,17 @@ import math
 import torch
 
 from llmkit.core.config import SampleConfig
-from llmkit.core.decoding.sampling import (NGramIndex, min_p_filter, no_repeat_ngram, presence_frequency_penalty,
-                                  process_logits, repetition_penalty, token_counts, top_k_filter, top_p_filter)
+from llmkit.core.decoding.sampling import (
+    NGramIndex,
+    min_p_filter,
+    no_repeat_ngram,
+    presence_frequency_penalty,
+    process_logits,
+    repetition_penalty,
+    token_counts,
+    top_k_filter,
+    top_p_filter,
+)
 
 
 def kept(logits):
@@ -86,5 +95,9 @@ def test_incremental_ngram_index_matches_the_full_scan():
         index = NGramIndex(n, [])
         for i, t in enumerate(seq):
             index.add(t)
-            expected = [j for j, ok in enumerate(torch.isfinite(no_repeat_ngram(torch.zeros(1, 5), [seq[: i + 1]], n))[0]) if not ok]
+            expected = [
+                j
+                for j, ok in enumerate(torch.isfinite(no_repeat_ngram(torch.zeros(1, 5), [seq[: i + 1]], n))[0])
+                if not ok
+            ]
             assert index.banned() == expected, (n, i)

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import need_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +29,14 @@ def _free_port() -> int:
 
 def _start(ckpt: Path, *extra: str, env: dict | None = None):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", str(ckpt), "--port", str(port), "--quiet",
-                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmkit", "serve", str(ckpt), "--port", str(port), "--quiet", *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     httpx = need_module("httpx", "talking to the server")
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):  # the model loads in a second or two
@@ -64,9 +68,9 @@ def client(server):
 
 def _alone(trained_run, prompt: str, n: int = 12) -> str:
     """What llmkit's own decoding gives for a prompt, greedily: the reference for the server."""
-    from llmkit.core.store.checkpoint import load_model
     from llmkit.core.config import SampleConfig
     from llmkit.core.decoding.decoder import Decoder
+    from llmkit.core.store.checkpoint import load_model
 
     model, ckpt = load_model(trained_run)
     d = Decoder(model, ckpt.tokenizer, SampleConfig(max_new_tokens=n, temperature=0.0), "cpu")
@@ -78,10 +82,12 @@ def test_completions_chat_and_models_through_the_openai_client(client, trained_r
     r = client.completions.create(model="run", prompt="La ville de", max_tokens=12, temperature=0)
     assert r.choices[0].text == _alone(trained_run, "La ville de")
     assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
-    chat = client.chat.completions.create(model="run", messages=[{"role": "user", "content": "Le pain"}],
-                                          max_tokens=8, temperature=0.7, seed=3)
-    again = client.chat.completions.create(model="run", messages=[{"role": "user", "content": "Le pain"}],
-                                           max_tokens=8, temperature=0.7, seed=3)
+    chat = client.chat.completions.create(
+        model="run", messages=[{"role": "user", "content": "Le pain"}], max_tokens=8, temperature=0.7, seed=3
+    )
+    again = client.chat.completions.create(
+        model="run", messages=[{"role": "user", "content": "Le pain"}], max_tokens=8, temperature=0.7, seed=3
+    )
     assert chat.choices[0].message.role == "assistant"
     assert chat.choices[0].message.content == again.choices[0].message.content  # seeded: reproducible
     r = client.completions.create(model="run", prompt="Le", max_tokens=4, temperature=0.9, n=3, seed=5)
@@ -90,16 +96,33 @@ def test_completions_chat_and_models_through_the_openai_client(client, trained_r
 
 def test_streaming_gives_the_same_text_as_one_answer(client):
     whole = client.completions.create(model="run", prompt="Au printemps,", max_tokens=16, temperature=0)
-    pieces = list(client.completions.create(model="run", prompt="Au printemps,", max_tokens=16, temperature=0,
-                                            stream=True))
+    pieces = list(
+        client.completions.create(model="run", prompt="Au printemps,", max_tokens=16, temperature=0, stream=True)
+    )
     assert "".join(p.choices[0].text for p in pieces) == whole.choices[0].text
     assert pieces[-1].choices[0].finish_reason == "length"
-    counted = list(client.completions.create(model="run", prompt="Au printemps,", max_tokens=16, temperature=0,
-                                             stream=True, stream_options={"include_usage": True}))
+    counted = list(
+        client.completions.create(
+            model="run",
+            prompt="Au printemps,",
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert counted[-1].usage.completion_tokens == whole.usage.completion_tokens and not counted[-1].choices
-    chat = list(client.chat.completions.create(model="run", messages=[{"role": "user", "content": "La mer"}],
-                                               max_tokens=10, temperature=0, stream=True, logprobs=True,
-                                               top_logprobs=3))
+    chat = list(
+        client.chat.completions.create(
+            model="run",
+            messages=[{"role": "user", "content": "La mer"}],
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            logprobs=True,
+            top_logprobs=3,
+        )
+    )
     assert chat[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chat)
     tokens = chat[-1].choices[0].logprobs.content
@@ -112,8 +135,9 @@ def test_logprobs_are_the_models_own(client, trained_run):
 
     from llmkit.core.store.checkpoint import load_model
 
-    r = client.completions.create(model="run", prompt="Le chat", max_tokens=3, temperature=0, logprobs=2,
-                                  extra_body={"top_k": 0})
+    r = client.completions.create(
+        model="run", prompt="Le chat", max_tokens=3, temperature=0, logprobs=2, extra_body={"top_k": 0}
+    )
     model, ckpt = load_model(trained_run)
     ids = ckpt.tokenizer.encode("Le chat")
     with torch.no_grad():
@@ -124,9 +148,9 @@ def test_logprobs_are_the_models_own(client, trained_run):
 def test_embeddings_equal_llmkit_encode(client, trained_run):
     import numpy as np
 
-    from llmkit.core.store.checkpoint import load_model
     from llmkit.core.config import EmbedConfig
     from llmkit.core.jobs.embed import embed_items
+    from llmkit.core.store.checkpoint import load_model
 
     texts = ["Le chat dort.", "La mer est calme ce matin."]
     r = client.embeddings.create(model="run", input=texts)
@@ -142,8 +166,12 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, trained_run
     answers: dict[str, str] = {}
 
     def ask(p):
-        r = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
-                       json={"prompt": p, "max_tokens": 12, "temperature": 0})
+        r = httpx.post(
+            server + "/v1/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=60,
+            json={"prompt": p, "max_tokens": 12, "temperature": 0},
+        )
         answers[p] = r.json()["choices"][0]["text"]
 
     threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
@@ -164,10 +192,16 @@ def test_errors_have_openai_shape_and_never_take_the_server_down(server, client)
         (httpx.post(server + "/v1/completions", json={"prompt": "x"}), 401, "API key"),
         (httpx.post(server + "/v1/completions", headers={"Authorization": "Bearer wrong"}, json={}), 401, "API key"),
         (httpx.post(server + "/v1/completions", headers=auth, content=b"{not json"), 400, "not valid JSON"),
-        (httpx.post(server + "/v1/completions", headers=auth, json={"prompt": "x", "max_tokens": 10_000}), 400,
-         "over this server's limit of 64"),
-        (httpx.post(server + "/v1/completions", headers=auth, json={"prompt": "x", "temperature": "hot"}), 400,
-         "'temperature' must be a number"),
+        (
+            httpx.post(server + "/v1/completions", headers=auth, json={"prompt": "x", "max_tokens": 10_000}),
+            400,
+            "over this server's limit of 64",
+        ),
+        (
+            httpx.post(server + "/v1/completions", headers=auth, json={"prompt": "x", "temperature": "hot"}),
+            400,
+            "'temperature' must be a number",
+        ),
         (httpx.post(server + "/v1/completions", headers=auth, json={"prompt": "x", "top_p": 2}), 400, "top-p"),
         (httpx.post(server + "/v1/completions", headers=auth, json={"prompt": "mot " * 500}), 400, "tokens"),
         (httpx.post(server + "/v1/chat/completions", headers=auth, json={"messages": []}), 400, "messages"),
@@ -188,8 +222,13 @@ def test_errors_have_openai_shape_and_never_take_the_server_down(server, client)
 def test_a_client_that_goes_away_frees_its_slot(server):
     httpx = need_module("httpx", "raw HTTP")
     auth = {"Authorization": f"Bearer {KEY}"}
-    with httpx.stream("POST", server + "/v1/completions", headers=auth, timeout=30,
-                      json={"prompt": "La ville de", "max_tokens": 64, "stream": True, "temperature": 0.8}) as r:
+    with httpx.stream(
+        "POST",
+        server + "/v1/completions",
+        headers=auth,
+        timeout=30,
+        json={"prompt": "La ville de", "max_tokens": 64, "stream": True, "temperature": 0.8},
+    ) as r:
         next(r.iter_lines())  # one event, then hang up
     for _ in range(100):
         if httpx.get(server + "/health").json()["in_flight"] == 0:
@@ -205,8 +244,11 @@ def test_sigterm_lets_the_request_in_flight_finish(trained_run):
     result = {}
 
     def ask():
-        r = httpx.post(url + "/v1/completions", timeout=60, json={"prompt": "La ville de", "max_tokens": 100,
-                                                                  "temperature": 0.8, "seed": 1})
+        r = httpx.post(
+            url + "/v1/completions",
+            timeout=60,
+            json={"prompt": "La ville de", "max_tokens": 100, "temperature": 0.8, "seed": 1},
+        )
         result["status"], result["body"] = r.status_code, r.json()
 
     t = threading.Thread(target=ask)
@@ -227,8 +269,9 @@ def test_the_engine_decodes_on_the_main_thread(trained_run, tmp_path):
     cache = tmp_path / "cache"
     proc, url = _start(trained_run, env={"LLMKIT_CACHE": str(cache)})
     try:
-        r = httpx.post(url + "/v1/completions", timeout=60, json={"prompt": "La ville de", "max_tokens": 4,
-                                                                  "temperature": 0})
+        r = httpx.post(
+            url + "/v1/completions", timeout=60, json={"prompt": "La ville de", "max_tokens": 4, "temperature": 0}
+        )
         assert r.status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -253,22 +296,38 @@ def test_the_listening_socket_lets_asyncio_turn_nagle_off():
 def test_a_classifier_answers_classify(tmp_path, trained_run):
     need_module("fastapi", "the HTTP server")
     from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
 
     from llmkit.cli.app import app
     from llmkit.serve.api import Server, create_app
-    from typer.testing import CliRunner
 
     data = ROOT / "examples" / "data"
-    r = CliRunner().invoke(app, ["finetune", str(trained_run), "--task", "classify", "--data",
-                                 str(data / "avis.train.jsonl"), "--val", str(data / "avis.dev.jsonl"), "--steps", "4",
-                                 "-o", str(tmp_path / "clf"), "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "finetune",
+            str(trained_run),
+            "--task",
+            "classify",
+            "--data",
+            str(data / "avis.train.jsonl"),
+            "--val",
+            str(data / "avis.dev.jsonl"),
+            "--steps",
+            "4",
+            "-o",
+            str(tmp_path / "clf"),
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     with TestClient(create_app(Server(tmp_path / "clf"))) as http:
         out = http.post("/v1/classify", json={"input": ["Très bon produit.", "Décevant."]}).json()
         assert [d["index"] for d in out["data"]] == [0, 1]
         assert all(abs(sum(d["probabilities"].values()) - 1) < 1e-5 for d in out["data"])
-        assert http.post("/v1/completions", json={"prompt": "x"}).json()["error"]["message"].endswith(
-            "POST /v1/classify")
+        assert (
+            http.post("/v1/completions", json={"prompt": "x"}).json()["error"]["message"].endswith("POST /v1/classify")
+        )
         assert "<title>llmkit" in http.get("/").text
     assert json.loads(json.dumps(out))  # plain JSON all the way
 
@@ -279,7 +338,6 @@ def test_the_chat_page_streams_an_answer_in_headless_chromium(trained_run, tmp_p
     with its probability on hover, no console error; the screenshot is the one docs/serve.md shows."""
     need_module("fastapi", "the HTTP server")
     from browser import Browser, find_chromium
-
     from conftest import skip_or_fail
 
     exe = find_chromium()
@@ -292,9 +350,18 @@ def test_the_chat_page_streams_an_answer_in_headless_chromium(trained_run, tmp_p
         browser.wait_for("document.querySelectorAll('.msg.assistant .tok').length > 0", timeout=90)
         answer = browser.eval("document.querySelector('.msg.assistant').textContent")
         httpx = need_module("httpx", "raw HTTP")
-        same = httpx.post(url + "/v1/chat/completions", timeout=60, json={  # the page's own settings
-            "messages": [{"role": "user", "content": "La ville de"}], "temperature": 0, "max_tokens": 24,
-            "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.1}).json()
+        same = httpx.post(
+            url + "/v1/chat/completions",
+            timeout=60,
+            json={  # the page's own settings
+                "messages": [{"role": "user", "content": "La ville de"}],
+                "temperature": 0,
+                "max_tokens": 24,
+                "top_p": 0.95,
+                "top_k": 50,
+                "repetition_penalty": 1.1,
+            },
+        ).json()
         assert answer == same["choices"][0]["message"]["content"]  # the page shows what the API answers
         assert browser.eval("document.getElementById('model').textContent") == "run"
         tip = browser.eval("""(() => { const t = document.querySelector('.msg.assistant .tok');
@@ -321,8 +388,9 @@ def test_too_many_requests_in_flight_are_refused_and_counted(trained_run):
     statuses = []
 
     def ask():
-        r = httpx.post(url + "/v1/completions", timeout=60, json={"prompt": "La ville de", "max_tokens": 60,
-                                                                  "temperature": 0.8})
+        r = httpx.post(
+            url + "/v1/completions", timeout=60, json={"prompt": "La ville de", "max_tokens": 60, "temperature": 0.8}
+        )
         statuses.append((r.status_code, r.json()))
 
     try:
@@ -353,10 +421,31 @@ def test_a_pretrained_chat_model_is_served_in_its_own_format(tmp_path):
     proc, url = _start(gguf)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        r = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=12,
-                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
-        cli = subprocess.run([sys.executable, "-m", "llmkit", "generate", str(gguf), "--chat", "--greedy", "-n", "12",
-                              "-q", "-p", "What is the capital of France?"], cwd=ROOT, capture_output=True, text=True)
+        r = client.chat.completions.create(
+            model="smollm2",
+            temperature=0,
+            max_tokens=12,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "llmkit",
+                "generate",
+                str(gguf),
+                "--chat",
+                "--greedy",
+                "-n",
+                "12",
+                "-q",
+                "-p",
+                "What is the capital of France?",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert cli.returncode == 0, cli.stderr
         assert r.choices[0].message.content == cli.stdout.rstrip("\n")
         assert "Paris" in r.choices[0].message.content

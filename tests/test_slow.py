@@ -4,8 +4,8 @@ import json
 import math
 
 import pytest
-
 from conftest import shared
+
 from llmkit.core.jobs.pretrain import plan, pretrain
 
 pytestmark = pytest.mark.slow
@@ -18,8 +18,14 @@ def _evals(out):
 
 def test_tiny_preset_learns_the_bundled_sample(tmp_path):
     out = tmp_path / "run"
-    cfg, _ = plan(out, resume=None, preset="tiny", config_file=None,
-                  sets=["train.steps=150", "train.eval_every=50", "train.device=cpu"], flags={})
+    cfg, _ = plan(
+        out,
+        resume=None,
+        preset="tiny",
+        config_file=None,
+        sets=["train.steps=150", "train.eval_every=50", "train.device=cpu"],
+        flags={},
+    )
     result = pretrain(None, out, cfg)
     evals = _evals(out)
     assert result.state.step == 150
@@ -32,10 +38,24 @@ def test_tiny_preset_learns_the_bundled_sample(tmp_path):
 def test_char_model_on_shakespeare_learns_beyond_unigram_statistics(tmp_path):
     corpus = shared("shakespeare", "input.txt")
     out = tmp_path / "run"
-    cfg, _ = plan(out, resume=None, preset="tiny", config_file=None,
-                  sets=["tokenizer.model_type=char", "tokenizer.byte_fallback=false", "model.context=64",
-                        "model.dropout=0.0", "train.steps=300", "train.eval_every=100", "train.batch_size=16",
-                        "train.device=cpu", "train.samples=1"], flags={})
+    cfg, _ = plan(
+        out,
+        resume=None,
+        preset="tiny",
+        config_file=None,
+        sets=[
+            "tokenizer.model_type=char",
+            "tokenizer.byte_fallback=false",
+            "model.context=64",
+            "model.dropout=0.0",
+            "train.steps=300",
+            "train.eval_every=100",
+            "train.batch_size=16",
+            "train.device=cpu",
+            "train.samples=1",
+        ],
+        flags={},
+    )
     pretrain([str(corpus)], out, cfg)
     # A character unigram model of this text scores about 3.3 nats; bigrams about 2.5.
     assert _evals(out)[-1]["val_loss"] < 2.5

@@ -12,13 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkit.core.host import machine
-
-from llmkit.core.training import speed
 from llmkit.core.config import ModelConfig, OptimConfig
+from llmkit.core.host import machine
 from llmkit.core.model.transformer import Transformer
-from llmkit.core.training.speed import Mode, Timing
+from llmkit.core.training import speed
 from llmkit.core.training.loop import make_optimizer, mean_token_loss, next_token_loss, target_loss
+from llmkit.core.training.speed import Mode, Timing
 
 CFG = ModelConfig(vocab_size=97, context=16, d_model=32, n_layer=2, n_head=2, n_kv_head=1)
 
@@ -97,6 +96,7 @@ def test_a_mode_that_fails_is_never_chosen(bf16_cpu):
         if mode.compiled:
             return Timing(0.0, error="RuntimeError: no C++ compiler")
         return Timing(1000.0)
+
     choice = _choose(timer, budget_s=3600)
     assert choice.compiled is False and "unavailable" in choice.reason
 
@@ -142,14 +142,20 @@ def test_machine_key_follows_atens_capability():
     dispatches to, and the key says so: an AVX-512 machine's capped figures get a key of their own."""
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
     env["ATEN_CPU_CAPABILITY"] = "avx2"
-    key = subprocess.run([sys.executable, "-c", "from llmkit.core.host import machine; print(machine.machine_key())"],
-                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    key = subprocess.run(
+        [sys.executable, "-c", "from llmkit.core.host import machine; print(machine.machine_key())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     own = torch.backends.cpu.get_cpu_capability()
     # A cap never raises the level: a machine below AVX2 keeps its own.
     assert key.endswith(f"kernels {'AVX2' if own in ('AVX2', 'AVX512') else own}")
 
 
 # --- fast paths against plain ones ---------------------------------------------------------------
+
 
 def _model(seed=0, **over):
     torch.manual_seed(seed)
@@ -251,6 +257,7 @@ def test_compiled_training_matches_eager():
 
 # --- the budget-sized recipe ----------------------------------------------------------------------
 
+
 def test_recipe_params_match_a_built_model():
     from llmkit.core.training import recipe
 
@@ -260,13 +267,14 @@ def test_recipe_params_match_a_built_model():
 
 
 def test_recipe_grows_the_model_with_the_budget():
-    from llmkit.core.training import recipe
     from llmkit.core.config import RunConfig
+    from llmkit.core.training import recipe
 
     cfg = RunConfig()
     rate = lambda model_cfg, batch: 20_000.0  # noqa: E731 - tokens/s of the smallest shape
-    picks = [recipe.size_for_budget(cfg, 4096, seconds=s, tokens=None, rate=rate).shape.name
-             for s in (10, 180, 1800, 36_000)]
+    picks = [
+        recipe.size_for_budget(cfg, 4096, seconds=s, tokens=None, rate=rate).shape.name for s in (10, 180, 1800, 36_000)
+    ]
     sizes = [recipe.LADDER.index(next(x for x in recipe.LADDER if x.name == p)) for p in picks]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
     sized = recipe.size_for_budget(cfg, 4096, seconds=1800, tokens=None, rate=rate)

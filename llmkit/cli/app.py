@@ -49,11 +49,16 @@ class LlmkitGroup(TyperGroup):
             _fail("interrupted", 130)
 
 
-app = typer.Typer(cls=LlmkitGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,
-                  help="llmkit: from raw text to a working small language model.\n\n"
-                       "Train a tokenizer, pretrain a decoder-only transformer, fine-tune it (classify, instruct,\n"
-                       "translate), generate text, embed and search, and measure it.")
+app = typer.Typer(
+    cls=LlmkitGroup,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="llmkit: from raw text to a working small language model.\n\n"
+    "Train a tokenizer, pretrain a decoder-only transformer, fine-tune it (classify, instruct,\n"
+    "translate), generate text, embed and search, and measure it.",
+)
 
 
 def _version(value: bool) -> None:
@@ -63,14 +68,28 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """llmkit: from raw text to a working small language model."""
 
 
 def _register() -> None:
-    from llmkit.cli import (classify, encode, eval, finetune, generate, inspect, interop, pretrain, report,
-                            serve, tokenize)
+    from llmkit.cli import (
+        classify,
+        encode,
+        eval,
+        finetune,
+        generate,
+        inspect,
+        interop,
+        pretrain,
+        report,
+        serve,
+        tokenize,
+    )
 
     app.add_typer(tokenize.app, name="tokenize", help="Train a SentencePiece tokenizer; encode and decode text.")
     app.command("pretrain", help=pretrain.__doc__)(pretrain.pretrain)

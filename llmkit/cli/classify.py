@@ -19,10 +19,19 @@ from llmkit.core.errors import ConfigError
 
 def classify(
     checkpoint: Annotated[Path, typer.Argument(help="A classifier checkpoint or run directory.", show_default=False)],
-    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.", show_default=False)] = None,
-    input: Annotated[Optional[str], typer.Option("--input", "-i", help="File of texts (lines, JSONL, CSV/TSV) or - for stdin.", show_default=False)] = None,
-    field: Annotated[Optional[str], typer.Option("--field", help="JSONL field holding the text [default: text].", show_default=False)] = None,
-    column: Annotated[Optional[str], typer.Option("--column", help="CSV/TSV column holding the text.", show_default=False)] = None,
+    texts: Annotated[
+        Optional[list[str]], typer.Argument(help="Texts to classify.", show_default=False, metavar="TEXT")
+    ] = None,
+    input: Annotated[
+        Optional[str],
+        typer.Option("--input", help="File of texts (lines, JSONL, CSV/TSV) or - for stdin.", show_default=False),
+    ] = None,
+    field: Annotated[
+        Optional[str], typer.Option("--field", help="JSONL field holding the text [default: text].", show_default=False)
+    ] = None,
+    column: Annotated[
+        Optional[str], typer.Option("--column", help="CSV/TSV column holding the text.", show_default=False)
+    ] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Labels shown per text (the most likely first).")] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per forward pass.")] = 32,
     json_out: JsonOpt = False,
@@ -31,8 +40,8 @@ def classify(
 ) -> None:
     from llmkit.cli.encode import read_items
     from llmkit.cli.render import err_console
-    from llmkit.core.interop.resolve import open_model, open_checkpoint
     from llmkit.core.host.device import pick_device
+    from llmkit.core.interop.resolve import open_checkpoint, open_model
     from llmkit.core.tasks.objectives import classify_texts
 
     check_positive(batch_size=batch_size, top_k=top_k)
@@ -44,18 +53,31 @@ def classify(
     dev = pick_device(device or "auto")
     model, ckpt = open_model(ckpt, dev)
     labels = ckpt.task.labels
-    logits, truncated = classify_texts(model, ckpt.tokenizer, items, pooling=ckpt.task.pooling,
-                                       batch_size=batch_size, device=dev)
+    logits, truncated = classify_texts(
+        model, ckpt.tokenizer, items, pooling=ckpt.task.pooling, batch_size=batch_size, device=dev
+    )
     probs = logits.softmax(-1)
     k = min(top_k, len(labels))
     for text, row in zip(items, probs.tolist()):
         ranked = sorted(range(len(labels)), key=lambda j: -row[j])
         if json_out:
-            print(json.dumps({"text": text, "label": labels[ranked[0]], "prob": round(row[ranked[0]], 6),
-                              "probs": {labels[j]: round(row[j], 6) for j in ranked}}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "text": text,
+                        "label": labels[ranked[0]],
+                        "prob": round(row[ranked[0]], 6),
+                        "probs": {labels[j]: round(row[j], 6) for j in ranked},
+                    },
+                    ensure_ascii=False,
+                )
+            )
         else:
             shown = "\t".join(f"{labels[j]}\t{row[j]:.3f}" for j in ranked[:k])
             print(f"{shown}\t{text}")
     if truncated and not quiet:
-        err_console().print(f"[yellow]warning:[/] {truncated} text(s) longer than the context "
-                            f"({model.cfg.context} tokens) were truncated", highlight=False)
+        err_console().print(
+            f"[yellow]warning:[/] {truncated} text(s) longer than the context "
+            f"({model.cfg.context} tokens) were truncated",
+            highlight=False,
+        )

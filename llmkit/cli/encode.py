@@ -13,26 +13,50 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import DeviceOpt, JsonOpt, OutOpt, QuietOpt, check_positive
+from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, check_positive
 from llmkit.core.config import EmbedConfig as E
 from llmkit.core.errors import ConfigError, DataError
 
 
 def encode(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
-    input: Annotated[Optional[str], typer.Argument(help="Text file (one item per line), JSONL, CSV/TSV, or - for stdin.", show_default=False)] = None,
-    out: OutOpt = None,
-    field: Annotated[Optional[str], typer.Option("--field", help="JSONL field holding the text [default: text].", show_default=False)] = None,
-    column: Annotated[Optional[str], typer.Option("--column", help="CSV/TSV column holding the text.", show_default=False)] = None,
+    input: Annotated[
+        Optional[str],
+        typer.Argument(help="Text file (one item per line), JSONL, CSV/TSV, or - for stdin.", show_default=False),
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            "-o",
+            help="The file of vectors (.npy, .safetensors, .jsonl); required unless --query.",
+            show_default=False,
+        ),
+    ] = None,
+    field: Annotated[
+        Optional[str], typer.Option("--field", help="JSONL field holding the text [default: text].", show_default=False)
+    ] = None,
+    column: Annotated[
+        Optional[str], typer.Option("--column", help="CSV/TSV column holding the text.", show_default=False)
+    ] = None,
     pooling: Annotated[str, typer.Option("--pooling", help="mean, last, max or first (over real tokens).")] = E.pooling,
     layer: Annotated[int, typer.Option("--layer", help="Hidden layer: 0 embeddings … n_layer (= -1) final.")] = E.layer,
     normalize: Annotated[bool, typer.Option("--normalize", help="Unit-length vectors.")] = E.normalize,
-    max_length: Annotated[int, typer.Option("--max-length", help="Truncate items to this many tokens (0: the context).")] = E.max_length,
+    max_length: Annotated[
+        int, typer.Option("--max-length", help="Truncate items to this many tokens (0: the context).")
+    ] = E.max_length,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Items per forward pass.")] = 32,
     dtype: Annotated[str, typer.Option("--dtype", help="Stored vectors: float32 or float16.")] = E.dtype,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from the rows already written.")] = False,
-    query: Annotated[Optional[str], typer.Option("--query", help="Search --index for the items nearest to this text.", show_default=False)] = None,
-    index: Annotated[Optional[Path], typer.Option("--index", help="An index written by llmkit encode.", show_default=False)] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run from the rows already written.")
+    ] = False,
+    query: Annotated[
+        Optional[str],
+        typer.Option("--query", help="Search --index for the items nearest to this text.", show_default=False),
+    ] = None,
+    index: Annotated[
+        Optional[Path], typer.Option("--index", help="An index written by llmkit encode.", show_default=False)
+    ] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Neighbours to show.")] = 5,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -47,8 +71,18 @@ def encode(
     if input is None or out is None:
         raise ConfigError("give INPUT and -o OUT (or --query with --index to search)")
     settings = E(pooling=pooling, layer=layer, normalize=normalize, max_length=max_length, dtype=dtype)
-    _encode(checkpoint, input, out, settings, field=field, column=column, batch_size=batch_size, resume=resume,
-            quiet=quiet, device=device)
+    _encode(
+        checkpoint,
+        input,
+        out,
+        settings,
+        field=field,
+        column=column,
+        batch_size=batch_size,
+        resume=resume,
+        quiet=quiet,
+        device=device,
+    )
 
 
 def _search(checkpoint: Path, query: str, index: Path, *, top_k: int, json_out: bool, device: str | None) -> None:
@@ -68,8 +102,19 @@ def _search(checkpoint: Path, query: str, index: Path, *, top_k: int, json_out: 
         _show_hits(hits)
 
 
-def _encode(checkpoint: Path, input: str, out: Path, settings, *, field: str | None, column: str | None,
-            batch_size: int, resume: bool, quiet: bool, device: str | None) -> None:
+def _encode(
+    checkpoint: Path,
+    input: str,
+    out: Path,
+    settings,
+    *,
+    field: str | None,
+    column: str | None,
+    batch_size: int,
+    resume: bool,
+    quiet: bool,
+    device: str | None,
+) -> None:
     """Every item of ``input`` as a vector in ``out``, with a progress bar and a closing line."""
     from llmkit.cli.render import err_console
     from llmkit.core.host.device import pick_device
@@ -77,8 +122,9 @@ def _encode(checkpoint: Path, input: str, out: Path, settings, *, field: str | N
     from llmkit.core.jobs import embed
 
     if out.suffix.lower() not in embed.FORMATS:
-        raise ConfigError(f"output {out}: unsupported extension {out.suffix or '(none)'}; "
-                          f"use {', '.join(embed.FORMATS)}")
+        raise ConfigError(
+            f"output {out}: unsupported extension {out.suffix or '(none)'}; use {', '.join(embed.FORMATS)}"
+        )
     items = read_items(input, field, column)
     dev = pick_device(device or "auto")
     model, ckpt = open_model(checkpoint, dev)
@@ -88,8 +134,14 @@ def _encode(checkpoint: Path, input: str, out: Path, settings, *, field: str | N
     if console.is_terminal and not quiet:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        progress = Progress(TextColumn("[bold]encode[/]"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]} items/s"), TimeRemainingColumn(), console=console)
+        progress = Progress(
+            TextColumn("[bold]encode[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} items/s"),
+            TimeRemainingColumn(),
+            console=console,
+        )
         progress.start()
         task = progress.add_task("encode", total=items.n, rate="-")
     t0, first = time.perf_counter(), None
@@ -102,8 +154,18 @@ def _encode(checkpoint: Path, input: str, out: Path, settings, *, field: str | N
             progress.update(task, completed=done, rate=f"{rate:.1f}")
 
     try:
-        meta = embed.encode_to_file(model, ckpt.tokenizer, items, out, settings, model_id=embed.model_hash(ckpt.path),
-                                    batch_size=batch_size, device=dev, resume=resume, on_progress=on_progress)
+        meta = embed.encode_to_file(
+            model,
+            ckpt.tokenizer,
+            items,
+            out,
+            settings,
+            model_id=embed.model_hash(ckpt.path),
+            batch_size=batch_size,
+            device=dev,
+            resume=resume,
+            on_progress=on_progress,
+        )
     finally:
         if progress:
             progress.stop()
@@ -111,8 +173,11 @@ def _encode(checkpoint: Path, input: str, out: Path, settings, *, field: str | N
         rate = (meta["rows_done"] - (first or 0)) / max(time.perf_counter() - t0, 1e-9)
         cut = settings.max_length or model.cfg.context
         note = f", {meta['truncated']} truncated to {cut} tokens" if meta["truncated"] else ""
-        console.print(f"{meta['rows_done']} vectors of dimension {meta['dim']} ({settings.pooling} pooling, "
-                      f"layer {settings.layer}) at {rate:.1f} items/s{note}", highlight=False)
+        console.print(
+            f"{meta['rows_done']} vectors of dimension {meta['dim']} ({settings.pooling} pooling, "
+            f"layer {settings.layer}) at {rate:.1f} items/s{note}",
+            highlight=False,
+        )
     typer.echo(str(out))
 
 

@@ -14,18 +14,39 @@ from typing import Annotated, Optional
 import typer
 
 from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, check_positive, opt
-from llmkit.core.errors import ConfigError
 
 
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
-    data: Annotated[list[str], typer.Argument(help="Text files (language model) or one JSONL/CSV/TSV file of examples.", show_default=False)],
-    text_field: Annotated[Optional[str], opt("Field of the text, if it differs from training's.", "--text-field")] = None,
-    label_field: Annotated[Optional[str], opt("Field of the label.", "--label-field")] = None,
-    prompt_field: Annotated[Optional[str], opt("Field of the prompt.", "--prompt-field")] = None,
-    response_field: Annotated[Optional[str], opt("Field of the response.", "--response-field")] = None,
-    src_field: Annotated[Optional[str], opt("Field of the source text.", "--src-field")] = None,
-    tgt_field: Annotated[Optional[str], opt("Field of the reference translation.", "--tgt-field")] = None,
+    data: Annotated[
+        list[str],
+        typer.Argument(
+            help="Text files (language model) or one JSONL/CSV/TSV file of examples.",
+            show_default=False,
+            metavar="DATA",
+        ),
+    ],
+    text_field: Annotated[
+        Optional[str], opt("Field of the text [default: the one the checkpoint was trained with].", "--text-field")
+    ] = None,
+    label_field: Annotated[
+        Optional[str], opt("Field of the label [default: the one the checkpoint was trained with].", "--label-field")
+    ] = None,
+    prompt_field: Annotated[
+        Optional[str], opt("Field of the prompt [default: the one the checkpoint was trained with].", "--prompt-field")
+    ] = None,
+    response_field: Annotated[
+        Optional[str],
+        opt("Field of the response [default: the one the checkpoint was trained with].", "--response-field"),
+    ] = None,
+    src_field: Annotated[
+        Optional[str],
+        opt("Field of the source text [default: the one the checkpoint was trained with].", "--src-field"),
+    ] = None,
+    tgt_field: Annotated[
+        Optional[str],
+        opt("Field of the reference translation [default: the one the checkpoint was trained with].", "--tgt-field"),
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", help="Measure the first N examples only (0: all).")] = 0,
     show: Annotated[int, typer.Option("--show", help="Print this many outputs beside their references.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 16,
@@ -39,11 +60,23 @@ def evaluate(
 
     check_positive(batch_size=batch_size, limit=limit, show=show, allow_zero=("limit", "show"))
     console = err_console()
-    fields = {"text_field": text_field, "label_field": label_field, "prompt_field": prompt_field,
-              "response_field": response_field, "src_field": src_field, "tgt_field": tgt_field}
-    report = evaluate_checkpoint(checkpoint, data, fields=fields, batch_size=batch_size, limit=limit,
-                                 device=pick_device(device or "auto"),
-                                 on_progress=lambda s: None if quiet else console.print(f"[dim]{s} …[/]"))
+    fields = {
+        "text_field": text_field,
+        "label_field": label_field,
+        "prompt_field": prompt_field,
+        "response_field": response_field,
+        "src_field": src_field,
+        "tgt_field": tgt_field,
+    }
+    report = evaluate_checkpoint(
+        checkpoint,
+        data,
+        fields=fields,
+        batch_size=batch_size,
+        limit=limit,
+        device=pick_device(device or "auto"),
+        on_progress=lambda s: None if quiet else console.print(f"[dim]{s} …[/]"),
+    )
     if json_out:
         print(json.dumps(report, ensure_ascii=False))
         return
@@ -57,5 +90,8 @@ def evaluate(
             if report.get(key):
                 console.print(f"[yellow]warning:[/] {report[key]} {what}", highlight=False)
         if report.get("unseen"):
-            console.print(f"[yellow]warning:[/] {sum(report['unseen'].values())} example(s) with labels the "
-                          f"classifier does not know were left out ({', '.join(report['unseen'])})", highlight=False)
+            console.print(
+                f"[yellow]warning:[/] {sum(report['unseen'].values())} example(s) with labels the "
+                f"classifier does not know were left out ({', '.join(report['unseen'])})",
+                highlight=False,
+            )

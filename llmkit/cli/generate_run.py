@@ -26,9 +26,11 @@ class GenerateView:
     def _warn_truncated(self, outputs) -> None:
         if not self.warned and any(o.truncated_prompt for o in outputs):
             self.warned = True
-            self.console.print(f"[yellow]warning:[/] a prompt is longer than the context "
-                               f"({self.decoder.model.cfg.context} tokens): keeping its most recent tokens",
-                               highlight=False)
+            self.console.print(
+                f"[yellow]warning:[/] a prompt is longer than the context "
+                f"({self.decoder.model.cfg.context} tokens): keeping its most recent tokens",
+                highlight=False,
+            )
 
     @staticmethod
     def _write(_row: int, text: str) -> None:
@@ -54,8 +56,9 @@ class GenerateView:
                 self._warn_truncated([out for _, out in batch])
                 blank += sum(not out.text.strip() for _, out in batch)
                 for job, out in batch:
-                    self._emit(prompts[job.prompt], job.sample, out, json_out=json_out, streamed=stream,
-                               show_probs=show_probs)
+                    self._emit(
+                        prompts[job.prompt], job.sample, out, json_out=json_out, streamed=stream, show_probs=show_probs
+                    )
                 if progress:
                     progress.advance(task, len(batch))
         finally:
@@ -66,19 +69,32 @@ class GenerateView:
                 f"[yellow]warning:[/] {'every output was' if total > 1 else 'the output is'} empty: the model ended "
                 "at once (end-of-text) or wrote only blank space. It is likely undertrained for this input: train "
                 "longer, check the prompt format (--raw sends it as is), or sample (--temperature 0.8).",
-                highlight=False)
+                highlight=False,
+            )
 
     def _emit(self, prompt: str, sample: int, out, *, json_out: bool, streamed: bool, show_probs: bool) -> None:
         if json_out:
-            row = {"prompt": prompt, "sample": sample, "text": out.text, "tokens": len(out.ids),
-                   "finish_reason": out.finish_reason, "tokens_per_s": round(out.tokens_per_s, 2)}
+            row = {
+                "prompt": prompt,
+                "sample": sample,
+                "text": out.text,
+                "tokens": len(out.ids),
+                "finish_reason": out.finish_reason,
+                "tokens_per_s": round(out.tokens_per_s, 2),
+            }
             if out.score is not None:
                 row["score"] = out.score
             if out.drafted:
                 row.update(drafted=out.drafted, accepted=out.accepted)
             if show_probs:
-                row["probs"] = [{"token": self.tok.token_text(p.token), "prob": p.prob,
-                                 "top": [[self.tok.token_text(t), q] for t, q in p.top]} for p in out.probs]
+                row["probs"] = [
+                    {
+                        "token": self.tok.token_text(p.token),
+                        "prob": p.prob,
+                        "top": [[self.tok.token_text(t), q] for t, q in p.top],
+                    }
+                    for p in out.probs
+                ]
             print(json.dumps(row, ensure_ascii=False), flush=True)
         else:
             if not streamed:
@@ -89,10 +105,16 @@ class GenerateView:
             if show_probs:
                 Console(highlight=False).print(self.probs_table(out))
         if not self.quiet and not json_out:
-            guessed = (f", {out.accepted}/{out.drafted} guesses accepted ({out.accepted / out.drafted:.0%})"
-                       if out.drafted else "")
-            self.console.print(f"[dim]{len(out.ids)} tokens, {out.tokens_per_s:.1f} tokens/s{guessed}, "
-                               f"finished: {out.finish_reason}[/]", highlight=False)
+            guessed = (
+                f", {out.accepted}/{out.drafted} guesses accepted ({out.accepted / out.drafted:.0%})"
+                if out.drafted
+                else ""
+            )
+            self.console.print(
+                f"[dim]{len(out.ids)} tokens, {out.tokens_per_s:.1f} tokens/s{guessed}, "
+                f"finished: {out.finish_reason}[/]",
+                highlight=False,
+            )
 
     def probs_table(self, out) -> Table:
         table = Table(title="token probabilities", title_justify="left")
@@ -115,8 +137,11 @@ class GenerateView:
         from llmkit.core.decoding.decoder import Conversation
 
         chat = Conversation(self.decoder)
-        hello = "interactive: type text and press Enter" if self.decoder.continues_prompt else \
-            "chat: type a message and press Enter"
+        hello = (
+            "interactive: type text and press Enter"
+            if self.decoder.continues_prompt
+            else "chat: type a message and press Enter"
+        )
         for line in self._lines(hello):
             out = chat.send(line, on_text=self._write)
             self._warn_truncated([out])

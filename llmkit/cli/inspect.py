@@ -8,9 +8,10 @@ Each view writes a picture into --out (PNG, or SVG with --format svg) and prints
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -18,19 +19,39 @@ from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, opt
 
 
 def inspect(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="A checkpoint, run directory, model folder or .gguf (not needed for --embeddings).", show_default=False)] = None,
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Argument(
+            help="A checkpoint, run directory, model folder or .gguf (not needed for --embeddings).", show_default=False
+        ),
+    ] = None,
     text: Annotated[Optional[str], opt("The text to look at.", "--text")] = None,
     file: Annotated[Optional[Path], opt("Read the text from this file.", "--file")] = None,
     tokens: Annotated[bool, typer.Option("--tokens", help="How the text is cut into tokens.")] = False,
-    attention: Annotated[bool, typer.Option("--attention", help="Attention maps of every head (or --layer/--head).")] = False,
+    attention: Annotated[
+        bool, typer.Option("--attention", help="Attention maps of every head (or --layer/--head).")
+    ] = False,
     layer: Annotated[Optional[int], opt("With --attention: this layer only.", "--layer")] = None,
     head: Annotated[Optional[int], opt("With --attention --layer: this head, large.", "--head")] = None,
-    surprise: Annotated[bool, typer.Option("--surprise", help="Each token's probability and surprisal, with the alternatives.")] = False,
-    logit_lens: Annotated[bool, typer.Option("--logit-lens", help="What each layer would predict at each position.")] = False,
-    embeddings: Annotated[Optional[Path], opt("A 2-D map of these vectors (.npy from llmkit encode).", "--embeddings")] = None,
-    labels: Annotated[Optional[Path], opt("With --embeddings: one label per line (or the JSONL items file and --label-field).", "--labels")] = None,
-    label_field: Annotated[str, typer.Option("--label-field", help="The label's field when --labels is JSON lines.")] = "label",
-    method: Annotated[str, typer.Option("--method", help="With --embeddings: pca, or umap (needs umap-learn).")] = "pca",
+    surprise: Annotated[
+        bool, typer.Option("--surprise", help="Each token's probability and surprisal, with the alternatives.")
+    ] = False,
+    logit_lens: Annotated[
+        bool, typer.Option("--logit-lens", help="What each layer would predict at each position.")
+    ] = False,
+    embeddings: Annotated[
+        Optional[Path], opt("A 2-D map of these vectors (.npy from llmkit encode).", "--embeddings")
+    ] = None,
+    labels: Annotated[
+        Optional[Path],
+        opt("With --embeddings: one label per line (or the JSONL items file and --label-field).", "--labels"),
+    ] = None,
+    label_field: Annotated[
+        str, typer.Option("--label-field", help="The label's field when --labels is JSON lines.")
+    ] = "label",
+    method: Annotated[
+        str, typer.Option("--method", help="With --embeddings: pca, or umap (needs umap-learn).")
+    ] = "pca",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the pictures.")] = Path("inspect"),
     fmt: Annotated[str, typer.Option("--format", help="png or svg.")] = "png",
     json_out: JsonOpt = False,
@@ -45,9 +66,12 @@ def inspect(
     if head is not None and layer is None:
         raise ConfigError("--head needs --layer")
     console = err_console()
-    page = Page(out, fmt, None if json_out else _pictures(),
-                say=(lambda m: None) if quiet or json_out else (lambda m: console.print(m, highlight=False,
-                                                                                        markup=False)))
+    page = Page(
+        out,
+        fmt,
+        None if json_out else _pictures(),
+        say=(lambda m: None) if quiet or json_out else (lambda m: console.print(m, highlight=False, markup=False)),
+    )
     if embeddings is not None:
         _embedding_view(page, embeddings, _labels(labels, label_field) if labels else None, method)
     views = {"tokens": tokens, "attention": attention, "surprise": surprise, "logit_lens": logit_lens}
@@ -86,15 +110,26 @@ def _embedding_view(page: Page, path: Path, labels: list[str] | None, method: st
     from llmkit.core.jobs import introspect as ins
 
     m = ins.embedding_map(ins.load_vectors(path), labels, method)
-    page.report["embeddings"] = {"points": m.points.tolist(), "labels": m.labels, "explained": m.explained,
-                                 "neighbour_agreement": m.neighbour_agreement}
+    page.report["embeddings"] = {
+        "points": m.points.tolist(),
+        "labels": m.labels,
+        "explained": m.explained,
+        "neighbour_agreement": m.neighbour_agreement,
+    }
     page.picture("embeddings", "embedding_map", m)
     if m.neighbour_agreement is not None:
         page.say(f"nearest neighbour shares the label for {m.neighbour_agreement:.1%} of the {len(m.points)} items")
 
 
-def _model_views(page: Page, checkpoint: Path, body: str, views: dict[str, bool], layer: int | None,
-                 head: int | None, device: str | None) -> None:
+def _model_views(
+    page: Page,
+    checkpoint: Path,
+    body: str,
+    views: dict[str, bool],
+    layer: int | None,
+    head: int | None,
+    device: str | None,
+) -> None:
     from llmkit.core.host.device import pick_device
     from llmkit.core.interop.resolve import open_model
     from llmkit.core.jobs import introspect as ins
@@ -107,8 +142,10 @@ def _model_views(page: Page, checkpoint: Path, body: str, views: dict[str, bool]
         t = ins.tokens(tok, body)
         page.report["tokens"] = t.__dict__
         page.picture("tokens", "tokens", t)
-        page.say(f"tokens: {len(t.ids)} ({t.chars_per_token:.2f} characters each), "
-                 f"{sum(t.byte_fallback)} byte-fallback: " + "|".join(t.pieces))
+        page.say(
+            f"tokens: {len(t.ids)} ({t.chars_per_token:.2f} characters each), "
+            f"{sum(t.byte_fallback)} byte-fallback: " + "|".join(t.pieces)
+        )
     if views["attention"]:
         _attention_view(page, model, tok, body, layer, head)
     if views["surprise"]:
@@ -116,8 +153,10 @@ def _model_views(page: Page, checkpoint: Path, body: str, views: dict[str, bool]
         page.report["surprise"] = {**s.__dict__, "bits_mean": sum(s.bits) / len(s.bits)}
         page.picture("surprise", "surprise", s)
         worst = sorted(range(len(s.bits)), key=lambda i: -s.bits[i])[:3]
-        page.say(f"surprise: {sum(s.bits) / len(s.bits):.2f} bits per token; most surprising: "
-                 + ", ".join(f"{s.pieces[i + 1]!r} ({s.bits[i]:.1f} bits; expected {s.top[i][0][0]!r})" for i in worst))
+        page.say(
+            f"surprise: {sum(s.bits) / len(s.bits):.2f} bits per token; most surprising: "
+            + ", ".join(f"{s.pieces[i + 1]!r} ({s.bits[i]:.1f} bits; expected {s.top[i][0][0]!r})" for i in worst)
+        )
     if views["logit_lens"]:
         lens = ins.logit_lens(model, tok, body)
         page.report["logit_lens"] = {"pieces": lens.pieces, "predicted": lens.predicted, "prob": lens.prob.tolist()}
@@ -134,14 +173,19 @@ def _attention_view(page: Page, model, tok, body: str, layer: int | None, head: 
     if head is not None and not 0 <= head < model.cfg.n_head:
         raise ConfigError(f"--head must be 0..{model.cfg.n_head - 1}, not {head}")
     a = ins.attention(model, tok, body)
-    page.report["attention"] = {"pieces": a.pieces, "heads": a.heads(),
-                                **({"weights": a.weights[layer].tolist()} if layer is not None else {})}
+    page.report["attention"] = {
+        "pieces": a.pieces,
+        "heads": a.heads(),
+        **({"weights": a.weights[layer].tolist()} if layer is not None else {}),
+    }
     name = "attention" + (f"-L{layer}" if layer is not None else "") + (f"H{head}" if head is not None else "")
     page.picture(name, "attention", a, layer, head)
     prev, first = ins.notable_heads(a)
-    page.say(f"attention: previous-token head L{prev['layer']} H{prev['head']} (mean distance "
-             f"{prev['distance']:.2f}); beginning-of-text head L{first['layer']} H{first['head']} "
-             f"({first['first']:.0%} of its attention on the first token)")
+    page.say(
+        f"attention: previous-token head L{prev['layer']} H{prev['head']} (mean distance "
+        f"{prev['distance']:.2f}); beginning-of-text head L{first['layer']} H{first['head']} "
+        f"({first['first']:.0%} of its attention on the first token)"
+    )
 
 
 def _pictures():
@@ -174,8 +218,8 @@ def _text(text: str | None, file: Path | None) -> str:
 
 
 def _labels(path: Path, field: str) -> list[str]:
-    from llmkit.core.files.corpus import read_text
     from llmkit.core.errors import DataError
+    from llmkit.core.files.corpus import read_text
 
     lines = [line for line in read_text(path).split("\n") if line.strip()]
     if lines and lines[0].lstrip().startswith("{"):

@@ -25,9 +25,9 @@ def import_model(
     import time
 
     from llmkit.cli.render import err_console
-    from llmkit.core.interop.resolve import open_checkpoint
     from llmkit.core.errors import ConfigError
     from llmkit.core.interop.resolve import import_model as run_import
+    from llmkit.core.interop.resolve import open_checkpoint
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists: choose a new directory")
@@ -40,22 +40,25 @@ def import_model(
             f"imported {ckpt.state.get('architecture', '?')} from {src}: {m.n_layer} layers, width {m.d_model}, "
             f"{m.n_head}/{m.kv_heads} heads, vocabulary {m.vocab_size}, context {m.context}"
             f"{', chat template' if ckpt.tokenizer.chat_template else ''} ({time.perf_counter() - t0:.1f} s)",
-            highlight=False)
+            highlight=False,
+        )
     typer.echo(str(path))
 
 
 def export_model(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint or run directory.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="A folder (--format hf) or a .gguf file.", show_default=False)],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="A folder (--format hf) or a .gguf file.", show_default=False)
+    ],
     format: Annotated[str, typer.Option("--format", help="hf (transformers) or gguf (llama.cpp, Ollama).")] = "hf",
     quant: Annotated[Optional[str], opt("GGUF weights: f32, f16 or q8_0 [default: f16].", "--quant")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Export a checkpoint for transformers (--format hf) or llama.cpp / Ollama (--format gguf)."""
     from llmkit.cli.render import err_console
-    from llmkit.core.interop.resolve import open_checkpoint
     from llmkit.core.errors import ConfigError
     from llmkit.core.interop.export import export
+    from llmkit.core.interop.resolve import open_checkpoint
 
     if format not in ("hf", "gguf"):
         raise ConfigError(f"--format must be hf or gguf, not {format!r}")

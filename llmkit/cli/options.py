@@ -9,18 +9,39 @@ from typing import Annotated, Optional
 
 import typer
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (sections: tokenizer, data, model, optim, train).", show_default=False)]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one key: section.key=value (repeatable).", show_default=False)]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory.", show_default=False)]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", show_default=False)]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.", show_default=False)]
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--config", "-c", help="YAML config file (sections: tokenizer, data, model, optim, train).", show_default=False
+    ),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set", "-s", help="Override one key: section.key=value (repeatable).", show_default=False, metavar="KEY=VALUE"
+    ),
+]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps [default: auto].", show_default=False)
+]
+TrainSeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed [default: 1337].", show_default=False)]
+SampleSeedOpt = Annotated[
+    Optional[int], typer.Option("--seed", help="Random seed [default: a fresh one each run].", show_default=False)
+]
+
+
+def out_opt(default: str):
+    """``--out``/``-o`` whose help names the default the command uses."""
+    return typer.Option("--out", "-o", help=f"Output directory [default: {default}].", show_default=False)
+
+
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs on stderr; results only.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON lines on stdout.")]
 
 
-def opt(help: str, *names: str):
+def opt(help: str, *names: str, metavar: str | None = None):
     """An option whose help says its default itself (or has none worth showing)."""
-    return typer.Option(*names, help=help, show_default=False)
+    return typer.Option(*names, help=help, show_default=False, metavar=metavar)
 
 
 def default(cls: type, name: str) -> str:
@@ -35,6 +56,13 @@ def default(cls: type, name: str) -> str:
     elif isinstance(value, float) and value.is_integer():
         value = int(value)
     return f" [default: {value}]"
+
+
+def preset_default(section: str, key: str, preset: str = "tiny") -> str:
+    """' [default: the preset's; tiny: X]' for a setting a preset gives (read from the preset file)."""
+    from llmkit.core.config import load_preset
+
+    return f" [default: the preset's; {preset}: {load_preset(preset)[section][key]:g}]"
 
 
 def escape(text: str) -> str:

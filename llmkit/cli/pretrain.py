@@ -13,7 +13,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import ConfigOpt, DeviceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, SetOpt, check_positive
+from llmkit.cli.options import (
+    ConfigOpt,
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    SetOpt,
+    TrainSeedOpt,
+    check_positive,
+    default,
+    out_opt,
+    preset_default,
+)
+from llmkit.core.config import DataConfig, TrainConfig
 
 
 def given_keys(sets: list[str], flags: dict) -> frozenset[str]:
@@ -24,28 +36,118 @@ def given_keys(sets: list[str], flags: dict) -> frozenset[str]:
 
 
 def pretrain(
-    corpus: Annotated[Optional[list[str]], typer.Argument(help="Files, directories or globs (default: the bundled sample).", show_default=False)] = None,
-    mix: Annotated[Optional[list[str]], typer.Option("--mix", help="A source and its weight, PATH=WEIGHT (repeatable; weights sum to 1).", show_default=False)] = None,
-    val: Annotated[Optional[list[str]], typer.Option("--val", help="Validation files (repeatable), instead of each document's tail.", show_default=False)] = None,
-    text_field: Annotated[Optional[str], typer.Option("--text-field", help="The text's field in JSON lines, or column in parquet.", show_default=False)] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes that tokenize the corpus (default: one per core).", show_default=False)] = None,
-    out: OutOpt = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Model preset: tiny, small or base (default: sized to --time or --tokens when given, else tiny).", show_default=False)] = None,
+    corpus: Annotated[
+        Optional[list[str]],
+        typer.Argument(
+            help="Files, directories or globs (default: the bundled sample).", show_default=False, metavar="CORPUS"
+        ),
+    ] = None,
+    mix: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--mix",
+            help="A source and its weight, PATH=WEIGHT (repeatable; weights sum to 1).",
+            show_default=False,
+            metavar="PATH=WEIGHT",
+        ),
+    ] = None,
+    val: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--val",
+            help="Validation files (repeatable), instead of each document's tail.",
+            show_default=False,
+            metavar="FILE",
+        ),
+    ] = None,
+    text_field: Annotated[
+        Optional[str],
+        typer.Option(
+            "--text-field",
+            help="The text's field in JSON lines, or column in parquet." + default(DataConfig, "text_field"),
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            "--workers", help="Processes that tokenize the corpus (default: one per core).", show_default=False
+        ),
+    ] = None,
+    out: Annotated[Optional[Path], out_opt("runs/PRESET, or runs/auto when sized to the budget")] = None,
+    preset: Annotated[
+        Optional[str],
+        typer.Option(
+            "--preset",
+            help="Model preset: tiny, small or base (default: sized to --time or --tokens when given, else tiny).",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Use this tokenizer instead of training one.", show_default=False)] = None,
-    init: Annotated[Optional[Path], typer.Option("--init", help="Continue pretraining this checkpoint or pretrained model (folder, .gguf): its network and tokenizer.", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Stop after this many optimizer steps.", show_default=False)] = None,
-    tokens: Annotated[Optional[str], typer.Option("--tokens", help="Stop after this many training tokens (e.g. 5M).", show_default=False)] = None,
-    time: Annotated[Optional[str], typer.Option("--time", help="Stop after this much time (e.g. 90s, 10m, 1h).", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per micro-batch (per process).", show_default=False)] = None,
-    global_batch_size: Annotated[Optional[int], typer.Option("--global-batch-size", help="Sequences per optimizer step over all processes; micro-batches accumulate to reach it.", show_default=False)] = None,
-    strategy: Annotated[Optional[str], typer.Option("--strategy", help="Under torchrun: ddp (default) or fsdp (sharded).", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.", show_default=False)] = None,
+    tokenizer: Annotated[
+        Optional[Path],
+        typer.Option("--tokenizer", help="Use this tokenizer instead of training one.", show_default=False),
+    ] = None,
+    init: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--init",
+            help="Continue pretraining this checkpoint or pretrained model (folder, .gguf): its network and tokenizer.",
+            show_default=False,
+        ),
+    ] = None,
+    steps: Annotated[
+        Optional[int],
+        typer.Option(
+            "--steps",
+            help="Stop after this many optimizer steps" + preset_default("train", "steps"),
+            show_default=False,
+        ),
+    ] = None,
+    tokens: Annotated[
+        Optional[str],
+        typer.Option("--tokens", help="Stop after this many training tokens (e.g. 5M).", show_default=False),
+    ] = None,
+    time: Annotated[
+        Optional[str], typer.Option("--time", help="Stop after this much time (e.g. 90s, 10m, 1h).", show_default=False)
+    ] = None,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--batch-size",
+            help="Sequences per micro-batch (per process)" + preset_default("train", "batch_size"),
+            show_default=False,
+        ),
+    ] = None,
+    global_batch_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--global-batch-size",
+            help="Sequences per optimizer step over all processes; micro-batches accumulate to reach it.",
+            show_default=False,
+        ),
+    ] = None,
+    strategy: Annotated[
+        Optional[str],
+        typer.Option("--strategy", help="Under torchrun: ddp (default) or fsdp (sharded).", show_default=False),
+    ] = None,
+    lr: Annotated[
+        Optional[float],
+        typer.Option("--lr", help="Peak learning rate" + preset_default("optim", "lr"), show_default=False),
+    ] = None,
     device: DeviceOpt = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16.", show_default=False)] = None,
-    seed: SeedOpt = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="'auto' (the newest checkpoint in --out) or a checkpoint path.", show_default=False)] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option("--dtype", help="auto, fp32, bf16 or fp16." + default(TrainConfig, "dtype"), show_default=False),
+    ] = None,
+    seed: TrainSeedOpt = None,
+    resume: Annotated[
+        Optional[str],
+        typer.Option(
+            "--resume", help="'auto' (the newest checkpoint in --out) or a checkpoint path.", show_default=False
+        ),
+    ] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -54,22 +156,42 @@ def pretrain(
     from llmkit.core.jobs.pretrain import plan
 
     check_positive(steps=steps, batch_size=batch_size, lr=lr)
-    flags = {"train": {"steps": steps, "tokens": tokens, "time": time, "batch_size": batch_size,
-                       "global_batch_size": global_batch_size, "strategy": strategy,
-                       "device": device, "dtype": dtype, "seed": seed},
-             "optim": {"lr": lr},
-             "data": {"sources": tuple(mix) if mix else None, "val": tuple(val) if val else None,
-                      "text_field": text_field, "workers": workers}}
+    flags = {
+        "train": {
+            "steps": steps,
+            "tokens": tokens,
+            "time": time,
+            "batch_size": batch_size,
+            "global_batch_size": global_batch_size,
+            "strategy": strategy,
+            "device": device,
+            "dtype": dtype,
+            "seed": seed,
+        },
+        "optim": {"lr": lr},
+        "data": {
+            "sources": tuple(mix) if mix else None,
+            "val": tuple(val) if val else None,
+            "text_field": text_field,
+            "workers": workers,
+        },
+    }
     # No preset but a time or token budget: the model is sized to it (core/training/recipe.py), unless
     # the model's shape is already given (--set model.*, a config file) or comes from --init.
     given = given_keys(set_ or [], flags)
-    sized = preset is None and bool(time or tokens) and init is None and config is None \
+    sized = (
+        preset is None
+        and bool(time or tokens)
+        and init is None
+        and config is None
         and not any(k.startswith("model.") for k in given)
+    )
     name = "auto" if sized else (preset or "tiny")
     out = out or Path("runs") / name
     # The config the run will use: with --resume, the resumed run's own, with what is given on top.
-    cfg, resume_from = plan(out, resume=resume, preset=None if sized else name, config_file=config,
-                            sets=set_ or [], flags=flags, init=init)
+    cfg, resume_from = plan(
+        out, resume=resume, preset=None if sized else name, config_file=config, sets=set_ or [], flags=flags, init=init
+    )
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return
@@ -78,8 +200,15 @@ def pretrain(
 
     view, main = training_view(PretrainView, quiet=quiet, json_out=json_out)
     quiet = view.quiet
-    result = run_pretrain(corpus, out, cfg, resume_from=resume_from, tokenizer_dir=tokenizer, on_event=view,
-                          budget_sized=given if sized else None)
+    result = run_pretrain(
+        corpus,
+        out,
+        cfg,
+        resume_from=resume_from,
+        tokenizer_dir=tokenizer,
+        on_event=view,
+        budget_sized=given if sized else None,
+    )
     end_interrupted(view, result)
     if not quiet and result.samples:
         view.log("[bold]samples[/] (from best/):")
@@ -88,7 +217,9 @@ def pretrain(
     if not quiet:
         best = f"best val loss {result.state.best_val_loss:.4f} at step {result.state.best_step}"
         pictures = [str(out / n) for n in ("loss.svg", "report.html") if (out / n).is_file()]
-        view.log(f"{result.params:,} parameters, {result.state.step} steps, {best}"
-                 + (f"; {', '.join(pictures)}" if pictures else ""))
+        view.log(
+            f"{result.params:,} parameters, {result.state.step} steps, {best}"
+            + (f"; {', '.join(pictures)}" if pictures else "")
+        )
     if main:
         print_result(result, json_out)

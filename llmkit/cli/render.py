@@ -16,14 +16,21 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from llmkit.core import events
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _console(stream_id: int) -> Console:
     return Console(stderr=True, soft_wrap=True)
 
@@ -42,8 +49,15 @@ def human(n: float) -> str:
 
 def tokenizer_report_table(report: dict[str, Any]) -> Table:
     t = Table(title="tokenizer quality", show_header=False, title_justify="left")
-    t.add_row("vocab size", f"{report['vocab_size']}" + (
-        f" (asked {report['requested_vocab_size']})" if report["requested_vocab_size"] != report["vocab_size"] else ""))
+    t.add_row(
+        "vocab size",
+        f"{report['vocab_size']}"
+        + (
+            f" (asked {report['requested_vocab_size']})"
+            if report["requested_vocab_size"] != report["vocab_size"]
+            else ""
+        ),
+    )
     t.add_row("characters per token", f"{report['chars_per_token']:.2f}")
     t.add_row("tokens per word", f"{report['tokens_per_word']:.2f}")
     t.add_row("byte-fallback rate", f"{report['byte_fallback_rate']:.3%}")
@@ -71,11 +85,21 @@ class PretrainView:
             (self.progress.console if self.progress else self.console).print(message, highlight=False)
 
     LISTENS: dict[type[events.Event], str] = {
-        events.Corpus: "on_corpus", events.Tokenizing: "on_tokenizing",
-        events.TokenizerTraining: "on_tokenizer_training", events.Tokenizer: "on_tokenizer", events.Data: "on_data",
-        events.Resume: "on_resume", events.Recipe: "on_recipe", events.Model: "on_model", events.Start: "on_start",
-        events.Tick: "on_tick", events.Step: "on_step", events.Eval: "on_eval", events.Stop: "on_stop",
-        events.ReportFailed: "on_report_failed", events.FinetuneData: "on_finetune_data",
+        events.Corpus: "on_corpus",
+        events.Tokenizing: "on_tokenizing",
+        events.TokenizerTraining: "on_tokenizer_training",
+        events.Tokenizer: "on_tokenizer",
+        events.Data: "on_data",
+        events.Resume: "on_resume",
+        events.Recipe: "on_recipe",
+        events.Model: "on_model",
+        events.Start: "on_start",
+        events.Tick: "on_tick",
+        events.Step: "on_step",
+        events.Eval: "on_eval",
+        events.Stop: "on_stop",
+        events.ReportFailed: "on_report_failed",
+        events.FinetuneData: "on_finetune_data",
         events.Save: "skipped: checkpoints are named in the run's summary at the end",
         events.Import: "skipped: the import command reports its own result",
     }
@@ -115,11 +139,12 @@ class PretrainView:
 
     def on_corpus(self, d):
         if d["sample"]:
-            self.log("[cyan]no corpus given: training on the bundled French sample[/] "
-                     f"({len(d['files'])} files)")
+            self.log(f"[cyan]no corpus given: training on the bundled French sample[/] ({len(d['files'])} files)")
         elif d.get("sources"):
-            self.log("corpus: " + ", ".join(f"{escape(s['name'])} ({s['files']} file(s), weight {s['weight']:g})"
-                                            for s in d["sources"]))
+            self.log(
+                "corpus: "
+                + ", ".join(f"{escape(s['name'])} ({s['files']} file(s), weight {s['weight']:g})" for s in d["sources"])
+            )
         else:
             self.log(f"corpus: {len(d['files'])} file(s)")
         if d.get("val"):
@@ -130,9 +155,15 @@ class PretrainView:
         if not self.live:
             return
         if self.progress is None:
-            self.progress = Progress(TextColumn("[bold]tokenizing[/] {task.description}"), BarColumn(),
-                                     DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                                     console=self.console, transient=True)
+            self.progress = Progress(
+                TextColumn("[bold]tokenizing[/] {task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
             self.progress.start()
             self.task = self.progress.add_task(escape(d["source"]), total=d["total"])
         self.progress.update(self.task, completed=d["done"], total=d["total"], description=escape(d["source"]))
@@ -148,8 +179,10 @@ class PretrainView:
             sampled = r["training_lines"] + r["held_out_lines"]
             if r.get("corpus_lines", 0) > sampled:
                 self.log(f"tokenizer sample: {sampled:,} of the corpus's {r['corpus_lines']:,} lines (seeded)")
-            self.log(f"tokenizer: vocab {r['vocab_size']}, {r['chars_per_token']:.2f} chars/token, "
-                     f"round trip {r['round_trip_exact']:.1%} → {d['path']}")
+            self.log(
+                f"tokenizer: vocab {r['vocab_size']}, {r['chars_per_token']:.2f} chars/token, "
+                f"round trip {r['round_trip_exact']:.1%} → {d['path']}"
+            )
         else:
             self.log(f"tokenizer: {d['source']} (vocab {d['vocab_size']})")
 
@@ -160,12 +193,16 @@ class PretrainView:
         for why in d.get("rebuilt") or []:
             self.log(f"[yellow]warning:[/] a damaged token cache was rebuilt ({escape(why)})")
         dupes = f", {d['duplicates']} duplicate(s) dropped" if d.get("duplicates") else ""
-        self.log(f"data: {d['documents']} documents{dupes}, {human(d['chars'])} chars, "
-                 f"{human(d['train_tokens'])} train / {human(d['val_tokens'])} val tokens"
-                 f"{' (cached)' if d['cached'] else ''}")
+        self.log(
+            f"data: {d['documents']} documents{dupes}, {human(d['chars'])} chars, "
+            f"{human(d['train_tokens'])} train / {human(d['val_tokens'])} val tokens"
+            f"{' (cached)' if d['cached'] else ''}"
+        )
         for name, src in (d.get("sources") or {}).items():
-            self.log(f"  {escape(name)}: weight {src['weight']:g}, {src['documents']} documents, "
-                     f"{human(src['train_tokens'])} train / {human(src['val_tokens'])} val tokens")
+            self.log(
+                f"  {escape(name)}: weight {src['weight']:g}, {src['documents']} documents, "
+                f"{human(src['train_tokens'])} train / {human(src['val_tokens'])} val tokens"
+            )
 
     def on_resume(self, d):
         self.log(f"[cyan]resuming[/] from {d['path']} at step {d['step']}; budget: {d['budget']}")
@@ -175,11 +212,15 @@ class PretrainView:
 
     def on_model(self, d):
         compiled = ", compiled" if d.get("compiled") else ""
-        self.log(f"model: {human(d['params'])} parameters on {d['device']}, "
-                 f"precision [bold]{d['precision']}[/]{compiled} ({d['precision_reason']})")
+        self.log(
+            f"model: {human(d['params'])} parameters on {d['device']}, "
+            f"precision [bold]{d['precision']}[/]{compiled} ({d['precision_reason']})"
+        )
         if d.get("device") == "cpu" and d.get("threads"):
             busy = "fewer" in d.get("threads_reason", "")
-            self.log(f"{'[yellow]busy machine:[/] ' if busy else ''}{d['threads']} CPU thread(s) ({d['threads_reason']})")
+            self.log(
+                f"{'[yellow]busy machine:[/] ' if busy else ''}{d['threads']} CPU thread(s) ({d['threads_reason']})"
+            )
 
     def on_start(self, d):
         self.seconds = d.get("seconds") or 0.0
@@ -188,10 +229,17 @@ class PretrainView:
         if not self.live:
             return
         self.progress = Progress(
-            TextColumn("[bold]train[/]"), BarColumn(), TextColumn("step {task.fields[step]}"),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("val {task.fields[val]}"),
-            TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("left {task.fields[eta]}"),
-            console=self.console, transient=False)
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            TextColumn("step {task.fields[step]}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("val {task.fields[val]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("left {task.fields[eta]}"),
+            console=self.console,
+            transient=False,
+        )
         self.progress.start()
         self.task = self.progress.add_task("train", total=1000, **self.fields)
 
@@ -210,8 +258,10 @@ class PretrainView:
         mark = " [green]best[/]" if d["improved"] else ""
         se = d.get("val_loss_se")
         spread = f" ± {se:.4f}" if se is not None else ""
-        line = (f"step {d['step']}: val loss {d['val_loss']:.4f}{spread}, ppl {d.get('val_ppl', math.nan):.2f}, "
-                f"bpb {d.get('val_bpb', math.nan):.3f}{mark}")
+        line = (
+            f"step {d['step']}: val loss {d['val_loss']:.4f}{spread}, ppl {d.get('val_ppl', math.nan):.2f}, "
+            f"bpb {d.get('val_bpb', math.nan):.3f}{mark}"
+        )
         if d.get("val_sources"):
             line += " (" + ", ".join(f"{escape(k)} {v:.4f}" for k, v in d["val_sources"].items()) + ")"
         if self.progress:
@@ -230,9 +280,14 @@ class PretrainView:
         if self.progress:
             self.progress.stop()
             self.progress = None
-        why = {"steps": "step budget reached", "time": "time budget reached", "early_stop": "early stopping",
-               "diverged": "loss diverged", "interrupted": "interrupted",
-               "terminated": "terminated (SIGTERM)"}.get(d["reason"], d["reason"])
+        why = {
+            "steps": "step budget reached",
+            "time": "time budget reached",
+            "early_stop": "early stopping",
+            "diverged": "loss diverged",
+            "interrupted": "interrupted",
+            "terminated": "terminated (SIGTERM)",
+        }.get(d["reason"], d["reason"])
         self.log(f"stopped at step {d['step']}: {why}")
 
 
@@ -244,17 +299,19 @@ def classification_tables(report: dict[str, Any]) -> tuple[Table, Table]:
         scores.add_column(name, justify="left" if name == "label" else "right")
     for label in labels:
         s = report["per_class"][label]
-        scores.add_row(escape(label), f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}",
-                       str(s["support"]))
+        scores.add_row(
+            escape(label), f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}", str(s["support"])
+        )
     # Columns are numbered, rows carry the numbers and the whole labels: long labels are never cut.
     confusion = Table(title="confusion (rows true, columns predicted)", title_justify="left")
     confusion.add_column("true label")
     for j in range(len(labels)):
         confusion.add_column(str(j + 1), justify="right")
     for i, row in enumerate(report["confusion"]):
-        confusion.add_row(f"{i + 1} {escape(labels[i])}",
-                          *(f"[bold green]{n}[/]" if i == j and n else (str(n) if n else "[dim]·[/]")
-                            for j, n in enumerate(row)))
+        confusion.add_row(
+            f"{i + 1} {escape(labels[i])}",
+            *(f"[bold green]{n}[/]" if i == j and n else (str(n) if n else "[dim]·[/]") for j, n in enumerate(row)),
+        )
     return scores, confusion
 
 
@@ -263,9 +320,14 @@ def metric_line(d: dict[str, Any]) -> str:
     parts = [f"val loss {d['val_loss']:.4f}"]
     if "val_bpb" in d:
         parts.append(f"ppl {d['val_ppl']:.2f}, bpb {d['val_bpb']:.3f}")
-    for key, name, fmt in (("accuracy", "accuracy", "{:.3f}"), ("macro_f1", "macro-F1", "{:.3f}"),
-                           ("chrf", "chrF", "{:.2f}"), ("bleu", "BLEU", "{:.2f}"),
-                           ("exact_match", "exact match", "{:.1f}"), ("token_f1", "token F1", "{:.1f}")):
+    for key, name, fmt in (
+        ("accuracy", "accuracy", "{:.3f}"),
+        ("macro_f1", "macro-F1", "{:.3f}"),
+        ("chrf", "chrF", "{:.2f}"),
+        ("bleu", "BLEU", "{:.2f}"),
+        ("exact_match", "exact match", "{:.1f}"),
+        ("token_f1", "token F1", "{:.1f}"),
+    ):
         if key in d:
             parts.append(f"{name} {fmt.format(d[key])}")
     return ", ".join(parts)
@@ -276,8 +338,10 @@ class FinetuneView(PretrainView):
 
     def on_finetune_data(self, d):
         if d["kind"] == "lm":
-            self.log(f"data: {d['documents']} documents, {human(d['train_tokens'])} train / "
-                     f"{human(d['val_tokens'])} val tokens")
+            self.log(
+                f"data: {d['documents']} documents, {human(d['train_tokens'])} train / "
+                f"{human(d['val_tokens'])} val tokens"
+            )
             return
         self.log(f"data: {d['train']} training examples, {d['val']} validation ({escape(d['val_source'])})")
         if d.get("labels"):
@@ -288,24 +352,31 @@ class FinetuneView(PretrainView):
             self.log(f"[yellow]warning:[/] skipped {d['blank']} blank row(s)")
         if d.get("truncated"):
             n = d["train"] + d["val"]
-            self.log(f"[yellow]warning:[/] {d['truncated']} example(s) longer than the context were truncated "
-                     f"({d['truncated'] / max(n, 1):.0%} of {n}, context {d['context']} tokens)")
+            self.log(
+                f"[yellow]warning:[/] {d['truncated']} example(s) longer than the context were truncated "
+                f"({d['truncated'] / max(n, 1):.0%} of {n}, context {d['context']} tokens)"
+            )
             if d["truncated"] >= 0.05 * n:
-                self.log(f"  a context of {d['fits_95']} tokens fits 95% of them ({d['fits_all']} fits all): "
-                         "fine-tune with --context N (positions past the base's context were never trained, "
-                         "so expect a weaker start there), or shorten the examples")
+                self.log(
+                    f"  a context of {d['fits_95']} tokens fits 95% of them ({d['fits_all']} fits all): "
+                    "fine-tune with --context N (positions past the base's context were never trained, "
+                    "so expect a weaker start there), or shorten the examples"
+                )
         if d.get("unseen"):
             total = sum(d["unseen"].values())
             names = ", ".join(escape(k) for k in list(d["unseen"])[:5])
-            self.log(f"[yellow]warning:[/] {total} validation example(s) have labels unseen in training "
-                     f"({names}); they are left out of the scores")
+            self.log(
+                f"[yellow]warning:[/] {total} validation example(s) have labels unseen in training "
+                f"({names}); they are left out of the scores"
+            )
 
     def on_model(self, d):
         super().on_model(d)
         if "trainable" in d:
             share = d["trainable"] / max(d["params"], 1)
-            self.log(f"training {human(d['trainable'])} parameters ({share:.2%})"
-                     + (" with LoRA" if d.get("lora") else ""))
+            self.log(
+                f"training {human(d['trainable'])} parameters ({share:.2%})" + (" with LoRA" if d.get("lora") else "")
+            )
 
     def on_eval(self, d):
         self.fields["val"] = f"{d['val_loss']:.3f}"
@@ -333,8 +404,11 @@ class FinetuneView(PretrainView):
         elif st.best_score is not None:
             self.log(f"best at step {st.best_step}: score {st.best_score:.4f} (no improvement in this session)")
         pictures = [str(result.out / n) for n in ("loss.svg", "report.html") if (result.out / n).is_file()]
-        self.log(f"{st.step} steps" + (f"; {', '.join(pictures)}" if pictures else "")
-                 + (f"; merged weights: {result.merged}" if result.merged else ""))
+        self.log(
+            f"{st.step} steps"
+            + (f"; {', '.join(pictures)}" if pictures else "")
+            + (f"; merged weights: {result.merged}" if result.merged else "")
+        )
 
 
 def eval_tables(report: dict[str, Any], *, show: int = 0) -> list[Table]:
@@ -343,11 +417,19 @@ def eval_tables(report: dict[str, Any], *, show: int = 0) -> list[Table]:
     t = Table(title=title, title_justify="left", show_header=False, min_width=len(title))
     t.add_column("metric")
     t.add_column("value", justify="right")
-    rows = [("examples", "examples", "{}"), ("tokens", "tokens", "{:,}"), ("loss", "loss", "{:.4f}"),
-            ("perplexity", "perplexity", "{:.2f}"), ("bits_per_byte", "bits per byte", "{:.4f}"),
-            ("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}"), ("chrf", "chrF", "{:.2f}"),
-            ("bleu", "BLEU", "{:.2f}"), ("exact_match", "exact match (%)", "{:.2f}"),
-            ("token_f1", "token F1 (%)", "{:.2f}")]
+    rows = [
+        ("examples", "examples", "{}"),
+        ("tokens", "tokens", "{:,}"),
+        ("loss", "loss", "{:.4f}"),
+        ("perplexity", "perplexity", "{:.2f}"),
+        ("bits_per_byte", "bits per byte", "{:.4f}"),
+        ("accuracy", "accuracy", "{:.4f}"),
+        ("macro_f1", "macro-F1", "{:.4f}"),
+        ("chrf", "chrF", "{:.2f}"),
+        ("bleu", "BLEU", "{:.2f}"),
+        ("exact_match", "exact match (%)", "{:.2f}"),
+        ("token_f1", "token F1 (%)", "{:.2f}"),
+    ]
     for key, name, fmt in rows:
         if key in report:
             t.add_row(name, fmt.format(report[key]))
@@ -380,12 +462,25 @@ def print_result(result, json_out: bool) -> None:
         print(use, flush=True)
         return
     st = result.state
-    row = {"event": "result", "checkpoint": str(use), "out": str(result.out), "best": result.best,
-           "last": result.last, "merged": result.merged, "stop_reason": result.stop_reason, "steps": st.step,
-           "tokens": st.tokens_seen, "elapsed_s": round(st.elapsed_s, 3), "best_step": st.best_step,
-           "best_val_loss": st.best_val_loss if math.isfinite(st.best_val_loss) else None,
-           "best_score": st.best_score, "params": result.params, "trainable": result.trainable,
-           "precision": result.precision, "samples": [{"prompt": p, "text": t} for p, t in result.samples]}
+    row = {
+        "event": "result",
+        "checkpoint": str(use),
+        "out": str(result.out),
+        "best": result.best,
+        "last": result.last,
+        "merged": result.merged,
+        "stop_reason": result.stop_reason,
+        "steps": st.step,
+        "tokens": st.tokens_seen,
+        "elapsed_s": round(st.elapsed_s, 3),
+        "best_step": st.best_step,
+        "best_val_loss": st.best_val_loss if math.isfinite(st.best_val_loss) else None,
+        "best_score": st.best_score,
+        "params": result.params,
+        "trainable": result.trainable,
+        "precision": result.precision,
+        "samples": [{"prompt": p, "text": t} for p, t in result.samples],
+    }
     if result.best_metrics:
         row["best_metrics"] = {k: v for k, v in result.best_metrics.items() if k not in ("samples", "confusion")}
     print(json.dumps(row, default=str, ensure_ascii=False), flush=True)
@@ -409,4 +504,3 @@ def end_interrupted(view, result) -> None:
         what = "interrupted" if result.stop_reason == "interrupted" else "terminated (SIGTERM)"
         view.log(f"[yellow]{what}[/] at step {result.state.step}: checkpoint written; continue with --resume auto")
         raise typer.Exit(130 if result.stop_reason == "interrupted" else 143)
-

@@ -18,21 +18,29 @@ from llmkit.cli.options import DeviceOpt, QuietOpt, check_positive, check_quanti
 
 
 def serve(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint, run directory, model folder or .gguf.", show_default=False)],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint, run directory, model folder or .gguf.", show_default=False)
+    ],
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
-    api_key: Annotated[Optional[str], opt("Require this bearer token on /v1/ routes (default: $LLMKIT_API_KEY).", "--api-key")] = None,
+    api_key: Annotated[
+        Optional[str], opt("Require this bearer token on /v1/ routes (default: $LLMKIT_API_KEY).", "--api-key")
+    ] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Requests decoded together at most.")] = 8,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="The most tokens one request may ask for.")] = 512,
-    max_concurrent: Annotated[int, typer.Option("--max-concurrent", help="Requests in flight at most (then 429).")] = 64,
+    max_concurrent: Annotated[
+        int, typer.Option("--max-concurrent", help="Requests in flight at most (then 429).")
+    ] = 64,
     max_body: Annotated[int, typer.Option("--max-body", help="Largest request body, in bytes.")] = 1 << 20,
-    quantize: Annotated[Optional[str], opt("int8: int8 weight-only linear layers (faster decoding; docs/generate.md).", "--quantize")] = None,
+    quantize: Annotated[
+        Optional[str], opt("int8: int8 weight-only linear layers (faster decoding; docs/generate.md).", "--quantize")
+    ] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     from llmkit.cli.render import err_console
-    from llmkit.core.host.device import pick_device
     from llmkit.core.errors import ConfigError
+    from llmkit.core.host.device import pick_device
 
     check_positive(max_batch=max_batch, max_tokens=max_tokens, max_concurrent=max_concurrent, max_body=max_body)
     check_quantize(quantize)
@@ -42,17 +50,27 @@ def serve(
         from llmkit.serve import host as hosting
         from llmkit.serve.api import Limits, Server
     except ImportError as e:
-        raise ConfigError(f"llmkit serve needs FastAPI and uvicorn: pip install 'llmkit[serve]' ({e.name} is missing)") from None
+        raise ConfigError(
+            f"llmkit serve needs FastAPI and uvicorn: pip install 'llmkit[serve]' ({e.name} is missing)"
+        ) from None
     key = api_key or os.environ.get("LLMKIT_API_KEY") or None
-    server = Server(checkpoint, device=str(pick_device(device or "auto")), max_batch=max_batch, api_key=key,
-                    quantize=quantize,
-                    limits=Limits(max_tokens=max_tokens, max_concurrent=max_concurrent, max_body_bytes=max_body))
+    server = Server(
+        checkpoint,
+        device=str(pick_device(device or "auto")),
+        max_batch=max_batch,
+        api_key=key,
+        quantize=quantize,
+        limits=Limits(max_tokens=max_tokens, max_concurrent=max_concurrent, max_body_bytes=max_body),
+    )
     sock = hosting.listen(host, port)  # a port in use: one line, before anything is served
     console = err_console()
     if not quiet:
         shown = "[::1]" if host == "::1" else host
-        console.print(f"serving [bold]{server.name}[/] ({server.kind}) on http://{shown}:{port}  "
-                      f"(chat page at /, OpenAI API at /v1/){'; API key required' if key else ''}", highlight=False)
+        console.print(
+            f"serving [bold]{server.name}[/] ({server.kind}) on http://{shown}:{port}  "
+            f"(chat page at /, OpenAI API at /v1/){'; API key required' if key else ''}",
+            highlight=False,
+        )
         if host not in ("127.0.0.1", "localhost", "::1") and not key:
             console.print("[yellow]warning:[/] listening beyond this machine without --api-key", highlight=False)
     # SIGTERM and Ctrl-C: stop taking connections and let the requests in flight finish.

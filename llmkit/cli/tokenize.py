@@ -9,12 +9,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import ConfigOpt, JsonOpt, QuietOpt, SetOpt
+from llmkit.cli.options import ConfigOpt, JsonOpt, QuietOpt, SetOpt, default
+from llmkit.core.config import TokenizerConfig
 from llmkit.core.errors import ConfigError, DataError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
-TokArg = Annotated[Path, typer.Argument(help="A tokenizer directory, a checkpoint or a run directory.", show_default=False)]
+TokArg = Annotated[
+    Path, typer.Argument(help="A tokenizer directory, a checkpoint or a run directory.", show_default=False)
+]
 
 
 def _read_stdin(what: str) -> str:
@@ -25,13 +28,45 @@ def _read_stdin(what: str) -> str:
 
 @app.command("train")
 def train(
-    corpus: Annotated[list[str], typer.Argument(help="Files, directories or globs: text, JSON lines or parquet (.gz/.zst too).", show_default=False)],
+    corpus: Annotated[
+        list[str],
+        typer.Argument(
+            help="Files, directories or globs: text, JSON lines or parquet (.gz/.zst too).",
+            show_default=False,
+            metavar="CORPUS",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for tokenizer.model and tokenizer.yaml.")],
-    vocab_size: Annotated[Optional[int], typer.Option(help="Vocabulary size (reduced with a warning if too large).", show_default=False)] = None,
-    model_type: Annotated[Optional[str], typer.Option(help="bpe, unigram or char.", show_default=False)] = None,
-    character_coverage: Annotated[Optional[float], typer.Option(help="Share of characters in the vocabulary.", show_default=False)] = None,
-    user_symbols: Annotated[Optional[list[str]], typer.Option("--user-symbols", help="Symbols kept whole (repeatable or comma-separated).", show_default=False)] = None,
-    text_field: Annotated[str, typer.Option("--text-field", help="The text's field in JSON lines, or column in parquet.")] = "text",
+    vocab_size: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Vocabulary size (reduced with a warning if too large)." + default(TokenizerConfig, "vocab_size"),
+            show_default=False,
+        ),
+    ] = None,
+    model_type: Annotated[
+        Optional[str],
+        typer.Option(help="bpe, unigram or char." + default(TokenizerConfig, "model_type"), show_default=False),
+    ] = None,
+    character_coverage: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Share of characters in the vocabulary." + default(TokenizerConfig, "character_coverage"),
+            show_default=False,
+        ),
+    ] = None,
+    user_symbols: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--user-symbols",
+            help="Symbols kept whole (repeatable or comma-separated).",
+            show_default=False,
+            metavar="SYMBOLS",
+        ),
+    ] = None,
+    text_field: Annotated[
+        str, typer.Option("--text-field", help="The text's field in JSON lines, or column in parquet.")
+    ] = "text",
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -47,9 +82,18 @@ def train(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory")
     symbols = tuple(s for item in (user_symbols or []) for s in item.split(",") if s)
-    cfg = resolve_run_config(config_file=config, sets=set_ or [], flags={"tokenizer": {
-        "vocab_size": vocab_size, "model_type": model_type, "character_coverage": character_coverage,
-        "user_symbols": symbols or None}}).tokenizer
+    cfg = resolve_run_config(
+        config_file=config,
+        sets=set_ or [],
+        flags={
+            "tokenizer": {
+                "vocab_size": vocab_size,
+                "model_type": model_type,
+                "character_coverage": character_coverage,
+                "user_symbols": symbols or None,
+            }
+        },
+    ).tokenizer
     files = resolve_files(corpus)
     console = err_console()
     with console.status("training tokenizer …") if console.is_terminal and not quiet else _null():
@@ -76,7 +120,9 @@ class _null:
 @app.command("encode")
 def encode(
     tokenizer: TokArg,
-    text: Annotated[Optional[str], typer.Argument(help="Text to encode; '-' or nothing reads stdin.", show_default=False)] = None,
+    text: Annotated[
+        Optional[str], typer.Argument(help="Text to encode; '-' or nothing reads stdin.", show_default=False)
+    ] = None,
     pieces: Annotated[bool, typer.Option("--pieces", help="Show the pieces (coloured) instead of ids.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -109,7 +155,10 @@ def encode(
 @app.command("decode")
 def decode(
     tokenizer: TokArg,
-    ids: Annotated[Optional[list[str]], typer.Argument(help="Token ids; nothing reads them from stdin.", show_default=False)] = None,
+    ids: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Token ids; nothing reads them from stdin.", show_default=False, metavar="ID"),
+    ] = None,
 ) -> None:
     """Decode token ids (arguments or stdin, separated by spaces or commas) back into text."""
     from llmkit.core.interop.resolve import open_tokenizer

@@ -9,21 +9,21 @@ No torch here: the CLI imports this module to print help and resolve configs ins
 from __future__ import annotations
 
 import dataclasses
-import os
 import difflib
 import math
+import os
 import re
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
 from llmkit.core.errors import ConfigError
-
 
 # --- the value lists, each defined once and imported wherever it is checked or offered ----------
 
@@ -71,11 +71,13 @@ class TokenizerConfig:
     """Trainer threads; 0 means all cores."""
 
     def __post_init__(self) -> None:
-        _check(self.model_type in TOKENIZER_MODELS, "tokenizer.model_type",
-               f"must be {_one_of(TOKENIZER_MODELS)}, not {self.model_type!r}")
+        _check(
+            self.model_type in TOKENIZER_MODELS,
+            "tokenizer.model_type",
+            f"must be {_one_of(TOKENIZER_MODELS)}, not {self.model_type!r}",
+        )
         _check(self.vocab_size >= 8, "tokenizer.vocab_size", "must be at least 8")
-        _check(0.9 <= self.character_coverage <= 1.0, "tokenizer.character_coverage",
-               "must be between 0.9 and 1.0")
+        _check(0.9 <= self.character_coverage <= 1.0, "tokenizer.character_coverage", "must be between 0.9 and 1.0")
         _check(self.max_sentences > 0, "tokenizer.max_sentences", "must be positive")
         _check(self.sample_mb > 0, "tokenizer.sample_mb", "must be positive")
 
@@ -147,15 +149,27 @@ class ModelConfig:
         _check(self.vocab_size >= 0, "model.vocab_size", "must not be negative")
         _check(self.d_head >= 0, "model.d_head", "must not be negative")
         if not self.d_head:
-            _check(self.d_model % self.n_head == 0, "model.d_model",
-                   f"{self.d_model} is not divisible by model.n_head={self.n_head}")
-        _check(self.head_dim % 2 == 0, "model.d_model",
-               "head size (d_model / n_head, or model.d_head) must be even for rotary embeddings")
-        _check(self.rope_scaling in ROPE_SCALINGS, "model.rope_scaling",
-               f"must be {_one_of(ROPE_SCALINGS)}, not {self.rope_scaling!r}")
+            _check(
+                self.d_model % self.n_head == 0,
+                "model.d_model",
+                f"{self.d_model} is not divisible by model.n_head={self.n_head}",
+            )
+        _check(
+            self.head_dim % 2 == 0,
+            "model.d_model",
+            "head size (d_model / n_head, or model.d_head) must be even for rotary embeddings",
+        )
+        _check(
+            self.rope_scaling in ROPE_SCALINGS,
+            "model.rope_scaling",
+            f"must be {_one_of(ROPE_SCALINGS)}, not {self.rope_scaling!r}",
+        )
         _check(self.rope_factor >= 1.0, "model.rope_factor", "must be at least 1")
-        _check(self.n_head % self.kv_heads == 0, "model.n_kv_head",
-               f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}")
+        _check(
+            self.n_head % self.kv_heads == 0,
+            "model.n_kv_head",
+            f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}",
+        )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
 
     @property
@@ -242,7 +256,8 @@ class TrainConfig:
     samples: int = 3
     """Sample lines generated at the end of training."""
     report: bool = True
-    """Write report.html in the run directory: at the end, and at evaluations (every 30 s at most, under 2% of the run's time)."""
+    """Write report.html in the run directory: at the end, and at evaluations (every 30 s at most,
+    under 2% of the run's time)."""
     epochs: float = 0.0
     """Stop after this many passes over the training data (0: no epoch limit)."""
     length_buckets: int = -1
@@ -265,13 +280,28 @@ class TrainConfig:
         _check(self.length_buckets >= -1, "train.length_buckets", "must be -1 (auto), 0 or more")
         _check(self.global_batch_size >= 0, "train.global_batch_size", "must not be negative")
         _check(self.strategy in STRATEGIES, "train.strategy", f"must be {_one_of(STRATEGIES)}, not {self.strategy!r}")
-        switch = {"true": "true", "yes": "true", "on": "true", "1": "true", "false": "false", "no": "false",
-                  "off": "false", "0": "false"}
+        switch = {
+            "true": "true",
+            "yes": "true",
+            "on": "true",
+            "1": "true",
+            "false": "false",
+            "no": "false",
+            "off": "false",
+            "0": "false",
+        }
         object.__setattr__(self, "compile", switch.get(str(self.compile).lower(), str(self.compile).lower()))
-        _check(self.compile in ("auto", "true", "false"), "train.compile", f"must be auto, true or false, not {self.compile!r}")
+        _check(
+            self.compile in ("auto", "true", "false"),
+            "train.compile",
+            f"must be auto, true or false, not {self.compile!r}",
+        )
         _check(self.dtype in DTYPES, "train.dtype", f"must be {_one_of(DTYPES)}, not {self.dtype!r}")
-        _check(bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)), "train.device",
-               f"must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+        _check(
+            bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)),
+            "train.device",
+            f"must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}",
+        )
         if self.time:
             parse_duration(self.time, "train.time")
 
@@ -284,9 +314,12 @@ class TrainConfig:
         if not self.global_batch_size:
             return self.grad_accum
         per = self.batch_size * world
-        _check(self.global_batch_size % per == 0, "train.global_batch_size",
-               f"{self.global_batch_size} is not a multiple of train.batch_size {self.batch_size} x {world} "
-               f"process(es) = {per}")
+        _check(
+            self.global_batch_size % per == 0,
+            "train.global_batch_size",
+            f"{self.global_batch_size} is not a multiple of train.batch_size {self.batch_size} x {world} "
+            f"process(es) = {per}",
+        )
         return self.global_batch_size // per
 
     @property
@@ -304,8 +337,12 @@ class TrainConfig:
 
     def budget_text(self) -> str:
         """The stopping budget in words, e.g. '20000 steps' or '90s or 500 steps'."""
-        parts = [f"{self.steps} steps" if self.steps else "", f"{self.tokens:,} tokens" if self.tokens else "",
-                 self.time, f"{self.epochs:g} epochs" if self.epochs else ""]
+        parts = [
+            f"{self.steps} steps" if self.steps else "",
+            f"{self.tokens:,} tokens" if self.tokens else "",
+            self.time,
+            f"{self.epochs:g} epochs" if self.epochs else "",
+        ]
         return " or ".join(p for p in parts if p) or "none"
 
 
@@ -359,17 +396,29 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         _check(self.kind in TASK_KINDS, "task.kind", f"must be one of {', '.join(TASK_KINDS)}, not {self.kind!r}")
-        _check(self.pooling in CLASSIFIER_POOLINGS, "task.pooling",
-               f"must be {_one_of(CLASSIFIER_POOLINGS)}, not {self.pooling!r}")
-        _check(self.class_weights in ("none", "balanced"), "task.class_weights",
-               f"must be none or balanced, not {self.class_weights!r}")
-        _check(not self.template or self.template == "chat" or self.template.count("{prompt}") == 1,
-               "task.template", "must contain {prompt} exactly once (or be 'chat': the model's chat template)")
+        _check(
+            self.pooling in CLASSIFIER_POOLINGS,
+            "task.pooling",
+            f"must be {_one_of(CLASSIFIER_POOLINGS)}, not {self.pooling!r}",
+        )
+        _check(
+            self.class_weights in ("none", "balanced"),
+            "task.class_weights",
+            f"must be none or balanced, not {self.class_weights!r}",
+        )
+        _check(
+            not self.template or self.template == "chat" or self.template.count("{prompt}") == 1,
+            "task.template",
+            "must contain {prompt} exactly once (or be 'chat': the model's chat template)",
+        )
         _check(0.0 < self.val_fraction < 0.5, "task.val_fraction", "must be in (0, 0.5)")
         _check(self.eval_limit > 0, "task.eval_limit", "must be positive")
         _check(self.max_new_tokens > 0, "task.max_new_tokens", "must be positive")
-        _check(not self.metric or self.metric in METRICS, "task.metric",
-               f"must be one of {', '.join(METRICS)}, not {self.metric!r}")
+        _check(
+            not self.metric or self.metric in METRICS,
+            "task.metric",
+            f"must be one of {', '.join(METRICS)}, not {self.metric!r}",
+        )
 
     @property
     def prompt_template(self) -> str:
@@ -400,8 +449,11 @@ class LoRAConfig:
         _check(self.alpha > 0, "lora.alpha", f"must be positive, not {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
         bad = [t for t in self.targets if t not in LORA_TARGETS]
-        _check(bool(self.targets) and not bad, "lora.targets",
-               f"unknown layer {bad[0]!r}" if bad else "must name at least one layer")
+        _check(
+            bool(self.targets) and not bad,
+            "lora.targets",
+            f"unknown layer {bad[0]!r}" if bad else "must name at least one layer",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -446,8 +498,15 @@ class SampleConfig:
     a draft pass), 8 for lookup (guesses are free; the pacer trims passes where they do not pay)."""
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty", "length_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+            "length_penalty",
+        ):
             value = getattr(self, name)
             _check(math.isfinite(value), f"--{name.replace('_', '-')}", f"must be a finite number, not {value}")
         _check(self.max_new_tokens > 0, "--max-new-tokens", f"must be positive, not {self.max_new_tokens}")
@@ -471,8 +530,12 @@ class SampleConfig:
     @property
     def uses_history(self) -> bool:
         """Whether any setting depends on the tokens generated so far."""
-        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
-                or self.frequency_penalty != 0.0 or self.no_repeat_ngram > 0)
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.no_repeat_ngram > 0
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -510,11 +573,16 @@ def sample_config(given: Mapping[str, Any]) -> SampleConfig:
     """
     values = {k: v for k, v in given.items() if v is not None}
     if values.get("num_beams", 1) > 1:
-        clash = [f"--{k.replace('_', '-')}" for k in SAMPLING_KEYS if k in values
-                 and not (k == "temperature" and values[k] == 0)]
+        clash = [
+            f"--{k.replace('_', '-')}"
+            for k in SAMPLING_KEYS
+            if k in values and not (k == "temperature" and values[k] == 0)
+        ]
         if clash:
-            raise ConfigError(f"--num-beams {values['num_beams']} cannot be combined with {', '.join(clash)}: "
-                              "beam search is deterministic (use --num-beams 1 to sample)")
+            raise ConfigError(
+                f"--num-beams {values['num_beams']} cannot be combined with {', '.join(clash)}: "
+                "beam search is deterministic (use --num-beams 1 to sample)"
+            )
         values["temperature"] = 0.0
     hints = typing.get_type_hints(SampleConfig)
     return SampleConfig(**{k: _coerce(v, hints[k], f"--{k.replace('_', '-')}") for k, v in values.items()})

@@ -43,5 +43,7 @@ def check_format(found, supported: int, what: str, written_by: str | None = None
         raise CheckpointError(f"{what}: format {found!r} is not a format llmkit writes") from None
     if number > supported:
         by = f"llmkit {written_by}" if written_by else "a newer llmkit"
-        raise CheckpointError(f"{what} was written by {by} (format {number}); this is llmkit {__version__}, "
-                              f"which reads format {supported} at most: upgrade llmkit to read it")
+        raise CheckpointError(
+            f"{what} was written by {by} (format {number}); this is llmkit {__version__}, "
+            f"which reads format {supported} at most: upgrade llmkit to read it"
+        )

@@ -14,8 +14,9 @@ as an evaluation's task metrics merged in): what metrics.jsonl and ``--json`` li
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ def ignore(event: Event) -> None:
 
 
 # --- preparing a run ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Corpus(Event):
@@ -139,6 +141,7 @@ class Import(Event):
 
 
 # --- training ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Start(Event):

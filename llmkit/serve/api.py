@@ -18,8 +18,9 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from importlib import resources
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
@@ -27,8 +28,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmkit.serve.protocol import (ApiError, Limits, finish_reason, n_of, number, sampling, sse, texts, top_logprobs,
-                                   usage, wants_usage)
+from llmkit.serve.protocol import (
+    ApiError,
+    Limits,
+    finish_reason,
+    n_of,
+    number,
+    sampling,
+    sse,
+    texts,
+    top_logprobs,
+    usage,
+    wants_usage,
+)
 from llmkit.serve.server import Server
 
 ChunkFn = Callable[[int, str, Any, Any], dict]
@@ -37,6 +49,7 @@ ChunkFn = Callable[[int, str, Any, Any], dict]
 
 def create_app(server: Server) -> FastAPI:
     """The FastAPI application over a loaded :class:`Server`."""
+
     @contextlib.asynccontextmanager
     async def lifespan(_):
         server.engine.start()  # its own thread, unless `llmkit serve` runs its loop on the main thread
@@ -63,6 +76,7 @@ def _error(e: ApiError) -> JSONResponse:
 
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error in OpenAI's shape; a bug answers 500 and the server stays up."""
+
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
         return _error(e)
@@ -113,15 +127,25 @@ class Guard:
             self.server.in_flight -= counted
 
 
-def stream(server: Server, jobs, cfg, logprobs: bool, request: HttpRequest, make_chunk: ChunkFn,
-           first: Callable[[int], dict] | None = None, usage_head: dict | None = None) -> StreamingResponse:
+def stream(
+    server: Server,
+    jobs,
+    cfg,
+    logprobs: bool,
+    request: HttpRequest,
+    make_chunk: ChunkFn,
+    first: Callable[[int], dict] | None = None,
+    usage_head: dict | None = None,
+) -> StreamingResponse:
     """Server-sent events: each output's text as it is decoded, then (``usage_head`` given) a chunk
     with the usage, then [DONE]."""
+
     async def events():
         outs = [None] * len(jobs)
         queues = [asyncio.Queue() for _ in jobs]
-        tasks = [asyncio.ensure_future(server.run(ids, cfg, s, logprobs, request, q))
-                 for (ids, s), q in zip(jobs, queues)]
+        tasks = [
+            asyncio.ensure_future(server.run(ids, cfg, s, logprobs, request, q)) for (ids, s), q in zip(jobs, queues)
+        ]
         try:
             for i in range(len(jobs) if first else 0):
                 yield sse(first(i))
@@ -147,8 +171,10 @@ def stream(server: Server, jobs, cfg, logprobs: bool, request: HttpRequest, make
         finally:
             for t in tasks:
                 t.cancel()
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 class Routes:
@@ -176,8 +202,12 @@ class Routes:
 
     def head(self, prefix: str, kind: str) -> dict[str, Any]:
         """The fields every response and chunk of one request shares."""
-        return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
-                "model": self.server.name}
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex[:24]}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": self.server.name,
+        }
 
     async def health(self):
         s = self.server
@@ -185,8 +215,19 @@ class Routes:
 
     async def models(self):
         s = self.server
-        return {"object": "list", "data": [{"id": s.name, "object": "model", "created": s.created,
-                                            "owned_by": "llmkit", "kind": s.kind, "context": s.context}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": s.name,
+                    "object": "model",
+                    "created": s.created,
+                    "owned_by": "llmkit",
+                    "kind": s.kind,
+                    "context": s.context,
+                }
+            ],
+        }
 
     async def completions(self, request: HttpRequest):
         server, body = self.server, await self.body_of(request)
@@ -202,20 +243,33 @@ class Routes:
             if top is None or out is None:
                 return None
             tok = server.tok
-            return {"tokens": [tok.token_text(p.token) for p in out.probs],
-                    "token_logprobs": [math.log(max(p.prob, 1e-45)) for p in out.probs],
-                    "top_logprobs": [{tok.token_text(t): math.log(max(q, 1e-45)) for t, q in p.top[:top]}
-                                     for p in out.probs]}
+            return {
+                "tokens": [tok.token_text(p.token) for p in out.probs],
+                "token_logprobs": [math.log(max(p.prob, 1e-45)) for p in out.probs],
+                "top_logprobs": [
+                    {tok.token_text(t): math.log(max(q, 1e-45)) for t, q in p.top[:top]} for p in out.probs
+                ],
+            }
 
         def choice(i, text, finish, out):
             return {"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs_of(out)}
 
         if body.get("stream"):
-            return stream(server, jobs, cfg, top is not None, request, lambda *a: {**head, "choices": [choice(*a)]},
-                          usage_head=head if wants_usage(body) else None)
+            return stream(
+                server,
+                jobs,
+                cfg,
+                top is not None,
+                request,
+                lambda *a: {**head, "choices": [choice(*a)]},
+                usage_head=head if wants_usage(body) else None,
+            )
         outs = await server.run_all(jobs, cfg, top is not None, request)
-        return {**head, "choices": [choice(i, o.text, finish_reason(o), o) for i, o in enumerate(outs)],
-                "usage": usage([j[0] for j in jobs], outs)}
+        return {
+            **head,
+            "choices": [choice(i, o.text, finish_reason(o), o) for i, o in enumerate(outs)],
+            "usage": usage([j[0] for j in jobs], outs),
+        }
 
     async def chat(self, request: HttpRequest):
         server, body = self.server, await self.body_of(request)
@@ -230,6 +284,7 @@ class Routes:
             return {"content": [server.token_entry(p, top) for p in out.probs]} if want else None
 
         if body.get("stream"):
+
             def chunk(i, text, finish, out):
                 choice = {"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish}
                 if out is not None and want:
@@ -237,15 +292,28 @@ class Routes:
                 return {**head, "choices": [choice]}
 
             def opening(i):
-                return {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                             "finish_reason": None}]}
-            return stream(server, jobs, cfg, want, request, chunk, first=opening,
-                          usage_head=head if wants_usage(body) else None)
+                return {
+                    **head,
+                    "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                }
+
+            return stream(
+                server, jobs, cfg, want, request, chunk, first=opening, usage_head=head if wants_usage(body) else None
+            )
         outs = await server.run_all(jobs, cfg, want, request)
-        return {**head, "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
-                                     "finish_reason": finish_reason(o), "logprobs": logprobs_of(o)}
-                                    for i, o in enumerate(outs)],
-                "usage": usage([j[0] for j in jobs], outs)}
+        return {
+            **head,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": o.text},
+                    "finish_reason": finish_reason(o),
+                    "logprobs": logprobs_of(o),
+                }
+                for i, o in enumerate(outs)
+            ],
+            "usage": usage([j[0] for j in jobs], outs),
+        }
 
     async def embeddings(self, request: HttpRequest):
         server, body = self.server, await self.body_of(request)
@@ -255,13 +323,22 @@ class Routes:
             raise ApiError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
         vectors, _ = await server.run_other("embed", items)
         tokens = sum(len(server.tok.encode(t)) for t in items)
-        return {"object": "list", "model": server.name,
-                "data": [{"object": "embedding", "index": i,
-                          # base64: the float32 bytes, little-endian (what the openai client asks for)
-                          "embedding": v.tolist() if fmt == "float" else
-                          base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")}
-                         for i, v in enumerate(vectors)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {
+            "object": "list",
+            "model": server.name,
+            "data": [
+                {
+                    "object": "embedding",
+                    "index": i,
+                    # base64: the float32 bytes, little-endian (what the openai client asks for)
+                    "embedding": v.tolist()
+                    if fmt == "float"
+                    else base64.b64encode(v.astype("<f4").tobytes()).decode("ascii"),
+                }
+                for i, v in enumerate(vectors)
+            ],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     async def classify(self, request: HttpRequest):
         server, body = self.server, await self.body_of(request)
@@ -272,8 +349,9 @@ class Routes:
         data = []
         for i, row in enumerate(probs):
             best = max(range(len(row)), key=row.__getitem__)
-            data.append({"index": i, "label": labels[best], "probability": row[best],
-                         "probabilities": dict(zip(labels, row))})
+            data.append(
+                {"index": i, "label": labels[best], "probability": row[best], "probabilities": dict(zip(labels, row))}
+            )
         return {"object": "list", "model": server.name, "data": data}
 
     async def page(self):

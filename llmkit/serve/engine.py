@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from llmkit.core.config import SampleConfig
 from llmkit.core.decoding.decoder import Decoder
@@ -47,8 +48,18 @@ class Busy(Exception):
 
 
 class Engine:
-    def __init__(self, model, tokenizer, device, *, max_batch: int = 8, max_waiting: int = 64,
-                 cache_tokens: int = 0, embed_cfg=None, pooling: str = "last"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device,
+        *,
+        max_batch: int = 8,
+        max_waiting: int = 64,
+        cache_tokens: int = 0,
+        embed_cfg=None,
+        pooling: str = "last",
+    ):
         self.model, self.tok, self.device, self.pooling = model, tokenizer, device, pooling
         self.max_batch, self.max_waiting, self.embed_cfg = max_batch, max_waiting, embed_cfg
         # The shared KV cache covers this many positions (a pretrained model's 8k or 128k context
@@ -144,17 +155,32 @@ class Engine:
                 continue
             key = replace(r.cfg, max_new_tokens=1, seed=None)
             if self.slots is None or (not self.slots.live and self.key != key):
-                self.slots, self.key = Slots(self.model, self.max_batch, r.cfg, eos_id=self.tok.eos_id,
-                                             decode=self.tok.decode, device=self.device,
-                                             length=self.cache_tokens), key
+                self.slots, self.key = (
+                    Slots(
+                        self.model,
+                        self.max_batch,
+                        r.cfg,
+                        eos_id=self.tok.eos_id,
+                        decode=self.tok.decode,
+                        device=self.device,
+                        length=self.cache_tokens,
+                    ),
+                    key,
+                )
             if key != self.key or len(r.prompt_ids) + r.cfg.max_new_tokens > self.slots.state.length:
                 if not self.slots.live and key == self.key:  # too long to share a cache: alone
                     self._alone(r)
                 else:
                     keep.append(r)
                 continue
-            job = SlotJob(r.prompt_ids, r.seed, r.cfg.max_new_tokens, on_text=r.on_text,
-                          cancelled=r.cancelled.is_set, record=r.logprobs)
+            job = SlotJob(
+                r.prompt_ids,
+                r.seed,
+                r.cfg.max_new_tokens,
+                on_text=r.on_text,
+                cancelled=r.cancelled.is_set,
+                record=r.logprobs,
+            )
             out = self.slots.admit([job])[0]
             if out is None:
                 keep.append(r)  # no free row, or its prompt is longer than the slots decoded so far
@@ -167,8 +193,13 @@ class Engine:
     def _alone(self, r: Request) -> None:
         """A request too long for the shared cache: decoded by itself (the context slides)."""
         decoder = Decoder(self.model, self.tok, r.cfg, self.device)
-        out = decoder.decode([r.prompt_ids], [r.seed], on_text=lambda _, text: r.on_text(text),
-                             record_probs=r.logprobs, cancelled=lambda _: r.cancelled.is_set())[0]
+        out = decoder.decode(
+            [r.prompt_ids],
+            [r.seed],
+            on_text=lambda _, text: r.on_text(text),
+            record_probs=r.logprobs,
+            cancelled=lambda _: r.cancelled.is_set(),
+        )[0]
         self.stats["requests"] += 1
         r.on_done(out)
 
@@ -184,8 +215,9 @@ class Engine:
 
                 from llmkit.core.tasks.objectives import classify_texts
 
-                logits, truncated = classify_texts(self.model, self.tok, r.texts, pooling=self.pooling,
-                                                   device=self.device)
+                logits, truncated = classify_texts(
+                    self.model, self.tok, r.texts, pooling=self.pooling, device=self.device
+                )
                 r.on_done((torch.softmax(logits.float(), -1).tolist(), truncated))
             else:  # pragma: no cover - the API sends only the kinds above
                 raise ValueError(r.kind)

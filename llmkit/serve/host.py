@@ -40,8 +40,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 def run(server: Server, sock: socket.socket, *, quiet: bool) -> None:
     """Serve on ``sock`` until SIGTERM or Ctrl-C; returns once the requests in flight are done."""
-    config = uvicorn.Config(create_app(server), log_level="warning" if quiet else "info",
-                            timeout_graceful_shutdown=30, access_log=not quiet)
+    config = uvicorn.Config(
+        create_app(server), log_level="warning" if quiet else "info", timeout_graceful_shutdown=30, access_log=not quiet
+    )
     web = uvicorn.Server(config)
 
     def on_signal(sig, _frame) -> None:

@@ -19,9 +19,15 @@ from typing import Any
 from llmkit.core.config import SampleConfig, sample_config
 from llmkit.core.errors import LlmkitError
 
-OPENAI_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
-                 "temperature": "temperature", "top_p": "top_p", "presence_penalty": "presence_penalty",
-                 "frequency_penalty": "frequency_penalty", "seed": "seed"}
+OPENAI_FIELDS = {
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "seed": "seed",
+}
 LLMKIT_FIELDS = ("top_k", "min_p", "repetition_penalty", "no_repeat_ngram")
 UNSUPPORTED = {"best_of": 1, "echo": False, "suffix": None, "tools": None, "functions": None}
 
@@ -38,8 +44,15 @@ class Limits:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
@@ -51,7 +64,11 @@ def number(body: dict, key: str, kind: type, low: float | None = None) -> Any:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not float(value).is_integer())
+    ):
         raise ApiError(400, f"'{key}' must be {'an integer' if kind is int else 'a number'}, not {value!r}", param=key)
     if not math.isfinite(value) or (low is not None and value < low):
         raise ApiError(400, f"'{key}' is out of range: {value!r}", param=key)
@@ -82,15 +99,17 @@ def sampling(body: dict, limits: Limits, default_max: int) -> SampleConfig:
         given["stop"] = tuple(stops)
     given.setdefault("max_new_tokens", default_max)
     if given["max_new_tokens"] > limits.max_tokens:
-        raise ApiError(400, f"'max_tokens' {given['max_new_tokens']} is over this server's limit of "
-                            f"{limits.max_tokens}", param="max_tokens")
+        raise ApiError(
+            400,
+            f"'max_tokens' {given['max_new_tokens']} is over this server's limit of {limits.max_tokens}",
+            param="max_tokens",
+        )
     seed = given.pop("seed", None)
     try:
         cfg = sample_config({**given, "num_beams": None})
     except LlmkitError as e:
         raise ApiError(400, str(e)) from None
     return SampleConfig(**{**cfg.__dict__, "seed": seed})
-
 
 
 def texts(value: Any, name: str) -> list[str]:

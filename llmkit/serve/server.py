@@ -23,8 +23,17 @@ ROLES = ("system", "user", "assistant", "developer")
 class Server:
     """The loaded checkpoint, its engine and what the routes need to answer."""
 
-    def __init__(self, checkpoint: Path, *, device: str = "cpu", max_batch: int = 8, limits: Limits | None = None,
-                 api_key: str | None = None, name: str | None = None, quantize: str | None = None):
+    def __init__(
+        self,
+        checkpoint: Path,
+        *,
+        device: str = "cpu",
+        max_batch: int = 8,
+        limits: Limits | None = None,
+        api_key: str | None = None,
+        name: str | None = None,
+        quantize: str | None = None,
+    ):
         ckpt = open_checkpoint(checkpoint)
         self.model, self.ckpt = open_model(ckpt, device)
         if quantize == "int8":  # weight-only int8 linear layers: faster decoding (docs/generate.md)
@@ -32,17 +41,25 @@ class Server:
         self.tok, self.kind = self.ckpt.tokenizer, self.ckpt.kind
         self.limits = limits or Limits()
         self.api_key = api_key
-        self.name = name or (self.ckpt.path.parent.name if self.ckpt.path.name in ("best", "last")
-                             else self.ckpt.path.name)
+        self.name = name or (
+            self.ckpt.path.parent.name if self.ckpt.path.name in ("best", "last") else self.ckpt.path.name
+        )
         self.context = self.model.cfg.context
         task = self.ckpt.task
         # Completions go through the checkpoint's task template; chats through the model's own chat
         # format where it has one: the same policy as `llmkit generate` (and `--chat`).
         self.prompts = Prompts(self.tok, Prompts.template_for(task, self.tok, chat=False))
         self.chat_prompts = Prompts(self.tok, Prompts.template_for(task, self.tok, chat=True))
-        self.engine = Engine(self.model, self.tok, device, max_batch=max_batch, max_waiting=self.limits.max_concurrent,
-                             cache_tokens=self.limits.max_tokens + 512, embed_cfg=EmbedConfig(),
-                             pooling=task.pooling if self.kind == "classify" else "last")
+        self.engine = Engine(
+            self.model,
+            self.tok,
+            device,
+            max_batch=max_batch,
+            max_waiting=self.limits.max_concurrent,
+            cache_tokens=self.limits.max_tokens + 512,
+            embed_cfg=EmbedConfig(),
+            pooling=task.pooling if self.kind == "classify" else "last",
+        )
         self.in_flight = 0
         self.created = int(time.time())
 
@@ -50,8 +67,12 @@ class Server:
     def _fit(self, ids: list[int]) -> list[int]:
         limit = self.limits.max_prompt_tokens or self.context - 1
         if len(ids) > limit:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; this server takes at most {limit}", param="prompt",
-                           code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt is {len(ids)} tokens; this server takes at most {limit}",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         return ids
 
     def completion_ids(self, text: str) -> list[int]:
@@ -65,9 +86,19 @@ class Server:
 
     def token_entry(self, step, top: int) -> dict[str, Any]:
         text = self.tok.token_text(step.token)
-        return {"token": text, "logprob": math.log(max(step.prob, 1e-45)), "bytes": list(text.encode("utf-8")),
-                "top_logprobs": [{"token": self.tok.token_text(t), "logprob": math.log(max(p, 1e-45)),
-                                  "bytes": list(self.tok.token_text(t).encode("utf-8"))} for t, p in step.top[:top]]}
+        return {
+            "token": text,
+            "logprob": math.log(max(step.prob, 1e-45)),
+            "bytes": list(text.encode("utf-8")),
+            "top_logprobs": [
+                {
+                    "token": self.tok.token_text(t),
+                    "logprob": math.log(max(p, 1e-45)),
+                    "bytes": list(self.tok.token_text(t).encode("utf-8")),
+                }
+                for t, p in step.top[:top]
+            ],
+        }
 
     # --- running ----------------------------------------------------------------------------------
     def _submit(self, r: Request) -> None:
@@ -76,8 +107,15 @@ class Server:
         except Busy as e:
             raise busy(e) from None
 
-    async def run(self, ids: list[int], cfg: SampleConfig, sample: int, logprobs: bool, http_request=None,
-                  stream_to: asyncio.Queue | None = None):
+    async def run(
+        self,
+        ids: list[int],
+        cfg: SampleConfig,
+        sample: int,
+        logprobs: bool,
+        http_request=None,
+        stream_to: asyncio.Queue | None = None,
+    ):
         """One output, decoded by the engine; text deltas go to ``stream_to`` as they come."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
@@ -86,11 +124,16 @@ class Server:
             if not done.done():
                 fn(value)
 
-        r = Request("generate", prompt_ids=ids, cfg=cfg, seed=Engine.seed(cfg.seed, sample), logprobs=logprobs,
-                    on_text=(lambda t: loop.call_soon_threadsafe(stream_to.put_nowait, t)) if stream_to else
-                    (lambda t: None),
-                    on_done=lambda out: loop.call_soon_threadsafe(settle, done.set_result, out),
-                    on_error=lambda e: loop.call_soon_threadsafe(settle, done.set_exception, e))
+        r = Request(
+            "generate",
+            prompt_ids=ids,
+            cfg=cfg,
+            seed=Engine.seed(cfg.seed, sample),
+            logprobs=logprobs,
+            on_text=(lambda t: loop.call_soon_threadsafe(stream_to.put_nowait, t)) if stream_to else (lambda t: None),
+            on_done=lambda out: loop.call_soon_threadsafe(settle, done.set_result, out),
+            on_error=lambda e: loop.call_soon_threadsafe(settle, done.set_exception, e),
+        )
         self._submit(r)
         try:
             while True:
@@ -112,9 +155,12 @@ class Server:
         """Embeddings or class probabilities of ``texts``, from the engine."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
-        r = Request(kind, texts=texts,
-                    on_done=lambda res: loop.call_soon_threadsafe(done.set_result, res),
-                    on_error=lambda e: loop.call_soon_threadsafe(done.set_exception, e))
+        r = Request(
+            kind,
+            texts=texts,
+            on_done=lambda res: loop.call_soon_threadsafe(done.set_result, res),
+            on_error=lambda e: loop.call_soon_threadsafe(done.set_exception, e),
+        )
         self._submit(r)
         return await done
 

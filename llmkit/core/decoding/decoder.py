@@ -17,13 +17,13 @@ decide the same way:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from llmkit.core.config import SampleConfig
-from llmkit.core.errors import ConfigError
-from llmkit.core.decoding.steps import Output, beam_search, decode_batch, random_seed, row_seed
 from llmkit.core.decoding.speculative import DraftModel, PromptLookup, guesses_per_pass, speculative_batch
+from llmkit.core.decoding.steps import Output, beam_search, decode_batch, random_seed, row_seed
+from llmkit.core.errors import ConfigError
 from llmkit.core.text.examples import encode_prompt
 
 TextFn = Callable[[int, str], None]
@@ -71,21 +71,28 @@ class Decoder:
     """Decoding settings bound to a model and its tokenizer (and template, for instruct and
     translate checkpoints)."""
 
-    def __init__(self, model, tokenizer, cfg: SampleConfig, device, *, template: str | None = None,
-                 draft=None):
+    def __init__(self, model, tokenizer, cfg: SampleConfig, device, *, template: str | None = None, draft=None):
         self.model, self.tok, self.cfg, self.device, self.template = model, tokenizer, cfg, device, template
         self.prompts = Prompts(tokenizer, template)
         self.base_seed = cfg.seed if cfg.seed is not None else random_seed()
         self.proposers = None  # speculative decoding: n -> a proposer for each of n rows
         if draft is not None or cfg.lookup:
-            why = ("it needs greedy decoding (--temperature 0)" if not cfg.greedy else
-                   "beam search decodes its own way" if cfg.num_beams > 1 else
-                   "penalties and no-repeat-ngram change the choices as the text grows" if cfg.uses_history else "")
+            why = (
+                "it needs greedy decoding (--temperature 0)"
+                if not cfg.greedy
+                else "beam search decodes its own way"
+                if cfg.num_beams > 1
+                else "penalties and no-repeat-ngram change the choices as the text grows"
+                if cfg.uses_history
+                else ""
+            )
             if why:
                 raise ConfigError(f"{'--draft' if draft is not None else '--lookup'} cannot be used here: {why}")
             if draft is not None and draft.cfg.vocab_size != model.cfg.vocab_size:
-                raise ConfigError(f"--draft: the draft model's vocabulary ({draft.cfg.vocab_size}) is not the "
-                                  f"model's ({model.cfg.vocab_size}): it must share the tokenizer")
+                raise ConfigError(
+                    f"--draft: the draft model's vocabulary ({draft.cfg.vocab_size}) is not the "
+                    f"model's ({model.cfg.vocab_size}): it must share the tokenizer"
+                )
             if draft is not None:  # a draft model keeps a cache per text: one per row
                 self.proposers = lambda n: [DraftModel(draft, device) for _ in range(n)]
             else:  # prompt lookup only reads the row's tokens
@@ -99,36 +106,62 @@ class Decoder:
     def encode(self, text: str) -> list[int]:
         return self.prompts.text(text)
 
-    def decode(self, prompts: list[list[int]], seeds: list[int], *, on_text: TextFn | None = None,
-               record_probs: bool = False, cancelled: Callable[[int], bool] | None = None) -> list[Output]:
+    def decode(
+        self,
+        prompts: list[list[int]],
+        seeds: list[int],
+        *,
+        on_text: TextFn | None = None,
+        record_probs: bool = False,
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> list[Output]:
         """Outputs for token prompts: beam search one by one when asked for, else one batch."""
         if self.proposers is not None and not record_probs:  # the plain greedy output, in fewer passes
             proposers = self.proposers(len(prompts))
-            return speculative_batch(self.model, prompts, self.cfg, proposers, eos_id=self.tok.eos_id,
-                                     decode=self.tok.decode, device=self.device, on_text=on_text,
-                                     draft_tokens=self.cfg.draft_tokens or guesses_per_pass(proposers[0]))
+            return speculative_batch(
+                self.model,
+                prompts,
+                self.cfg,
+                proposers,
+                eos_id=self.tok.eos_id,
+                decode=self.tok.decode,
+                device=self.device,
+                on_text=on_text,
+                draft_tokens=self.cfg.draft_tokens or guesses_per_pass(proposers[0]),
+            )
         if self.cfg.num_beams > 1:
             outs = []
             for p in prompts:
-                out = beam_search(self.model, p, self.cfg, eos_id=self.tok.eos_id, decode=self.tok.decode,
-                                  device=self.device)
+                out = beam_search(
+                    self.model, p, self.cfg, eos_id=self.tok.eos_id, decode=self.tok.decode, device=self.device
+                )
                 if on_text and out.text:
                     on_text(len(outs), out.text)
                 outs.append(out)
             return outs
-        return decode_batch(self.model, prompts, self.cfg, eos_id=self.tok.eos_id, decode=self.tok.decode,
-                            device=self.device, seeds=seeds, record_probs=record_probs, on_text=on_text,
-                            cancelled=cancelled)
+        return decode_batch(
+            self.model,
+            prompts,
+            self.cfg,
+            eos_id=self.tok.eos_id,
+            decode=self.tok.decode,
+            device=self.device,
+            seeds=seeds,
+            record_probs=record_probs,
+            on_text=on_text,
+            cancelled=cancelled,
+        )
 
     def jobs(self, n_prompts: int) -> list[Job]:
         return [Job(i, s) for i in range(n_prompts) for s in range(self.cfg.num_samples)]
 
-    def run(self, texts: list[str], *, on_text: TextFn | None = None, record_probs: bool = False
-            ) -> Iterator[list[tuple[Job, Output]]]:
+    def run(
+        self, texts: list[str], *, on_text: TextFn | None = None, record_probs: bool = False
+    ) -> Iterator[list[tuple[Job, Output]]]:
         """Every (prompt, sample) output of ``texts``, a batch at a time, in input order."""
         jobs = self.jobs(len(texts))
         for start in range(0, len(jobs), self.cfg.batch_size):
-            chunk = jobs[start: start + self.cfg.batch_size]
+            chunk = jobs[start : start + self.cfg.batch_size]
             prompts = [self.encode(texts[j.prompt]) for j in chunk]
             seeds = [row_seed(self.base_seed, j.prompt, j.sample) for j in chunk]
             yield list(zip(chunk, self.decode(prompts, seeds, on_text=on_text, record_probs=record_probs)))
@@ -163,7 +196,7 @@ class Conversation:
         out = d.decode([d.encode(self.history)], seed, on_text=on_text)[0]
         self.history += out.text + "\n"
         # Keep the history within the context window: the oldest text goes first.
-        self.history = d.tok.decode(d.tok.encode(self.history)[-(d.model.cfg.context - 1):])
+        self.history = d.tok.decode(d.tok.encode(self.history)[-(d.model.cfg.context - 1) :])
         return out
 
     def _fit_turns(self) -> list[int]:

@@ -41,8 +41,9 @@ def repetition_penalty(logits: torch.Tensor, counts: torch.Tensor, penalty: floa
     return torch.where(seen, penalised, logits)
 
 
-def presence_frequency_penalty(logits: torch.Tensor, counts: torch.Tensor, presence: float,
-                               frequency: float) -> torch.Tensor:
+def presence_frequency_penalty(
+    logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
     if presence == 0.0 and frequency == 0.0:
         return logits
     return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
@@ -56,8 +57,8 @@ def no_repeat_ngram(logits: torch.Tensor, rows: list[list[int]], n: int) -> torc
     for b, seq in enumerate(rows):
         if len(seq) < n:
             continue
-        prefix = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
-        banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i: i + n - 1]) == prefix]
+        prefix = tuple(seq[len(seq) - n + 1 :]) if n > 1 else ()
+        banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == prefix]
         if banned:
             out[b, banned] = NEG_INF
     return out
@@ -79,11 +80,11 @@ class NGramIndex:
     def add(self, token: int) -> None:
         self.tail.append(token)
         if len(self.tail) >= self.n:
-            self.seen.setdefault(tuple(self.tail[-self.n:-1]), set()).add(token)
+            self.seen.setdefault(tuple(self.tail[-self.n : -1]), set()).add(token)
         del self.tail[: max(len(self.tail) - self.n, 0)]  # only the last n tokens matter
 
     def banned(self) -> list[int]:
-        key = tuple(self.tail[len(self.tail) - self.n + 1:]) if self.n > 1 else ()
+        key = tuple(self.tail[len(self.tail) - self.n + 1 :]) if self.n > 1 else ()
         return sorted(self.seen.get(key, ())) if len(self.tail) >= self.n - 1 else []
 
 
@@ -138,12 +139,15 @@ def check_logits(logits: torch.Tensor) -> None:
     # One reduction on the decoding hot path: a row's max is NaN if any value is NaN (max propagates
     # it), +inf if any is, and -inf only when no value is finite.
     if not bool(torch.isfinite(logits.amax(dim=-1)).all()):
-        raise CheckpointError("the model produced NaN or infinite scores: its weights are broken (was it trained "
-                              "until the loss diverged?); use an earlier checkpoint")
+        raise CheckpointError(
+            "the model produced NaN or infinite scores: its weights are broken (was it trained "
+            "until the loss diverged?); use an earlier checkpoint"
+        )
 
 
-def process_logits(logits: torch.Tensor, s: SampleConfig, *, counts: torch.Tensor | None = None,
-                   banned: list[list[int]] | None = None) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, s: SampleConfig, *, counts: torch.Tensor | None = None, banned: list[list[int]] | None = None
+) -> torch.Tensor:
     """All of the above in the documented order; the result is what gets sampled (or arg-maxed).
 
     ``counts`` (B, V) are the token counts of each row so far (penalties); ``banned`` lists each
@@ -172,8 +176,15 @@ def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | 
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
 
 
-def next_token(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """logits (B, V) -> ids (B,) without history-based penalties."""
     s = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     return pick(process_logits(logits, s), temperature, generator)

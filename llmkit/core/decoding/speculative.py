@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -112,9 +113,9 @@ class PromptLookup:
         for n in range(min(self.max_ngram, len(history) - 1), 0, -1):
             tail = history[-n:]
             for start in range(len(history) - n - 1, -1, -1):  # the most recent match first
-                if history[start: start + n] == tail:
+                if history[start : start + n] == tail:
                     period = len(history) - n - start  # the match's distance back
-                    follow = history[start + n:]  # (period,) tokens, then the same again
+                    follow = history[start + n :]  # (period,) tokens, then the same again
                     return [follow[j % period] for j in range(k)]
         return []
 
@@ -135,8 +136,9 @@ class _Pacer:
     around it. Where the true cost rises faster at first (batch 1: the first extra position turns
     matrix-vector products into matrix products) the line is too low, so that width gets tried,
     and timed; where it is straight (arithmetic-bound batches) the line is right. Each cost is the
-    fastest pass seen (a shared machine only ever slows a pass down). After ``RETRY`` plain passes in a row the guesses are tried again (the text may have
-    started to repeat itself), and after each retry that does not pay, twice as many."""
+    fastest pass seen (a shared machine only ever slows a pass down). After ``RETRY`` plain passes
+    in a row the guesses are tried again (the text may have started to repeat itself), and after
+    each retry that does not pay, twice as many."""
 
     RETRY = 8
 
@@ -174,7 +176,7 @@ class _Pacer:
             if cost is None:  # wider than any timed: tried when a retry comes
                 break
             # A row keeps its j-th guess if it kept the j - 1 before: rate ** j of them on average.
-            expected = n + sum(sum(a ** j for j in range(1, min(c, w - 1) + 1)) for c, a in zip(caps, rates))
+            expected = n + sum(sum(a**j for j in range(1, min(c, w - 1) + 1)) for c, a in zip(caps, rates))
             if expected / cost > best_rate:
                 best, best_rate = w, expected / cost
         if best > 1:
@@ -188,17 +190,35 @@ class _Pacer:
 
 
 @torch.inference_mode()
-def speculative_batch(model: Transformer, prompts: list[list[int]], cfg: SampleConfig,
-                      proposers: list[Proposer], *, eos_id: int | None, decode: Callable[[list[int]], str],
-                      device, draft_tokens: int = 4, on_text: Callable[[int, str], None] | None = None,
-                      paced: bool = True) -> list[Output]:
+def speculative_batch(
+    model: Transformer,
+    prompts: list[list[int]],
+    cfg: SampleConfig,
+    proposers: list[Proposer],
+    *,
+    eos_id: int | None,
+    decode: Callable[[list[int]], str],
+    device,
+    draft_tokens: int = 4,
+    on_text: Callable[[int, str], None] | None = None,
+    paced: bool = True,
+) -> list[Output]:
     """Greedy decoding of several prompts together, with guesses from each row's proposer (see
     the module docstring); ``on_text(row, text)`` streams; ``paced=False`` guesses at every pass.
     Every row's tokens are its plain greedy output: each stops at EOS, a stop string or
     ``max_new_tokens``; a full context slides as in ``decode_batch`` decoding that prompt alone.
     """
-    run = _Speculation(model, prompts, cfg, proposers, eos_id=eos_id, decode=decode, device=device,
-                       draft_tokens=draft_tokens, on_text=on_text)
+    run = _Speculation(
+        model,
+        prompts,
+        cfg,
+        proposers,
+        eos_id=eos_id,
+        decode=decode,
+        device=device,
+        draft_tokens=draft_tokens,
+        on_text=on_text,
+    )
     t0 = time.perf_counter()
     run.start(set(), first=True)
     while any(run.alive):
@@ -229,9 +249,19 @@ class _Speculation:
     are in its cache, in order; ``pending``: its newest chosen token, emitted, not yet cached), its
     proposer, and how often its guesses were kept."""
 
-    def __init__(self, model: Transformer, prompts: list[list[int]], cfg: SampleConfig, proposers: list[Proposer],
-                 *, eos_id: int | None, decode: Callable[[list[int]], str], device, draft_tokens: int,
-                 on_text: Callable[[int, str], None] | None):
+    def __init__(
+        self,
+        model: Transformer,
+        prompts: list[list[int]],
+        cfg: SampleConfig,
+        proposers: list[Proposer],
+        *,
+        eos_id: int | None,
+        decode: Callable[[list[int]], str],
+        device,
+        draft_tokens: int,
+        on_text: Callable[[int, str], None] | None,
+    ):
         self.cfg, self.proposers, self.eos_id, self.on_text = cfg, proposers, eos_id, on_text
         self.context = model.cfg.context
         self.window = max(self.context // 2, 1)
@@ -264,15 +294,17 @@ class _Speculation:
 
     def emit(self, b: int, token: int) -> bool:
         """Append a chosen token to row b's output; False when the row has ended."""
-        return (self.texts.push(b, token, self.eos_id, None, self.on_text)
-                and len(self.outs[b].ids) < self.cfg.max_new_tokens)
+        return (
+            self.texts.push(b, token, self.eos_id, None, self.on_text)
+            and len(self.outs[b].ids) < self.cfg.max_new_tokens
+        )
 
     def start(self, slide: set[int], first: bool = False) -> None:
         """(Re)build the cache from every row's tokens. Rows in ``slide`` slide exactly as the plain
         path does (the most recent half-context, pending included, becomes the new cache); they
         (every row, the ``first`` time) choose their next token from it, the others keep theirs."""
         for b in slide:
-            self.views[b] = (self.views[b] + [self.pending[b]])[-self.window:]
+            self.views[b] = (self.views[b] + [self.pending[b]])[-self.window :]
         choices = self.state.prefill([self.views[b] for b in self.rows]).argmax(-1).tolist()  # greedy after each
         for i, b in enumerate(self.rows):
             if first or b in slide:
@@ -289,8 +321,9 @@ class _Speculation:
     def guesses(self, paced: bool) -> list[list[int]]:
         """Each row's guesses for the next pass, as many as the pacer finds worth checking."""
         cfg, rows = self.cfg, self.rows
-        rooms = [min(self.k, cfg.max_new_tokens - len(self.outs[b].ids), self.context - len(self.views[b]) - 1)
-                 for b in rows]
+        rooms = [
+            min(self.k, cfg.max_new_tokens - len(self.outs[b].ids), self.context - len(self.views[b]) - 1) for b in rows
+        ]
         guesses = [self.guess(b, room) for b, room in zip(rows, rooms)] if self.free else None
         width = 1 + max(max(rooms), 0)
         if paced:

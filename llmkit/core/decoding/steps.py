@@ -19,15 +19,15 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from llmkit.core.model import fast
 from llmkit.core.config import SampleConfig
-from llmkit.core.model.transformer import KVCache, Transformer, pad_batch
 from llmkit.core.decoding.sampling import NGramIndex, pick, process_logits, token_counts
+from llmkit.core.model import fast
+from llmkit.core.model.transformer import KVCache, Transformer, pad_batch
 
 TOP_ALTERNATIVES = 5
 
@@ -46,7 +46,7 @@ class Output:
     prompt_ids: list[int]
     ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = "length"  # "eos" | "stop" | "length"
+    finish_reason: str = "length"  # "eos" | "stop" | "length" | "cancelled"
     truncated_prompt: bool = False
     seconds: float = 0.0
     probs: list[StepProbs] = field(default_factory=list)
@@ -63,7 +63,7 @@ def fit_prompt(ids: list[int], context: int) -> tuple[list[int], bool]:
     """Keep the most recent context - 1 tokens of a prompt (room for one new token)."""
     if len(ids) < context:
         return ids, False
-    return ids[-(context - 1):], True
+    return ids[-(context - 1) :], True
 
 
 class TextStream:
@@ -106,7 +106,7 @@ class TextStream:
         tail = self.decode(self.pending)
         full, self.stopped = self._cut(self.committed + tail)
         if self.stopped:
-            out = full[self.shown:]
+            out = full[self.shown :]
             self.shown = len(full)
             return out
         if len(self.pending) >= self.COMMIT_EVERY and not tail.endswith(REPLACEMENT):
@@ -116,18 +116,18 @@ class TextStream:
         hold = 0
         for stop in self.stops:  # hold back the longest suffix that may begin a stop string
             for k in range(min(len(stop) - 1, safe), 0, -1):
-                if full[safe - k: safe] == stop[:k]:
+                if full[safe - k : safe] == stop[:k]:
                     hold = max(hold, k)
                     break
         safe = max(safe - hold, self.shown)
-        out = full[self.shown: safe]
+        out = full[self.shown : safe]
         self.shown = safe
         return out
 
     def flush(self) -> str:
         """The rest of the text once decoding has ended (nothing more can complete a stop string)."""
         full = self.text
-        out = full[self.shown:]
+        out = full[self.shown :]
         self.shown = len(full)
         return out
 
@@ -141,7 +141,7 @@ def drop_invalid(text: str) -> str:
     character, and a reader should never see them. A trailing run is kept: it may be the start of a
     character whose next bytes are still to come (``TextStream`` holds it back until then)."""
     head = text.rstrip(REPLACEMENT)
-    return head.replace(REPLACEMENT, "") + text[len(head):]
+    return head.replace(REPLACEMENT, "") + text[len(head) :]
 
 
 def _record(processed: torch.Tensor, chosen: torch.Tensor) -> list[StepProbs]:
@@ -175,8 +175,7 @@ class DecodeState:
     ``extra`` slots past the context leave room for masked-out slots inside rows (``keep``).
     """
 
-    def __init__(self, model: Transformer, batch_size: int, device, length: int | None = None,
-                 *, extra: int = 0):
+    def __init__(self, model: Transformer, batch_size: int, device, length: int | None = None, *, extra: int = 0):
         self.model, self.device = model, device
         fast.for_decoding(model)  # decoding multiplies few rows by every weight: the faster layout here
         # Only as many slots as this decoding can fill: a pretrained model's context (8k, 128k)
@@ -198,8 +197,14 @@ class DecodeState:
         self.key_valid[:, :P] = valid
         self.padded = not bool(valid.all())
         self.slot = P
-        logits = self.model(ids, cache=self.cache, pos=0, positions=positions if self.padded else None,
-                            key_valid=self.key_valid if self.padded else None, last_only=True)
+        logits = self.model(
+            ids,
+            cache=self.cache,
+            pos=0,
+            positions=positions if self.padded else None,
+            key_valid=self.key_valid if self.padded else None,
+            last_only=True,
+        )
         return logits[:, -1]  # (B, V)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -210,15 +215,22 @@ class DecodeState:
         """Feed T tokens per row (B, T) at the next T slots; the logits after each (B, T, V), or
         after the last only. Speculative decoding checks its guesses this way, then ``rewind``s."""
         s, T = self.slot, tokens.size(1)
-        self.key_valid[:, s: s + T] = True
+        self.key_valid[:, s : s + T] = True
         positions = None
         if self.padded:
             # Clamped: filler tokens after a row's real ones (``keep`` drops them) may run past
             # the context; a real token's position never does.
             positions = ((s - self.pad)[:, None] + torch.arange(T, device=tokens.device)).clamp(
-                max=self.model.cfg.context - 1)  # (B, T)
-        logits = self.model(tokens, cache=self.cache, pos=s, positions=positions,
-                            key_valid=self.key_valid if self.padded else None, last_only=last_only)
+                max=self.model.cfg.context - 1
+            )  # (B, T)
+        logits = self.model(
+            tokens,
+            cache=self.cache,
+            pos=s,
+            positions=positions,
+            key_valid=self.key_valid if self.padded else None,
+            last_only=last_only,
+        )
         self.slot = s + T
         return logits
 
@@ -238,7 +250,7 @@ class DecodeState:
         T = self.slot - start
         n = torch.tensor(counts, device=self.device)  # (B,)
         dropped = torch.arange(T, device=self.device)[None, :] >= n[:, None]  # (B, T)
-        self.key_valid[:, start: self.slot] &= ~dropped
+        self.key_valid[:, start : self.slot] &= ~dropped
         self.pad += T - n
         self.padded = True
 
@@ -257,8 +269,16 @@ class Rows:
     """Per-row decoding state: outputs, text streams, who is still going, the token history that
     penalties and no-repeat-n-gram read, and each row's random generator."""
 
-    def __init__(self, rows: list[list[int]], outs: list[Output], cfg: SampleConfig, vocab: int,
-                 decode: Callable[[list[int]], str], seeds: list[int], device):
+    def __init__(
+        self,
+        rows: list[list[int]],
+        outs: list[Output],
+        cfg: SampleConfig,
+        vocab: int,
+        decode: Callable[[list[int]], str],
+        seeds: list[int],
+        device,
+    ):
         B = len(rows)
         self.cfg, self.outs = cfg, outs
         self.history = [list(r) for r in rows]  # every row's full token list, for penalties and sliding
@@ -277,11 +297,13 @@ class Rows:
         processed = process_logits(logits, self.cfg, counts=self.counts, banned=banned)
         if self.gens is None:
             return processed, pick(processed, 0.0)
-        return processed, torch.stack([pick(processed[b: b + 1], self.cfg.temperature, g)[0]
-                                       for b, g in enumerate(self.gens)])
+        return processed, torch.stack(
+            [pick(processed[b : b + 1], self.cfg.temperature, g)[0] for b, g in enumerate(self.gens)]
+        )
 
-    def push(self, b: int, t: int, eos_id: int | None, prob: StepProbs | None,
-             on_text: Callable[[int, str], None] | None) -> bool:
+    def push(
+        self, b: int, t: int, eos_id: int | None, prob: StepProbs | None, on_text: Callable[[int, str], None] | None
+    ) -> bool:
         """Append token t to row b: the row ends (False) at EOS or a stop string; new text streams."""
         out = self.outs[b]
         if eos_id is not None and t == eos_id:
@@ -303,8 +325,13 @@ class Rows:
             return False
         return True
 
-    def advance(self, tokens: torch.Tensor, eos_id: int | None, probs: list[StepProbs] | None,
-                on_text: Callable[[int, str], None] | None) -> None:
+    def advance(
+        self,
+        tokens: torch.Tensor,
+        eos_id: int | None,
+        probs: list[StepProbs] | None,
+        on_text: Callable[[int, str], None] | None,
+    ) -> None:
         """Append each live row's token (``push``)."""
         for b, t in enumerate(tokens.tolist()):
             if self.alive[b]:
@@ -323,11 +350,19 @@ class Rows:
 
 
 @torch.inference_mode()
-def decode_batch(model: Transformer, prompts: list[list[int]], cfg: SampleConfig, *, eos_id: int | None,
-                 decode: Callable[[list[int]], str], device: torch.device | str = "cpu",
-                 seeds: list[int] | None = None, record_probs: bool = False,
-                 on_text: Callable[[int, str], None] | None = None,
-                 cancelled: Callable[[int], bool] | None = None) -> list[Output]:
+def decode_batch(
+    model: Transformer,
+    prompts: list[list[int]],
+    cfg: SampleConfig,
+    *,
+    eos_id: int | None,
+    decode: Callable[[list[int]], str],
+    device: torch.device | str = "cpu",
+    seeds: list[int] | None = None,
+    record_probs: bool = False,
+    on_text: Callable[[int, str], None] | None = None,
+    cancelled: Callable[[int], bool] | None = None,
+) -> list[Output]:
     """Greedy or sampled decoding of several prompts at once (see the module docstring).
 
     ``seeds`` gives each row its own generator (default: ``row_seed(cfg.seed, row)``); ``on_text(row,
@@ -407,8 +442,17 @@ class Slots:
     ``decode_batch``'s), so an output does not depend on its neighbours.
     """
 
-    def __init__(self, model: Transformer, capacity: int, cfg: SampleConfig, *, eos_id: int | None,
-                 decode: Callable[[list[int]], str], device: torch.device | str = "cpu", length: int | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        capacity: int,
+        cfg: SampleConfig,
+        *,
+        eos_id: int | None,
+        decode: Callable[[list[int]], str],
+        device: torch.device | str = "cpu",
+        length: int | None = None,
+    ):
         self.model, self.cfg, self.eos_id, self.decode_fn, self.device = model, cfg, eos_id, decode, device
         self.state = DecodeState(model, capacity, device, length)  # its cache, mask and slot; Slots steps itself
         self.state.pad = torch.zeros(capacity, dtype=torch.long, device=device)  # (B,)
@@ -455,11 +499,17 @@ class Slots:
                 st.key_valid[:k, :P] = valid
                 st.pad[:k] = P - valid.sum(1)
                 st.slot = P
-                logits = self.model(ids, cache=_CacheRows(st.cache, k), pos=0, positions=positions,
-                                    key_valid=st.key_valid[:k], last_only=True)[:, -1]  # (k, V)
+                logits = self.model(
+                    ids,
+                    cache=_CacheRows(st.cache, k),
+                    pos=0,
+                    positions=positions,
+                    key_valid=st.key_valid[:k],
+                    last_only=True,
+                )[:, -1]  # (k, V)
                 for b, slot in enumerate(start):
                     self.slots[b] = slot
-                    self._advance(b, logits[b: b + 1])
+                    self._advance(b, logits[b : b + 1])
             return taken
         for job in jobs:
             ids = job.ids
@@ -471,10 +521,10 @@ class Slots:
             alone = DecodeState(self.model, 1, self.device, P)
             logits = alone.prefill([ids])  # (1, V): exactly the prompt's own prefill
             cache = self.state.cache
-            cache.k[:, b, :, s - P: s] = alone.cache.k[:, 0, :, :P]  # (n_layer, G, P, D)
-            cache.v[:, b, :, s - P: s] = alone.cache.v[:, 0, :, :P]
+            cache.k[:, b, :, s - P : s] = alone.cache.k[:, 0, :, :P]  # (n_layer, G, P, D)
+            cache.v[:, b, :, s - P : s] = alone.cache.v[:, 0, :, :P]
             self.state.key_valid[b] = False
-            self.state.key_valid[b, s - P: s] = True
+            self.state.key_valid[b, s - P : s] = True
             self.state.pad[b] = s - P  # position = slot - pad: the prompt sits at positions 0..P-1
             self.slots[b] = self._slot(job)
             taken.append(self.slots[b].out)
@@ -485,8 +535,12 @@ class Slots:
         """Row ``b``'s next token from its logits (1, V): chosen, recorded, streamed."""
         slot = self.slots[b]
         processed, token = slot.rows.choose(logits)  # (1, V), (1,)
-        slot.rows.advance(token, self.eos_id, _record(processed, token) if slot.record else None,
-                          (lambda _, text: slot.on_text(text)) if slot.on_text else None)
+        slot.rows.advance(
+            token,
+            self.eos_id,
+            _record(processed, token) if slot.record else None,
+            (lambda _, text: slot.on_text(text)) if slot.on_text else None,
+        )
         self.tokens[b] = token[0]
 
     @torch.inference_mode()
@@ -499,12 +553,17 @@ class Slots:
             # costs what decoding alone does, however many rows the cache could hold.
             st, s = self.state, self.state.slot
             st.key_valid[:n, s] = True
-            logits = self.model(self.tokens[:n, None], cache=_CacheRows(st.cache, n), pos=s,
-                                positions=(s - st.pad[:n])[:, None], key_valid=st.key_valid[:n],
-                                last_only=True)[:, -1]  # (n, V)
+            logits = self.model(
+                self.tokens[:n, None],
+                cache=_CacheRows(st.cache, n),
+                pos=s,
+                positions=(s - st.pad[:n])[:, None],
+                key_valid=st.key_valid[:n],
+                last_only=True,
+            )[:, -1]  # (n, V)
             st.slot = s + 1
             for b in range(n):
-                self._advance(b, logits[b: b + 1])
+                self._advance(b, logits[b : b + 1])
             ended += self._reap()
         if not self.live:
             self.state.slot = 0
@@ -533,8 +592,8 @@ class Slots:
                 slot.rows.alive[0] = False
                 out.finish_reason = "length"
             if not bool(slot.rows.alive[0]):
-                slot.rows.finish(time.perf_counter() - slot.t0,
-                                 (lambda _, text: slot.on_text(text)) if slot.on_text else None)
+                stream = (lambda _, text, fn=slot.on_text: fn(text)) if slot.on_text else None
+                slot.rows.finish(time.perf_counter() - slot.t0, stream)
                 ended.append(out)
                 self.slots[b] = None
         live = [b for b, slot in enumerate(self.slots) if slot is not None]
@@ -557,8 +616,15 @@ class _CacheRows:
 
 
 @torch.inference_mode()
-def beam_search(model: Transformer, prompt: list[int], cfg: SampleConfig, *, eos_id: int | None,
-                decode: Callable[[list[int]], str], device: torch.device | str = "cpu") -> Output:
+def beam_search(
+    model: Transformer,
+    prompt: list[int],
+    cfg: SampleConfig,
+    *,
+    eos_id: int | None,
+    decode: Callable[[list[int]], str],
+    device: torch.device | str = "cpu",
+) -> Output:
     """Beam search over one prompt: the sequence with the best length-normalised log-probability.
 
     A hypothesis ends at EOS, at a stop string, or when the context is full. Scores are
@@ -578,7 +644,6 @@ def beam_search(model: Transformer, prompt: list[int], cfg: SampleConfig, *, eos
 
     def norm(score: float, length: int) -> float:
         return score / max(length, 1) ** cfg.length_penalty
-
 
     def hits_stop(seq: list[int]) -> bool:
         text = decode(seq)
@@ -635,6 +700,13 @@ def beam_search(model: Transformer, prompt: list[int], cfg: SampleConfig, *, eos
     stream = TextStream(decode, cfg.stop)
     for t in best_seq:
         stream.push(t)
-    out = Output(prompt_ids=list(ids), ids=list(best_seq), text=stream.text, finish_reason=reason,
-                 truncated_prompt=truncated, seconds=time.perf_counter() - t0, score=best_score)
+    out = Output(
+        prompt_ids=list(ids),
+        ids=list(best_seq),
+        text=stream.text,
+        finish_reason=reason,
+        truncated_prompt=truncated,
+        seconds=time.perf_counter() - t0,
+        score=best_score,
+    )
     return out

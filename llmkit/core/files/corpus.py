@@ -43,7 +43,9 @@ def describe(path: Path) -> CorpusFile | None:
     inner = suffixes[-2] if compression and len(suffixes) == 2 else (None if compression else (suffixes or [None])[-1])
     if inner in RECORD_SUFFIXES:
         if inner == ".parquet" and compression:
-            raise DataError(f"{path}: a parquet file compresses itself; give the .parquet file, not a {compression} of it")
+            raise DataError(
+                f"{path}: a parquet file compresses itself; give the .parquet file, not a {compression} of it"
+            )
         return CorpusFile(path, RECORD_SUFFIXES[inner], compression)
     if inner in TEXT_SUFFIXES:
         return CorpusFile(path, "text", compression)
@@ -109,8 +111,9 @@ def decode_text(data: bytes, path: Path, offset: int = 0, *, first: bool = True)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 at byte offset {offset + e.start} "
-                        "(convert it, e.g. with iconv)") from None
+        raise DataError(
+            f"{path}: not valid UTF-8 at byte offset {offset + e.start} (convert it, e.g. with iconv)"
+        ) from None
     if first and text.startswith("\ufeff"):
         text = text[1:]
     return text.replace("\r\n", "\n").replace("\r", "\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from llmkit.core.errors import DataError
 
@@ -30,8 +30,7 @@ def iter_objects(lines: Iterable[str], name: str, start: int = 1) -> Iterator[tu
         yield n, obj
 
 
-def iter_rows(lines: Iterable[str], name: str, kind: str, *, column: str | None = None
-              ) -> Iterator[tuple[int, dict]]:
+def iter_rows(lines: Iterable[str], name: str, kind: str, *, column: str | None = None) -> Iterator[tuple[int, dict]]:
     """(line number, row) of a 'jsonl' | 'csv' | 'tsv' input: JSON objects, or CSV/TSV rows keyed
     by the header. With ``column``, a CSV/TSV header without it is an error naming the columns."""
     if kind == "jsonl":
@@ -44,8 +43,9 @@ def iter_rows(lines: Iterable[str], name: str, kind: str, *, column: str | None 
         yield reader.line_num, row
 
 
-def iter_records(lines: Iterable[str], name: str, kind: str, *, field: str = "text",
-                 column: str | None = None) -> Iterator[str]:
+def iter_records(
+    lines: Iterable[str], name: str, kind: str, *, field: str = "text", column: str | None = None
+) -> Iterator[str]:
     """kind 'lines' | 'jsonl' | 'csv' | 'tsv' -> the text of each item, lazily."""
     if kind == "jsonl":
         for n, obj in iter_rows(lines, name, kind):

@@ -21,12 +21,13 @@ import hashlib
 import io
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
-from llmkit.core.files.corpus import CorpusFile, decode_text
 from llmkit.core.errors import DataError
+from llmkit.core.files.corpus import CorpusFile, decode_text
 from llmkit.core.files.records import iter_objects
 
 CHUNK_BYTES = 4 << 20
@@ -121,7 +122,7 @@ def line_chunks(stream: BinaryIO, chunk_bytes: int, path: Path) -> Iterator[tupl
             continue
         yield offset, data[: cut + 1]
         offset += cut + 1
-        carry = data[cut + 1:]
+        carry = data[cut + 1 :]
 
 
 HEAD_BYTES = 64 << 10
@@ -171,6 +172,7 @@ def is_val_record(digest: bytes, val_fraction: float) -> bool:
 
 # --- pieces of work ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Piece:
     """One piece of work for a tokenizer worker.
@@ -192,8 +194,16 @@ class Piece:
     raw: int = 0
 
 
-def file_pieces(cf: CorpusFile, split: str, val_fraction: float, *, chunk_bytes: int = 0,
-                text_field: str = "text", skip: int = 0, hasher: list | None = None) -> Iterator[Piece]:
+def file_pieces(
+    cf: CorpusFile,
+    split: str,
+    val_fraction: float,
+    *,
+    chunk_bytes: int = 0,
+    text_field: str = "text",
+    skip: int = 0,
+    hasher: list | None = None,
+) -> Iterator[Piece]:
     """The pieces of one file, in order; the first ``skip`` are read past without being yielded
     (resuming a build). ``hasher`` receives the file's SHA-256 object once it is opened."""
     chunk_bytes = chunk_bytes or CHUNK_BYTES
@@ -237,8 +247,18 @@ def file_pieces(cf: CorpusFile, split: str, val_fraction: float, *, chunk_bytes:
             if mark is not None and side == "train" and offset + len(data) > mark:
                 cut = val_cut(data, max(0, mark - offset))
                 if cut is not None and cut < len(data):
-                    p = emit(Piece("text", str(cf.path), data[:cut], side="train", eos=True, first=first,
-                                   offset=offset, raw=raw))
+                    p = emit(
+                        Piece(
+                            "text",
+                            str(cf.path),
+                            data[:cut],
+                            side="train",
+                            eos=True,
+                            first=first,
+                            offset=offset,
+                            raw=raw,
+                        )
+                    )
                     if p:
                         yield p
                     side, data, offset, first, raw = "val", data[cut:], offset + cut, False, 0
@@ -279,6 +299,7 @@ def _parquet_pieces(cf: CorpusFile, text_field: str, skip: int, hasher: list | N
 
 
 # --- a bounded sample of lines, for tokenizer training ----------------------------------------------
+
 
 def _doc_texts(cf: CorpusFile, text_field: str, hasher: list) -> Iterator[str]:
     """The text of a file, piece by piece, decoded (documents' texts for records)."""
@@ -322,8 +343,9 @@ class LineSample:
     """Hash of the corpus files' contents (taken while sampling)."""
 
 
-def sample_lines(files: list[CorpusFile], k_max: int, byte_budget: int, seed: int = 0,
-                 text_field: str = "text") -> LineSample:
+def sample_lines(
+    files: list[CorpusFile], k_max: int, byte_budget: int, seed: int = 0, text_field: str = "text"
+) -> LineSample:
     """A seeded uniform sample of the corpus's non-blank lines, in corpus order: reservoir
     sampling (Li's algorithm L, which skips ahead instead of drawing for every line) over every
     file, so a 10 GB corpus trains a tokenizer in bounded memory. The reservoir holds at most

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from llmkit import __version__
 from llmkit.core.atomic import atomic_write
 from llmkit.core.config import ModelConfig, cache_home
-from llmkit import __version__
 
 CACHE_VERSION = 1
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
@@ -66,8 +66,19 @@ def kernels() -> str:
 
 
 def shape_key(cfg: ModelConfig, batch: int) -> str:
-    fields = (cfg.vocab_size, cfg.context, cfg.d_model, cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.ff_dim,
-              cfg.head_dim, cfg.dropout > 0, cfg.tie_embeddings, batch)
+    fields = (
+        cfg.vocab_size,
+        cfg.context,
+        cfg.d_model,
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.kv_heads,
+        cfg.ff_dim,
+        cfg.head_dim,
+        cfg.dropout > 0,
+        cfg.tie_embeddings,
+        batch,
+    )
     return "v{}|T{}|d{}|L{}|H{}|G{}|F{}|D{}|drop{}|tie{}|B{}".format(*fields)
 
 

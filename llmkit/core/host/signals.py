@@ -13,7 +13,7 @@ No torch here: the CLI installs the handlers before any heavy import.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 _depth = 0
 _pending: BaseException | None = None

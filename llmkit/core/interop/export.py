@@ -11,12 +11,18 @@ from llmkit.core.interop import gguf_io, hf
 def model_card(ckpt) -> str:
     """README.md of an exported model: what it is, how it was made, how it scored."""
     m, st, task = ckpt.model_cfg, ckpt.state, ckpt.task
-    lines = [f"# {ckpt.path.parent.name if ckpt.path.name in ('best', 'last') else ckpt.path.name}", "",
-             "A decoder-only language model (Llama architecture) written by `llmkit export`.", "",
-             "## Model", "",
-             f"- {m.n_layer} layers, width {m.d_model}, {m.n_head} attention heads ({m.kv_heads} key/value heads), "
-             f"SwiGLU width {m.ff_dim}, context {m.context} tokens, vocabulary {m.vocab_size}",
-             f"- task: {task.kind}" + (f" (template `{task.template}`)" if task.template else ""), ""]
+    lines = [
+        f"# {ckpt.path.parent.name if ckpt.path.name in ('best', 'last') else ckpt.path.name}",
+        "",
+        "A decoder-only language model (Llama architecture) written by `llmkit export`.",
+        "",
+        "## Model",
+        "",
+        f"- {m.n_layer} layers, width {m.d_model}, {m.n_head} attention heads ({m.kv_heads} key/value heads), "
+        f"SwiGLU width {m.ff_dim}, context {m.context} tokens, vocabulary {m.vocab_size}",
+        f"- task: {task.kind}" + (f" (template `{task.template}`)" if task.template else ""),
+        "",
+    ]
     source = st.get("imported_from")
     lines += ["## How it was made", ""]
     if source:
@@ -24,12 +30,16 @@ def model_card(ckpt) -> str:
     if task.init_from:
         lines.append(f"- fine-tuned from `{task.init_from}`")
     if st.get("step"):
-        lines.append(f"- {st['step']} optimizer steps, {st.get('tokens_seen', 0):,} training tokens, "
-                     f"precision {st.get('precision', '?')}, seed {st.get('seed', '?')}")
+        lines.append(
+            f"- {st['step']} optimizer steps, {st.get('tokens_seen', 0):,} training tokens, "
+            f"precision {st.get('precision', '?')}, seed {st.get('seed', '?')}"
+        )
     opt = ckpt.config.get("optim", {})
     if opt and st.get("step"):
-        lines.append(f"- AdamW, peak learning rate {opt.get('lr')}, warmup {opt.get('warmup_steps')} steps, "
-                     f"weight decay {opt.get('weight_decay')}")
+        lines.append(
+            f"- AdamW, peak learning rate {opt.get('lr')}, warmup {opt.get('warmup_steps')} steps, "
+            f"weight decay {opt.get('weight_decay')}"
+        )
     lines.append("")
     if st.get("best_val_loss") is not None or st.get("best_score") is not None:
         lines += ["## Validation", ""]
@@ -38,9 +48,16 @@ def model_card(ckpt) -> str:
         if st.get("best_score") is not None and task.best_metric != "val_loss":
             lines.append(f"- best {task.best_metric} {st['best_score']:.4f}")
         lines.append("")
-    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              'tok = AutoTokenizer.from_pretrained("this-folder")',
-              'model = AutoModelForCausalLM.from_pretrained("this-folder")', "```", ""]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'tok = AutoTokenizer.from_pretrained("this-folder")',
+        'model = AutoModelForCausalLM.from_pretrained("this-folder")',
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ permutation applied, the tokenizer and chat template embedded.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +21,27 @@ import numpy as np
 import torch
 
 from llmkit.core import events
+from llmkit.core.config import ModelConfig
 from llmkit.core.errors import CheckpointError
 from llmkit.core.events import EventFn
-from dataclasses import replace
-from llmkit.core.model.transformer import rope_frequencies
-from llmkit.core.config import ModelConfig
-from llmkit.core.interop.hf import base_state, write_checkpoint
 from llmkit.core.interop import tokenizer_io
+from llmkit.core.interop.hf import base_state, write_checkpoint
+from llmkit.core.model.transformer import rope_frequencies
 from llmkit.core.store.checkpoint import build_model
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 ARCHS = ("llama", "qwen2")
-BLOCK = {"attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
-         "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-         "attn_norm": "attn_norm", "ffn_norm": "mlp_norm"}
+BLOCK = {
+    "attn_q": "attn.q_proj",
+    "attn_k": "attn.k_proj",
+    "attn_v": "attn.v_proj",
+    "attn_output": "attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "attn_norm",
+    "ffn_norm": "mlp_norm",
+}
 TOP = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
 _GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _OURS_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
@@ -67,8 +75,9 @@ def open_reader(path: Path):
     try:
         return gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError):
-        raise CheckpointError(f"{path} cannot be read as GGUF: it is truncated (a download cut short?) or not a "
-                              "GGUF file") from None
+        raise CheckpointError(
+            f"{path} cannot be read as GGUF: it is truncated (a download cut short?) or not a GGUF file"
+        ) from None
 
 
 def config_from_gguf(f: dict[str, Any], where: str) -> dict[str, Any]:
@@ -84,10 +93,16 @@ def config_from_gguf(f: dict[str, Any], where: str) -> dict[str, Any]:
 
     d_model, n_head = int(key("embedding_length")), int(key("attention.head_count"))
     section: dict[str, Any] = {
-        "d_model": d_model, "n_layer": int(key("block_count")), "n_head": n_head,
-        "n_kv_head": int(key("attention.head_count_kv", n_head)), "d_ff": int(key("feed_forward_length")),
-        "context": int(key("context_length", 2048)), "norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(key("rope.freq_base", 10000.0)), "dropout": 0.0, "attn_bias": arch == "qwen2",
+        "d_model": d_model,
+        "n_layer": int(key("block_count")),
+        "n_head": n_head,
+        "n_kv_head": int(key("attention.head_count_kv", n_head)),
+        "d_ff": int(key("feed_forward_length")),
+        "context": int(key("context_length", 2048)),
+        "norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "dropout": 0.0,
+        "attn_bias": arch == "qwen2",
     }
     head = f.get(f"{arch}.attention.key_length")
     if head and int(head) != d_model // n_head:
@@ -101,7 +116,7 @@ def config_from_gguf(f: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 LLMKIT_ROPE = "llmkit.rope.llama3"
-LLAMA3_ORIGINAL_CONTEXTS = tuple(2 ** k for k in range(4, 18))  # 16 … 131072 tokens
+LLAMA3_ORIGINAL_CONTEXTS = tuple(2**k for k in range(4, 18))  # 16 … 131072 tokens
 
 
 def rope_freq_table(c) -> torch.Tensor:
@@ -116,14 +131,25 @@ def llama3_from_table(table: np.ndarray, section: dict[str, Any], fields: dict[s
     else the parameters of Meta's releases (low 1, high 4) with the original context that gives
     this very table; a table no such parameters give is refused, never ignored."""
     if fields.get(f"{LLMKIT_ROPE}.factor") is not None:
-        candidates = [(float(fields[f"{LLMKIT_ROPE}.factor"]), float(fields[f"{LLMKIT_ROPE}.low_freq_factor"]),
-                       float(fields[f"{LLMKIT_ROPE}.high_freq_factor"]), int(fields[f"{LLMKIT_ROPE}.original_context"]))]
+        candidates = [
+            (
+                float(fields[f"{LLMKIT_ROPE}.factor"]),
+                float(fields[f"{LLMKIT_ROPE}.low_freq_factor"]),
+                float(fields[f"{LLMKIT_ROPE}.high_freq_factor"]),
+                int(fields[f"{LLMKIT_ROPE}.original_context"]),
+            )
+        ]
     else:
         candidates = [(float(table.max()), 1.0, 4.0, n) for n in LLAMA3_ORIGINAL_CONTEXTS]
     base = {k: v for k, v in section.items() if k in ModelConfig.__dataclass_fields__}
     for factor, low, high, original in candidates:
-        keys = dict(rope_scaling="llama3", rope_factor=factor, rope_low_freq_factor=low,
-                    rope_high_freq_factor=high, rope_original_context=original)
+        keys = dict(
+            rope_scaling="llama3",
+            rope_factor=factor,
+            rope_low_freq_factor=low,
+            rope_high_freq_factor=high,
+            rope_original_context=original,
+        )
         cfg = ModelConfig(**{**base, **keys, "vocab_size": 8})
         if np.allclose(rope_freq_table(cfg).numpy(), table.reshape(-1), rtol=1e-5, atol=1e-6):
             return keys
@@ -136,8 +162,9 @@ def _tensor(t, where: str) -> np.ndarray:
 
     name = t.tensor_type.name
     if name not in SUPPORTED_TYPES:
-        raise CheckpointError(f"{where}: tensor {t.name} is {name}, which llmkit does not read "
-                              f"({', '.join(SUPPORTED_TYPES)})")
+        raise CheckpointError(
+            f"{where}: tensor {t.name} is {name}, which llmkit does not read ({', '.join(SUPPORTED_TYPES)})"
+        )
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     data = np.asarray(t.data)
     if name in ("F32", "F16"):
@@ -175,12 +202,14 @@ def import_to(src: Path, dest: Path, *, on_event: EventFn = events.ignore) -> Pa
         tensors[ours] = torch.from_numpy(np.ascontiguousarray(w))
     section["tie_embeddings"] = "lm_head.weight" not in tensors
     on_event(events.Import(source=str(src), format="gguf", tensors=len(tensors)))
-    state = base_state(src, "gguf", {"architecture": fields["general.architecture"],
-                                     "gguf_file_type": fields.get("general.file_type")})
+    state = base_state(
+        src, "gguf", {"architecture": fields["general.architecture"], "gguf_file_type": fields.get("general.file_type")}
+    )
     return write_checkpoint(dest, tensors, section, tokenizer, state)
 
 
 # --- writing ----------------------------------------------------------------------------------------
+
 
 def to_gguf_name(name: str) -> str:
     for theirs, ours in TOP.items():
@@ -197,12 +226,12 @@ def export_file(ckpt, dest: Path, *, quant: str = "f16", name: str = "") -> Path
     """A GGUF llama.cpp and Ollama run: ``llama`` (or ``qwen2`` with attention biases)."""
     import gguf  # optional dependency (the interop extra)
 
-
     if quant not in QUANTS:
         raise CheckpointError(f"--quant {quant!r}: choose {', '.join(QUANTS)}")
     if ckpt.kind == "classify":
-        raise CheckpointError(f"{ckpt.path} is a classifier: llama.cpp runs language models; export the model "
-                              "it was fine-tuned from")
+        raise CheckpointError(
+            f"{ckpt.path} is a classifier: llama.cpp runs language models; export the model it was fine-tuned from"
+        )
     model = build_model(ckpt, "cpu", merge=True)
     c = model.cfg
     arch = "qwen2" if c.attn_bias else "llama"
@@ -225,13 +254,21 @@ def export_file(ckpt, dest: Path, *, quant: str = "f16", name: str = "") -> Path
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(c.rope_factor)
     if c.rope_scaling == "llama3":  # llama.cpp reads the scaling as a table of frequency divisors
-        for key, value in (("factor", c.rope_factor), ("low_freq_factor", c.rope_low_freq_factor),
-                           ("high_freq_factor", c.rope_high_freq_factor),
-                           ("original_context", c.rope_original_context)):
+        for key, value in (
+            ("factor", c.rope_factor),
+            ("low_freq_factor", c.rope_low_freq_factor),
+            ("high_freq_factor", c.rope_high_freq_factor),
+            ("original_context", c.rope_original_context),
+        ):
             _add(w, f"{LLMKIT_ROPE}.{key}", value)  # the exact parameters, for llmkit reading it back
         w.add_tensor("rope_freqs.weight", rope_freq_table(c).numpy(), raw_dtype=gguf.GGMLQuantizationType.F32)
-    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])
+    w.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[quant]
+    )
     for key, value in tokenizer_io.gguf_metadata(ckpt.tokenizer).items():
         _add(w, key, value)
     state = model.state_dict()
@@ -248,8 +285,13 @@ def export_file(ckpt, dest: Path, *, quant: str = "f16", name: str = "") -> Path
             kind = gguf.GGMLQuantizationType.F16 if quant == "f16" else gguf.GGMLQuantizationType.Q8_0
             if quant == "q8_0" and data.shape[-1] % 32:
                 kind = gguf.GGMLQuantizationType.F16  # Q8_0 packs rows by 32
-        stored = data.astype(np.float16) if kind == gguf.GGMLQuantizationType.F16 else (
-            gguf.quants.quantize(data, kind) if kind == gguf.GGMLQuantizationType.Q8_0 else data.astype(np.float32))
+        stored = (
+            data.astype(np.float16)
+            if kind == gguf.GGMLQuantizationType.F16
+            else (
+                gguf.quants.quantize(data, kind) if kind == gguf.GGMLQuantizationType.Q8_0 else data.astype(np.float32)
+            )
+        )
         w.add_tensor(to_gguf_name(key), stored, raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -11,33 +11,43 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from llmkit.core import events
+from llmkit.core.config import resolve_run_config
 from llmkit.core.errors import CheckpointError
 from llmkit.core.events import EventFn
-from safetensors import SafetensorError, safe_open
+from llmkit.core.interop import tokenizer_io
 from llmkit.core.model import fast
 from llmkit.core.model.transformer import Transformer
 from llmkit.core.store import checkpoint as ckpt_io
-from llmkit.core.config import resolve_run_config
-from llmkit.core.interop import tokenizer_io
-from safetensors.torch import save_file
 from llmkit.core.store.checkpoint import build_model
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 # llmkit name <- Hugging Face name, per block and for the whole model.
 BLOCK = {
-    "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
-    "attn.o_proj": "self_attn.o_proj", "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj",
-    "mlp.down_proj": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+    "attn.q_proj": "self_attn.q_proj",
+    "attn.k_proj": "self_attn.k_proj",
+    "attn.v_proj": "self_attn.v_proj",
+    "attn.o_proj": "self_attn.o_proj",
+    "mlp.gate_proj": "mlp.gate_proj",
+    "mlp.up_proj": "mlp.up_proj",
+    "mlp.down_proj": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
 }
-TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-       "lm_head.weight": "lm_head.weight"}
+TOP = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 _HF_BLOCK = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _OURS_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
 
@@ -68,8 +78,10 @@ def config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """llmkit's model section from a ``config.json``; refuses what llmkit would compute wrongly."""
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise CheckpointError(f"{where}: model_type {model_type!r} is not supported "
-                              f"(llmkit reads {', '.join(ARCHITECTURES)}; SmolLM and TinyLlama are llama)")
+        raise CheckpointError(
+            f"{where}: model_type {model_type!r} is not supported "
+            f"(llmkit reads {', '.join(ARCHITECTURES)}; SmolLM and TinyLlama are llama)"
+        )
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (SwiGLU with silu only)")
@@ -78,10 +90,15 @@ def config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     try:
         d_model, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         section: dict[str, Any] = {
-            "vocab_size": int(hf["vocab_size"]), "d_model": d_model, "n_layer": int(hf["num_hidden_layers"]),
-            "n_head": n_head, "n_kv_head": int(hf.get("num_key_value_heads") or n_head),
-            "d_ff": int(hf["intermediate_size"]), "context": int(hf.get("max_position_embeddings") or 2048),
-            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), "dropout": 0.0,
+            "vocab_size": int(hf["vocab_size"]),
+            "d_model": d_model,
+            "n_layer": int(hf["num_hidden_layers"]),
+            "n_head": n_head,
+            "n_kv_head": int(hf.get("num_key_value_heads") or n_head),
+            "d_ff": int(hf["intermediate_size"]),
+            "context": int(hf.get("max_position_embeddings") or 2048),
+            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+            "dropout": 0.0,
             "tie_embeddings": bool(hf.get("tie_word_embeddings", model_type != "mistral")),
         }
     except KeyError as e:
@@ -98,10 +115,13 @@ def config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
         if kind == "linear":
             section.update(rope_scaling="linear", rope_factor=float(scaling["factor"]))
         elif kind == "llama3":
-            section.update(rope_scaling="llama3", rope_factor=float(scaling["factor"]),
-                           rope_low_freq_factor=float(scaling["low_freq_factor"]),
-                           rope_high_freq_factor=float(scaling["high_freq_factor"]),
-                           rope_original_context=int(scaling["original_max_position_embeddings"]))
+            section.update(
+                rope_scaling="llama3",
+                rope_factor=float(scaling["factor"]),
+                rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                rope_original_context=int(scaling["original_max_position_embeddings"]),
+            )
         elif kind not in (None, "default"):
             raise CheckpointError(f"{where}: rope scaling {kind!r} is not supported (linear and llama3 are)")
     window = hf.get("sliding_window")
@@ -115,12 +135,20 @@ def config_to_hf(m: dict[str, Any]) -> dict[str, Any]:
     """A ``config.json`` for llmkit's model section (Qwen2 when it has attention biases, else Llama)."""
     model_type = "qwen2" if m.get("attn_bias") else "llama"
     hf: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
-        "vocab_size": m["vocab_size"], "hidden_size": m["d_model"], "intermediate_size": m["d_ff"],
-        "num_hidden_layers": m["n_layer"], "num_attention_heads": m["n_head"],
-        "num_key_value_heads": m["n_kv_head"] or m["n_head"], "max_position_embeddings": m["context"],
-        "rms_norm_eps": m["norm_eps"], "rope_theta": m["rope_theta"], "tie_word_embeddings": m["tie_embeddings"],
-        "hidden_act": "silu", "torch_dtype": "float32",
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": m["vocab_size"],
+        "hidden_size": m["d_model"],
+        "intermediate_size": m["d_ff"],
+        "num_hidden_layers": m["n_layer"],
+        "num_attention_heads": m["n_head"],
+        "num_key_value_heads": m["n_kv_head"] or m["n_head"],
+        "max_position_embeddings": m["context"],
+        "rms_norm_eps": m["norm_eps"],
+        "rope_theta": m["rope_theta"],
+        "tie_word_embeddings": m["tie_embeddings"],
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
         "head_dim": m.get("d_head") or m["d_model"] // m["n_head"],
     }
     if model_type == "llama":
@@ -130,10 +158,13 @@ def config_to_hf(m: dict[str, Any]) -> dict[str, Any]:
     if m.get("rope_scaling") == "linear":
         hf["rope_scaling"] = {"rope_type": "linear", "factor": m["rope_factor"]}
     elif m.get("rope_scaling") == "llama3":
-        hf["rope_scaling"] = {"rope_type": "llama3", "factor": m["rope_factor"],
-                              "low_freq_factor": m["rope_low_freq_factor"],
-                              "high_freq_factor": m["rope_high_freq_factor"],
-                              "original_max_position_embeddings": m["rope_original_context"]}
+        hf["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": m["rope_factor"],
+            "low_freq_factor": m["rope_low_freq_factor"],
+            "high_freq_factor": m["rope_high_freq_factor"],
+            "original_max_position_embeddings": m["rope_original_context"],
+        }
     return hf
 
 
@@ -159,8 +190,10 @@ def weight_files(folder: Path) -> list[Path]:
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise CheckpointError(f"{folder} holds PyTorch pickle weights (.bin/.pt), which llmkit never loads "
-                              "(unpickling runs code): convert them to safetensors first")
+        raise CheckpointError(
+            f"{folder} holds PyTorch pickle weights (.bin/.pt), which llmkit never loads "
+            "(unpickling runs code): convert them to safetensors first"
+        )
     raise CheckpointError(f"{folder} has no model.safetensors (or sharded safetensors with an index)")
 
 
@@ -193,15 +226,17 @@ def check_shapes(tensors: dict[str, torch.Tensor], model_cfg, where: str) -> Non
             raise CheckpointError(f"{where}: {k} has shape {tuple(tensors[k].shape)}, its config makes {shape}")
 
 
-def write_checkpoint(dest: Path, tensors: dict[str, torch.Tensor], model_section: dict[str, Any], tokenizer,
-                     state: dict[str, Any]) -> Path:
+def write_checkpoint(
+    dest: Path, tensors: dict[str, torch.Tensor], model_section: dict[str, Any], tokenizer, state: dict[str, Any]
+) -> Path:
     """An llmkit checkpoint from converted tensors: the shared ending of every import."""
     cfg = resolve_run_config(base={"model": model_section, "tokenizer": {"vocab_size": max(tokenizer.vocab_size, 8)}})
     check_shapes(tensors, cfg.model, str(state.get("imported_from", dest)))
     if cfg.model.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    return ckpt_io.save_checkpoint(dest, model=None, config=cfg.to_dict(), tokenizer=tokenizer, state=state,
-                                   tensors=(tensors, None))
+    return ckpt_io.save_checkpoint(
+        dest, model=None, config=cfg.to_dict(), tokenizer=tokenizer, state=state, tensors=(tensors, None)
+    )
 
 
 def import_to(src: Path, dest: Path, *, on_event: EventFn = events.ignore) -> Path:
@@ -215,10 +250,13 @@ def import_to(src: Path, dest: Path, *, on_event: EventFn = events.ignore) -> Pa
         else:  # the config says tied, the file holds two different matrices: keep both
             section["tie_embeddings"] = False
     on_event(events.Import(source=str(src), format="hf", tensors=len(tensors)))
-    return write_checkpoint(dest, tensors, section, tokenizer, base_state(src, "hf", {"architecture": hf["model_type"]}))
+    return write_checkpoint(
+        dest, tensors, section, tokenizer, base_state(src, "hf", {"architecture": hf["model_type"]})
+    )
 
 
 # --- writing a folder -------------------------------------------------------------------------------
+
 
 def export_folder(ckpt, dest: Path, *, card: str) -> Path:
     """``dest`` as a folder ``transformers`` loads offline: config.json, generation_config.json,
@@ -227,9 +265,11 @@ def export_folder(ckpt, dest: Path, *, card: str) -> Path:
     if ckpt.kind == "classify":
         # LlamaForSequenceClassification scores the last real token with a bias-free layer; llmkit's
         # head has a bias (and may mean-pool): the exported model would classify differently.
-        raise CheckpointError(f"{ckpt.path} is a classifier: its head (with a bias, {ckpt.task.pooling} pooling) has "
-                              "no exact LlamaForSequenceClassification equivalent, so it is not exported; export the "
-                              "language model it was fine-tuned from, or use llmkit classify/encode")
+        raise CheckpointError(
+            f"{ckpt.path} is a classifier: its head (with a bias, {ckpt.task.pooling} pooling) has "
+            "no exact LlamaForSequenceClassification equivalent, so it is not exported; export the "
+            "language model it was fine-tuned from, or use llmkit classify/encode"
+        )
     model = build_model(ckpt, "cpu", merge=True)
     dest.mkdir(parents=True, exist_ok=True)
     m = ckpt.config["model"]
@@ -240,19 +280,27 @@ def export_folder(ckpt, dest: Path, *, card: str) -> Path:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    save_file({to_hf_name(k): v for k, v in state.items()}, str(dest / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file({to_hf_name(k): v for k, v in state.items()}, str(dest / "model.safetensors"), metadata={"format": "pt"})
     write_json(dest / "config.json", hf_cfg)
-    write_json(dest / "generation_config.json", {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-                                                 "pad_token_id": tok.pad_id})
+    write_json(
+        dest / "generation_config.json",
+        {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id},
+    )
     tokenizer_io.write_hf_tokenizer(tok, dest, context=model.cfg.context)
     (dest / "README.md").write_text(card, encoding="utf-8")
     return dest
 
+
 def base_state(src: Path, kind: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """trainer_state.json of an imported model: step 0, where it came from."""
-    return {"step": 0, "tokens_seen": 0, "kind": "lm", "imported_from": str(src), "source_format": kind,
-            **(extra or {})}
+    return {
+        "step": 0,
+        "tokens_seen": 0,
+        "kind": "lm",
+        "imported_from": str(src),
+        "source_format": kind,
+        **(extra or {}),
+    }
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -8,20 +8,17 @@ Commands call ``open_checkpoint``, ``open_model`` and ``open_tokenizer``; the st
 from __future__ import annotations
 
 import hashlib
-import json
+import importlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
 
+from llmkit.core import events
 from llmkit.core.config import cache_home
+from llmkit.core.errors import CheckpointError, ConfigError
+from llmkit.core.events import EventFn
 from llmkit.core.interop import gguf_io, hf
 from llmkit.core.store import checkpoint as ckpt_io
-from llmkit.core import events
-from llmkit.core.errors import CheckpointError
-from llmkit.core.events import EventFn
-import importlib
-from llmkit.core.errors import ConfigError
 
 
 def need(module: str, what: str):
@@ -50,7 +47,7 @@ def import_model(src: Path, dest: Path, *, on_event: EventFn = events.ignore) ->
         if not src.exists():
             raise CheckpointError(f"model not found: {src}")
         raise CheckpointError(f"{src} is neither a Hugging Face model folder (config.json) nor a .gguf file")
-    for module in (("gguf", "tokenizers") if kind == "gguf" else ("tokenizers",)):
+    for module in ("gguf", "tokenizers") if kind == "gguf" else ("tokenizers",):
         need(module, f"importing {src}")
     reader = gguf_io if kind == "gguf" else hf
     return reader.import_to(src, dest, on_event=on_event)
@@ -86,10 +83,6 @@ def resolve(src: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
-
-
-
-
 
 
 def resolve_any(path: Path) -> Path:

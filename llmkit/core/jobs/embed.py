@@ -18,34 +18,42 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import struct
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file
 
-from llmkit.core.errors import ConfigError, DataError
 from llmkit.core.atomic import atomic_write
 from llmkit.core.config import EmbedConfig
-from llmkit.core.model.heads import pooled_hidden
+from llmkit.core.errors import ConfigError, DataError
 from llmkit.core.files.records import iter_records
-from safetensors.numpy import load_file
+from llmkit.core.model.heads import pooled_hidden
+
 FORMATS = (".npy", ".safetensors", ".jsonl")
 CHUNK = 2048
 
 
 # --- input ----------------------------------------------------------------------------------------
 
+
 class ItemSource:
     """The items of an input, read lazily and twice: a first pass validates, counts and hashes
     them (so errors come before any output, and .npy/.safetensors can be preallocated), the
     second feeds the encoder. Only one chunk of texts is ever in memory."""
 
-    def __init__(self, open_lines: Callable[[], Iterable[str]], name: str, *, kind: str = "lines",
-                 field: str | None = None, column: str | None = None):
+    def __init__(
+        self,
+        open_lines: Callable[[], Iterable[str]],
+        name: str,
+        *,
+        kind: str = "lines",
+        field: str | None = None,
+        column: str | None = None,
+    ):
         self.open_lines, self.name, self.kind, self.field, self.column = open_lines, name, kind, field, column
         self.n, self.hash = 0, ""
 
@@ -104,6 +112,7 @@ def input_format(path: str, field: str | None, column: str | None) -> str:
 
 # --- pooling and encoding -------------------------------------------------------------------------
 
+
 @torch.inference_mode()
 def embed_batch(model, rows: list[list[int]], s: EmbedConfig, device="cpu") -> torch.Tensor:
     """Token rows -> pooled vectors (B, C); padding on ``s.pad_side``."""
@@ -113,8 +122,9 @@ def embed_batch(model, rows: list[list[int]], s: EmbedConfig, device="cpu") -> t
     return vec
 
 
-def embed_items(model, tokenizer, items: list[str], s: EmbedConfig, *, batch_size: int = 32,
-                device="cpu") -> tuple[np.ndarray, int]:
+def embed_items(
+    model, tokenizer, items: list[str], s: EmbedConfig, *, batch_size: int = 32, device="cpu"
+) -> tuple[np.ndarray, int]:
     """Vectors (N, C) for items in input order, and how many items were truncated to max_length."""
     limit = min(s.max_length or model.cfg.context, model.cfg.context)
     bos = [tokenizer.bos_id] if tokenizer.expects_bos else []  # as the model saw texts in training
@@ -124,12 +134,13 @@ def embed_items(model, tokenizer, items: list[str], s: EmbedConfig, *, batch_siz
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # longest first: similar lengths together
     out = np.zeros((len(rows), model.cfg.d_model), dtype=np.float32)
     for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
+        idx = order[start : start + batch_size]
         out[idx] = embed_batch(model, [rows[i] for i in idx], s, device).cpu().numpy()
     return out, truncated
 
 
 # --- output ----------------------------------------------------------------------------------------
+
 
 def model_hash(ckpt_path: Path) -> str:
     h = hashlib.sha256()
@@ -162,8 +173,18 @@ class Writer:
         self.done = 0
         if resume and meta_path(out).is_file() and out.is_file():
             old = json.loads(meta_path(out).read_text())
-            for key in ("model_hash", "rows", "dim", "pooling", "layer", "normalize", "dtype", "max_length", "format",
-                        "input_hash"):
+            for key in (
+                "model_hash",
+                "rows",
+                "dim",
+                "pooling",
+                "layer",
+                "normalize",
+                "dtype",
+                "max_length",
+                "format",
+                "input_hash",
+            ):
                 if old.get(key) != self.meta.get(key):
                     raise ConfigError(f"cannot resume {out}: {key} was {old.get(key)!r}, now {self.meta.get(key)!r}")
             self.done = old["rows_done"]
@@ -173,7 +194,7 @@ class Writer:
         self.meta["rows_done"] = self.done
 
     def _truncate_text_files(self) -> None:
-        for path in ([self.out] if self.fmt == ".jsonl" else [items_path(self.out)]):
+        for path in [self.out] if self.fmt == ".jsonl" else [items_path(self.out)]:
             lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[: self.done]
             path.write_text("".join(lines), encoding="utf-8")
 
@@ -181,10 +202,14 @@ class Writer:
         if self.fmt == ".npy":
             np.lib.format.open_memmap(self.out, mode="w+", dtype=self.np_dtype, shape=(self.n, self.dim)).flush()
         elif self.fmt == ".safetensors":
-            header = {"embeddings": {"dtype": "F16" if self.np_dtype == np.float16 else "F32",
-                                     "shape": [self.n, self.dim],
-                                     "data_offsets": [0, self.n * self.dim * np.dtype(self.np_dtype).itemsize]},
-                      "__metadata__": {k: str(v) for k, v in self.meta.items() if k != "rows_done"}}
+            header = {
+                "embeddings": {
+                    "dtype": "F16" if self.np_dtype == np.float16 else "F32",
+                    "shape": [self.n, self.dim],
+                    "data_offsets": [0, self.n * self.dim * np.dtype(self.np_dtype).itemsize],
+                },
+                "__metadata__": {k: str(v) for k, v in self.meta.items() if k != "rows_done"},
+            }
             raw = json.dumps(header).encode()
             raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
             with open(self.out, "wb") as f:
@@ -225,11 +250,22 @@ class Writer:
         self._save_meta()
 
 
-def encode_to_file(model, tokenizer, items: list[str] | ItemSource, out: Path, s: EmbedConfig, *, model_id: str,
-                   batch_size: int = 32, device="cpu", resume: bool = False, chunk: int = CHUNK,
-                   on_progress: Callable[[int, int, int], None] | None = None) -> dict:
+def encode_to_file(
+    model,
+    tokenizer,
+    items: list[str] | ItemSource,
+    out: Path,
+    s: EmbedConfig,
+    *,
+    model_id: str,
+    batch_size: int = 32,
+    device="cpu",
+    resume: bool = False,
+    chunk: int = CHUNK,
+    on_progress: Callable[[int, int, int], None] | None = None,
+) -> dict:
     """Encode items into OUT chunk by chunk; return the final metadata (with 'truncated')."""
-    source = (items if isinstance(items, ItemSource) else ItemSource.of(list(items)))
+    source = items if isinstance(items, ItemSource) else ItemSource.of(list(items))
     if not source.n:
         source.scan()
     meta = {"model_hash": model_id, "input_hash": source.hash, **asdict(s)}
@@ -250,6 +286,7 @@ def encode_to_file(model, tokenizer, items: list[str] | ItemSource, out: Path, s
 
 
 # --- reading an index and searching ----------------------------------------------------------------
+
 
 def load_index(out: Path) -> tuple[np.ndarray, list[str], dict]:
     """Vectors (N, C), texts and metadata of an index written by encode_to_file."""
@@ -278,15 +315,18 @@ def check_layer(model, layer: int) -> None:
 
 def index_settings(meta: dict) -> EmbedConfig:
     """The settings an index was built with: a query must be encoded the same way."""
-    return EmbedConfig(pooling=meta["pooling"], layer=meta["layer"], normalize=meta["normalize"],
-                       max_length=meta["max_length"])
+    return EmbedConfig(
+        pooling=meta["pooling"], layer=meta["layer"], normalize=meta["normalize"], max_length=meta["max_length"]
+    )
 
 
 def check_index(index: Path, vectors: np.ndarray, meta: dict, model, model_id: str) -> None:
     """Refuse to search an index another model built (its vectors live in another space)."""
     if vectors.shape[1] != model.cfg.d_model or meta["model_hash"] != model_id:
-        raise DataError(f"index {index} was built by another model (dimension {vectors.shape[1]}, model "
-                        f"{meta['model_hash']}); this checkpoint gives dimension {model.cfg.d_model}, model {model_id}")
+        raise DataError(
+            f"index {index} was built by another model (dimension {vectors.shape[1]}, model "
+            f"{meta['model_hash']}); this checkpoint gives dimension {model.cfg.d_model}, model {model_id}"
+        )
 
 
 @dataclass
@@ -319,4 +359,3 @@ def search(index: np.ndarray, query: np.ndarray, k: int) -> list[tuple[int, floa
     scores = a @ q
     top = np.argsort(-scores, kind="stable")[:k]
     return [(int(i), float(scores[i])) for i in top]
-

@@ -10,30 +10,56 @@ map, so ``generate``, ``classify``, ``encode`` and ``eval`` need no flags to use
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from llmkit.core.store import checkpoint as ckpt_io
-from llmkit.core.interop.resolve import open_checkpoint
+from llmkit.core import events
 from llmkit.core.config import FINETUNE_DEFAULTS, FINETUNE_EPOCHS, LORA_LR, SECTIONS, RunConfig, resolve_run_config
-from llmkit.core.text.mix import check_fits, load_corpus, plan_sources
 from llmkit.core.errors import ConfigError, DataError
-from llmkit.core.text.examples import (ExampleSet, classify_ids, context_report, drop_unseen, holdout, label_map,
-                                   pair_sequence, read_examples)
+from llmkit.core.events import EventFn
+from llmkit.core.interop.resolve import open_checkpoint
+from llmkit.core.jobs.run import (
+    RunResult,
+    check_launch,
+    check_same_model,
+    main_first,
+    main_only,
+    start_process,
+    train_run,
+    with_epoch_budget,
+)
 from llmkit.core.model.heads import attach_classifier
 from llmkit.core.model.lora import apply_lora
-from llmkit.core.jobs.run import (RunResult, check_launch, check_same_model, main_first, main_only, start_process, train_run, with_epoch_budget)
+from llmkit.core.store import checkpoint as ckpt_io
 from llmkit.core.store.lock import run_lock
 from llmkit.core.store.rundir import new_run_dir, resume_source
 from llmkit.core.tasks.objectives import ClassifyTask, LMTask, PairTask, balanced_weights
+from llmkit.core.text.examples import (
+    ExampleSet,
+    classify_ids,
+    context_report,
+    drop_unseen,
+    holdout,
+    label_map,
+    pair_sequence,
+    read_examples,
+)
+from llmkit.core.text.mix import check_fits, load_corpus, plan_sources
 from llmkit.core.text.tokenizer import check_compatible
-from llmkit.core import events
-from llmkit.core.events import EventFn
 
-def plan(checkpoint: Path, out: Path, *, resume: str | None, config_file: Path | None, sets: list[str],
-         flags: Mapping[str, Mapping[str, Any]]) -> tuple[RunConfig, ckpt_io.Checkpoint, Path | None]:
+
+def plan(
+    checkpoint: Path,
+    out: Path,
+    *,
+    resume: str | None,
+    config_file: Path | None,
+    sets: list[str],
+    flags: Mapping[str, Mapping[str, Any]],
+) -> tuple[RunConfig, ckpt_io.Checkpoint, Path | None]:
     """The run config, the checkpoint fine-tuning starts from, and the one to resume (if any)."""
     base = open_checkpoint(checkpoint)
     if not flags.get("task", {}).get("kind") and resume is None:
@@ -55,16 +81,23 @@ def plan(checkpoint: Path, out: Path, *, resume: str | None, config_file: Path |
         if resume_from is not None:
             return {}
         chat = cfg.task.kind == "instruct" and base.tokenizer.chat_template  # a chat model keeps its format
-        return {"optim": {"lr": LORA_LR} if cfg.lora.enabled else {},
-                "train": {} if cfg.train.has_budget else {"epochs": FINETUNE_EPOCHS},
-                "task": {"init_from": str(base.path), **({"template": "chat"} if chat else {})}}
+        return {
+            "optim": {"lr": LORA_LR} if cfg.lora.enabled else {},
+            "train": {} if cfg.train.has_budget else {"epochs": FINETUNE_EPOCHS},
+            "task": {"init_from": str(base.path), **({"template": "chat"} if chat else {})},
+        }
 
     cfg = resolve_run_config(base=layers, config_file=config_file, sets=sets, flags=flags, defaults=defaults)
-    weighted = [k for k in cfg.model.__dataclass_fields__ if k not in ("context", "dropout")
-                and getattr(cfg.model, k) != getattr(base.model_cfg, k)]
+    weighted = [
+        k
+        for k in cfg.model.__dataclass_fields__
+        if k not in ("context", "dropout") and getattr(cfg.model, k) != getattr(base.model_cfg, k)
+    ]
     if weighted and resume_from is None:
-        raise ConfigError(f"model.{weighted[0]} differs from the base checkpoint's: fine-tuning keeps the base's "
-                          "network (only model.context and model.dropout can change)")
+        raise ConfigError(
+            f"model.{weighted[0]} differs from the base checkpoint's: fine-tuning keeps the base's "
+            "network (only model.context and model.dropout can change)"
+        )
     if cfg.task.kind != "classify" and cfg.task.freeze_trunk:
         raise ConfigError("--freeze-trunk trains a classification head only: it needs --task classify")
     check_launch(cfg)
@@ -85,19 +118,27 @@ def build_task(cfg: RunConfig, tok, data: list[str], val: Path | None, device) -
     context = cfg.model.context
     if cfg.task.kind == "lm":
         if val is not None:
-            raise ConfigError("--val is not used by --task lm: the tail of each document is held out "
-                              "(data.val_fraction)")
+            raise ConfigError(
+                "--val is not used by --task lm: the tail of each document is held out (data.val_fraction)"
+            )
         sources, held, _ = plan_sources(data, cfg.data)
         corpus = load_corpus(sources, held, tok, cfg.data)
         check_fits(corpus, context)
-        summary = {k: v for k, v in corpus.report().items() if k in ("documents", "duplicates", "train_tokens",
-                                                                      "val_tokens", "val_bytes")}
+        summary = {
+            k: v
+            for k, v in corpus.report().items()
+            if k in ("documents", "duplicates", "train_tokens", "val_tokens", "val_bytes")
+        }
         return LMTask(corpus, cfg, device), cfg, {"kind": "lm", **summary}
     if len(data) != 1:
         raise ConfigError(f"--task {cfg.task.kind} reads one --data file (got {len(data)})")
     train, dev, val_source = _split(cfg, Path(data[0]), val)
-    summary: dict[str, Any] = {"kind": cfg.task.kind, "train": len(train.examples), "val_source": val_source,
-                               "blank": train.blank + dev.blank}
+    summary: dict[str, Any] = {
+        "kind": cfg.task.kind,
+        "train": len(train.examples),
+        "val_source": val_source,
+        "blank": train.blank + dev.blank,
+    }
     if cfg.task.kind == "classify":
         labels = cfg.task.labels or label_map(train)
         unknown = sorted({e.label for e in train.examples} - set(labels))
@@ -111,16 +152,26 @@ def build_task(cfg: RunConfig, tok, data: list[str], val: Path | None, device) -
         weights = balanced_weights(y, len(labels)) if cfg.task.class_weights == "balanced" else None
         cfg = cfg.replace("task", labels=tuple(labels))
         counts = Counter(e.label for e in train.examples)
-        summary.update(val=len(dev.examples), labels={lab: counts[lab] for lab in labels}, unseen=dict(unseen),
-                       **context_report([*lengths, *dev_lengths], context), context=context)
-        task = ClassifyTask((list(rows), y), (list(dev_rows), [index[e.label] for e in dev.examples]),
-                            labels, cfg, device, weights)
+        summary.update(
+            val=len(dev.examples),
+            labels={lab: counts[lab] for lab in labels},
+            unseen=dict(unseen),
+            **context_report([*lengths, *dev_lengths], context),
+            context=context,
+        )
+        task = ClassifyTask(
+            (list(rows), y), (list(dev_rows), [index[e.label] for e in dev.examples]), labels, cfg, device, weights
+        )
         return task, cfg, summary
     template = cfg.task.prompt_template
     seqs = [pair_sequence(tok, template, e.turns, context) for e in train.examples]
     dev_seqs = [pair_sequence(tok, template, e.turns, context) for e in dev.examples]
-    summary.update(val=len(dev.examples), template=template, context=context,
-                   **context_report([s.length for s in seqs + dev_seqs], context, room=context + 1))
+    summary.update(
+        val=len(dev.examples),
+        template=template,
+        context=context,
+        **context_report([s.length for s in seqs + dev_seqs], context, room=context + 1),
+    )
     return PairTask(seqs, dev_seqs, dev.examples, cfg, tok, device), cfg, summary
 
 
@@ -140,8 +191,9 @@ def prepare_model(cfg: RunConfig, base: ckpt_io.Checkpoint, resume_from: Path | 
         if cfg.task.kind == "classify" and not keep_head:
             attach_classifier(model, len(cfg.task.labels))
         if cfg.lora.enabled:
-            apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                       targets=cfg.lora.targets)
+            apply_lora(
+                model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets
+            )
     if cfg.task.freeze_trunk:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -156,9 +208,17 @@ def prepare_model(cfg: RunConfig, base: ckpt_io.Checkpoint, resume_from: Path | 
     return model
 
 
-def finetune(data: list[str], out: Path, cfg: RunConfig, *, base: ckpt_io.Checkpoint, val: Path | None = None,
-             resume_from: Path | None = None, merge: bool = False,
-             on_event: EventFn = events.ignore) -> RunResult:
+def finetune(
+    data: list[str],
+    out: Path,
+    cfg: RunConfig,
+    *,
+    base: ckpt_io.Checkpoint,
+    val: Path | None = None,
+    resume_from: Path | None = None,
+    merge: bool = False,
+    on_event: EventFn = events.ignore,
+) -> RunResult:
     """Run (or resume) a fine-tuning run of ``base`` in ``out``."""
     if merge and not cfg.lora.enabled:
         raise ConfigError("--merge folds LoRA adapters into the weights: it needs --lora")
@@ -171,10 +231,23 @@ def finetune(data: list[str], out: Path, cfg: RunConfig, *, base: ckpt_io.Checkp
     with run_lock(out, dist):
         with new_run_dir(out, dist):
             model = prepare_model(cfg, base, resume_from, device)
-        result = train_run(out, cfg, model=model, task=task, tokenizer=base.tokenizer, dist=dist, device=device,
-                           resume_from=resume_from, threads=threads, kind=cfg.task.kind, on_event=on_event,
-                           val_tokens=summary.get("val_tokens", 0), val_bytes=summary.get("val_bytes", 0),
-                           extra={"lora": cfg.lora.enabled}, reports={"data": summary})
+        result = train_run(
+            out,
+            cfg,
+            model=model,
+            task=task,
+            tokenizer=base.tokenizer,
+            dist=dist,
+            device=device,
+            resume_from=resume_from,
+            threads=threads,
+            kind=cfg.task.kind,
+            on_event=on_event,
+            val_tokens=summary.get("val_tokens", 0),
+            val_bytes=summary.get("val_bytes", 0),
+            extra={"lora": cfg.lora.enabled},
+            reports={"data": summary},
+        )
         finished = result.stop_reason not in ("interrupted", "terminated")
         if dist.is_main and merge and (result.best or result.last) is not None and finished:
             result.merged = merge_checkpoint(result.best or result.last, out / "merged")
@@ -187,5 +260,6 @@ def merge_checkpoint(src: Path, dest: Path) -> Path:
     ckpt = ckpt_io.read_checkpoint(src)
     model = ckpt_io.build_model(ckpt, "cpu", merge=True)
     config = {**ckpt.config, "lora": {**ckpt.config.get("lora", {}), "enabled": False}}
-    return ckpt_io.save_checkpoint(dest, model=model, config=config, tokenizer=ckpt.tokenizer,
-                                   state={**ckpt.state, "merged_from": str(src)})
+    return ckpt_io.save_checkpoint(
+        dest, model=model, config=config, tokenizer=ckpt.tokenizer, state={**ckpt.state, "merged_from": str(src)}
+    )

@@ -40,6 +40,7 @@ def model_ids(tok, text: str, context: int) -> list[int]:
 
 # --- tokens -----------------------------------------------------------------------------------------
 
+
 @dataclass
 class Tokens:
     ids: list[int]
@@ -57,6 +58,7 @@ def tokens(tok, text: str) -> Tokens:
 
 # --- attention --------------------------------------------------------------------------------------
 
+
 @dataclass
 class Attention:
     pieces: list[str]
@@ -71,8 +73,17 @@ class Attention:
 
     def heads(self) -> list[dict[str, Any]]:
         L, H = self.distance.shape
-        return [{"layer": l, "head": h, "distance": float(self.distance[l, h]), "entropy": float(self.entropy[l, h]),
-                 "first": float(self.first[l, h])} for l in range(L) for h in range(H)]
+        return [
+            {
+                "layer": layer,
+                "head": h,
+                "distance": float(self.distance[layer, h]),
+                "entropy": float(self.entropy[layer, h]),
+                "first": float(self.first[layer, h]),
+            }
+            for layer in range(L)
+            for h in range(H)
+        ]
 
 
 def notable_heads(att: Attention) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -122,6 +133,7 @@ def attention(model, tok, text: str) -> Attention:
 
 # --- surprise ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class Surprise:
     pieces: list[str]
@@ -143,12 +155,20 @@ def surprise(model, tok, text: str, top: int = 5) -> Surprise:
     target = x[0, 1:]
     chosen = logp.gather(1, target[:, None])[:, 0]  # (T-1,)
     alt_p, alt_i = logp.exp().topk(min(top, logp.size(-1)), dim=-1)  # (T-1, k)
-    return Surprise([tok.token_text(i) for i in ids], chosen.exp().tolist(), (-chosen / math.log(2)).tolist(),
-                    [[(tok.token_text(int(i)), float(p)) for i, p in zip(ii, pp)]
-                     for ii, pp in zip(alt_i.tolist(), alt_p.tolist())], float(-chosen.mean()))
+    return Surprise(
+        [tok.token_text(i) for i in ids],
+        chosen.exp().tolist(),
+        (-chosen / math.log(2)).tolist(),
+        [
+            [(tok.token_text(int(i)), float(p)) for i, p in zip(ii, pp)]
+            for ii, pp in zip(alt_i.tolist(), alt_p.tolist())
+        ],
+        float(-chosen.mean()),
+    )
 
 
 # --- logit lens -------------------------------------------------------------------------------------
+
 
 @dataclass
 class LogitLens:
@@ -179,6 +199,7 @@ def logit_lens(model, tok, text: str) -> LogitLens:
 
 # --- embeddings -------------------------------------------------------------------------------------
 
+
 @dataclass
 class EmbeddingMap:
     points: np.ndarray
@@ -202,13 +223,14 @@ def embedding_map(vectors: np.ndarray, labels: list[str] | None = None, method: 
     centred = v - v.mean(0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     points = centred @ vt[:2].T  # (N, 2)
-    var = s ** 2 / max((s ** 2).sum(), 1e-30)
+    var = s**2 / max((s**2).sum(), 1e-30)
     if method == "umap":
         try:
             import umap  # optional dependency (umap-learn)
         except ImportError:
-            raise ConfigError("--method umap needs the umap-learn package (pip install umap-learn); "
-                              "PCA needs nothing") from None
+            raise ConfigError(
+                "--method umap needs the umap-learn package (pip install umap-learn); PCA needs nothing"
+            ) from None
         points = umap.UMAP(n_components=2, random_state=0, n_neighbors=min(15, v.shape[0] - 1)).fit_transform(v)
         var = np.array([0.0, 0.0])  # no share of variance for a non-linear map
     agreement = None

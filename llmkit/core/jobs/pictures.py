@@ -64,8 +64,14 @@ def _flow(ax, pieces: list[str], colours, width: float = 100.0) -> None:
             x, y = 0.0, y - 2.0
         if piece == "\n":
             continue
-        ax.text(x, y, _shown(piece), family="DejaVu Sans Mono",
-                bbox={"boxstyle": "round,pad=0.2", "fc": colour, "ec": "none"}, va="top")
+        ax.text(
+            x,
+            y,
+            _shown(piece),
+            family="DejaVu Sans Mono",
+            bbox={"boxstyle": "round,pad=0.2", "fc": colour, "ec": "none"},
+            va="top",
+        )
         x += w
     ax.set_xlim(-1, width + 1)
     ax.set_ylim(y - 2, 1.5)
@@ -79,8 +85,11 @@ def tokens(t, path: Path) -> Path:
     lines = max(1, sum(len(p) + 1 for p in t.pieces) // 100 + 1)
     fig, ax = plt.subplots(figsize=(11, 0.45 * lines + 0.8))
     _flow(ax, t.pieces, colours)
-    ax.set_title(f"{len(t.ids)} tokens, {t.chars_per_token:.2f} characters per token"
-                 + (f", {sum(t.byte_fallback)} byte-fallback (red)" if any(t.byte_fallback) else ""), loc="left")
+    ax.set_title(
+        f"{len(t.ids)} tokens, {t.chars_per_token:.2f} characters per token"
+        + (f", {sum(t.byte_fallback)} byte-fallback (red)" if any(t.byte_fallback) else ""),
+        loc="left",
+    )
     return _save(fig, path)
 
 
@@ -92,18 +101,21 @@ def attention(att, path: Path, layer: int | None = None, head: int | None = None
         fig, ax = plt.subplots(figsize=(size, size))
         ax.imshow(att.weights[layer, head], cmap="Blues", vmin=0, vmax=1)
         _ticks(ax, att.pieces, "both")
-        ax.set_title(f"layer {layer}, head {head}: distance {att.distance[layer, head]:.2f}, "
-                     f"entropy {att.entropy[layer, head]:.2f} bits (rows: the attending token)", loc="left")
+        ax.set_title(
+            f"layer {layer}, head {head}: distance {att.distance[layer, head]:.2f}, "
+            f"entropy {att.entropy[layer, head]:.2f} bits (rows: the attending token)",
+            loc="left",
+        )
         return _save(fig, path)
     layers = [layer] if layer is not None else list(range(L))
     fig, axes = plt.subplots(len(layers), H, figsize=(2.2 * H + 1, 2.2 * len(layers) + 0.6), squeeze=False)
-    for r, l in enumerate(layers):
+    for r, lay in enumerate(layers):
         for h in range(H):
             ax = axes[r][h]
-            ax.imshow(att.weights[l, h], cmap="Blues", vmin=0, vmax=1)
+            ax.imshow(att.weights[lay, h], cmap="Blues", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"L{l} H{h}  d={att.distance[l, h]:.1f}", fontsize=8)
+            ax.set_title(f"L{lay} H{h}  d={att.distance[lay, h]:.1f}", fontsize=8)
     fig.suptitle("attention of each head (rows attend to columns; d: mean distance in tokens)", x=0.01, ha="left")
     return _save(fig, path)
 
@@ -134,8 +146,9 @@ def logit_lens(lens, path: Path) -> Path:
                 ax.text(i, layer, _shown(lens.predicted[layer][i])[:8], ha="center", va="center", fontsize=7)
     _ticks(ax, lens.pieces, "x")
     ax.set_yticks(range(n_layers), ["embed"] + [f"layer {i}" for i in range(1, n_layers)])
-    ax.set_title("logit lens: the next token each layer would predict at each position (shade: its probability)",
-                 loc="left")
+    ax.set_title(
+        "logit lens: the next token each layer would predict at each position (shade: its probability)", loc="left"
+    )
     return _save(fig, path)
 
 
@@ -151,16 +164,24 @@ def embedding_map(m, path: Path) -> Path:
             ax.legend(fontsize=8, loc="best")
     else:
         ax.scatter(m.points[:, 0], m.points[:, 1], s=14)
-    title = (f"PCA of {len(m.points)} vectors ({m.explained[0]:.0%} + {m.explained[1]:.0%} of the variance)"
-             if any(m.explained) else f"UMAP of {len(m.points)} vectors")
+    title = (
+        f"PCA of {len(m.points)} vectors ({m.explained[0]:.0%} + {m.explained[1]:.0%} of the variance)"
+        if any(m.explained)
+        else f"UMAP of {len(m.points)} vectors"
+    )
     if m.neighbour_agreement is not None:
         title += f"; nearest neighbour shares the label: {m.neighbour_agreement:.0%}"
     ax.set_title(title, loc="left", fontsize=9)
     return _save(fig, path)
 
 
-def loss_curve(path: Path, train: list[tuple[int, float]], val: list[tuple[int, float]], title: str,
-               ylabel: str = "loss (nats/token)") -> Path:
+def loss_curve(
+    path: Path,
+    train: list[tuple[int, float]],
+    val: list[tuple[int, float]],
+    title: str,
+    ylabel: str = "loss (nats/token)",
+) -> Path:
     """A run's loss.svg: training loss (thin) and validation loss (points) against steps."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.2, 4.2))

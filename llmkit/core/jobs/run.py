@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from llmkit.core.atomic import atomic_write
 from llmkit.core import events
-from llmkit.core.events import EventFn
+from llmkit.core.atomic import atomic_write
 from llmkit.core.config import ModelConfig, RunConfig
 from llmkit.core.errors import CheckpointError, ConfigError, TrainingDiverged
+from llmkit.core.events import EventFn
 from llmkit.core.host.device import pick_device, set_threads
+from llmkit.core.jobs.pictures import loss_curve
+from llmkit.core.jobs.report import write_report
 from llmkit.core.model import fast
 from llmkit.core.model.lora import trainable_parameters
 from llmkit.core.store import checkpoint as ckpt_io
@@ -28,9 +32,6 @@ from llmkit.core.store.rundir import Checkpointer, load_training_state, outcome
 from llmkit.core.training import speed
 from llmkit.core.training.distributed import Dist, shard
 from llmkit.core.training.loop import Task, Trainer, TrainState, make_optimizer
-import os
-from llmkit.core.jobs.report import write_report
-from llmkit.core.jobs.pictures import loss_curve
 
 
 @dataclass
@@ -77,10 +78,24 @@ def with_epoch_budget(cfg: RunConfig, sequences_per_epoch: float, world: int) ->
     return cfg.replace("train", steps=min(s for s in (cfg.train.steps, epoch_steps) if s))
 
 
-def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, tokenizer, dist: Dist,
-              device: torch.device, resume_from: Path | None, kind: str, on_event: EventFn,
-              val_tokens: int = 0, val_bytes: int = 0, extra: dict[str, Any] | None = None,
-              threads: tuple[int, str] = (0, ""), reports: dict[str, Any] | None = None) -> RunResult:
+def train_run(
+    out: Path,
+    cfg: RunConfig,
+    *,
+    model: torch.nn.Module,
+    task: Task,
+    tokenizer,
+    dist: Dist,
+    device: torch.device,
+    resume_from: Path | None,
+    kind: str,
+    on_event: EventFn,
+    val_tokens: int = 0,
+    val_bytes: int = 0,
+    extra: dict[str, Any] | None = None,
+    threads: tuple[int, str] = (0, ""),
+    reports: dict[str, Any] | None = None,
+) -> RunResult:
     """Train a built model on a task in ``out``, fresh or resumed, to a finished run directory.
 
     Everything that is the same for pretraining and fine-tuning happens here: the optimizer and
@@ -96,59 +111,34 @@ def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, 
     params = model.num_params()
     trainable = trainable_parameters(model)
     optimizer, state = start_training(model, cfg, dist, resume_from, on_event)
-    on_event(events.Model(params=params, trainable=trainable, device=str(device), precision=precision.name,
-                          precision_reason=precision.reason, compiled=compiled, config=cfg.model, task=kind,
-                          processes=dist.world, strategy=cfg.train.strategy if dist.enabled else None,
-                          threads=threads[0], threads_reason=threads[1], extra=extra))
+    on_event(
+        events.Model(
+            params=params, trainable=trainable, device=str(device), precision=precision.name,
+            precision_reason=precision.reason, compiled=compiled, config=cfg.model, task=kind, processes=dist.world,
+            strategy=cfg.train.strategy if dist.enabled else None, threads=threads[0], threads_reason=threads[1],
+            extra=extra,
+        )
+    )  # fmt: skip
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.yaml", cfg.to_yaml())
         if reports:  # the data (and tokenizer) reports, for report.html
             atomic_write(out / "reports.json", json.dumps(reports, ensure_ascii=False, indent=1, default=str))
     metrics = MetricsLog(out / "metrics.jsonl", val_tokens, val_bytes)
+    state_extra = {"seed": cfg.train.seed, "kind": kind, "precision": precision.name, "compiled": compiled,
+                   "device": str(device), "params": params, "trainable": trainable, **extra}  # fmt: skip
     save = Checkpointer(out, model=model, config=cfg.to_dict(), tokenizer=tokenizer, optimizer=optimizer,
-                        extra_state={"seed": cfg.train.seed, "kind": kind, "precision": precision.name,
-                                     "compiled": compiled,
-                                     "device": str(device), "params": params, "trainable": trainable, **extra},
-                        keep=cfg.train.keep_checkpoints, on_event=on_event, dist=dist)
-    best_metrics: dict[str, Any] = {}
-    reported = {"at": time.monotonic(), "cost": 0.0}
-
-    def report(final: bool = False) -> None:
-        """Refresh report.html while training, at most every 30 s and so that drawing it takes
-        under 2% of the run (a page costs ~0.7 s of matplotlib here); a page never stops a run."""
-        wait = max(30.0, 50 * reported["cost"])
-        if not (cfg.train.report and dist.is_main) or (not final and time.monotonic() - reported["at"] < wait):
-            return
-        start = time.monotonic()
-        try:
-            write_report(out)
-        except Exception as e:  # noqa: BLE001 - a picture library's failure is not the run's
-            on_event(events.ReportFailed(error=f"{type(e).__name__}: {e}"))
-        reported.update(at=time.monotonic(), cost=time.monotonic() - start)
-
-    def relay(event: events.Event) -> None:
-        """The loop's events, with language modelling's perplexity and bits per byte added to
-        evaluations, to metrics.jsonl, the caller's listener and (at evaluations) report.html."""
-        if isinstance(event, events.Eval):
-            event = metrics.enrich(event)
-        if dist.is_main:
-            metrics(event)
-        if isinstance(event, events.Eval) and event.improved:
-            best_metrics.clear()
-            best_metrics.update({k: v for k, v in event.as_dict().items() if k != "event"})
-        on_event(event)
-        if isinstance(event, events.Eval):
-            report()
-
+                        extra_state=state_extra, keep=cfg.train.keep_checkpoints, on_event=on_event,
+                        dist=dist)  # fmt: skip
+    relay = Relay(out, metrics, on_event, main=dist.is_main, reports=cfg.train.report)
     trainer = Trainer(model, task, optimizer, state, cfg.optim, cfg.train, device, precision,
                       tokens_per_step=cfg.train.global_batch(dist.world) * cfg.model.context, save=save,
                       on_event=relay, compiled=torch.compile(model) if compiled else None,
-                      metric=cfg.task.best_metric, dist=dist)
+                      metric=cfg.task.best_metric, dist=dist)  # fmt: skip
     reason = trainer.fit()
     dist.close()
     best, last = outcome(out)
-    result = RunResult(out, reason, state, params, trainable, precision.name, best, last, best_metrics)
+    result = RunResult(out, reason, state, params, trainable, precision.name, best, last, relay.best_metrics)
     if not dist.is_main:
         return result
     title = f"{out.name}: loss" + (f" ({kind})" if kind != "lm" else "")
@@ -157,23 +147,65 @@ def train_run(out: Path, cfg: RunConfig, *, model: torch.nn.Module, task: Task, 
         loss_curve(out / "loss.svg", metrics.train, metrics.val, title, unit)
     except ConfigError as e:
         on_event(events.ReportFailed(error=str(e)))
-    report(final=True)
+    relay.report(final=True)
     if reason == "diverged":
-        raise TrainingDiverged(f"training diverged at step {state.step} (loss is NaN or infinite); "
-                               f"last good checkpoint: {last or best or 'none'}; lower optim.lr or raise "
-                               "optim.warmup_steps")
+        raise TrainingDiverged(
+            f"training diverged at step {state.step} (loss is NaN or infinite); "
+            f"last good checkpoint: {last or best or 'none'}; lower optim.lr or raise "
+            "optim.warmup_steps"
+        )
     return result
+
+
+class Relay:
+    """The loop's events on their way out: evaluations get language modelling's perplexity and bits
+    per byte, every event goes to metrics.jsonl (written by rank 0) and the caller's listener, and
+    report.html is refreshed at evaluations. Keeps the metrics of the evaluation that made best/."""
+
+    def __init__(self, out: Path, metrics: MetricsLog, on_event: EventFn, *, main: bool, reports: bool):
+        self.out, self.metrics, self.on_event, self.main = out, metrics, on_event, main
+        self.reports = reports and main
+        self.best_metrics: dict[str, Any] = {}
+        self.at, self.cost = time.monotonic(), 0.0
+
+    def report(self, final: bool = False) -> None:
+        """Refresh report.html while training, at most every 30 s and so that drawing it takes
+        under 2% of the run (a page costs ~0.7 s of matplotlib here); a page never stops a run."""
+        wait = max(30.0, 50 * self.cost)
+        if not self.reports or (not final and time.monotonic() - self.at < wait):
+            return
+        start = time.monotonic()
+        try:
+            write_report(self.out)
+        except Exception as e:  # noqa: BLE001 - a picture library's failure is not the run's
+            self.on_event(events.ReportFailed(error=f"{type(e).__name__}: {e}"))
+        self.at, self.cost = time.monotonic(), time.monotonic() - start
+
+    def __call__(self, event: events.Event) -> None:
+        if isinstance(event, events.Eval):
+            event = self.metrics.enrich(event)
+        if self.main:
+            self.metrics(event)
+        if isinstance(event, events.Eval) and event.improved:
+            self.best_metrics = {k: v for k, v in event.as_dict().items() if k != "event"}
+        self.on_event(event)
+        if isinstance(event, events.Eval):
+            self.report()
 
 
 def check_same_model(resume_from: Path, saved: ModelConfig, wanted: ModelConfig) -> None:
     if saved != wanted:
-        diff = [f"model.{k} {getattr(wanted, k)!r} (checkpoint: {getattr(saved, k)!r})"
-                for k in wanted.__dataclass_fields__ if getattr(wanted, k) != getattr(saved, k)]
+        diff = [
+            f"model.{k} {getattr(wanted, k)!r} (checkpoint: {getattr(saved, k)!r})"
+            for k in wanted.__dataclass_fields__
+            if getattr(wanted, k) != getattr(saved, k)
+        ]
         raise CheckpointError(f"cannot resume {resume_from}: the config changes the model: {', '.join(diff)}")
 
 
-def start_training(model: torch.nn.Module, cfg, dist: Dist, resume_from: Path | None,
-                   on_event: EventFn) -> tuple[torch.optim.Optimizer, TrainState]:
+def start_training(
+    model: torch.nn.Module, cfg, dist: Dist, resume_from: Path | None, on_event: EventFn
+) -> tuple[torch.optim.Optimizer, TrainState]:
     """Shard the model if asked, then its optimizer and trainer state (fresh, or resumed)."""
     parallelize(model, cfg.train.strategy, dist)
     optimizer = make_optimizer(model, cfg.optim)

@@ -59,16 +59,25 @@ class FewRowLinear(nn.Linear):
     """...in the thread that ``tune`` measured in (``threading.get_ident()``), and only there."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.fast_rows and not torch.compiler.is_compiling()  # a compiled graph decides its own products
-                and x.numel() // max(x.size(-1), 1) in self.fast_rows and threading.get_ident() == self.tuned_in
-                and _inference_fp32_cpu(x, self.weight)):
+        if (
+            self.fast_rows
+            and not torch.compiler.is_compiling()  # a compiled graph decides its own products
+            and x.numel() // max(x.size(-1), 1) in self.fast_rows
+            and threading.get_ident() == self.tuned_in
+            and _inference_fp32_cpu(x, self.weight)
+        ):
             return transposed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
 def _inference_fp32_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
+    return (
+        not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 def linear_weights(model: nn.Module) -> list[torch.Tensor]:
@@ -104,8 +113,7 @@ def probe(weights: list[torch.Tensor]) -> dict:
 
 def fast_rows(faster: list[int]) -> frozenset[int]:
     """Every row count that takes the transposed layout: those whose probed count above wins."""
-    return frozenset(m for m in range(1, PROBED_ROWS[-1] + 1)
-                     if min(p for p in PROBED_ROWS if p >= m) in faster)
+    return frozenset(m for m in range(1, PROBED_ROWS[-1] + 1) if min(p for p in PROBED_ROWS if p >= m) in faster)
 
 
 def tune(model: nn.Module) -> None:
@@ -125,8 +133,9 @@ def tune(model: nn.Module) -> None:
     if not weights or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
         return
     cfg = getattr(model, "cfg", None)
-    key = "few_rows|" + (machine.shape_key(cfg, 0) if cfg is not None else
-                         ",".join(f"{w.size(0)}x{w.size(1)}" for w in weights))
+    key = "few_rows|" + (
+        machine.shape_key(cfg, 0) if cfg is not None else ",".join(f"{w.size(0)}x{w.size(1)}" for w in weights)
+    )
     data = machine.read_cache()
     here = data.setdefault(machine.machine_key(), {})
     entry = here.get(key)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmkit.core.config import POOLINGS
 from llmkit.core.model.transformer import pad_batch
 
 
@@ -36,8 +35,9 @@ def pool(hidden: torch.Tensor, valid: torch.Tensor, how: str) -> torch.Tensor:
     return h[torch.arange(h.size(0), device=h.device), pick]  # (B, C)
 
 
-def pooled_hidden(model, rows: list[list[int]], *, pooling: str, layer: int = -1, side: str = "right",
-                  device="cpu") -> torch.Tensor:
+def pooled_hidden(
+    model, rows: list[list[int]], *, pooling: str, layer: int = -1, side: str = "right", device="cpu"
+) -> torch.Tensor:
     """Token rows -> pooled hidden states (B, C) after ``layer``."""
     ids, valid, positions = pad_batch(rows, side, device)
     if positions is None:

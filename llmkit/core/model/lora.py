@@ -37,8 +37,13 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.dropout(x) @ self.lora_a.T @ self.lora_b.T) * self.scale
 
     def merged(self) -> nn.Linear:
-        out = type(self.base)(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                        device=self.base.weight.device, dtype=self.base.weight.dtype)
+        out = type(self.base)(
+            self.base.in_features,
+            self.base.out_features,
+            bias=self.base.bias is not None,
+            device=self.base.weight.device,
+            dtype=self.base.weight.dtype,
+        )
         with torch.no_grad():
             out.weight.copy_(self.base.weight + (self.lora_b @ self.lora_a) * self.scale)
             if self.base.bias is not None:
@@ -46,8 +51,14 @@ class LoRALinear(nn.Module):
         return out
 
 
-def apply_lora(model: nn.Module, *, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               targets: tuple[str, ...] = DEFAULT_TARGETS) -> list[str]:
+def apply_lora(
+    model: nn.Module,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    targets: tuple[str, ...] = DEFAULT_TARGETS,
+) -> list[str]:
     """Wrap every nn.Linear whose attribute name is in ``targets``; freeze everything else.
 
     Returns the dotted names of the wrapped modules (an error when none matched).
@@ -75,8 +86,7 @@ def merge_lora(model: nn.Module) -> None:
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA tensors only (what adapter.safetensors holds)."""
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-            if k.endswith(("lora_a", "lora_b"))}
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k.endswith(("lora_a", "lora_b"))}
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -87,7 +97,9 @@ def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def split_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def split_state(
+    model: nn.Module, state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Split a LoRA model's state into (base, adapter).
 
     base: every non-LoRA tensor under the name it has in the plain model (``q_proj.base.weight``

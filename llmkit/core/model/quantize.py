@@ -30,7 +30,7 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach().float()  # (N, K)
         # The kernel takes bf16 scales: round each up (bf16 keeps 8 bits) so that the largest
         # weight still fits in 127 steps, and quantize against the rounded scale itself.
-        scale = ((w.abs().amax(dim=1) / 127).clamp(min=1e-12) * (1 + 2 ** -7)).to(torch.bfloat16)  # (N,)
+        scale = ((w.abs().amax(dim=1) / 127).clamp(min=1e-12) * (1 + 2**-7)).to(torch.bfloat16)  # (N,)
         q = torch.round(w / scale.float()[:, None]).clamp(-127, 127)  # (N, K)
         self.register_buffer("weight_int8", q.to(torch.int8))
         self.register_buffer("scale", scale)

@@ -5,7 +5,7 @@ Shape legend:
     C  d_model          H  query heads              G  key/value heads (H % G == 0)
     D  head size (C/H)  V  vocabulary               F  SwiGLU hidden width
 
-``forward`` returns logits (and the final hidden states on request); losses live in train.py.
+``forward`` returns logits (and the final hidden states on request); losses live in ``training/loop.py``.
 With a :class:`KVCache`, a call processes T new tokens at positions [pos, pos + T) and attends to
 everything cached before them, so decoding one token costs one small forward pass. The cache is
 indexed by position and always read whole; the attention mask (``attention_mask``, one policy for
@@ -33,7 +33,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # torch's fused kernel: the same result, one pass forward and back (25% faster here).
+            # torch's fused kernel: the same result in one pass forward and one backward, instead of
+            # the four element-wise operations below.
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         # Normalise in fp32 even under autocast: the mean of squares loses precision in bf16.
         # (Scaled after the cast, as Hugging Face's Llama does: bf16 models match it exactly.)
@@ -133,8 +134,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: KVCache | None = None, input_pos: torch.Tensor | None = None):
+    def forward(
+        self,
+        x,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        input_pos: torch.Tensor | None = None,
+    ):
         B, T, _ = x.shape
         cos, sin = rope
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -156,9 +163,14 @@ class Attention(nn.Module):
         kernel for the math path, 2.5x slower on a CPU (docs/benchmarks.md), and Llama-style models
         train without it."""
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
             # Grouped-query attention: each key/value head serves H/G query heads, without copies.
-            enable_gqa=self.n_kv != self.n_head)
+            enable_gqa=self.n_kv != self.n_head,
+        )
 
 
 class SwiGLU(nn.Module):
@@ -232,8 +244,16 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def _trunk(self, idx: torch.Tensor, n_blocks: int, *, cache: KVCache | None, pos: int,
-               positions: torch.Tensor | None, key_valid: torch.Tensor | None) -> torch.Tensor:
+    def _trunk(
+        self,
+        idx: torch.Tensor,
+        n_blocks: int,
+        *,
+        cache: KVCache | None,
+        pos: int,
+        positions: torch.Tensor | None,
+        key_valid: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Embed idx (B, T) and run the first ``n_blocks`` blocks -> (B, T, C), not normalised."""
         B, T = idx.shape
         if positions is None and pos + T > self.cfg.context:
@@ -241,7 +261,7 @@ class Transformer(nn.Module):
         if cache is not None and pos + T > cache.length:
             raise ValueError(f"slots {pos}..{pos + T} exceed the cache's {cache.length}")
         if positions is None:
-            rope = self.rope_cos[pos: pos + T], self.rope_sin[pos: pos + T]  # each (T, D/2)
+            rope = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]  # each (T, D/2)
         else:
             rope = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # each (B, 1, T, D/2)
         input_pos = None
@@ -256,9 +276,18 @@ class Transformer(nn.Module):
             x = block(x, rope, mask, cache, input_pos)
         return x
 
-    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, pos: int = 0,
-                positions: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
-                return_hidden: bool = False, last_only: bool = False, logits_where: torch.Tensor | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        pos: int = 0,
+        positions: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+        return_hidden: bool = False,
+        last_only: bool = False,
+        logits_where: torch.Tensor | None = None,
+    ):
         """idx (B, T) token ids at positions [pos, pos + T) -> logits (B, T, V).
 
         With a ``cache``, the new keys and values go to slots [pos, pos + T) and the tokens attend
@@ -279,8 +308,14 @@ class Transformer(nn.Module):
         logits = self.lm_head(h)  # (B, T, V), or (N, V)
         return (logits, h) if return_hidden else logits
 
-    def hidden_states(self, idx: torch.Tensor, *, layer: int = -1, positions: torch.Tensor | None = None,
-                      key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        *,
+        layer: int = -1,
+        positions: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Hidden states (B, T, C) after ``layer``: 0 is the embeddings, i the output of block i,
         n_layer (or -1) the final normalised states the LM head reads. Negative counts from the top."""
         n = self.cfg.n_layer
@@ -289,7 +324,6 @@ class Transformer(nn.Module):
         layer = layer % (n + 1)
         x = self._trunk(idx, layer, cache=None, pos=0, positions=positions, key_valid=key_valid)
         return self.norm(x) if layer == n else x
-
 
 
 def pad_batch(rows: list[list[int]], side: str, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

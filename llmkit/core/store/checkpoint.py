@@ -30,19 +30,18 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import llmkit
+from llmkit.core.atomic import atomic_write, fsync_dir, fsync_file
 from llmkit.core.config import LoRAConfig, ModelConfig, TaskConfig, build_section
-from llmkit.core.errors import check_format, CheckpointError, LlmkitError
+from llmkit.core.errors import CheckpointError, LlmkitError, check_format
+from llmkit.core.model import fast
 from llmkit.core.model.heads import attach_classifier
 from llmkit.core.model.lora import apply_lora, has_lora, load_adapter, merge_lora, split_state
-from llmkit.core.model import fast
 from llmkit.core.model.transformer import Transformer, rope_tables
-from llmkit.core.atomic import atomic_write, fsync_dir, fsync_file
 from llmkit.core.text.tokenizer import Tokenizer
-from safetensors import safe_open
 
 FORMAT_VERSION = 1
 REQUIRED = ("model.safetensors", "config.yaml", "tokenizer.yaml", "trainer_state.json")
@@ -62,8 +61,10 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def model_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None,
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+def model_tensors(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """(weights, adapter) to save: tied lm_head dropped (it is the embedding), tensors contiguous
     on the CPU. With LoRA, weights are the base under plain names and adapter the trained part.
     ``state`` is the model's full state dict when it was gathered already (sharded models)."""
@@ -98,13 +99,22 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except Exception as e:  # a torn, foreign or tampered file: never a traceback, never half-loaded
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} cannot be read as optimizer state ({reason}): the checkpoint is damaged; "
-                              f"resume from an earlier one with --resume {path.parent.parent}/step-NNNNNN") from None
+        raise CheckpointError(
+            f"{path} cannot be read as optimizer state ({reason}): the checkpoint is damaged; "
+            f"resume from an earlier one with --resume {path.parent.parent}/step-NNNNNN"
+        ) from None
 
 
-def save_checkpoint(dest: Path, *, model: torch.nn.Module, config: dict[str, Any], tokenizer: Tokenizer,
-                    state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
-                    tensors: tuple[dict, tuple | None] | None = None) -> Path:
+def save_checkpoint(
+    dest: Path,
+    *,
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    tokenizer: Tokenizer,
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    tensors: tuple[dict, tuple | None] | None = None,
+) -> Path:
     """Write a complete checkpoint at ``dest`` atomically (replacing any previous one).
 
     ``tensors`` = (model state, optimizer (tensors, metadata) or None) when they were gathered
@@ -112,8 +122,9 @@ def save_checkpoint(dest: Path, *, model: torch.nn.Module, config: dict[str, Any
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
     try:
-        _write_checkpoint(tmp, model=model, config=config, tokenizer=tokenizer, state=state, optimizer=optimizer,
-                          tensors=tensors)
+        _write_checkpoint(
+            tmp, model=model, config=config, tokenizer=tokenizer, state=state, optimizer=optimizer, tensors=tensors
+        )
         _swap_into_place(tmp, dest)
     except (OSError, SafetensorError) as e:
         # A full disk, a vanished directory, a permission: the half-written tmp/ goes, and every
@@ -121,10 +132,14 @@ def save_checkpoint(dest: Path, *, model: torch.nn.Module, config: dict[str, Any
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
-        hint = ("free some space (or lower train.keep_checkpoints), then --resume auto" if full
-                else "fix the cause, then --resume auto")
-        raise CheckpointError(f"cannot write checkpoint {dest}: {reason}; earlier checkpoints are intact; {hint}") \
-            from None
+        hint = (
+            "free some space (or lower train.keep_checkpoints), then --resume auto"
+            if full
+            else "fix the cause, then --resume auto"
+        )
+        raise CheckpointError(
+            f"cannot write checkpoint {dest}: {reason}; earlier checkpoints are intact; {hint}"
+        ) from None
     return dest
 
 
@@ -133,8 +148,12 @@ def _write_checkpoint(tmp: Path, *, model, config, tokenizer: Tokenizer, state, 
     tmp.mkdir(parents=True)
     weights, adapter = model_tensors(model, tensors[0] if tensors else None)
     # The weights name the tokenizer they were trained with: a swapped tokenizer is refused on load.
-    meta = {"format": "llmkit", "version": str(FORMAT_VERSION), "llmkit": llmkit.__version__,
-            "tokenizer_sha256": tokenizer.contract.get("model_sha256", "")}
+    meta = {
+        "format": "llmkit",
+        "version": str(FORMAT_VERSION),
+        "llmkit": llmkit.__version__,
+        "tokenizer_sha256": tokenizer.contract.get("model_sha256", ""),
+    }
     save_file(weights, str(tmp / "model.safetensors"), metadata=meta)
     if adapter is not None:
         save_file(adapter, str(tmp / "adapter.safetensors"), metadata=meta)
@@ -147,8 +166,11 @@ def _write_checkpoint(tmp: Path, *, model, config, tokenizer: Tokenizer, state, 
     for f in tmp.iterdir():
         os.chmod(f, mode)  # safetensors writes 0600; every file of a checkpoint gets the same mode
         fsync_file(f)
-    full_state = {"format": FORMAT_VERSION, **state,
-                  "versions": {"llmkit": llmkit.__version__, "torch": torch.__version__}}
+    full_state = {
+        "format": FORMAT_VERSION,
+        **state,
+        "versions": {"llmkit": llmkit.__version__, "torch": torch.__version__},
+    }
     atomic_write(tmp / "trainer_state.json", json.dumps(full_state, indent=1).encode())  # last
     fsync_dir(tmp)
 
@@ -283,16 +305,22 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if task.kind == "classify" and len(task.labels) < 2:
         raise CheckpointError(f"checkpoint {path}: a classifier needs task.labels (found {list(task.labels)})")
     state = read_state(path)
-    check_format(state.get("format", 1), FORMAT_VERSION, f"{path}/trainer_state.json",
-                 (state.get("versions") or {}).get("llmkit"))
+    check_format(
+        state.get("format", 1),
+        FORMAT_VERSION,
+        f"{path}/trainer_state.json",
+        (state.get("versions") or {}).get("llmkit"),
+    )
     meta = weights_metadata(path / "model.safetensors")
     check_format(meta.get("version", 1), FORMAT_VERSION, f"{path}/model.safetensors", meta.get("llmkit"))
     trained_with = meta.get("tokenizer_sha256")
     if trained_with and trained_with != tokenizer.contract.get("model_sha256"):
-        raise CheckpointError(f"{path}: tokenizer.model is not the tokenizer these weights were trained with "
-                              f"(model.safetensors records {trained_with[:12]}…, the folder holds "
-                              f"{str(tokenizer.contract.get('model_sha256'))[:12]}…): restore the checkpoint's own "
-                              "tokenizer.model and tokenizer.yaml")
+        raise CheckpointError(
+            f"{path}: tokenizer.model is not the tokenizer these weights were trained with "
+            f"(model.safetensors records {trained_with[:12]}…, the folder holds "
+            f"{str(tokenizer.contract.get('model_sha256'))[:12]}…): restore the checkpoint's own "
+            "tokenizer.model and tokenizer.yaml"
+        )
     return Checkpoint(path, config, model_cfg, tokenizer, state, task, lora)
 
 
@@ -318,17 +346,21 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:  # shapes that disagree with config.yaml (an edited config, a foreign file)
         first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
-        raise CheckpointError(f"{path}/model.safetensors does not fit {path}/config.yaml ({first.rstrip('.')}): "
-                              "was config.yaml edited? Restore it, or use the checkpoint it belongs to") from None
+        raise CheckpointError(
+            f"{path}/model.safetensors does not fit {path}/config.yaml ({first.rstrip('.')}): "
+            "was config.yaml edited? Restore it, or use the checkpoint it belongs to"
+        ) from None
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise CheckpointError(
-            f"{path}/model.safetensors does not fit its config (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+            f"{path}/model.safetensors does not fit its config (missing: {missing[:3]}, unexpected: {unexpected[:3]})"
+        )
 
 
-def build_model(ckpt: Checkpoint, device: torch.device | str = "cpu", *, merge: bool = True,
-                model_cfg: ModelConfig | None = None) -> Transformer:
+def build_model(
+    ckpt: Checkpoint, device: torch.device | str = "cpu", *, merge: bool = True, model_cfg: ModelConfig | None = None
+) -> Transformer:
     """The network of a checkpoint with its weights: trunk, task head, LoRA adapter.
 
     ``merge`` folds a LoRA adapter into plain weights (inference); without it the LoRA modules stay
@@ -348,8 +380,9 @@ def build_model(ckpt: Checkpoint, device: torch.device | str = "cpu", *, merge: 
     cos, sin = rope_tables(cfg)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     if ckpt.has_adapter:
-        apply_lora(model, rank=ckpt.lora.rank, alpha=ckpt.lora.alpha, dropout=ckpt.lora.dropout,
-                   targets=ckpt.lora.targets)
+        apply_lora(
+            model, rank=ckpt.lora.rank, alpha=ckpt.lora.alpha, dropout=ckpt.lora.dropout, targets=ckpt.lora.targets
+        )
         try:
             load_adapter(model, {k: v.to(device) for k, v in _read_tensors(ckpt.path / "adapter.safetensors").items()})
         except ValueError as e:
@@ -365,8 +398,7 @@ def find_tokenizer(path: Path) -> Tokenizer:
     for where in (path, path / "tokenizer"):
         if (where / "tokenizer.yaml").is_file():
             return Tokenizer.load(where)
-    if path.exists() and path.is_dir() \
-            and not any((path / n).exists() for n in ("trainer_state.json", "best", "last")):
+    if path.exists() and path.is_dir() and not any((path / n).exists() for n in ("trainer_state.json", "best", "last")):
         raise CheckpointError(f"{path} holds no tokenizer (tokenizer.model and tokenizer.yaml), run or checkpoint")
     return read_checkpoint(path).tokenizer
 

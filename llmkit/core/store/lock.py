@@ -12,8 +12,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from llmkit.core.errors import ConfigError
 from llmkit.core.training.distributed import Dist
@@ -56,8 +56,12 @@ def run_lock(out: Path, dist: Dist) -> Iterator[None]:
     out = Path(out)
     lock = out.parent / f".{out.name}.llmkit-lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
-          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    me = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": _start_time(os.getpid()),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     for _attempt in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -70,8 +74,10 @@ def run_lock(out: Path, dist: Dist) -> Iterator[None]:
             if held and (not same_host or _alive(int(held.get("pid", 0)), held.get("started"))):
                 where = f"PID {held.get('pid')}" + ("" if same_host else f" on host {held.get('host')}")
                 hint = "" if same_host else f" (if that run is gone, delete {lock})"
-                raise ConfigError(f"another llmkit run ({where}, since {held.get('since')}) is writing to {out}: "
-                                  f"wait for it to end, or choose another --out{hint}")
+                raise ConfigError(
+                    f"another llmkit run ({where}, since {held.get('since')}) is writing to {out}: "
+                    f"wait for it to end, or choose another --out{hint}"
+                ) from None
             lock.unlink(missing_ok=True)  # stale: its process is gone
             continue
         with os.fdopen(fd, "w") as f:

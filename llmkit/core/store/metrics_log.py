@@ -50,8 +50,12 @@ class MetricsLog:
     """
 
     LISTENS: dict[type[events.Event], str] = {
-        events.Step: "a row (the loss curve)", events.Eval: "a row (the validation curve)",
-        events.Save: "a row", events.Stop: "a row", events.Resume: "a row", events.ReportFailed: "a row",
+        events.Step: "a row (the loss curve)",
+        events.Eval: "a row (the validation curve)",
+        events.Save: "a row",
+        events.Stop: "a row",
+        events.Resume: "a row",
+        events.ReportFailed: "a row",
         events.Tick: "skipped: every step; Step carries the same numbers every log_every steps",
         events.Tokenizing: "skipped: progress of the token cache, before the run's log opens",
         events.Start: "skipped: config.yaml holds the budget",
@@ -82,8 +86,9 @@ class MetricsLog:
         if not self.val_bytes:
             return event
         loss = event.metrics["val_loss"]
-        return event.with_metrics(val_ppl=math.exp(min(loss, 50)),
-                                  val_bpb=bits_per_byte(loss, self.val_tokens, self.val_bytes))
+        return event.with_metrics(
+            val_ppl=math.exp(min(loss, 50)), val_bpb=bits_per_byte(loss, self.val_tokens, self.val_bytes)
+        )
 
     def __call__(self, event: events.Event) -> None:
         if self.LISTENS[type(event)].startswith("skipped"):

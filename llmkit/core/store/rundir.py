@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from llmkit.core import events
+from llmkit.core.errors import CheckpointError, ConfigError
 from llmkit.core.events import EventFn
-from llmkit.core.errors import ConfigError, CheckpointError
 from llmkit.core.store import checkpoint as ckpt_io
 from llmkit.core.training.distributed import Dist, gather_for_save, is_sharded, load_sharded_optimizer
 from llmkit.core.training.loop import TrainState
@@ -52,8 +53,10 @@ def resume_source(out: Path, resume: str | None) -> Path | None:
         return ckpt_io.resolve_checkpoint(Path(resume))
     latest = ckpt_io.find_latest(out)
     if latest is not None:
-        raise ConfigError(f"{out} already holds a run (checkpoint at step {ckpt_io.read_state(latest).get('step')}); "
-                          f"pass --resume auto to continue it, or choose another --out")
+        raise ConfigError(
+            f"{out} already holds a run (checkpoint at step {ckpt_io.read_state(latest).get('step')}); "
+            f"pass --resume auto to continue it, or choose another --out"
+        )
     return None
 
 
@@ -77,9 +80,19 @@ class Checkpointer:
     writes the ordinary single-file checkpoint.
     """
 
-    def __init__(self, out: Path, *, model: torch.nn.Module, config: dict[str, Any], tokenizer,
-                 optimizer: torch.optim.Optimizer, extra_state: dict[str, Any], keep: int, on_event: EventFn,
-                 dist: Dist | None = None):
+    def __init__(
+        self,
+        out: Path,
+        *,
+        model: torch.nn.Module,
+        config: dict[str, Any],
+        tokenizer,
+        optimizer: torch.optim.Optimizer,
+        extra_state: dict[str, Any],
+        keep: int,
+        on_event: EventFn,
+        dist: Dist | None = None,
+    ):
         self.out, self.model, self.config, self.tok = out, model, config, tokenizer
         self.optimizer, self.extra, self.keep, self.on_event = optimizer, extra_state, keep, on_event
         self.dist = dist or Dist()
@@ -97,8 +110,15 @@ class Checkpointer:
         if not self.dist.is_main:
             return path
         payload = {**state.to_json(), **self.extra, "processes": self.dist.world}
-        ckpt_io.save_checkpoint(path, model=self.model, config=self.config, tokenizer=self.tok, state=payload,
-                                optimizer=self.optimizer if with_optimizer else None, tensors=tensors)
+        ckpt_io.save_checkpoint(
+            path,
+            model=self.model,
+            config=self.config,
+            tokenizer=self.tok,
+            state=payload,
+            optimizer=self.optimizer if with_optimizer else None,
+            tensors=tensors,
+        )
         if kind != "best":
             ckpt_io.link_copy(path, self.out / "last")
             prune(self.out, self.keep)

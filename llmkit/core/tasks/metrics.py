@@ -80,7 +80,7 @@ def bits_per_byte(loss_nats_per_token: float, tokens: int, n_bytes: int) -> floa
 
 
 def _char_ngrams(text: str, n: int) -> Counter:
-    return Counter(text[i: i + n] for i in range(len(text) - n + 1))
+    return Counter(text[i : i + n] for i in range(len(text) - n + 1))
 
 
 def chrf(hyps: list[str], refs: list[str], *, order: int = 6, beta: float = 2.0) -> float:
@@ -107,7 +107,7 @@ def chrf(hyps: list[str], refs: list[str], *, order: int = 6, beta: float = 2.0)
     if not effective:
         return 0.0
     precision, recall = precision / effective, recall / effective
-    factor = beta ** 2
+    factor = beta**2
     denom = factor * precision + recall
     return 100.0 * (1 + factor) * precision * recall / denom if denom else 0.0
 
@@ -141,8 +141,8 @@ def bleu(hyps: list[str], refs: list[str], *, order: int = 4) -> float:
         h, r = tokenize_13a(hyp), tokenize_13a(ref)
         sys_len, ref_len = sys_len + len(h), ref_len + len(r)
         for n in range(1, order + 1):
-            hc = Counter(tuple(h[i: i + n]) for i in range(len(h) - n + 1))
-            rc = Counter(tuple(r[i: i + n]) for i in range(len(r) - n + 1))
+            hc = Counter(tuple(h[i : i + n]) for i in range(len(h) - n + 1))
+            rc = Counter(tuple(r[i : i + n]) for i in range(len(r) - n + 1))
             matches[n - 1] += sum((hc & rc).values())
             totals[n - 1] += max(len(h) - n + 1, 0)
     if sys_len == 0 or not any(matches):

@@ -23,16 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.core.config import RunConfig, SampleConfig
-from llmkit.core.text.mix import Corpus
-from llmkit.core.text.batches import batch_generator, eval_batches, mixed_batch, train_batch
-from llmkit.core.text.examples import Example, Sequence, classify_ids, encode_prompt
 from llmkit.core.decoding.steps import decode_batch
 from llmkit.core.model.heads import classify_logits
 from llmkit.core.tasks.metrics import accuracy, bleu, chrf, confusion_matrix, exact_match, macro_f1, per_class, token_f1
+from llmkit.core.text.batches import batch_generator, eval_batches, mixed_batch, train_batch
+from llmkit.core.text.examples import Example, Sequence, classify_ids, encode_prompt
+from llmkit.core.text.mix import Corpus
 from llmkit.core.training.loop import mean_token_loss, next_token_loss, target_loss
 
-
 # --- language modelling ---------------------------------------------------------------------------
+
 
 class LMTask:
     """Next-token prediction on a token cache: random training windows (drawn from each source by
@@ -54,20 +54,29 @@ class LMTask:
 
     def evaluate(self, net):
         B, T, n = self.cfg.train.batch_size, self.cfg.model.context, self.cfg.train.eval_sample
-        losses = {name: mean_token_loss(net, eval_batches(tokens, B, T, n), self.device)
-                  for name, tokens in self.data.val_parts}
+        losses = {
+            name: mean_token_loss(net, eval_batches(tokens, B, T, n), self.device)
+            for name, tokens in self.data.val_parts
+        }
         if len(losses) == 1:
             only = next(iter(losses.values()))
             return {"val_loss": only.loss, "val_loss_se": only.se}
         total = sum(r.tokens for r in losses.values())
         # Sources are independent samples: the standard errors of their weighted sum add in quadrature.
-        se = None if any(r.se is None for r in losses.values()) else \
-            math.sqrt(sum((r.tokens / max(total, 1) * r.se) ** 2 for r in losses.values()))
-        return {"val_loss": sum(r.loss * r.tokens for r in losses.values()) / max(total, 1), "val_loss_se": se,
-                "val_sources": {name: r.loss for name, r in losses.items()}}
+        se = (
+            None
+            if any(r.se is None for r in losses.values())
+            else math.sqrt(sum((r.tokens / max(total, 1) * r.se) ** 2 for r in losses.values()))
+        )
+        return {
+            "val_loss": sum(r.loss * r.tokens for r in losses.values()) / max(total, 1),
+            "val_loss_se": se,
+            "val_sources": {name: r.loss for name, r in losses.items()},
+        }
 
 
 # --- shuffling fine-tuning examples ---------------------------------------------------------------
+
 
 def _span(n: int, start: int, count: int, order) -> list[int]:
     """Positions [start, start + count) of epochs laid end to end, ``order(epoch)`` each."""
@@ -76,7 +85,7 @@ def _span(n: int, start: int, count: int, order) -> list[int]:
     while len(out) < count:
         epoch, offset = divmod(pos, n)
         take = min(count - len(out), n - offset)
-        out.extend(order(epoch)[offset: offset + take].tolist())
+        out.extend(order(epoch)[offset : offset + take].tolist())
         pos += take
     return out
 
@@ -110,9 +119,9 @@ class BucketedOrder:
             shuffle = np.random.default_rng([self.seed, epoch, 1])
             parts = []
             for start in range(0, n, self.bucket):
-                chunk = perm[start: start + self.bucket]
+                chunk = perm[start : start + self.bucket]
                 chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]  # longest first
-                batches = [chunk[i: i + self.batch] for i in range(0, len(chunk), self.batch)]
+                batches = [chunk[i : i + self.batch] for i in range(0, len(chunk), self.batch)]
                 parts.extend(batches[i] for i in shuffle.permutation(len(batches)))
             self._epoch, self._order = epoch, np.concatenate(parts) if parts else perm
         return self._order
@@ -140,10 +149,11 @@ def _by_length(rows: list[list[int]], batch_size: int):
     """Index batches of similar lengths (longest first): little padding at evaluation."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     for start in range(0, len(order), batch_size):
-        yield order[start: start + batch_size]
+        yield order[start : start + batch_size]
 
 
 # --- classification -------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def classify_rows(model, rows: list[list[int]], *, pooling: str, batch_size: int, device) -> torch.Tensor:
@@ -157,8 +167,9 @@ def classify_rows(model, rows: list[list[int]], *, pooling: str, batch_size: int
     return out
 
 
-def classify_texts(model, tok, texts: list[str], *, pooling: str, batch_size: int = 16,
-                   device="cpu") -> tuple[torch.Tensor, int]:
+def classify_texts(
+    model, tok, texts: list[str], *, pooling: str, batch_size: int = 16, device="cpu"
+) -> tuple[torch.Tensor, int]:
     """Class logits (N, K) for texts, in input order; and how many were truncated to the context."""
     context = model.cfg.context
     rows, lengths = zip(*(classify_ids(tok, t, context) for t in texts))
@@ -182,8 +193,15 @@ def classification_report(logits: torch.Tensor, gold: list[int], labels: tuple[s
 
 
 class ClassifyTask:
-    def __init__(self, train: tuple[list[list[int]], list[int]], dev: tuple[list[list[int]], list[int]],
-                 labels: tuple[str, ...], cfg: RunConfig, device, class_weights: torch.Tensor | None = None):
+    def __init__(
+        self,
+        train: tuple[list[list[int]], list[int]],
+        dev: tuple[list[list[int]], list[int]],
+        labels: tuple[str, ...],
+        cfg: RunConfig,
+        device,
+        class_weights: torch.Tensor | None = None,
+    ):
         self.rows, self.y = train
         self.dev_rows, self.dev_y = dev
         self.labels, self.cfg, self.device = labels, cfg, device
@@ -204,8 +222,9 @@ class ClassifyTask:
         return forward(self._loss, rows, y.to(self.device)), sum(map(len, rows))
 
     def evaluate(self, net):
-        logits = classify_rows(net, self.dev_rows, pooling=self.cfg.task.pooling,
-                               batch_size=self.cfg.train.batch_size, device=self.device)
+        logits = classify_rows(
+            net, self.dev_rows, pooling=self.cfg.task.pooling, batch_size=self.cfg.train.batch_size, device=self.device
+        )
         return classification_report(logits, self.dev_y, self.labels)
 
 
@@ -216,6 +235,7 @@ def balanced_weights(y: list[int], n_labels: int) -> torch.Tensor:
 
 
 # --- prompt -> response ---------------------------------------------------------------------------
+
 
 def pair_batch(seqs: list[Sequence], mask_prompt: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, T) and y (B, T) right-padded; y is -100 on padding and (optionally) on the prompt."""
@@ -239,15 +259,15 @@ def pair_loss(model, seqs: list[Sequence], *, mask_prompt: bool, batch_size: int
     return mean_token_loss(model, batches, device)[0]
 
 
-def decode_responses(model, tok, template: str, examples: list[Example], *, max_new_tokens: int,
-                     batch_size: int, device) -> list[str]:
+def decode_responses(
+    model, tok, template: str, examples: list[Example], *, max_new_tokens: int, batch_size: int, device
+) -> list[str]:
     """Greedy responses to each example's prompt (the template applied), in input order."""
     prompts = [encode_prompt(tok, template, e.turns[:-1]) for e in examples]
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
     out = [""] * len(prompts)
     for idx in _by_length(prompts, batch_size):
-        texts = decode_batch(model, [prompts[i] for i in idx], cfg, eos_id=tok.eos_id, decode=tok.decode,
-                             device=device)
+        texts = decode_batch(model, [prompts[i] for i in idx], cfg, eos_id=tok.eos_id, decode=tok.decode, device=device)
         for i, o in zip(idx, texts):
             out[i] = o.text.strip()
     return out
@@ -258,15 +278,18 @@ def response_scores(kind: str, hyps: list[str], refs: list[str]) -> dict[str, fl
     if kind == "translate":
         return {"chrf": chrf(hyps, refs), "bleu": bleu(hyps, refs)}
     n = max(len(refs), 1)
-    return {"exact_match": 100.0 * sum(exact_match(h, r) for h, r in zip(hyps, refs)) / n,
-            "token_f1": 100.0 * sum(token_f1(h, r) for h, r in zip(hyps, refs)) / n}
+    return {
+        "exact_match": 100.0 * sum(exact_match(h, r) for h, r in zip(hyps, refs)) / n,
+        "token_f1": 100.0 * sum(token_f1(h, r) for h, r in zip(hyps, refs)) / n,
+    }
 
 
 class PairTask:
     SAMPLES = 3
 
-    def __init__(self, train: list[Sequence], dev: list[Sequence], dev_examples: list[Example],
-                 cfg: RunConfig, tok, device):
+    def __init__(
+        self, train: list[Sequence], dev: list[Sequence], dev_examples: list[Example], cfg: RunConfig, tok, device
+    ):
         self.seqs, self.dev, self.dev_examples = train, dev, dev_examples
         self.cfg, self.tok, self.device = cfg, tok, device
         self.order = batch_order([len(s.ids) for s in self.seqs], cfg)
@@ -289,11 +312,19 @@ class PairTask:
         task = self.cfg.task
         n = task.eval_limit if task.kind == "translate" else self.SAMPLES
         chosen = self.dev_examples[:n]
-        hyps = decode_responses(net, self.tok, task.prompt_template, chosen, max_new_tokens=task.max_new_tokens,
-                                batch_size=B, device=self.device)
+        hyps = decode_responses(
+            net,
+            self.tok,
+            task.prompt_template,
+            chosen,
+            max_new_tokens=task.max_new_tokens,
+            batch_size=B,
+            device=self.device,
+        )
         if task.kind == "translate":
             metrics.update(response_scores("translate", hyps, [e.response for e in chosen]))
             metrics["decoded"] = len(chosen)
-        metrics["samples"] = [{"prompt": e.prompt, "output": h, "reference": e.response}
-                              for e, h in zip(chosen[: self.SAMPLES], hyps)]
+        metrics["samples"] = [
+            {"prompt": e.prompt, "output": h, "reference": e.response} for e, h in zip(chosen[: self.SAMPLES], hyps)
+        ]
         return metrics

@@ -19,16 +19,17 @@ import io
 import json
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from llmkit.core.config import TaskConfig
+from llmkit.core.errors import DataError
+from llmkit.core.files.corpus import read_text
+from llmkit.core.files.records import iter_rows as iter_table
 from llmkit.core.text.templates import CHAT
 from llmkit.core.text.templates import render as render_chat
-from llmkit.core.config import TaskConfig
-from llmkit.core.files.corpus import read_text
-from llmkit.core.errors import DataError
-from llmkit.core.files.records import iter_rows as iter_table
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
@@ -77,16 +78,20 @@ def _need(row: dict, key: str, path: Path, n: int, flag: str, kinds: tuple[type,
     value = row[key]
     if not isinstance(value, kinds) or isinstance(value, bool):
         wanted = "text" if kinds == (str,) else "text or a whole number"
-        raise DataError(f"{path}: line {n}: field {key!r} must be {wanted}, not {type(value).__name__} "
-                        f"({json.dumps(value, ensure_ascii=False)[:40]})")
+        raise DataError(
+            f"{path}: line {n}: field {key!r} must be {wanted}, not {type(value).__name__} "
+            f"({json.dumps(value, ensure_ascii=False)[:40]})"
+        )
     return value
 
 
 def _turns(row: dict, task: TaskConfig, path: Path, n: int) -> list[tuple[str, str]]:
     """The turns of an instruct or translate row, in any of the accepted shapes."""
     if task.kind == "translate":
-        return [("user", str(_need(row, task.src_field, path, n, "--src-field"))),
-                ("assistant", str(_need(row, task.tgt_field, path, n, "--tgt-field")))]
+        return [
+            ("user", str(_need(row, task.src_field, path, n, "--src-field"))),
+            ("assistant", str(_need(row, task.tgt_field, path, n, "--tgt-field"))),
+        ]
     if "messages" in row:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
@@ -99,15 +104,19 @@ def _turns(row: dict, task: TaskConfig, path: Path, n: int) -> list[tuple[str, s
             raise DataError(f"{path}: line {n}: messages must end with an assistant turn")
         return turns
     if task.prompt_field in row or task.response_field in row:
-        return [("user", str(_need(row, task.prompt_field, path, n, "--prompt-field"))),
-                ("assistant", str(_need(row, task.response_field, path, n, "--response-field")))]
+        return [
+            ("user", str(_need(row, task.prompt_field, path, n, "--prompt-field"))),
+            ("assistant", str(_need(row, task.response_field, path, n, "--response-field"))),
+        ]
     if "instruction" in row:
         prompt = str(row["instruction"])
         if str(row.get("input") or "").strip():
             prompt += "\n\n" + str(row["input"])
         return [("user", prompt), ("assistant", str(_need(row, "output", path, n, "an output field")))]
-    raise DataError(f"{path}: line {n} has no field {task.prompt_field!r} (choose it with --prompt-field; "
-                    "instruction/input/output and messages are read too)")
+    raise DataError(
+        f"{path}: line {n} has no field {task.prompt_field!r} (choose it with --prompt-field; "
+        "instruction/input/output and messages are read too)"
+    )
 
 
 def read_examples(path: Path, task: TaskConfig) -> ExampleSet:
@@ -166,6 +175,7 @@ def holdout(train: ExampleSet, fraction: float, seed: int) -> tuple[ExampleSet, 
 
 # --- token sequences ------------------------------------------------------------------------------
 
+
 def fill(template: str, prompt: str) -> str:
     # str.replace, not str.format: braces in the user's text or template stay as they are.
     return template.replace("{prompt}", prompt)
@@ -210,7 +220,7 @@ def pair_sequence(tok, template: str, turns: list[tuple[str, str]], context: int
     if truncated:
         keep_response = min(len(response), max(room - len(prompt), room // 2))
         keep_prompt = room - keep_response
-        prompt = prompt[len(prompt) - keep_prompt:] if keep_prompt else []
+        prompt = prompt[len(prompt) - keep_prompt :] if keep_prompt else []
         response = response[:keep_response]
     return Sequence(prompt + response, len(prompt), truncated, length)
 

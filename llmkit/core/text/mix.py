@@ -10,17 +10,18 @@ with several sources, each source's own.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from llmkit.core.config import DataConfig
-from llmkit.core.text.token_cache import Progress, Source, TokenData, load_source
+from llmkit.core.errors import ConfigError, DataError
 from llmkit.core.files.corpus import CorpusFile, resolve_files, sample_corpus
 from llmkit.core.files.stream import check_head
-from llmkit.core.errors import ConfigError, DataError
+from llmkit.core.text.token_cache import Progress, Source, TokenData, load_source
 
 WEIGHT_TOLERANCE = 1e-3
 
@@ -59,8 +60,10 @@ def plan_sources(corpus: list[str] | None, cfg: DataConfig) -> tuple[list[Source
     if cfg.sources:
         if corpus:
             raise ConfigError("give the corpus as arguments or as --mix sources (data.sources), not both")
-        sources = [Source(resolve_files([path]), name, weight, split, cfg.text_field)
-                   for name, path, weight in parse_mix(cfg.sources)]
+        sources = [
+            Source(resolve_files([path]), name, weight, split, cfg.text_field)
+            for name, path, weight in parse_mix(cfg.sources)
+        ]
         sample = False
     else:
         files = resolve_files(corpus) if corpus else [CorpusFile(p, "text") for p in sample_corpus()]
@@ -100,18 +103,36 @@ class Corpus:
         """The data report: totals, and each source's figures when there are several."""
         keys = ("documents", "duplicates", "chars", "bytes")
         out: dict[str, Any] = {k: sum(p.meta.get(k, 0) for p in self.parts) for k in keys}
-        out.update(train_tokens=self.train_tokens, val_tokens=self.val_tokens, val_bytes=self.val_bytes,
-                   cached=all(p.from_cache for p in self.parts), path=str(self.parts[0].path),
-                   rebuilt=[p.meta["rebuilt"] for p in self.parts if p.meta.get("rebuilt")])
+        out.update(
+            train_tokens=self.train_tokens,
+            val_tokens=self.val_tokens,
+            val_bytes=self.val_bytes,
+            cached=all(p.from_cache for p in self.parts),
+            path=str(self.parts[0].path),
+            rebuilt=[p.meta["rebuilt"] for p in self.parts if p.meta.get("rebuilt")],
+        )
         if len(self.parts) > 1:
-            out["sources"] = {p.name: {"weight": w, "documents": p.meta["documents"],
-                                       "duplicates": p.meta.get("duplicates", 0), "train_tokens": p.train.size,
-                                       "val_tokens": p.val.size} for p, w in zip(self.parts, self.weights)}
+            out["sources"] = {
+                p.name: {
+                    "weight": w,
+                    "documents": p.meta["documents"],
+                    "duplicates": p.meta.get("duplicates", 0),
+                    "train_tokens": p.train.size,
+                    "val_tokens": p.val.size,
+                }
+                for p, w in zip(self.parts, self.weights)
+            }
         return out
 
 
-def load_corpus(sources: list[Source], val: Source | None, tok, cfg: DataConfig, *,
-                on_progress: Callable[[Progress], None] | None = None) -> Corpus:
+def load_corpus(
+    sources: list[Source],
+    val: Source | None,
+    tok,
+    cfg: DataConfig,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> Corpus:
     parts = [load_source(s, tok, cfg, on_progress=on_progress) for s in sources]
     if val is not None:
         held = load_source(val, tok, cfg, on_progress=on_progress)
@@ -129,18 +150,22 @@ def check_fits(corpus: Corpus, context: int) -> None:
     for part in corpus.parts:
         if part.train.size < need:
             what = "corpus" if part.name == "corpus" else f"source {part.name!r}"
-            raise DataError(f"{what} too small: {part.train.size} training tokens, one block needs {need} "
-                            f"(model.context + 1); add text or lower model.context")
+            raise DataError(
+                f"{what} too small: {part.train.size} training tokens, one block needs {need} "
+                f"(model.context + 1); add text or lower model.context"
+            )
     for name, tokens in corpus.val_parts:
         if tokens.size < 2:
             what = "corpus" if name == "corpus" else ("the --val set" if name == "val" else f"source {name!r}")
-            raise DataError(f"{what} too small: nothing left for validation; add text or raise data.val_fraction"
-                            + (" (records are held out whole: a few need a larger share, or --val)"
-                               if name != "val" else ""))
+            raise DataError(
+                f"{what} too small: nothing left for validation; add text or raise data.val_fraction"
+                + (" (records are held out whole: a few need a larger share, or --val)" if name != "val" else "")
+            )
 
 
-def mixed_starts(sizes: list[int], weights: list[float], n: int, context: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def mixed_starts(
+    sizes: list[int], weights: list[float], n: int, context: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """(source, start) of ``n`` windows: each window's source drawn by weight, then a uniform
     start inside it."""
     which = rng.choice(len(sizes), size=n, p=np.asarray(weights) / np.sum(weights))

@@ -43,7 +43,11 @@ def render(tok, turns: list[tuple[str, str]], *, add_generation_prompt: bool = T
         raise DataError("this model has no chat template: give task.template (with {prompt}) instead")
     messages = [{"role": role, "content": content} for role, content in turns]
     try:
-        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                          bos_token=tok.id_to_piece(tok.bos_id), eos_token=tok.id_to_piece(tok.eos_id))
+        return _compiled(template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=tok.id_to_piece(tok.bos_id),
+            eos_token=tok.id_to_piece(tok.eos_id),
+        )
     except TemplateError as e:
         raise DataError(f"the model's chat template refused this conversation: {e}") from None

@@ -25,23 +25,24 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from llmkit.core.atomic import atomic_write, commit
 from llmkit.core.config import DataConfig, cache_home
-from llmkit.core.files.corpus import CorpusFile, decode_text, resolve_files
-from llmkit.core.files import stream
-from llmkit.core.files.stream import HashingReader, Piece, file_pieces, is_val_record, open_raw, record_texts, row_texts
 from llmkit.core.errors import DataError, LlmkitError
+from llmkit.core.files import stream
+from llmkit.core.files.corpus import CorpusFile, decode_text, resolve_files
+from llmkit.core.files.stream import HashingReader, Piece, file_pieces, is_val_record, open_raw, record_texts, row_texts
 from llmkit.core.text.tokenizer import Tokenizer
-import multiprocessing as mp
 
 CACHE_VERSION = 2
 
@@ -53,6 +54,7 @@ def default_cache_dir(cfg: DataConfig) -> Path:
 
 
 # --- reading a cache --------------------------------------------------------------------------------
+
 
 class ShardedStream:
     """Shards read as one flat array of token ids: ``size``, ``len`` and slices (a slice across a
@@ -84,13 +86,13 @@ class ShardedStream:
         first = int(np.searchsorted(self.ends, start, side="right"))
         base = int(self.ends[first - 1]) if first else 0
         if stop <= self.ends[first]:
-            return self.shards[first][start - base: stop - base]
+            return self.shards[first][start - base : stop - base]
         parts, pos = [], start
         for j in range(first, len(self.shards)):
             lo = int(self.ends[j - 1]) if j else 0
             if pos >= stop:
                 break
-            parts.append(self.shards[j][pos - lo: min(stop, int(self.ends[j])) - lo])
+            parts.append(self.shards[j][pos - lo : min(stop, int(self.ends[j])) - lo])
             pos = min(stop, int(self.ends[j]))
         return np.concatenate(parts)
 
@@ -171,8 +173,9 @@ class Result:
     eos: bool = False
 
 
-def work(piece: Piece, tok=None, *, dtype=np.uint16, text_field: str = "text", val_fraction: float = 0.1,
-         split: str = "tail") -> Result:
+def work(
+    piece: Piece, tok=None, *, dtype=np.uint16, text_field: str = "text", val_fraction: float = 0.1, split: str = "tail"
+) -> Result:
     """Tokenize one piece (in a worker process, or in this one when ``tok`` is given)."""
     tok = tok or _TOKENIZER
     bos = [tok.bos_id] if tok.expects_bos else []  # a document starts as the model's texts did
@@ -181,8 +184,9 @@ def work(piece: Piece, tok=None, *, dtype=np.uint16, text_field: str = "text", v
         ids = (bos if piece.first else []) + encode_text(tok, text)
         if piece.eos:
             ids.append(tok.eos_id)
-        return Result([np.asarray(ids, dtype=dtype)], [piece.side], [b""], [len(text.encode("utf-8"))], [len(text)],
-                      piece.eos)
+        return Result(
+            [np.asarray(ids, dtype=dtype)], [piece.side], [b""], [len(text.encode("utf-8"))], [len(text)], piece.eos
+        )
     texts = record_texts(piece, text_field) if piece.kind == "jsonl" else row_texts(piece)
     out = Result([], [], [], [], [])
     for _, text in texts:
@@ -205,6 +209,7 @@ def _work_in_pool(args) -> Result:
 
 
 # --- writing shards ---------------------------------------------------------------------------------
+
 
 class ShardWriter:
     """Appends token ids to ``PREFIX-partial.bin``; every ``shard_tokens`` ids it becomes
@@ -234,7 +239,7 @@ class ShardWriter:
             take = ids[: self.shard_tokens - self.partial]
             self.f.write(take.tobytes())
             self.partial += take.size
-            ids = ids[take.size:]
+            ids = ids[take.size :]
             if self.partial == self.shard_tokens:
                 self._close_shard()
                 self.f = open(self._partial_path(), "ab")
@@ -259,6 +264,7 @@ class ShardWriter:
 
 # --- building ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class Source:
     """A named set of corpus files and how they are split between training and validation."""
@@ -278,8 +284,10 @@ class Progress:
 
 
 def _settings(source: Source, tok, cfg: DataConfig) -> str:
-    return (f"v{CACHE_VERSION}|{tok.contract['model_sha256']}|{tok.expects_bos}|{source.split}|"
-            f"{cfg.val_fraction if source.split == 'tail' else ''}|{source.text_field}|{cfg.dedup}|{cfg.shard_tokens}|")
+    return (
+        f"v{CACHE_VERSION}|{tok.contract['model_sha256']}|{tok.expects_bos}|{source.split}|"
+        f"{cfg.val_fraction if source.split == 'tail' else ''}|{source.text_field}|{cfg.dedup}|{cfg.shard_tokens}|"
+    )
 
 
 def _digest(*parts: str) -> str:
@@ -339,8 +347,9 @@ def default_workers(cfg: DataConfig) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def load_source(source: Source, tok, cfg: DataConfig, *,
-                on_progress: Callable[[Progress], None] | None = None) -> TokenData:
+def load_source(
+    source: Source, tok, cfg: DataConfig, *, on_progress: Callable[[Progress], None] | None = None
+) -> TokenData:
     """The token cache of ``source``: opened when it exists, else built (or a killed build resumed)."""
     root = default_cache_dir(cfg) / "tokens"
     root.mkdir(parents=True, exist_ok=True)
@@ -404,8 +413,9 @@ class _State:
     train: dict = field(default_factory=lambda: {"shards": 0, "partial": 0})
     val: dict = field(default_factory=lambda: {"shards": 0, "partial": 0})
     seen: int = 0
-    counts: dict = field(default_factory=lambda: {"documents": 0, "duplicates": 0, "chars": 0, "bytes": 0,
-                                                  "val_bytes": 0})
+    counts: dict = field(
+        default_factory=lambda: {"documents": 0, "duplicates": 0, "chars": 0, "bytes": 0, "val_bytes": 0}
+    )
     done: int = 0
     chunk_bytes: int = 0
 
@@ -419,8 +429,14 @@ def _read_state(build: Path) -> _State:
     return state if state.chunk_bytes == stream.CHUNK_BYTES else _State()  # pieces cut otherwise: start over
 
 
-def _build(build: Path, source: Source, tok, cfg: DataConfig, stats: list[tuple[int, int]],
-           on_progress: Callable[[Progress], None] | None) -> tuple[list[str], dict[str, Any]]:
+def _build(
+    build: Path,
+    source: Source,
+    tok,
+    cfg: DataConfig,
+    stats: list[tuple[int, int]],
+    on_progress: Callable[[Progress], None] | None,
+) -> tuple[list[str], dict[str, Any]]:
     """Tokenize ``source`` into ``build`` (resuming its state); the files' hashes and the index."""
     b = _Build(build, source, tok, cfg, stats, on_progress)
     try:
@@ -439,14 +455,23 @@ class _Build:
     data past its state, which the writers cut back on resume.
     """
 
-    def __init__(self, build: Path, source: Source, tok, cfg: DataConfig, stats: list[tuple[int, int]],
-                 on_progress: Callable[[Progress], None] | None):
+    def __init__(
+        self,
+        build: Path,
+        source: Source,
+        tok,
+        cfg: DataConfig,
+        stats: list[tuple[int, int]],
+        on_progress: Callable[[Progress], None] | None,
+    ):
         self.build, self.source, self.tok, self.cfg, self.stats = build, source, tok, cfg, stats
         self.on_progress = on_progress
         self.dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
         self.state = state = _read_state(build)
-        self.writers = {side: ShardWriter(build, side, cfg.shard_tokens, self.dtype, **getattr(state, side))
-                        for side in ("train", "val")}
+        self.writers = {
+            side: ShardWriter(build, side, cfg.shard_tokens, self.dtype, **getattr(state, side))
+            for side in ("train", "val")
+        }
         self.seen_path = build / "docs.u64"  # the hashes of the records kept so far (exact deduplication)
         with open(self.seen_path, "ab") as f:
             f.truncate(state.seen * 8)
@@ -454,8 +479,12 @@ class _Build:
         self.seen_file = open(self.seen_path, "ab")
         self.hashes: list[str] = list(state.hashes[: state.file])
         self.total = sum(size for size, _ in stats)
-        self.kw = {"dtype": self.dtype, "text_field": source.text_field, "val_fraction": cfg.val_fraction,
-                   "split": source.split}
+        self.kw = {
+            "dtype": self.dtype,
+            "text_field": source.text_field,
+            "val_fraction": cfg.val_fraction,
+            "split": source.split,
+        }
         state.chunk_bytes = stream.CHUNK_BYTES
 
     def pieces(self) -> Iterator[tuple[int, int, Piece]]:
@@ -475,8 +504,10 @@ class _Build:
                     continue
             skip = state.piece if i == state.file else 0
             hasher: list[HashingReader] = []
-            for n, piece in enumerate(file_pieces(cf, source.split, cfg.val_fraction, text_field=source.text_field,
-                                                  skip=skip, hasher=hasher), start=skip):
+            for n, piece in enumerate(
+                file_pieces(cf, source.split, cfg.val_fraction, text_field=source.text_field, skip=skip, hasher=hasher),
+                start=skip,
+            ):
                 yield i, n, piece
             hashes.append(hasher[0].sha.hexdigest())
             sizes.setdefault(stats[i][0], []).append(hashes[-1])
@@ -489,8 +520,9 @@ class _Build:
             counts["duplicates"] += piece.kind == "duplicate"
             state.file, state.piece = i + 1, 0
         else:
-            for ids, side, digest, nbytes, nchars in zip(result.tokens, result.sides, result.digests,
-                                                         result.nbytes, result.nchars):
+            for ids, side, digest, nbytes, nchars in zip(
+                result.tokens, result.sides, result.digests, result.nbytes, result.nchars
+            ):
                 if digest:  # a record is one whole document
                     key = int.from_bytes(digest, "little")
                     if self.cfg.dedup and key in self.seen:
@@ -511,8 +543,11 @@ class _Build:
         for w in self.writers.values():
             w.flush()
         self.seen_file.flush()
-        state.hashes, state.train, state.val = self.hashes[: state.file], self.writers["train"].state(), \
-            self.writers["val"].state()
+        state.hashes, state.train, state.val = (
+            self.hashes[: state.file],
+            self.writers["train"].state(),
+            self.writers["val"].state(),
+        )
         atomic_write(self.build / "state.json", json.dumps(state.__dict__))
         if self.on_progress:
             self.on_progress(Progress(state.done, self.total, self.source.name))
@@ -551,15 +586,24 @@ class _Build:
             names = ", ".join(str(cf.path) for cf in source.files[:3]) + (" …" if len(source.files) > 3 else "")
             what = "corpus is" if source.name == "corpus" else f"source {source.name!r} is"
             raise DataError(f"{what} empty: {names}")
-        meta = {"version": CACHE_VERSION, "dtype": np.dtype(self.dtype).name, "source": source.name, **state.counts,
-                "train_tokens": int(sum(shards["train"])), "val_tokens": int(sum(shards["val"])),
-                "files": [str(cf.path) for cf in source.files], "shards": shards, "shard_tokens": self.cfg.shard_tokens,
-                "split": source.split}
+        meta = {
+            "version": CACHE_VERSION,
+            "dtype": np.dtype(self.dtype).name,
+            "source": source.name,
+            **state.counts,
+            "train_tokens": int(sum(shards["train"])),
+            "val_tokens": int(sum(shards["val"])),
+            "files": [str(cf.path) for cf in source.files],
+            "shards": shards,
+            "shard_tokens": self.cfg.shard_tokens,
+            "split": source.split,
+        }
         self.seen_path.unlink(missing_ok=True)
         return self.hashes, meta
 
 
-def load_or_build(files: list[Path], tok, cfg: DataConfig, *,
-                  on_progress: Callable[[Progress], None] | None = None) -> TokenData:
+def load_or_build(
+    files: list[Path], tok, cfg: DataConfig, *, on_progress: Callable[[Progress], None] | None = None
+) -> TokenData:
     """The token cache of plain files as one source (paths, directories or globs resolved first)."""
     return load_source(Source(resolve_files([str(f) for f in files])), tok, cfg, on_progress=on_progress)

@@ -21,24 +21,33 @@ import hashlib
 import io
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import yaml
 
 from llmkit import __version__
 from llmkit.core.atomic import atomic_write
 from llmkit.core.config import TokenizerConfig
-from llmkit.core.errors import check_format, TokenizerError
+from llmkit.core.errors import TokenizerError, check_format
 from llmkit.core.files.stream import sample_lines
 
 FORMAT_VERSION = 1
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 WHITESPACE_SYMBOLS = ("\n", "\t")
 # Fields that must agree between a checkpoint's tokenizer and one handed to a command.
-CONTRACT_FIELDS = ("vocab_size", "model_type", "special_ids", "user_symbols", "normalization",
-                   "byte_fallback", "add_dummy_prefix", "model_sha256")
+CONTRACT_FIELDS = (
+    "vocab_size",
+    "model_type",
+    "special_ids",
+    "user_symbols",
+    "normalization",
+    "byte_fallback",
+    "add_dummy_prefix",
+    "model_sha256",
+)
 # Every k-th non-blank line (k between 10 and 50, so a small corpus still holds out a few dozen
 # lines) is kept out of training to measure the report on unseen text.
 HELD_OUT_MAX = 2000
@@ -128,8 +137,9 @@ class Tokenizer:
         self.contract = contract
         self.backend_name = contract.get("backend", "sentencepiece")
         if self.backend_name not in BACKENDS:
-            raise TokenizerError(f"tokenizer backend {self.backend_name!r} is not one llmkit reads "
-                                 f"({', '.join(BACKENDS)})")
+            raise TokenizerError(
+                f"tokenizer backend {self.backend_name!r} is not one llmkit reads ({', '.join(BACKENDS)})"
+            )
         self.backend = BACKENDS[self.backend_name](model_bytes)
         self._byte_ids = self.backend.byte_ids
 
@@ -259,10 +269,12 @@ def check_compatible(expected: dict[str, Any], given: dict[str, Any], *, what: s
         if expected.get(key) != given.get(key):
             raise TokenizerError(
                 f"{what} does not match the checkpoint's: {key} is {given.get(key)!r}, "
-                f"the checkpoint expects {expected.get(key)!r}")
+                f"the checkpoint expects {expected.get(key)!r}"
+            )
 
 
 # --- training -------------------------------------------------------------------------------------
+
 
 @dataclass
 class TokenizerReport:
@@ -345,8 +357,10 @@ def _train_proto(lines: list[str], cfg: TokenizerConfig, vocab_size: int) -> byt
         allow_whitespace_only_pieces=True,
         split_digits=True,
         user_defined_symbols=user_symbols,
-        unk_id=SPECIAL_IDS["unk"], bos_id=SPECIAL_IDS["bos"],
-        eos_id=SPECIAL_IDS["eos"], pad_id=SPECIAL_IDS["pad"],
+        unk_id=SPECIAL_IDS["unk"],
+        bos_id=SPECIAL_IDS["bos"],
+        eos_id=SPECIAL_IDS["eos"],
+        pad_id=SPECIAL_IDS["pad"],
         input_sentence_size=cfg.max_sentences,
         shuffle_input_sentence=True,
         max_sentence_length=cfg.max_sentence_length,
@@ -362,8 +376,9 @@ def train_tokenizer(docs: list[str], cfg: TokenizerConfig, *, corpus_sha256: str
     return train_tokenizer_on_lines(_lines(docs), cfg, corpus_sha256=corpus_sha256)
 
 
-def train_tokenizer_on_lines(sample: Iterable[str], cfg: TokenizerConfig, *, corpus_sha256: str,
-                             corpus_lines: int = 0) -> tuple[Tokenizer, TokenizerReport]:
+def train_tokenizer_on_lines(
+    sample: Iterable[str], cfg: TokenizerConfig, *, corpus_sha256: str, corpus_lines: int = 0
+) -> tuple[Tokenizer, TokenizerReport]:
     """Train a SentencePiece model on non-blank lines (a corpus's, or a sample of them:
     ``corpus_lines`` then says how many the whole corpus has, for the report)."""
     train_lines, held_out, cut = _split_held_out(sample, cfg.max_sentence_length)
@@ -371,9 +386,11 @@ def train_tokenizer_on_lines(sample: Iterable[str], cfg: TokenizerConfig, *, cor
         raise TokenizerError("corpus has no non-blank lines to train a tokenizer on")
     warnings: list[str] = []
     if cut:
-        warnings.append(f"{cut} line(s) longer than tokenizer.max_sentence_length ({cfg.max_sentence_length} bytes) "
-                        "were cut into pieces for tokenizer training (SentencePiece skips longer lines; "
-                        "encoding is not affected)")
+        warnings.append(
+            f"{cut} line(s) longer than tokenizer.max_sentence_length ({cfg.max_sentence_length} bytes) "
+            "were cut into pieces for tokenizer training (SentencePiece skips longer lines; "
+            "encoding is not affected)"
+        )
     vocab_size = cfg.vocab_size
     for _attempt in range(3):
         try:
@@ -392,7 +409,8 @@ def train_tokenizer_on_lines(sample: Iterable[str], cfg: TokenizerConfig, *, cor
                 raise TokenizerError(
                     f"vocab_size {small.group(1)} is too small for this corpus: it needs at least {small.group(2)} "
                     "(its characters, 256 byte pieces and the special tokens); raise --vocab-size or lower "
-                    "--character-coverage") from None
+                    "--character-coverage"
+                ) from None
             raise TokenizerError(f"SentencePiece could not train: {msg.strip().splitlines()[-1]}") from None
     else:  # pragma: no cover - SentencePiece converges on its own maximum at the first retry
         raise TokenizerError("SentencePiece could not settle on a vocabulary size")
@@ -413,14 +431,16 @@ def train_tokenizer_on_lines(sample: Iterable[str], cfg: TokenizerConfig, *, cor
     }
     tok = Tokenizer(proto, contract)
     contract["vocab_size"] = tok.vocab_size
-    report = _report(tok, held_out or train_lines[:HELD_OUT_MAX], cfg.vocab_size, len(train_lines),
-                     bool(held_out), warnings)
+    report = _report(
+        tok, held_out or train_lines[:HELD_OUT_MAX], cfg.vocab_size, len(train_lines), bool(held_out), warnings
+    )
     report.corpus_lines = corpus_lines or report.training_lines + report.held_out_lines
     return tok, report
 
 
-def _report(tok: Tokenizer, lines: list[str], requested: int, n_train: int, held: bool,
-            warnings: list[str]) -> TokenizerReport:
+def _report(
+    tok: Tokenizer, lines: list[str], requested: int, n_train: int, held: bool, warnings: list[str]
+) -> TokenizerReport:
     encoded = tok.encode_batch(lines)
     n_tokens = sum(len(ids) for ids in encoded) or 1
     n_chars = sum(len(line) for line in lines)
@@ -430,14 +450,21 @@ def _report(tok: Tokenizer, lines: list[str], requested: int, n_train: int, held
     if not held:
         warnings.append("corpus too small to hold lines out: round trip measured on training lines")
     return TokenizerReport(
-        vocab_size=tok.vocab_size, requested_vocab_size=requested,
-        chars_per_token=n_chars / n_tokens, tokens_per_word=n_tokens / n_words,
-        byte_fallback_rate=n_bytes / n_tokens, round_trip_exact=exact / max(len(lines), 1),
-        held_out_lines=len(lines) if held else 0, training_lines=n_train, warnings=warnings)
+        vocab_size=tok.vocab_size,
+        requested_vocab_size=requested,
+        chars_per_token=n_chars / n_tokens,
+        tokens_per_word=n_tokens / n_words,
+        byte_fallback_rate=n_bytes / n_tokens,
+        round_trip_exact=exact / max(len(lines), 1),
+        held_out_lines=len(lines) if held else 0,
+        training_lines=n_train,
+        warnings=warnings,
+    )
 
 
-def train_on_files(files, cfg: TokenizerConfig, *, text_field: str = "text", seed: int = 0
-                   ) -> tuple[Tokenizer, TokenizerReport]:
+def train_on_files(
+    files, cfg: TokenizerConfig, *, text_field: str = "text", seed: int = 0
+) -> tuple[Tokenizer, TokenizerReport]:
     """Train on a seeded, bounded sample of the lines of corpus files (``CorpusFile`` list), read as
     streams: a corpus of any size trains in the memory of ``tokenizer.sample_mb``."""
     sample = sample_lines(files, cfg.max_sentences, cfg.sample_mb << 20, seed, text_field)

@@ -13,14 +13,16 @@ alone logs, draws progress and writes files, while the others wait at a barrier.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
-import json
 from safetensors import safe_open
+
 from llmkit.core.model.transformer import param_groups
+
 
 @dataclass
 class Dist:
@@ -82,10 +84,14 @@ def env_rank() -> int:
 
 # --- FSDP2 (sharded parameters, gradients and optimizer state) ------------------------------------
 
+
 def shard(model: torch.nn.Module) -> torch.nn.Module:
     """Shard a Transformer with FSDP2 (``fully_shard``): each block is a unit (gathered for its own
     forward and backward, then freed), the root holds the embeddings, final norm and heads."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # start-up time: torch.distributed's modules load only for a distributed run
+    from torch.distributed.fsdp import (  # start-up time: torch.distributed's modules load only for a distributed run
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     for block in model.blocks:
         fully_shard(block)
@@ -102,7 +108,8 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def _options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions  # start-up time: torch.distributed's modules load only for a distributed run
+    # start-up time: torch.distributed's modules load only for a distributed run
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, **kw)
 
@@ -112,7 +119,11 @@ def gather_for_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     rank 0 in the ordinary checkpoint layout (a collective: every rank calls it); None otherwise."""
     if not is_sharded(model):
         return None
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict  # start-up time: torch.distributed's modules load only for a distributed run
+    # start-up time: torch.distributed's modules load only for a distributed run
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     state = get_model_state_dict(model, options=_options(cpu_offload=True))
     opt = None
@@ -140,8 +151,8 @@ def _by_index(full: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def load_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
     """Load an ordinary optimizer.safetensors into the optimizer of a sharded model."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict  # start-up time: torch.distributed's modules load only for a distributed run
-
+    # start-up time: torch.distributed's modules load only for a distributed run
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     names = [n for group in param_groups(model, 0.0, names=True) for n in group["params"]]
     with safe_open(str(path), framework="pt") as f:

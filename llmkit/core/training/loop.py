@@ -17,22 +17,21 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from llmkit.core import events
 from llmkit.core.config import HIGHER_IS_BETTER, OptimConfig, TrainConfig
-from llmkit.core.host.device import Precision, autocast
-from llmkit.core.training.distributed import Dist
-from llmkit.core.events import EventFn
 from llmkit.core.errors import Terminated
+from llmkit.core.events import EventFn
+from llmkit.core.host.device import Precision, autocast
 from llmkit.core.host.signals import uninterruptible
 from llmkit.core.model.transformer import param_groups
-
-
+from llmkit.core.training.distributed import Dist
 
 Forward = Callable[..., Any]
 """``forward(fn, *args)`` computes ``fn(model, *args)`` through whatever wraps the model (a
@@ -85,8 +84,9 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Adam
     # torch's fused AdamW (one kernel over all tensors, 2% of a small CPU step) where every
     # parameter is a plain tensor on a CPU or GPU; sharded (DTensor) weights keep the default.
     fused = bool(params) and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None
+    )
 
 
 def lr_at(cfg: OptimConfig, step: int, progress: float) -> float:
@@ -137,8 +137,9 @@ def mean_token_loss(model, batches, device) -> TokenLoss:
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         logits = model(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none",
-                               ignore_index=-100).view(y.shape)  # (B, T)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none", ignore_index=-100).view(
+            y.shape
+        )  # (B, T)
         valid = (y != -100).sum(1)  # (B,)
         total += loss.sum().item()
         count += int(valid.sum())
@@ -202,15 +203,21 @@ def _runner(model: torch.nn.Module, compiled: torch.nn.Module | None, dist: Dist
     """(forward, sync) for the training step: how tasks reach the model, and a context manager that
     turns gradient synchronisation off for all but the last micro-batch of a step."""
     if dist.enabled and not getattr(model, "_llmkit_fsdp", False):
-        from torch.nn.parallel import DistributedDataParallel as DDP  # start-up time: torch.distributed's modules load only for a distributed run
+        # start-up time: torch.distributed's modules load only for a distributed run
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp = DDP(Through(model if compiled is None else compiled), device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = DDP(
+            Through(model if compiled is None else compiled),
+            device_ids=[device.index] if device.type == "cuda" else None,
+        )
         return (lambda fn, *a: ddp(fn, *a)), (lambda last: contextlib.nullcontext() if last else ddp.no_sync())
     net = model if compiled is None else compiled
     if dist.enabled:  # FSDP2: reduce-scatter only after the last micro-batch
+
         def sync(last):
             model.set_requires_gradient_sync(last)
             return contextlib.nullcontext()
+
         return (lambda fn, *a: fn(net, *a)), sync
     return (lambda fn, *a: fn(net, *a)), (lambda last: contextlib.nullcontext())
 
@@ -264,9 +271,16 @@ class Trainer:
         self.forward, self.sync = _runner(self.model, self.compiled, self.dist, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.name == "fp16" else None
         self.model.train()
-        self.on_event(events.Start(step=state.step, steps=self.budget.steps, seconds=self.budget.seconds,
-                                   tokens_per_step=self.tokens_per_step, processes=self.dist.world,
-                                   accumulation=self.accum))
+        self.on_event(
+            events.Start(
+                step=state.step,
+                steps=self.budget.steps,
+                seconds=self.budget.seconds,
+                tokens_per_step=self.tokens_per_step,
+                processes=self.dist.world,
+                accumulation=self.accum,
+            )
+        )
         self.window = (time.perf_counter(), 0)  # throughput since the last logged step: (start, tokens)
         stop = self.budget.done(state)
         try:
@@ -337,11 +351,18 @@ class Trainer:
         self.on_event(events.Tick(step=state.step, elapsed_s=state.elapsed_s, progress=self.budget.progress(state)))
         if state.step % self.train_cfg.log_every == 0 or stop:
             now = time.perf_counter()
-            self.on_event(events.Step(step=state.step, loss=loss_value, lr=lr,
-                                      grad_norm=float("nan") if grad_norm is None else grad_norm.item(),
-                                      tokens=state.tokens_seen, elapsed_s=state.elapsed_s,
-                                      tokens_per_s=self.window[1] / max(now - start, 1e-9),
-                                      progress=self.budget.progress(state)))
+            self.on_event(
+                events.Step(
+                    step=state.step,
+                    loss=loss_value,
+                    lr=lr,
+                    grad_norm=float("nan") if grad_norm is None else grad_norm.item(),
+                    tokens=state.tokens_seen,
+                    elapsed_s=state.elapsed_s,
+                    tokens_per_s=self.window[1] / max(now - start, 1e-9),
+                    progress=self.budget.progress(state),
+                )
+            )
             self.window = (now, 0)
         return stop
 
@@ -364,9 +385,19 @@ class Trainer:
             state.best_score, state.best_step, state.bad_evals = score, state.step, 0
         else:
             state.bad_evals += 1
-        self.on_event(events.Eval(step=state.step, metrics=metrics, best_val_loss=state.best_val_loss,
-                                  metric=self.metric, score=score, best_score=state.best_score,
-                                  improved=improved, tokens=state.tokens_seen, elapsed_s=state.elapsed_s))
+        self.on_event(
+            events.Eval(
+                step=state.step,
+                metrics=metrics,
+                best_val_loss=state.best_val_loss,
+                metric=self.metric,
+                score=score,
+                best_score=state.best_score,
+                improved=improved,
+                tokens=state.tokens_seen,
+                elapsed_s=state.elapsed_s,
+            )
+        )
         if not math.isfinite(val):
             self.on_event(events.Stop(reason="diverged", step=state.step, loss=val))
             return "diverged"

@@ -18,8 +18,9 @@ then times the chosen shape for its precision and compilation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from llmkit.core.config import ModelConfig, RunConfig
 
@@ -45,9 +46,19 @@ class Shape:
     warmup_steps: int
 
     def model(self, base: ModelConfig, vocab: int) -> ModelConfig:
-        return ModelConfig(**{**base.__dict__, "vocab_size": vocab, "d_model": self.d_model, "n_layer": self.n_layer,
-                              "n_head": self.n_head, "n_kv_head": self.n_kv_head, "context": self.context,
-                              "d_ff": 0, "d_head": 0})
+        return ModelConfig(
+            **{
+                **base.__dict__,
+                "vocab_size": vocab,
+                "d_model": self.d_model,
+                "n_layer": self.n_layer,
+                "n_head": self.n_head,
+                "n_kv_head": self.n_kv_head,
+                "context": self.context,
+                "d_ff": 0,
+                "d_head": 0,
+            }
+        )
 
 
 LADDER = (
@@ -89,13 +100,16 @@ class Sizing:
 
     def reason(self) -> str:
         row = next(r for r in self.table if r["shape"] == self.shape.name)
-        return (f"{self.shape.name}, {row['params'] / 1e6:.1f}M parameters ({row['non_embedding'] / 1e6:.1f}M outside "
-                f"the embeddings): ~{self.tokens / 1e6:.1f}M tokens in the budget, {row['tokens_per_param']:.1f} per "
-                f"parameter (the rule wants {TOKENS_PER_PARAM:g})")
+        return (
+            f"{self.shape.name}, {row['params'] / 1e6:.1f}M parameters ({row['non_embedding'] / 1e6:.1f}M outside "
+            f"the embeddings): ~{self.tokens / 1e6:.1f}M tokens in the budget, {row['tokens_per_param']:.1f} per "
+            f"parameter (the rule wants {TOKENS_PER_PARAM:g})"
+        )
 
 
-def size_for_budget(cfg: RunConfig, vocab: int, *, seconds: float | None, tokens: int | None,
-                    rate: Callable[[ModelConfig, int], float]) -> Sizing:
+def size_for_budget(
+    cfg: RunConfig, vocab: int, *, seconds: float | None, tokens: int | None, rate: Callable[[ModelConfig, int], float]
+) -> Sizing:
     """The shape for a budget of ``seconds`` (or ``tokens``); ``rate(model_cfg, batch)`` is the
     measured training tokens/s of a shape (the smallest of the ladder is the one measured)."""
     ref = LADDER[0].model(cfg.model, vocab)
@@ -105,8 +119,15 @@ def size_for_budget(cfg: RunConfig, vocab: int, *, seconds: float | None, tokens
         m = shape.model(cfg.model, vocab)
         expected = float(tokens) if tokens else ref_rate * flops_per_token(ref) / flops_per_token(m) * seconds
         p = non_embedding(m)
-        table.append({"shape": shape.name, "params": params(m), "non_embedding": p, "expected_tokens": expected,
-                      "tokens_per_param": expected / p})
+        table.append(
+            {
+                "shape": shape.name,
+                "params": params(m),
+                "non_embedding": p,
+                "expected_tokens": expected,
+                "tokens_per_param": expected / p,
+            }
+        )
         if expected >= TOKENS_PER_PARAM * p:
             chosen = shape
     expected = next(r["expected_tokens"] for r in table if r["shape"] == chosen.name)
@@ -116,8 +137,11 @@ def size_for_budget(cfg: RunConfig, vocab: int, *, seconds: float | None, tokens
 def apply(cfg: RunConfig, sizing: Sizing, given: frozenset[str] = frozenset()) -> RunConfig:
     """The config with the chosen shape; ``given`` ("section.key") are the user's and stay."""
     s = sizing.shape
-    for section, keys in (("model", ("d_model", "n_layer", "n_head", "n_kv_head", "context")),
-                          ("train", ("batch_size",)), ("optim", ("lr", "warmup_steps"))):
+    for section, keys in (
+        ("model", ("d_model", "n_layer", "n_head", "n_kv_head", "context")),
+        ("train", ("batch_size",)),
+        ("optim", ("lr", "warmup_steps")),
+    ):
         values = {k: getattr(s, k) for k in keys if f"{section}.{k}" not in given}
         if values:
             cfg = cfg.replace(section, **values)

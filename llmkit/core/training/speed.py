@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from llmkit.core.config import ModelConfig
+from llmkit.core.config import ModelConfig, OptimConfig
 from llmkit.core.host.device import Precision, cpu_has_native_bf16, pick_precision
 from llmkit.core.host.machine import machine_key, read_cache, shape_key, write_cache
-from llmkit.core.config import OptimConfig
 from llmkit.core.model import fast
 from llmkit.core.model.transformer import Transformer
 from llmkit.core.training.loop import make_optimizer
@@ -91,6 +91,7 @@ def step_fn(cfg: ModelConfig, batch: int, mode: Mode) -> Callable[[], None]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -120,7 +121,9 @@ def time_mode(cfg: ModelConfig, batch: int, mode: Mode, steps: int = 4) -> Timin
     finally:
         if mode.compiled:
             torch._dynamo.reset()
-    return Timing(batch * cfg.context / statistics.median(times), compile_s=warm, cold_compile_s=cold if mode.compiled else 0.0)
+    return Timing(
+        batch * cfg.context / statistics.median(times), compile_s=warm, cold_compile_s=cold if mode.compiled else 0.0
+    )
 
 
 def candidates(compile_ok: bool) -> list[Mode]:
@@ -166,9 +169,17 @@ def eager_rate(cfg: ModelConfig, batch: int, timer: Callable[[ModelConfig, int, 
     return max(rates, default=0.0)
 
 
-def choose(cfg: ModelConfig, batch: int, *, budget_s: float | None, tokens_per_step: int,
-           steps: int = 0, precision: str = "auto", compile: str = "auto",
-           timer: Callable[[ModelConfig, int, Mode], Timing] = time_mode) -> Choice:
+def choose(
+    cfg: ModelConfig,
+    batch: int,
+    *,
+    budget_s: float | None,
+    tokens_per_step: int,
+    steps: int = 0,
+    precision: str = "auto",
+    compile: str = "auto",
+    timer: Callable[[ModelConfig, int, Mode], Timing] = time_mode,
+) -> Choice:
     """The fastest mode for a CPU run of this shape within its budget (seconds of wall-clock, or
     ``steps`` optimizer steps of ``tokens_per_step`` tokens when there is no time budget).
 
@@ -176,8 +187,11 @@ def choose(cfg: ModelConfig, batch: int, *, budget_s: float | None, tokens_per_s
     it free). Timings come from the cache when present; missing ones are measured and stored.
     """
     timings = _Timings(cfg, batch, timer)
-    modes = [m for m in candidates(compile != "false")
-             if precision in ("auto", m.precision) and compile in ("auto", str(m.compiled).lower())]
+    modes = [
+        m
+        for m in candidates(compile != "false")
+        if precision in ("auto", m.precision) and compile in ("auto", str(m.compiled).lower())
+    ]
     if not modes:  # bf16 asked for on a CPU without bf16 units: still the caller's decision
         modes = [Mode(precision if precision != "auto" else "fp32", compile == "true")]
     eager, compiled = [m for m in modes if not m.compiled], [m for m in modes if m.compiled]
@@ -198,8 +212,9 @@ def choose(cfg: ModelConfig, batch: int, *, budget_s: float | None, tokens_per_s
         budget_s = steps * tokens_per_step / max(timings.taken[eager_best.name].tokens_per_s, 1e-9)
     for mode in compiled:
         # compilation speeds both precisions alike: one cold compile (the faster precision's) is enough
-        if worth_probing(mode) and (timings.known(mode) or compile != "auto" or eager_best is None
-                                    or mode.precision == eager_best.precision):
+        if worth_probing(mode) and (
+            timings.known(mode) or compile != "auto" or eager_best is None or mode.precision == eager_best.precision
+        ):
             timings.take(mode)
     timings.save()
     taken, measured = timings.taken, timings.measured
@@ -219,8 +234,7 @@ def choose(cfg: ModelConfig, batch: int, *, budget_s: float | None, tokens_per_s
         challenger = max(group, key=yield_in_budget, default=None)
         if challenger is not None and yield_in_budget(challenger) >= MARGIN * yield_in_budget(best):
             best = challenger
-    rates = ", ".join(f"{n} {t.tokens_per_s:,.0f}" if not t.error else f"{n} unavailable"
-                      for n, t in taken.items())
+    rates = ", ".join(f"{n} {t.tokens_per_s:,.0f}" if not t.error else f"{n} unavailable" for n, t in taken.items())
     where = "measured" if measured else "cached"
     reason = f"fastest here ({where}, tokens/s: {rates})"
     if best.compiled:
@@ -239,8 +253,9 @@ def plan(cfg, device: torch.device, *, distributed: bool, resumed: dict[str, Any
     if resumed and resumed.get("precision"):
         same = Precision(resumed["precision"], "as the run started (resumed)")
         compiled = bool(resumed.get("compiled", t.compile == "true"))
-        return (same if t.dtype == "auto" else pick_precision(t.dtype, device, cfg.model.d_model)), \
-            (compiled if t.compile == "auto" else t.compile == "true")
+        return (same if t.dtype == "auto" else pick_precision(t.dtype, device, cfg.model.d_model)), (
+            compiled if t.compile == "auto" else t.compile == "true"
+        )
     if device.type != "cpu" or distributed or (t.dtype != "auto" and t.compile != "auto"):
         return pick_precision(t.dtype, device, cfg.model.d_model), t.compile == "true"
     if t.dtype != "auto":
@@ -248,7 +263,13 @@ def plan(cfg, device: torch.device, *, distributed: bool, resumed: dict[str, Any
     precision = t.dtype
     tokens_per_step = t.global_batch(1) * cfg.model.context
     steps = t.steps or (-(-t.tokens // tokens_per_step) if t.tokens else 0)
-    choice = choose(cfg.model, t.batch_size, budget_s=t.time_s or None, tokens_per_step=tokens_per_step,
-                    steps=steps, precision=precision, compile=t.compile)
+    choice = choose(
+        cfg.model,
+        t.batch_size,
+        budget_s=t.time_s or None,
+        tokens_per_step=tokens_per_step,
+        steps=steps,
+        precision=precision,
+        compile=t.compile,
+    )
     return Precision(choice.precision, choice.reason), choice.compiled
-
