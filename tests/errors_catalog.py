@@ -161,7 +161,9 @@ def index_made(root: Path) -> None:
     assert r.exit_code == 0, r.output
 
 
-def hf_copy(name: str, change, *, index: bool = False, pickle: bool = False) -> Callable[[Path], None]:
+def hf_copy(
+    name: str, change, *, index: bool = False, pickle: bool = False, link: bool = False
+) -> Callable[[Path], None]:
     """A copy of the exported Hugging Face folder ``hf/``, its config changed or its weights broken."""
 
     def setup(root: Path) -> None:
@@ -182,6 +184,9 @@ def hf_copy(name: str, change, *, index: bool = False, pickle: bool = False) -> 
         if pickle:
             (dest / "model.safetensors").unlink()
             (dest / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+        if link:
+            (root / "secret.txt").write_text("private\n")
+            (dest / "chat_template.jinja").symlink_to(root / "secret.txt")
 
     return setup
 
@@ -351,6 +356,15 @@ CASES = [
     ),
     # generate
     Case("--temperature negative", "generate", ["run", "-p", "x", "--temperature", "-1"]),
+    Case("--temperature too small to sample", "generate", ["run", "-p", "x", "--temperature", "1e-300"]),
+    Case("--seed past 64 bits", "generate", ["run", "-p", "x", "--seed", str(10**23)]),
+    Case("--length-penalty huge", "generate", ["run", "-p", "x", "--num-beams", "2", "--length-penalty", "1e308"]),
+    Case("--num-beams huge", "generate", ["run", "-p", "x", "--num-beams", "100000"]),
+    Case(
+        "--draft-tokens huge",
+        "generate",
+        ["run", "-p", "x", "--greedy", "--lookup", "2", "--draft-tokens", "100000000"],
+    ),
     Case("--top-p above 1", "generate", ["run", "-p", "x", "--top-p", "3"]),
     Case("--frequency-penalty nan", "generate", ["run", "-p", "x", "--frequency-penalty", "nan"]),
     Case("--max-new-tokens 0", "generate", ["run", "-p", "x", "--max-new-tokens", "0"]),
@@ -523,6 +537,12 @@ CASES = [
         "import",
         ["hf_bin", "-o", "imp"],
         setup=hf_copy("hf_bin", None, pickle=True),
+    ),
+    Case(
+        "a model folder's file linked outside it",
+        "import",
+        ["hf_link", "-o", "imp"],
+        setup=hf_copy("hf_link", None, link=True),
     ),
     Case("a truncated GGUF file", "generate", ["cut.gguf", "-p", "x"], setup=truncated_gguf),
     Case("import into an existing directory", "import", ["hf", "-o", "run"]),

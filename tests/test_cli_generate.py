@@ -100,11 +100,11 @@ def test_long_prompt_warns_once_and_keeps_its_end(trained_run):
 @pytest.mark.parametrize(
     "args, phrase",
     [
-        (["--temperature", "-0.5"], "--temperature: must be >= 0"),
+        (["--temperature", "-0.5"], "--temperature: must be in [0, 100]"),
         (["--top-p", "0"], "--top-p: must be in (0, 1]"),
         (["--top-p", "1.5"], "--top-p: must be in (0, 1]"),
-        (["--top-k", "-1"], "--top-k: must be >= 0"),
-        (["--num-beams", "0"], "--num-beams: must be >= 1"),
+        (["--top-k", "-1"], "--top-k: must be in [0, 1048576]"),
+        (["--num-beams", "0"], "--num-beams: must be in [1, 64]"),
         (["--num-beams", "3", "--top-k", "5"], "cannot be combined with --top-k"),
         (["--num-beams", "3", "--temperature", "0.7"], "cannot be combined with --temperature"),
     ],

@@ -11,7 +11,9 @@ who call ``fsync_dir`` and ``commit`` from here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +33,39 @@ def fsync_dir(path: Path) -> None:
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+@functools.lru_cache(maxsize=1)
+def file_mode() -> int:
+    """The mode a new file gets here (0644 under the usual umask 022): what every file llmkit
+    writes gets, whatever the library that wrote it chose (safetensors writes 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success its files get ``file_mode``, are fsynced, and
+    the folder is renamed to ``path`` (an empty folder there is replaced); on failure it is removed.
+    A killed or failed writer leaves no half-made folder under the final name."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                os.chmod(f, file_mode())
+                fsync_file(f)
+        fsync_dir(tmp)
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def temp_sibling(path: Path) -> Path:
@@ -53,6 +88,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = temp_sibling(path)
     try:
         yield tmp
+        os.chmod(tmp, file_mode())
         commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -456,6 +456,35 @@ class LoRAConfig:
         )
 
 
+def _shown(value: float) -> str:
+    """A number in a message: integers whole (1000000, not 1e+06), others as %g."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+MIN_TEMPERATURE = 1e-3
+"""The smallest temperature that samples (0 is greedy): logits divided by less overflow float32."""
+SAMPLE_LIMITS: dict[str, tuple[float, float]] = {
+    "max_new_tokens": (1, 1_000_000),
+    "temperature": (0, 100),
+    "top_k": (0, 1 << 20),
+    "min_p": (0, 1),
+    "repetition_penalty": (0, 100),
+    "presence_penalty": (-100, 100),
+    "frequency_penalty": (-100, 100),
+    "no_repeat_ngram": (0, 1024),
+    "num_beams": (1, 64),
+    "length_penalty": (-10, 10),
+    "seed": (0, (1 << 63) - 1),
+    "num_samples": (1, 1024),
+    "batch_size": (1, 4096),
+    "lookup": (0, 64),
+    "draft_tokens": (0, 64),
+}
+"""Every numeric decoding setting's range, checked before any work (a request or a flag out of
+range is one line, never a failure in the middle of a batch or an allocation of gigabytes):
+docs/reliability.md states them."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class SampleConfig:
     """Decoding settings (docs/generate.md says what each does to a small model)."""
@@ -509,19 +538,20 @@ class SampleConfig:
         ):
             value = getattr(self, name)
             _check(math.isfinite(value), f"--{name.replace('_', '-')}", f"must be a finite number, not {value}")
-        _check(self.max_new_tokens > 0, "--max-new-tokens", f"must be positive, not {self.max_new_tokens}")
-        _check(self.temperature >= 0, "--temperature", f"must be >= 0, not {self.temperature}")
-        _check(self.top_k >= 0, "--top-k", f"must be >= 0, not {self.top_k}")
+        for name, (low, high) in SAMPLE_LIMITS.items():
+            value = getattr(self, name)
+            if value is not None:
+                _check(
+                    low <= value <= high,
+                    f"--{name.replace('_', '-')}",
+                    f"must be in [{_shown(low)}, {_shown(high)}], not {_shown(value)}",
+                )
+        _check(self.temperature == 0 or self.temperature >= MIN_TEMPERATURE, "--temperature",
+               f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, not {self.temperature:g}: below that "
+               "sampling is greedy in all but name, and the scaled logits overflow")  # fmt: skip
         _check(0 < self.top_p <= 1, "--top-p", f"must be in (0, 1], not {self.top_p}")
-        _check(0 <= self.min_p <= 1, "--min-p", f"must be in [0, 1], not {self.min_p}")
         _check(self.repetition_penalty > 0, "--repetition-penalty", "must be positive")
-        _check(self.no_repeat_ngram >= 0, "--no-repeat-ngram", "must be >= 0")
-        _check(self.num_beams >= 1, "--num-beams", f"must be >= 1, not {self.num_beams}")
-        _check(self.num_samples >= 1, "--num-samples", f"must be >= 1, not {self.num_samples}")
-        _check(self.batch_size >= 1, "--batch-size", f"must be >= 1, not {self.batch_size}")
         _check(all(self.stop), "--stop", "must not be empty")
-        _check(self.lookup >= 0, "--lookup", f"must be >= 0, not {self.lookup}")
-        _check(self.draft_tokens >= 0, "--draft-tokens", f"must be >= 0, not {self.draft_tokens}")
 
     @property
     def greedy(self) -> bool:

@@ -107,9 +107,9 @@ def sampling(body: dict, limits: Limits, default_max: int) -> SampleConfig:
     seed = given.pop("seed", None)
     try:
         cfg = sample_config({**given, "num_beams": None})
-    except LlmkitError as e:
+        return SampleConfig(**{**cfg.__dict__, "seed": seed})
+    except LlmkitError as e:  # every field's range is checked here: a request's failure is its own
         raise ApiError(400, str(e)) from None
-    return SampleConfig(**{**cfg.__dict__, "seed": seed})
 
 
 def texts(value: Any, name: str) -> list[str]:

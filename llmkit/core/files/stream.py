@@ -84,8 +84,52 @@ def _decompressed(reader: HashingReader, cf: CorpusFile) -> BinaryIO:
             import zstandard  # optional dependency (the corpus extra), only for .zst files
         except ImportError:
             raise _missing("zstandard", f"{cf.path}: reading .zst files") from None
-        return zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(reader, 1 << 20), read_across_frames=True)
+        return io.BufferedReader(ZstdFrames(io.BufferedReader(reader, 1 << 20), zstandard), 1 << 20)
     return io.BufferedReader(reader, 1 << 20)
+
+
+class ZstdFrames(io.RawIOBase):
+    """Every frame of a .zst stream, in order, and an error when the stream ends inside one.
+
+    zstandard's ``stream_reader(read_across_frames=True)`` returns end of file, without an error,
+    when the data stops in the middle of a later frame: a truncated multi-frame file (a download cut
+    short) then trained on its first frames only, with exit 0. Here each frame has its own
+    decompression object, whose ``eof`` says whether the frame was complete.
+    """
+
+    def __init__(self, raw: BinaryIO, zstandard):
+        self.raw, self.zstandard = raw, zstandard
+        self.frame = None  # the decompression object of the frame being read
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            data = self.raw.read(1 << 20)
+            if not data:
+                if self.frame is not None and not self.frame.eof:
+                    raise OSError("a compressed frame is cut short")
+                return 0
+            self._feed(data)
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def _feed(self, data: bytes) -> None:
+        out = []
+        while data:
+            if self.frame is None or self.frame.eof:
+                self.frame = self.zstandard.ZstdDecompressor().decompressobj()
+            out.append(self.frame.decompress(data))
+            data = self.frame.unused_data if self.frame.eof else b""
+        self.pending += b"".join(out)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 def read_exact(stream: BinaryIO, n: int, path: Path) -> bytes:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
+from llmkit.core.atomic import atomic_dir, atomic_path
 from llmkit.core.errors import ConfigError
 from llmkit.core.interop import gguf_io, hf
 
@@ -66,9 +69,22 @@ def export(ckpt, out: Path, *, format: str, quant: str = "f16") -> Path:
     if format == "hf":
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ConfigError(f"--out {out} exists and is not an empty folder: choose a new one")
-        return hf.export_folder(ckpt, out, card=model_card(ckpt))
+        with _written(out), atomic_dir(out) as tmp:
+            hf.export_folder(ckpt, tmp, card=model_card(ckpt))
+        return out
     if out.suffix.lower() != ".gguf":
         raise ConfigError(f"--out {out}: a GGUF file name ends in .gguf")
     if out.exists():
         raise ConfigError(f"--out {out} already exists")
-    return gguf_io.export_file(ckpt, out, quant=quant)
+    with _written(out), atomic_path(out) as tmp:
+        gguf_io.export_file(ckpt, tmp, quant=quant)
+    return out
+
+
+@contextlib.contextmanager
+def _written(out: Path) -> Iterator[None]:
+    """A full disk or a read-only folder is one line; the export leaves nothing at ``out``."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(f"cannot write {out}: {e.strerror or e}; nothing was written there") from None

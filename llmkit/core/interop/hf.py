@@ -24,6 +24,7 @@ from llmkit.core.config import resolve_run_config
 from llmkit.core.errors import CheckpointError
 from llmkit.core.events import EventFn
 from llmkit.core.interop import tokenizer_io
+from llmkit.core.interop.folder import member
 from llmkit.core.model import fast
 from llmkit.core.model.transformer import Transformer
 from llmkit.core.store import checkpoint as ckpt_io
@@ -169,26 +170,33 @@ def config_to_hf(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
+    path = member(folder, "config.json")
+    if path is None:
+        raise CheckpointError(f"{folder} has no config.json")
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder}/config.json cannot be read: {e}") from None
 
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a folder: one, or the shards its index names (all must exist)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    index = member(folder, "model.safetensors.index.json")
+    if index is not None:
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
             raise CheckpointError(f"{index} cannot be read: {e}") from None
-        missing = [s for s in shards if not (folder / s).is_file()]
+        if not all(isinstance(s, str) for s in shards):
+            raise CheckpointError(f"{index}: weight_map's values must be file names")
+        files = [member(folder, s) for s in shards]
+        missing = [s for s, f in zip(shards, files) if f is None]
         if missing:
             raise CheckpointError(f"{folder}: shard {missing[0]} named by model.safetensors.index.json is missing")
-        return [folder / s for s in shards]
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
+        return files
+    single = member(folder, "model.safetensors")
+    if single is not None:
+        return [single]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise CheckpointError(
             f"{folder} holds PyTorch pickle weights (.bin/.pt), which llmkit never loads "

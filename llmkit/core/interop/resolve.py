@@ -7,13 +7,17 @@ Commands call ``open_checkpoint``, ``open_model`` and ``open_tokenizer``; the st
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from llmkit.core import events
+from llmkit.core.atomic import atomic_write
 from llmkit.core.config import cache_home
 from llmkit.core.errors import CheckpointError, ConfigError
 from llmkit.core.events import EventFn
@@ -53,35 +57,80 @@ def import_model(src: Path, dest: Path, *, on_event: EventFn = events.ignore) ->
     return reader.import_to(src, dest, on_event=on_event)
 
 
-def _fingerprint(src: Path) -> str:
-    """Names, sizes and modification times of the source's files: cheap, and changes with them."""
+def _files(src: Path) -> list[Path]:
+    """The files a source is made of: itself, or every regular file under a folder, in order."""
+    return [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+
+
+def _stat_key(src: Path) -> str:
+    """Where the files are and what the filesystem says of them: path, size, modification and
+    change times, inode. The change time (ctime) cannot be set back by a user: a file replaced,
+    even by one of the same size and modification time, gets a new one."""
     h = hashlib.sha256()
-    files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
-    for p in files:
+    for p in _files(src):
         st = p.stat()
-        h.update(f"{p.relative_to(src.parent)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}\n".encode())
+    return h.hexdigest()
+
+
+def content_key(src: Path) -> str:
+    """SHA-256 of what a source holds (each file's bytes, with its name inside a folder)."""
+    h = hashlib.sha256()
+    for p in _files(src):
+        file_hash = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                file_hash.update(block)
+        h.update(f"{p.relative_to(src) if src.is_dir() else ''}:{file_hash.hexdigest()}\n".encode())
+    return h.hexdigest()
 
 
 def cache_root() -> Path:
     return cache_home() / "imported"
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One process at a time: a second first use of the same model waits for the first import
+    (an advisory lock, released by the kernel if its holder dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def resolve(src: Path) -> Path:
     """A pretrained model given where a checkpoint is expected: its llmkit checkpoint, imported
-    into the cache the first time (and again when the source's files change)."""
+    into the cache the first time.
+
+    The cache is keyed by content (``content_key``): two files of the same name, size and time are
+    two entries, and the same file under two names is one. Hashing a file costs about a second per
+    gigabyte, so the key is remembered against the files' stat (``_stat_key``) and read back while
+    those are unchanged."""
     src = Path(src).resolve()
-    dest = cache_root() / f"{src.stem}-{_fingerprint(src)}"
-    if (dest / "trainer_state.json").is_file():
+    root = cache_root()
+    known = root / "keys" / _stat_key(src)
+    key = known.read_text().strip() if known.is_file() else ""
+    dest = root / f"{src.stem}-{key[:20]}"
+    if key and (dest / "trainer_state.json").is_file():
         return dest
-    tmp = dest.with_name(dest.name + ".importing")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        import_model(src, tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _locked(root / ".lock"):
+        key = content_key(src)
+        dest = root / f"{src.stem}-{key[:20]}"
+        if not (dest / "trainer_state.json").is_file():  # another process may have imported it meanwhile
+            tmp = dest.with_name(f"{dest.name}.importing{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                import_model(src, tmp)
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(tmp, dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        known.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(known, key)
     return dest
 
 

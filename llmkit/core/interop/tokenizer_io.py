@@ -23,6 +23,7 @@ from typing import Any
 
 from llmkit import __version__
 from llmkit.core.errors import CheckpointError
+from llmkit.core.interop.folder import member
 from llmkit.core.text.tokenizer import FORMAT_VERSION, Tokenizer
 
 # The pre-tokenizer split of llama.cpp's byte-level BPE families (the regexes its converter and
@@ -78,8 +79,9 @@ def _token_id(tk, token: Any) -> int | None:
 
 
 def _chat_template(folder: Path, tok_cfg: dict[str, Any]) -> str | None:
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    path = member(folder, "chat_template.jinja")
+    if path is not None:
+        return path.read_text(encoding="utf-8")
     template = tok_cfg.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
@@ -89,16 +91,18 @@ def _chat_template(folder: Path, tok_cfg: dict[str, Any]) -> str | None:
 def from_hf_folder(folder: Path, hf_cfg: dict[str, Any]) -> Tokenizer:
     """The tokenizer of a Hugging Face model folder (tokenizer.json preferred, as AutoTokenizer)."""
     tok_cfg: dict[str, Any] = {}
-    if (folder / "tokenizer_config.json").is_file():
+    config_file = member(folder, "tokenizer_config.json")
+    if config_file is not None:
         try:
-            tok_cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+            tok_cfg = json.loads(config_file.read_text(encoding="utf-8"))
         except ValueError as e:
             raise CheckpointError(f"{folder}/tokenizer_config.json is not valid JSON: {e}") from None
     template = _chat_template(folder, tok_cfg)
-    if (folder / "tokenizer.json").is_file():
+    tokenizer_file = member(folder, "tokenizer.json")
+    if tokenizer_file is not None:
         from tokenizers import Tokenizer as HFTokenizer  # optional dependency (the interop extra)
 
-        raw = (folder / "tokenizer.json").read_bytes()
+        raw = tokenizer_file.read_bytes()
         try:
             tk = HFTokenizer.from_str(raw.decode("utf-8"))
         except Exception as e:
@@ -125,8 +129,9 @@ def from_hf_folder(folder: Path, hf_cfg: dict[str, Any]) -> Tokenizer:
                 gguf_pre=_guess_pre(json.loads(raw)),
             ),
         )
-    if (folder / "tokenizer.model").is_file():
-        raw = (folder / "tokenizer.model").read_bytes()
+    sp_file = member(folder, "tokenizer.model")
+    if sp_file is not None:
+        raw = sp_file.read_bytes()
         try:
             import sentencepiece  # start-up time: loaded when a tokenizer is first used, not when the CLI starts
 

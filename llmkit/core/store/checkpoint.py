@@ -19,7 +19,6 @@ place. A directory without trainer_state.json is never loaded. Nothing is ever u
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import llmkit
-from llmkit.core.atomic import atomic_write, fsync_dir, fsync_file
+from llmkit.core.atomic import atomic_write, file_mode, fsync_dir, fsync_file
 from llmkit.core.config import LoRAConfig, ModelConfig, TaskConfig, build_section
 from llmkit.core.errors import CheckpointError, LlmkitError, check_format
 from llmkit.core.model import fast
@@ -51,14 +50,6 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"  # zero-padded: lexical order is numeric order
-
-
-@functools.lru_cache(maxsize=1)
-def _file_mode() -> int:
-    """The mode a new file gets here (0644 under the usual umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def model_tensors(
@@ -99,8 +90,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except Exception as e:  # a torn, foreign or tampered file: never a traceback, never half-loaded
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        real = path.parent.resolve().name  # last/ is a link to the newest step-NNNNNN/
+        named = f" ({real})" if real != path.parent.name else ""
         raise CheckpointError(
-            f"{path} cannot be read as optimizer state ({reason}): the checkpoint is damaged; "
+            f"{path} cannot be read as optimizer state ({reason}): the checkpoint{named} is damaged; "
             f"resume from an earlier one with --resume {path.parent.parent}/step-NNNNNN"
         ) from None
 
@@ -162,7 +155,7 @@ def _write_checkpoint(tmp: Path, *, model, config, tokenizer: Tokenizer, state, 
     if optimizer is not None:
         opt_tensors, meta = tensors[1] if tensors and tensors[1] else optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
-    mode = _file_mode()
+    mode = file_mode()
     for f in tmp.iterdir():
         os.chmod(f, mode)  # safetensors writes 0600; every file of a checkpoint gets the same mode
         fsync_file(f)
@@ -185,19 +178,20 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
     fsync_dir(dest.parent)
 
 
-def link_copy(src: Path, dest: Path) -> Path:
-    """Publish an existing checkpoint under another name (last/, best/) with hard links: no copy."""
+def publish_link(src: Path, dest: Path) -> Path:
+    """Publish an existing checkpoint under another name (last/) as a relative symbolic link to it:
+    no copy, and no second name that looks like a second copy. (Hard links did: damaging one file
+    damaged "both" checkpoints, while the error said to resume from the other.) The link is made
+    beside and renamed over ``dest``, so ``last`` always names a whole checkpoint."""
     tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.is_symlink() or tmp.is_file():
+        tmp.unlink()
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    names = sorted(p.name for p in src.iterdir())
-    # trainer_state.json goes last, as in a fresh write.
-    for name in sorted(names, key=lambda n: n == "trainer_state.json"):
-        try:
-            os.link(src / name, tmp / name)
-        except OSError:
-            shutil.copy2(src / name, tmp / name)
-    _swap_into_place(tmp, dest)
+    os.symlink(os.path.relpath(src, dest.parent), tmp)
+    if dest.is_dir() and not dest.is_symlink():  # a run written before last/ became a link
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
     return dest
 
 

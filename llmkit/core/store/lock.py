@@ -53,7 +53,7 @@ def run_lock(out: Path, dist: Dist) -> Iterator[None]:
     if not dist.is_main:
         yield
         return
-    out = Path(out)
+    out = Path(out).resolve()  # the real path: an alias (a symbolic link) of a run is the same run
     lock = out.parent / f".{out.name}.llmkit-lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     me = {

@@ -120,7 +120,7 @@ class Checkpointer:
             tensors=tensors,
         )
         if kind != "best":
-            ckpt_io.link_copy(path, self.out / "last")
+            ckpt_io.publish_link(path, self.out / "last")
             prune(self.out, self.keep)
         self.on_event(events.Save(what=kind, path=str(path), step=state.step))
         return path

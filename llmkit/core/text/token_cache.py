@@ -373,7 +373,7 @@ def load_source(
         if not build.is_dir():  # another process finished it while this one waited
             return load_source(source, tok, cfg, on_progress=on_progress)
         try:
-            hashes, meta = _build(build, source, tok, cfg, stats, on_progress)
+            hashes, meta = _Build(build, source, tok, cfg, stats, on_progress).make()
         except LlmkitError:  # bad data: nothing to resume once the user has fixed it
             shutil.rmtree(build, ignore_errors=True)
             raise
@@ -429,24 +429,6 @@ def _read_state(build: Path) -> _State:
     return state if state.chunk_bytes == stream.CHUNK_BYTES else _State()  # pieces cut otherwise: start over
 
 
-def _build(
-    build: Path,
-    source: Source,
-    tok,
-    cfg: DataConfig,
-    stats: list[tuple[int, int]],
-    on_progress: Callable[[Progress], None] | None,
-) -> tuple[list[str], dict[str, Any]]:
-    """Tokenize ``source`` into ``build`` (resuming its state); the files' hashes and the index."""
-    b = _Build(build, source, tok, cfg, stats, on_progress)
-    try:
-        total = sum(size for size, _ in stats)
-        b.run(1 if total < 2 * stream.CHUNK_BYTES else default_workers(cfg))  # a small corpus: no processes
-    finally:
-        b.seen_file.close()
-    return b.finish()
-
-
 class _Build:
     """One build of a source's token cache: the resumable state, the shard writers and the
     deduplication set, fed piece by piece (in order) from one process or a pool of workers.
@@ -486,6 +468,16 @@ class _Build:
             "split": source.split,
         }
         state.chunk_bytes = stream.CHUNK_BYTES
+
+    def make(self) -> tuple[list[str], dict[str, Any]]:
+        """Tokenize the source into the build directory (resuming its state); the files' hashes and
+        the index."""
+        try:
+            small = self.total < 2 * stream.CHUNK_BYTES
+            self.run(1 if small else default_workers(self.cfg))  # a small corpus: no processes
+        finally:
+            self.seen_file.close()
+        return self.finish()
 
     def pieces(self) -> Iterator[tuple[int, int, Piece]]:
         """(file, piece number, piece) in order, from where the state left off; piece number -1

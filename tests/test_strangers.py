@@ -1,0 +1,268 @@
+"""Files made by strangers (model folders, GGUF files, templates) cannot reach outside what they
+were given, nor make llmkit use the wrong model silently (issue: hostile inputs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_SETS, need_module
+
+from llmkit.core.errors import CheckpointError
+from llmkit.core.interop.folder import member
+from llmkit.core.interop.resolve import import_model
+from llmkit.core.interop.tokenizer_io import write_hf_tokenizer
+
+SECRET = "root:x:0:0:secret-line-that-must-not-travel\n"
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory, tokenizer):
+    transformers = need_module("transformers", "writing a Hugging Face folder")
+    config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("stranger") / "hf"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    write_hf_tokenizer(tokenizer, folder, context=64)
+    return folder
+
+
+def _copy(folder, dest):
+    dest.mkdir()
+    for p in folder.iterdir():
+        (dest / p.name).write_bytes(p.read_bytes())
+    return dest
+
+
+def test_a_chat_template_linked_outside_the_folder_is_refused(hf_folder, tmp_path):
+    secret = tmp_path / "passwd"
+    secret.write_text(SECRET)
+    folder = _copy(hf_folder, tmp_path / "hf")
+    (folder / "chat_template.jinja").symlink_to(secret)
+    with pytest.raises(CheckpointError, match="outside the model folder"):
+        import_model(folder, tmp_path / "imp")
+    assert not (tmp_path / "imp").exists()
+
+
+def test_a_shard_named_outside_the_folder_is_refused(hf_folder, tmp_path):
+    folder = _copy(hf_folder, tmp_path / "hf")
+    (tmp_path / "elsewhere.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    (folder / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../elsewhere.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside the model folder"):
+        import_model(folder, tmp_path / "imp")
+
+
+def test_links_inside_the_folder_and_a_hugging_face_cache_snapshot_are_followed(tmp_path):
+    folder = tmp_path / "hf"
+    (folder / "templates").mkdir(parents=True)
+    (folder / "templates" / "chat.jinja").write_text("{{ messages }}")
+    (folder / "chat_template.jinja").symlink_to("templates/chat.jinja")
+    assert member(folder, "chat_template.jinja") == folder / "chat_template.jinja"
+    repo = tmp_path / "models--x--y"  # ~/.cache/huggingface/hub's layout: snapshots link into blobs
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "blobs" / "f00d").write_text("{}")
+    os.symlink("../../blobs/f00d", repo / "snapshots" / "abc" / "config.json")
+    assert member(repo / "snapshots" / "abc", "config.json") is not None
+    assert member(folder, "missing.json") is None
+    with pytest.raises(CheckpointError, match="outside"):
+        member(folder, "/etc/passwd")
+
+
+def run_cli(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LLMKIT_CACHE": str(tmp / "cache")}
+    return subprocess.run([str(Path(sys.executable).parent / "llmkit"), *args], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+
+
+def test_the_cli_says_so_in_one_line(hf_folder, tmp_path):
+    secret = tmp_path / "passwd"
+    secret.write_text(SECRET)
+    folder = _copy(hf_folder, tmp_path / "hf")
+    (folder / "chat_template.jinja").symlink_to(secret)
+    r = run_cli("import", str(folder), "-o", str(tmp_path / "imp"), tmp=tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "outside the model folder" in r.stderr
+    assert "secret-line" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"temperature": 1e-300},
+        {"seed": 10**23},
+        {"repetition_penalty": 1e308},
+        {"presence_penalty": 1e30},
+        {"top_k": 10**12},
+        {"max_tokens": 10**9},
+    ],  # fmt: skip
+    ids=lambda f: next(iter(f)),
+)
+def test_a_request_out_of_range_is_its_own_400_and_the_next_one_is_served(trained_run, field):
+    need_module("fastapi", "the HTTP server")
+    from fastapi.testclient import TestClient
+
+    from llmkit.serve.api import Server, create_app
+
+    with TestClient(create_app(Server(trained_run))) as http:
+        bad = http.post("/v1/completions", json={"prompt": "Le pain", "max_tokens": 4, **field})
+        assert bad.status_code == 400, bad.text
+        assert bad.json()["error"]["type"] == "invalid_request_error"
+        good = http.post("/v1/completions", json={"prompt": "Le pain", "max_tokens": 4, "temperature": 0})
+        assert good.status_code == 200 and good.json()["choices"][0]["text"] is not None
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--temperature", "1e-300"],
+        ["--seed", str(10**23)],
+        ["--length-penalty", "1e308"],
+        ["--num-beams", "100000"],
+        ["--draft-tokens", "100000000", "--lookup", "2", "--greedy"],
+    ],  # fmt: skip
+    ids=lambda f: f[0],
+)
+def test_a_flag_out_of_range_is_one_line_before_any_work(trained_run, tmp_path, flag):
+    r = run_cli("generate", str(trained_run), "-p", "Le", "-n", "2", *flag, tmp=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "must be" in r.stderr, r.stderr
+
+
+def test_two_models_of_one_name_size_and_time_are_two_cache_entries(trained_run, tmp_path, monkeypatch):
+    """The import cache was keyed by name, size and mtime: the second file got the first's model."""
+    gguf = need_module("gguf", "GGUF files")
+    from llmkit.core.interop.export import export
+    from llmkit.core.interop.resolve import open_model
+    from llmkit.core.store.checkpoint import read_checkpoint
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    a.parent.mkdir(), b.parent.mkdir()
+    export(read_checkpoint(trained_run), a, format="gguf", quant="f32")
+    raw = bytearray(a.read_bytes())
+    norm = next(t for t in gguf.GGUFReader(a).tensors if t.name == "output_norm.weight")
+    values = torch.frombuffer(raw[norm.data_offset : norm.data_offset + 4 * norm.n_elements], dtype=torch.float32)
+    raw[norm.data_offset : norm.data_offset + 4 * norm.n_elements] = (values * 3).numpy().tobytes()
+    b.write_bytes(bytes(raw))
+    stamp = a.stat().st_mtime_ns
+    os.utime(b, ns=(stamp, stamp))
+    assert a.stat().st_size == b.stat().st_size and a.stat().st_mtime_ns == b.stat().st_mtime_ns
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        la, lb = open_model(a)[0](x), open_model(b)[0](x)
+        assert not torch.allclose(la, lb)
+        assert torch.equal(open_model(a)[0](x), la)  # the second use of a: the same entry, no new import
+    assert len([p for p in (tmp_path / "cache" / "imported").iterdir() if p.name.startswith("model-")]) == 2
+
+
+def test_concurrent_first_uses_wait_for_one_import(trained_run, tmp_path):
+    need_module("gguf", "GGUF files")
+    from llmkit.core.interop.export import export
+    from llmkit.core.store.checkpoint import read_checkpoint
+
+    src = tmp_path / "m.gguf"
+    export(read_checkpoint(trained_run), src, format="gguf", quant="f32")
+    exe = str(Path(sys.executable).parent / "llmkit")
+    env = {**os.environ, "LLMKIT_CACHE": str(tmp_path / "cache")}
+    args = [exe, "generate", str(src), "-p", "Le", "-n", "2", "--greedy", "-q"]
+    procs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e for _, e in outs]
+    assert len({o for o, _ in outs}) == 1
+    assert len([p for p in (tmp_path / "cache" / "imported").iterdir() if p.name.startswith("m-")]) == 1
+
+
+def _frames(texts: list[str]) -> bytes:
+    zstandard = need_module("zstandard", ".zst corpora")
+    return b"".join(zstandard.ZstdCompressor().compress(t.encode()) for t in texts)
+
+
+def test_every_frame_of_a_zst_corpus_is_read(tmp_path):
+    from llmkit.core.files.corpus import resolve_files
+    from llmkit.core.files.stream import decompressed_size
+
+    texts = ["première trame\n" * 300, "deuxième trame\n" * 300]
+    (tmp_path / "c.txt.zst").write_bytes(_frames(texts))
+    cf = resolve_files([str(tmp_path / "c.txt.zst")])[0]
+    assert decompressed_size(cf) == sum(len(t.encode()) for t in texts)
+
+
+def test_a_truncated_multi_frame_zst_is_refused_not_half_read(tmp_path):
+    """zstandard's reader stopped at the cut without an error: training went on with half the text."""
+    data = _frames(["première trame du corpus\n" * 400, "deuxième trame du corpus\n" * 400])
+    (tmp_path / "cut.txt.zst").write_bytes(data[:-25])
+    r = run_cli("pretrain", str(tmp_path / "cut.txt.zst"), "--steps", "1", "-o", str(tmp_path / "out"), tmp=tmp_path)
+    assert r.returncode == 1 and "truncated" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_symlinked_alias_of_a_run_takes_the_same_lock(tmp_path):
+    """The lock was keyed by the path given: two runs wrote one directory through an alias."""
+    from llmkit.core.errors import ConfigError
+    from llmkit.core.store.lock import run_lock
+    from llmkit.core.training.distributed import Dist
+
+    (tmp_path / "runs" / "real").mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "runs" / "real")
+    with run_lock(tmp_path / "runs" / "real", Dist()):
+        with pytest.raises(ConfigError, match="another llmkit run"):
+            with run_lock(tmp_path / "alias", Dist()):
+                pass
+
+
+def test_last_is_a_link_to_the_newest_step_not_a_second_copy(tmp_path, corpus_file):
+    """last/ and step-N/ were hard links: damaging one damaged both, and the message said to resume
+    from "an earlier one"."""
+    sets = [
+        a for s in [*TINY_SETS, "train.save_every=2", "train.samples=0", "train.report=false"] for a in ("--set", s)
+    ]
+    r = run_cli("pretrain", str(corpus_file), "-o", str(tmp_path / "r"), "--steps", "4", *sets, "-q", tmp=tmp_path)
+    assert r.returncode == 0, r.stderr
+    last = tmp_path / "r" / "last"
+    assert last.is_symlink() and last.resolve() == (tmp_path / "r" / "step-000004").resolve()
+    (last / "optimizer.safetensors").write_bytes(b"damaged")
+    r = run_cli("pretrain", str(corpus_file), "-o", str(tmp_path / "r"), "--resume", "auto", "--steps", "6",
+                "-q", tmp=tmp_path)  # fmt: skip
+    assert r.returncode == 1 and "step-000004" in r.stderr and "is damaged" in r.stderr, r.stderr
+    earlier = tmp_path / "r" / "step-000002"
+    r = run_cli("pretrain", str(corpus_file), "-o", str(tmp_path / "r"), "--resume", str(earlier), "--steps", "6",
+                "-q", tmp=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "hf"])
+def test_an_export_that_fails_midway_leaves_nothing_at_its_name(trained_run, tmp_path, monkeypatch, fmt):
+    """A killed or disk-full export left a torn file at the final name (then "already exists")."""
+    gguf = need_module("gguf", "GGUF files")
+    import errno
+
+    from llmkit.core.errors import ConfigError
+    from llmkit.core.interop import hf
+    from llmkit.core.interop.export import export
+    from llmkit.core.store.checkpoint import read_checkpoint
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = (gguf.GGUFWriter, "write_tensors_to_file") if fmt == "gguf" else (hf, "write_json")
+    monkeypatch.setattr(*target, full)
+    out = tmp_path / ("m.gguf" if fmt == "gguf" else "m-hf")
+    with pytest.raises(ConfigError, match="No space left on device; nothing was written there"):
+        export(read_checkpoint(trained_run), out, format=fmt, quant="f32" if fmt == "gguf" else "f16")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    export(read_checkpoint(trained_run), out, format=fmt, **({"quant": "f32"} if fmt == "gguf" else {}))
+    assert out.exists()
+    if fmt == "hf":
+        modes = {oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+        assert len(modes) == 1, modes  # model.safetensors was 0600 beside 0644 files
