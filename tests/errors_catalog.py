@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -545,6 +546,21 @@ CASES = [
         setup=hf_copy("hf_link", None, link=True),
     ),
     Case("a truncated GGUF file", "generate", ["cut.gguf", "-p", "x"], setup=truncated_gguf),
+    Case(
+        "a GGUF header declaring 2^40 elements",
+        "generate",
+        ["huge.gguf", "-p", "x"],
+        setup=write(
+            "huge.gguf",
+            b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"a" + struct.pack("<IIQ", 9, 4, 1 << 40),
+        ),  # fmt: skip
+    ),
+    Case(
+        "config.json sizing a model of 10^8 layers",
+        "import",
+        ["hf_deep", "-o", "imp"],
+        setup=hf_copy("hf_deep", lambda c: c.update(num_hidden_layers=100_000_000)),
+    ),
     Case("import into an existing directory", "import", ["hf", "-o", "run"]),
     Case("export to an unknown format", "export", ["run", "-o", "x", "--format", "onnx"]),
     Case("--quant with a Hugging Face export", "export", ["run", "-o", "x", "--quant", "q8_0"]),

@@ -266,3 +266,49 @@ def test_an_export_that_fails_midway_leaves_nothing_at_its_name(trained_run, tmp
     if fmt == "hf":
         modes = {oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
         assert len(modes) == 1, modes  # model.safetensors was 0600 beside 0644 files
+
+
+def _gguf_header(tensors: int, kvs: list[bytes]) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, tensors, len(kvs)) + b"".join(kvs)
+
+
+def _kv(key: str, kind: int, payload: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", kind) + payload
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("huge array", _gguf_header(0, [_kv("a", 9, __import__("struct").pack("<IQ", 4, 1 << 40))]), "elements"),
+        ("huge string", _gguf_header(0, [_kv("s", 8, __import__("struct").pack("<Q", 1 << 50))]), "string"),
+        ("many keys", b"GGUF" + __import__("struct").pack("<IQQ", 3, 0, 1 << 40), "keys"),
+        ("many tensors", b"GGUF" + __import__("struct").pack("<IQQ", 3, 1 << 40, 0), "tensors"),
+        ("cut header", _gguf_header(0, [_kv("x", 4, b"\x01")]), "more than the file holds"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and " " in v else "",
+)
+def test_a_crafted_gguf_header_is_refused_before_any_allocation(tmp_path, name, data, message):
+    """An 84-byte GGUF declaring a 2^40-element array grew memory at ~50 MB/s until killed."""
+    from llmkit.core.interop.gguf_io import check_header
+
+    path = tmp_path / "x.gguf"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError) as e:
+        check_header(path)
+    assert message in str(e.value), e.value
+    r = run_cli("generate", str(path), "-p", "x", tmp=tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("change", [{"num_hidden_layers": 100_000_000}, {"max_position_embeddings": 1 << 40},
+                                    {"hidden_size": 1 << 30}, {"vocab_size": 1 << 40}])  # fmt: skip
+def test_a_config_json_sizing_a_huge_model_is_refused_in_one_line(hf_folder, tmp_path, change):
+    folder = _copy(hf_folder, tmp_path / "hf")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **change}))
+    r = run_cli("import", str(folder), "-o", str(tmp_path / "imp"), tmp=tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "at most" in r.stderr, r.stderr

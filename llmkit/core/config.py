@@ -112,6 +112,21 @@ class DataConfig:
         _check(bool(self.text_field), "data.text_field", "must name a field")
 
 
+MODEL_LIMITS = {
+    "vocab_size": 1 << 22,
+    "context": 1 << 21,
+    "d_model": 1 << 16,
+    "n_layer": 1024,
+    "n_head": 1024,
+    "n_kv_head": 1024,
+    "d_ff": 1 << 20,
+    "d_head": 1 << 12,
+}
+"""The largest network llmkit builds: far above any model it runs (a 4M vocabulary, a 2M-token
+context, width 65,536, 1,024 layers), far below what a crafted header would ask for (a 10^8-layer
+model, a 2^40-token cache). docs/reliability.md states them."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     vocab_size: int = 0
@@ -146,6 +161,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for key in ("context", "d_model", "n_layer", "n_head"):
             _check(getattr(self, key) > 0, f"model.{key}", "must be positive")
+        for key, high in MODEL_LIMITS.items():  # a header from a stranger never sizes an allocation unchecked
+            value = getattr(self, key)
+            _check(isinstance(value, int) and value <= high, f"model.{key}",
+                   f"must be a whole number of at most {high}, not {value!r}")  # fmt: skip
         _check(self.vocab_size >= 0, "model.vocab_size", "must not be negative")
         _check(self.d_head >= 0, "model.d_head", "must not be negative")
         if not self.d_head:

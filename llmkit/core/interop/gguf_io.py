@@ -12,7 +12,9 @@ permutation applied, the tokenizer and chat template embedded.
 
 from __future__ import annotations
 
+import os
 import re
+import struct
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -69,9 +71,94 @@ def read_fields(reader) -> dict[str, Any]:
     return out
 
 
+# GGUF value types (gguf.GGUFValueType): the byte size of each scalar; 8 is a string, 9 an array.
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+HEADER_LIMITS = {"tensors": 1 << 20, "keys": 1 << 16, "string": 1 << 26, "dims": 8}
+"""What a GGUF header may declare: a million tensors, 65,536 metadata keys, 64 MiB strings, 8
+dimensions; every length is also checked against the bytes the file has left."""
+
+
+def check_header(path: Path) -> None:
+    """Walk a GGUF header (metadata and tensor table) without allocating anything it declares:
+    every count and length must fit in the file's remaining bytes and under ``HEADER_LIMITS``.
+    The ``gguf`` package builds Python lists from the declared counts: an 84-byte file declaring a
+    2^40-element array would otherwise grow memory until the kernel stops the process."""
+    import mmap
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise CheckpointError(f"{path} cannot be read as GGUF: {size} bytes is shorter than a GGUF header")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            _walk_header(m, size, path)
+
+
+def _walk_header(m, size: int, path: Path) -> None:
+    pos = 0
+
+    def take(fmt: str) -> int:
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > size:
+            raise CheckpointError(f"{path} cannot be read as GGUF: its header runs past the end of the file")
+        (value,) = struct.unpack_from(fmt, m, pos)
+        pos += n
+        return value
+
+    def skip(n: int, what: str) -> None:
+        nonlocal pos
+        if n < 0 or pos + n > size:
+            raise CheckpointError(f"{path}: {what} declares {n} bytes, more than the file holds: refused")
+        pos += n
+
+    def string(what: str) -> None:
+        n = take("<Q")
+        if n > HEADER_LIMITS["string"]:
+            raise CheckpointError(f"{path}: {what} declares a string of {n} bytes: refused")
+        skip(n, what)
+
+    def value(kind: int, what: str) -> None:
+        if kind in _SCALAR:
+            skip(_SCALAR[kind], what)
+        elif kind == _STRING:
+            string(what)
+        elif kind == _ARRAY:
+            inner, count = take("<I"), take("<Q")
+            least = _SCALAR.get(inner, 8)  # a string or an array takes at least its 8-byte length
+            if count * least > size - pos:
+                raise CheckpointError(f"{path}: {what} declares {count} elements, more than the file holds: refused")
+            if inner in _SCALAR:
+                skip(count * _SCALAR[inner], what)
+            else:
+                for _ in range(count):
+                    value(inner, what)
+        else:
+            raise CheckpointError(f"{path}: {what} has an unknown value type {kind}: not a GGUF file llmkit reads")
+
+    if m[:4] != b"GGUF":
+        raise CheckpointError(f"{path} cannot be read as GGUF: it does not start with GGUF")
+    pos = 4
+    take("<I")  # version
+    tensors, keys = take("<Q"), take("<Q")
+    for what, n in (("tensors", tensors), ("keys", keys)):
+        if n > HEADER_LIMITS[what]:
+            raise CheckpointError(f"{path}: its header declares {n} {what}: refused")
+    for i in range(keys):
+        string(f"metadata key {i}")
+        value(take("<I"), f"metadata key {i}")
+    for i in range(tensors):
+        string(f"tensor {i}'s name")
+        dims = take("<I")
+        if dims > HEADER_LIMITS["dims"]:
+            raise CheckpointError(f"{path}: tensor {i} declares {dims} dimensions: refused")
+        skip(8 * dims + 4 + 8, f"tensor {i}")  # its dimensions, type and offset
+
+
 def open_reader(path: Path):
     import gguf  # optional dependency (the interop extra)
 
+    check_header(path)
     try:
         return gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError):
