@@ -188,10 +188,18 @@ def test_errors_have_openai_shape_and_never_take_the_server_down(server, client)
     httpx = need_module("httpx", "raw HTTP")
     openai = need_module("openai", "the client")
     auth = {"Authorization": f"Bearer {KEY}"}
+    json_auth = {**auth, "Content-Type": "application/json"}
     cases = [
         (httpx.post(server + "/v1/completions", json={"prompt": "x"}), 401, "API key"),
         (httpx.post(server + "/v1/completions", headers={"Authorization": "Bearer wrong"}, json={}), 401, "API key"),
-        (httpx.post(server + "/v1/completions", headers=auth, content=b"{not json"), 400, "not valid JSON"),
+        (httpx.post(server + "/v1/completions", headers=json_auth, content=b"{not json"), 400, "not valid JSON"),
+        (httpx.post(server + "/v1/completions", headers=auth, content=b'{"prompt": "x"}'), 415, "must be JSON"),
+        (
+            httpx.post(server + "/v1/completions", headers={**json_auth, "Origin": "https://evil.example"}, json={}),
+            403,
+            "refused",
+        ),
+        (httpx.post(server + "/v1/completions", headers={**auth, "Host": "evil.example"}, json={}), 403, "Host"),
         (
             httpx.post(server + "/v1/completions", headers=auth, json={"prompt": "x", "max_tokens": 10_000}),
             400,
@@ -452,3 +460,23 @@ def test_a_pretrained_chat_model_is_served_in_its_own_format(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_a_chunked_body_over_the_limit_is_answered_413_before_it_ends(server):
+    """--max-body was checked against Content-Length only: a chunked body was read whole (1.5 GB
+    held in memory) before the 413. Now the answer comes once the limit is passed, while the client
+    is still sending."""
+    import socket
+    from urllib.parse import urlparse
+
+    where = urlparse(server)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: {where.netloc}\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        chunk = b" " * (256 << 10)
+        for _ in range(6):  # 1.5 MiB of a body that never ends, over the 1 MiB limit
+            sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        answer = sock.recv(4096).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]

@@ -312,3 +312,17 @@ def test_a_config_json_sizing_a_huge_model_is_refused_in_one_line(hf_folder, tmp
     (folder / "config.json").write_text(json.dumps({**cfg, **change}))
     r = run_cli("import", str(folder), "-o", str(tmp_path / "imp"), tmp=tmp_path)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "at most" in r.stderr, r.stderr
+
+
+def test_cross_site_and_rebinding_requests_are_told_apart_from_the_servers_own():
+    need_module("fastapi", "the HTTP server")
+    from llmkit.serve.api import LOOPBACK, cross_site
+
+    assert cross_site("127.0.0.1:8000", None, LOOPBACK) == ""  # a program on this machine
+    assert cross_site("127.0.0.1:8000", "http://127.0.0.1:8000", LOOPBACK) == ""  # the chat page itself
+    assert cross_site("localhost:8000", "http://localhost:8000", LOOPBACK) == ""
+    assert cross_site("[::1]:8000", None, LOOPBACK) == ""
+    assert "Host" in cross_site("rebind.evil.example:8000", "http://rebind.evil.example:8000", LOOPBACK)
+    assert "web page" in cross_site("127.0.0.1:8000", "https://evil.example", LOOPBACK)
+    assert "web page" in cross_site("lab.local:8000", "https://evil.example", None)  # beyond loopback too
+    assert cross_site("lab.local:8000", "http://lab.local:8000", None) == ""

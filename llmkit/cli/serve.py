@@ -48,7 +48,7 @@ def serve(
         raise ConfigError(f"--port must be between 1 and 65535, not {port}")
     try:
         from llmkit.serve import host as hosting
-        from llmkit.serve.api import Limits, Server
+        from llmkit.serve.api import LOOPBACK, Limits, Server
     except ImportError as e:
         raise ConfigError(
             f"llmkit serve needs FastAPI and uvicorn: pip install 'llmkit[serve]' ({e.name} is missing)"
@@ -61,6 +61,8 @@ def serve(
         api_key=key,
         quantize=quantize,
         limits=Limits(max_tokens=max_tokens, max_concurrent=max_concurrent, max_body_bytes=max_body),
+        # A loopback server answers its own names only: a page reaching it through another (DNS rebinding) is refused.
+        allowed_hosts=LOOPBACK if host in LOOPBACK else None,
     )
     sock = hosting.listen(host, port)  # a port in use: one line, before anything is served
     console = err_console()

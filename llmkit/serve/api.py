@@ -95,6 +95,32 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(ApiError(500, f"internal error: {type(e).__name__}", kind="server_error"))
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _host_name(host: str) -> str:
+    """'name' of a Host header 'name:port' ('[::1]:8000' -> '[::1]')."""
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def cross_site(host: str, origin: str | None, allowed_hosts: tuple[str, ...] | None) -> str:
+    """Why a request must be refused as coming from elsewhere, or "" to serve it.
+
+    A web page the user opens may send requests to a server on this machine: its ``Origin`` then
+    names the page's site, not this server (cross-site request), or it reached a loopback server
+    through a name of its own that resolves to 127.0.0.1 (DNS rebinding: ``Host`` is not one of the
+    server's names). llama.cpp's and Ollama's servers check the same two headers."""
+    if allowed_hosts is not None and _host_name(host).lower() not in allowed_hosts:
+        return f"Host {host!r} is not a name of this server: refused (a page reaching it through another name)"
+    if origin and origin != "null":
+        netloc = origin.split("://", 1)[-1].rstrip("/").lower()
+        if netloc != host.lower() and _host_name(netloc) not in (allowed_hosts or ()):
+            return f"a request from the web page {origin!r} is refused: this server answers its own pages only"
+    return ""
+
+
 class Guard:
     """API key, body size and concurrent requests, before any route runs."""
 
@@ -103,6 +129,9 @@ class Guard:
 
     def refusal(self, request: HttpRequest) -> ApiError | None:
         server = self.server
+        refused = cross_site(request.headers.get("host", ""), request.headers.get("origin"), server.allowed_hosts)
+        if refused:
+            return ApiError(403, refused, kind="permission_error")
         if server.api_key and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
@@ -185,9 +214,18 @@ class Routes:
 
     async def body_of(self, request: HttpRequest) -> dict:
         limit = self.server.limits.max_body_bytes
-        raw = await request.body()
-        if len(raw) > limit:
-            raise ApiError(413, f"the request body is over {limit} bytes")
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":  # a form or text/plain body is what a cross-site page can send unasked
+            raise ApiError(
+                415, f"the request body must be JSON (Content-Type: application/json, not {kind or 'none'!r})"
+            )
+        parts, size = [], 0
+        async for part in request.stream():  # counted while read: a chunked upload has no Content-Length
+            size += len(part)
+            if size > limit:
+                raise ApiError(413, f"the request body is over {limit} bytes")
+            parts.append(part)
+        raw = b"".join(parts)
         try:
             body = json.loads(raw or b"{}")
         except (ValueError, UnicodeDecodeError):
@@ -358,4 +396,4 @@ class Routes:
         return resources.files("llmkit.serve").joinpath("page.html").read_text(encoding="utf-8")
 
 
-__all__ = ["ApiError", "Limits", "Server", "create_app", "number", "sampling"]
+__all__ = ["LOOPBACK", "ApiError", "Limits", "Server", "create_app", "cross_site", "number", "sampling"]

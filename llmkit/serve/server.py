@@ -33,6 +33,7 @@ class Server:
         api_key: str | None = None,
         name: str | None = None,
         quantize: str | None = None,
+        allowed_hosts: tuple[str, ...] | None = None,
     ):
         ckpt = open_checkpoint(checkpoint)
         self.model, self.ckpt = open_model(ckpt, device)
@@ -41,6 +42,8 @@ class Server:
         self.tok, self.kind = self.ckpt.tokenizer, self.ckpt.kind
         self.limits = limits or Limits()
         self.api_key = api_key
+        # The names a request's Host may give (None: any; a server beyond loopback has names it cannot know).
+        self.allowed_hosts = allowed_hosts
         self.name = name or (
             self.ckpt.path.parent.name if self.ckpt.path.name in ("best", "last") else self.ckpt.path.name
         )
