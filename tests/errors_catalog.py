@@ -358,6 +358,12 @@ CASES = [
     # generate
     Case("--temperature negative", "generate", ["run", "-p", "x", "--temperature", "-1"]),
     Case("--temperature too small to sample", "generate", ["run", "-p", "x", "--temperature", "1e-300"]),
+    Case(
+        "a JSON-lines corpus with a lone surrogate",
+        "pretrain",
+        ["sur.jsonl", "-o", "out", "--steps", "1"],
+        setup=write("sur.jsonl", '{"text": "\\ud800 bonjour"}\n{"text": "Le chat dort."}\n'),
+    ),
     Case("--seed past 64 bits", "generate", ["run", "-p", "x", "--seed", str(10**23)]),
     Case("--length-penalty huge", "generate", ["run", "-p", "x", "--num-beams", "2", "--length-penalty", "1e308"]),
     Case("--num-beams huge", "generate", ["run", "-p", "x", "--num-beams", "100000"]),

@@ -326,3 +326,101 @@ def test_cross_site_and_rebinding_requests_are_told_apart_from_the_servers_own()
     assert "web page" in cross_site("127.0.0.1:8000", "https://evil.example", LOOPBACK)
     assert "web page" in cross_site("lab.local:8000", "https://evil.example", None)  # beyond loopback too
     assert cross_site("lab.local:8000", "http://lab.local:8000", None) == ""
+
+
+class _Tok:
+    bos_id, eos_id = 0, 1
+
+    def __init__(self, template: str):
+        self.chat_template = template
+
+    def id_to_piece(self, i: int) -> str:
+        return "<s>" if i == 0 else "</s>"
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "to render"),
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{{ 'x' * 1000 }}{% endfor %}{% endfor %}", "writes"),
+        ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recurses"),
+        ("{{ 1 // 0 }}", "ZeroDivisionError"),
+        ("{{ ().__class__.__base__.__subclasses__() }}", "refused this conversation"),
+    ],
+    ids=["loop", "output", "recursion", "division", "escape"],
+)
+def test_a_chat_template_renders_under_a_time_and_size_limit(template, message):
+    """A template that looped froze the whole server (its health check, its SIGTERM)."""
+    need_module("jinja2", "chat templates")
+    import time
+
+    from llmkit.core.errors import DataError
+    from llmkit.core.text import templates
+
+    start = time.monotonic()
+    with pytest.raises(DataError, match=message):
+        templates.render(_Tok(template), [("user", "Bonjour")])
+    assert time.monotonic() - start < templates.RENDER_SECONDS + 1.0
+    assert templates.render(_Tok("{{ messages[0]['content'] }}!"), [("user", "Bonjour")]) == "Bonjour!"
+
+
+def test_inputs_that_gave_tracebacks_are_one_line(trained_run, tmp_path):
+    """Each of these ended in a Python traceback."""
+    import numpy as np
+
+    (tmp_path / "c.jsonl").write_text('{"text": "\\ud800 bonjour"}\n{"text": "Le chat dort sur le canapé."}\n')
+    np.save(tmp_path / "nan.npy", np.array([[1.0, 2.0], [np.nan, 0.0], [3.0, 1.0]], dtype="f4"))
+    cases = [
+        (["pretrain", str(tmp_path / "c.jsonl"), "--steps", "1", "-o", str(tmp_path / "o")], None, "lone surrogate"),
+        (["generate", str(trained_run), "-p", "\udcff\udcfe", "-n", "2"], None, "not valid UTF-8"),
+        (["generate", str(trained_run), "-n", "2"], b"\xff\xfe\n", "not valid UTF-8"),
+        (["inspect", "--embeddings", str(tmp_path / "nan.npy"), "-o", str(tmp_path / "i")], None, "NaN"),
+    ]
+    for args, stdin, phrase in cases:
+        env = {**os.environ, "LLMKIT_CACHE": str(tmp_path / "cache")}
+        exe = str(Path(sys.executable).parent / "llmkit")
+        r = subprocess.run([exe, *args], input=stdin, capture_output=True, env=env, timeout=300)
+        err = r.stderr.decode("utf-8", "replace")
+        last = err.strip().splitlines()[-1]
+        assert r.returncode == 1 and last.startswith("error:") and phrase in last and "Traceback" not in err, (
+            args,
+            err,
+        )
+        assert r.stdout == b"", (args, r.stdout)
+
+
+def test_a_csv_field_over_128_kib_is_read(tmp_path):
+    from llmkit.core.files.records import iter_rows
+
+    long = "mot " * 50_000  # 200 KB: Python's csv module refuses fields over 128 KiB by default
+    rows = list(iter_rows(["text,label", f'"{long}",x'], "big.csv", "csv", column="text"))
+    assert rows[0][1]["text"] == long
+
+
+def test_a_damaged_reports_json_costs_its_section_not_the_page(tmp_path):
+    from llmkit.core.jobs.report import render
+
+    (tmp_path / "reports.json").write_text('{"data": [1')
+    assert "reports.json cannot be read" in render(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"prompt": "\\ud800"}',
+        b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',
+    ],  # fmt: skip
+    ids=["deep", "surrogate", "content-part"],
+)
+def test_request_bodies_that_gave_500s_are_400s(trained_run, body):
+    need_module("fastapi", "the HTTP server")
+    from fastapi.testclient import TestClient
+
+    from llmkit.serve.api import Server, create_app
+
+    route = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+    with TestClient(create_app(Server(trained_run))) as http:
+        r = http.post(route, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert http.post("/v1/completions", json={"prompt": "Le", "max_tokens": 2}).status_code == 200

@@ -213,8 +213,10 @@ def _prompts(prompt: str | None, prompt_file: Path | None, field: str) -> list[s
     if prompt is not None and prompt_file is not None:
         raise DataError("give --prompt or --prompt-file, not both")
     from llmkit.core.files.records import read_prompts
+    from llmkit.core.text.tokenizer import check_text
 
     if prompt is not None:
+        check_text(prompt)  # bytes that were not UTF-8 are refused before anything is printed
         return [prompt]
     if prompt_file is not None:
         from llmkit.core.files.corpus import read_text
@@ -223,5 +225,6 @@ def _prompts(prompt: str | None, prompt_file: Path | None, field: str) -> list[s
     if sys.stdin is not None and not sys.stdin.isatty():
         text = sys.stdin.read()
         if text.strip():  # an empty or closed stdin means no prompt, as in a terminal
+            check_text(text)
             return read_prompts(text, "stdin", field)
     return [""]  # no prompt at all: generate from the beginning-of-text token

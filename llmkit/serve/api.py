@@ -230,6 +230,8 @@ class Routes:
             body = json.loads(raw or b"{}")
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON") from None
+        except RecursionError:
+            raise ApiError(400, "the request body nests too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return body

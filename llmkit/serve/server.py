@@ -79,7 +79,10 @@ class Server:
         return ids
 
     def completion_ids(self, text: str) -> list[int]:
-        return self._fit(self.prompts.text(text))
+        try:
+            return self._fit(self.prompts.text(text))
+        except LlmkitError as e:  # a lone surrogate, a template that refuses: this request's failure
+            raise ApiError(400, str(e), param="prompt") from None
 
     def chat_ids(self, messages: Any) -> list[int]:
         try:
@@ -178,7 +181,8 @@ def turns_of(messages: Any) -> list[tuple[str, str]]:
             raise ApiError(400, f"messages[{i}] needs a role (system, user or assistant)", param="messages")
         content = m.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}]
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            texts = [part.get("text", "") for part in content if isinstance(part, dict)]
+            content = "".join(texts) if all(isinstance(t, str) for t in texts) else None
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be text", param="messages")
         turns.append(("system" if m["role"] == "developer" else m["role"], content))

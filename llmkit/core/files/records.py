@@ -27,6 +27,11 @@ def iter_objects(lines: Iterable[str], name: str, start: int = 1) -> Iterator[tu
             raise DataError(f"{name}: line {n} is not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{name}: line {n} is not a JSON object")
+        if "\\ud" in line.lower():  # an escaped surrogate: valid JSON, but no text when alone
+            try:
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{name}: line {n} holds a lone surrogate (\\ud800-\\udfff): not text") from None
         yield n, obj
 
 
@@ -36,11 +41,19 @@ def iter_rows(lines: Iterable[str], name: str, kind: str, *, column: str | None 
     if kind == "jsonl":
         yield from iter_objects(lines, name)
         return
+    csv.field_size_limit(FIELD_CHARS)  # the module's default, 128 KiB, refuses a long document
     reader = csv.DictReader(lines, delimiter="\t" if kind == "tsv" else ",")
-    if column is not None and (not reader.fieldnames or column not in reader.fieldnames):
-        raise DataError(f"{name}: no column {column!r} (columns: {', '.join(reader.fieldnames or [])})")
-    for row in reader:
-        yield reader.line_num, row
+    try:
+        if column is not None and (not reader.fieldnames or column not in reader.fieldnames):
+            raise DataError(f"{name}: no column {column!r} (columns: {', '.join(reader.fieldnames or [])})")
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as e:
+        raise DataError(f"{name}: line {reader.line_num} is not valid {kind.upper()} ({e})") from None
+
+
+FIELD_CHARS = 64 << 20
+"""The longest CSV/TSV field read (64M characters): one field is one item, held whole."""
 
 
 def iter_records(

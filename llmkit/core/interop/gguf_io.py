@@ -12,6 +12,7 @@ permutation applied, the tokenizer and chat template embedded.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import struct
@@ -84,7 +85,6 @@ def check_header(path: Path) -> None:
     every count and length must fit in the file's remaining bytes and under ``HEADER_LIMITS``.
     The ``gguf`` package builds Python lists from the declared counts: an 84-byte file declaring a
     2^40-element array would otherwise grow memory until the kernel stops the process."""
-    import mmap
 
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size

@@ -98,9 +98,15 @@ def notable_heads(att: Attention) -> tuple[dict[str, Any], dict[str, Any]]:
 def load_vectors(path) -> np.ndarray:
     """Vectors saved by ``llmkit encode`` (.npy), never unpickled."""
     try:
-        return np.load(path, allow_pickle=False)
+        vectors = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: not a .npy array of vectors ({e})") from None
+    if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.number):
+        raise DataError(f"{path}: not a (rows, dimensions) array of numbers (shape {vectors.shape}, {vectors.dtype})")
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if bad.size:
+        raise DataError(f"{path}: row {bad[0]} holds NaN or infinity ({bad.size} such rows): no map can place it")
+    return vectors
 
 
 @torch.inference_mode()

@@ -223,7 +223,12 @@ def _reports(run: Path) -> str:
     """The data report and the tokenizer's (when the run trained one), from reports.json."""
     if not (run / "reports.json").is_file():
         return ""
-    reports = json.loads((run / "reports.json").read_text(encoding="utf-8"))
+    try:
+        reports = json.loads((run / "reports.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # a damaged side file costs its section, not the page
+        return f"<p class='muted'>reports.json cannot be read ({html.escape(str(e))})</p>"
+    if not isinstance(reports, dict):
+        return "<p class='muted'>reports.json holds no reports</p>"
     titles = {"data": "Data", "tokenizer": "Tokenizer report (trained for this run)"}
     parts = []
     for name, values in reports.items():

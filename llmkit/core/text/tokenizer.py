@@ -31,7 +31,7 @@ import yaml
 from llmkit import __version__
 from llmkit.core.atomic import atomic_write
 from llmkit.core.config import TokenizerConfig
-from llmkit.core.errors import TokenizerError, check_format
+from llmkit.core.errors import DataError, TokenizerError, check_format
 from llmkit.core.files.stream import sample_lines
 
 FORMAT_VERSION = 1
@@ -226,10 +226,19 @@ class Tokenizer:
         return self.contract.get("chat_template") or None
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text)
+        try:
+            return self.backend.encode(text)
+        except Exception:
+            check_text(text)  # the usual cause: no text at all (a lone surrogate, bytes that were not UTF-8)
+            raise
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.backend.encode_batch(texts)
+        try:
+            return self.backend.encode_batch(texts)
+        except Exception:
+            for text in texts:
+                check_text(text)
+            raise
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode([int(i) for i in ids])
@@ -261,6 +270,18 @@ class Tokenizer:
 
     def is_byte(self, i: int) -> bool:
         return i in self._byte_ids
+
+
+def check_text(text: str) -> None:
+    """Refuse a string that is not text: a lone surrogate, which is what bytes that were not UTF-8
+    become in a command-line argument or on standard input (Python's surrogateescape), or what a
+    JSON escape like \\ud800 gives."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"the text is not valid UTF-8 (at character {e.start}: {text[e.start]!r}); give UTF-8 text"
+        ) from None
 
 
 def check_compatible(expected: dict[str, Any], given: dict[str, Any], *, what: str = "tokenizer") -> None:
