@@ -168,6 +168,15 @@ def open_reader(path: Path):
 
 
 def config_from_gguf(f: dict[str, Any], where: str) -> dict[str, Any]:
+    """llmkit's model section from a GGUF's metadata; a key of the wrong type or value (a string
+    where a number belongs, zero heads) is one line naming it."""
+    try:
+        return _config_from_gguf(f, where)
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as e:
+        raise CheckpointError(f"{where}: a metadata key has a wrong type or value ({e})") from None
+
+
+def _config_from_gguf(f: dict[str, Any], where: str) -> dict[str, Any]:
     arch = f.get("general.architecture")
     if arch not in ARCHS:
         raise CheckpointError(f"{where}: architecture {arch!r} is not supported ({', '.join(ARCHS)} are)")

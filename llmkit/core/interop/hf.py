@@ -76,7 +76,18 @@ def to_hf_name(name: str) -> str:
 
 
 def config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    """llmkit's model section from a ``config.json``; refuses what llmkit would compute wrongly."""
+    """llmkit's model section from a ``config.json``; refuses what llmkit would compute wrongly, and
+    a file written by a stranger with fields of the wrong type (a list, a string, zero heads) in
+    one line naming it."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{where}: config.json must hold a JSON object, not {type(hf).__name__}")
+    try:
+        return _config_from_hf(hf, where)
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as e:
+        raise CheckpointError(f"{where}: a field of config.json has a wrong type or value ({e})") from None
+
+
+def _config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise CheckpointError(
