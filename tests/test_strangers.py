@@ -424,3 +424,34 @@ def test_request_bodies_that_gave_500s_are_400s(trained_run, body):
         r = http.post(route, content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 400, r.text
         assert http.post("/v1/completions", json={"prompt": "Le", "max_tokens": 2}).status_code == 200
+
+
+def test_a_compressed_line_of_gigabytes_is_refused_before_it_is_held(tmp_path, monkeypatch):
+    """A 2 MB .txt.gz holding one 2 GiB line was read into memory whole."""
+    import gzip
+
+    from llmkit.core.errors import DataError
+    from llmkit.core.files import stream
+    from llmkit.core.files.corpus import resolve_files
+
+    monkeypatch.setattr(stream, "LINE_BYTES", 4 << 20)  # the same rule at a size a test can afford
+    with gzip.open(tmp_path / "one.txt.gz", "wb") as f:
+        for _ in range(16):
+            f.write(b"a" * (1 << 20))  # 16 MiB, no line break, 16 KB compressed
+    cf = resolve_files([str(tmp_path / "one.txt.gz")])[0]
+    with pytest.raises(DataError, match="over 4 MiB"):
+        with stream.open_raw(cf.path) as raw:
+            reader = stream.HashingReader(raw, cf.path)
+            with stream._decompressed(reader, cf) as s:
+                list(stream.line_chunks(s, 1 << 20, cf.path))
+
+
+def test_a_huge_config_json_is_not_read_into_memory(tmp_path):
+    from llmkit.core.interop.folder import member
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    with open(folder / "config.json", "wb") as f:  # sparse: 1 GiB that takes no disk
+        f.truncate(1 << 30)
+    with pytest.raises(CheckpointError, match="over the 256 MiB"):
+        member(folder, "config.json")

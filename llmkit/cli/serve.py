@@ -32,6 +32,9 @@ def serve(
         int, typer.Option("--max-concurrent", help="Requests in flight at most (then 429).")
     ] = 64,
     max_body: Annotated[int, typer.Option("--max-body", help="Largest request body, in bytes.")] = 1 << 20,
+    body_timeout: Annotated[
+        float, typer.Option("--body-timeout", help="Seconds a client may take to send its request body.")
+    ] = 30.0,
     quantize: Annotated[
         Optional[str], opt("int8: int8 weight-only linear layers (faster decoding; docs/generate.md).", "--quantize")
     ] = None,
@@ -42,7 +45,10 @@ def serve(
     from llmkit.core.errors import ConfigError
     from llmkit.core.host.device import pick_device
 
-    check_positive(max_batch=max_batch, max_tokens=max_tokens, max_concurrent=max_concurrent, max_body=max_body)
+    check_positive(
+        max_batch=max_batch, max_tokens=max_tokens, max_concurrent=max_concurrent, max_body=max_body,
+        body_timeout=body_timeout,
+    )  # fmt: skip
     check_quantize(quantize)
     if not 0 < port < 65536:
         raise ConfigError(f"--port must be between 1 and 65535, not {port}")
@@ -60,7 +66,9 @@ def serve(
         max_batch=max_batch,
         api_key=key,
         quantize=quantize,
-        limits=Limits(max_tokens=max_tokens, max_concurrent=max_concurrent, max_body_bytes=max_body),
+        limits=Limits(
+            max_tokens=max_tokens, max_concurrent=max_concurrent, max_body_bytes=max_body, body_seconds=body_timeout
+        ),  # fmt: skip
         # A loopback server answers its own names only: a page reaching it through another (DNS rebinding) is refused.
         allowed_hosts=LOOPBACK if host in LOOPBACK else None,
     )

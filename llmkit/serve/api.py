@@ -58,7 +58,7 @@ def create_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="llmkit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     _add_error_handlers(app)
-    app.middleware("http")(Guard(server))
+    app.add_middleware(GuardMiddleware, guard=Guard(server))
     routes = Routes(server)
     app.get("/health")(routes.health)
     app.get("/v1/models")(routes.models)
@@ -89,10 +89,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_, e):
         return _error(ApiError(400, "the request body is not valid"))
-
-    @app.exception_handler(Exception)
-    async def _bug(_, e):
-        return _error(ApiError(500, f"internal error: {type(e).__name__}", kind="server_error"))
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -144,16 +140,44 @@ class Guard:
             return ApiError(429, "too many requests in flight: try again shortly", kind="rate_limit_error")
         return None
 
-    async def __call__(self, request: HttpRequest, call_next):
-        refused = self.refusal(request)
+
+class GuardMiddleware:
+    """``Guard`` as a plain ASGI middleware, around the routes: refusals answered before any route
+    runs, the requests in flight counted, and a bug answered as a 500 here, so that Starlette's
+    outermost error middleware, which re-raises to the server after answering (and uvicorn then
+    drops the kept-alive connection), never sees it: a 500 leaves its connection usable."""
+
+    def __init__(self, app, guard: Guard):
+        self.app, self.guard = app, guard
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = HttpRequest(scope)
+        refused = self.guard.refusal(request)
         if refused is not None:
-            return _error(refused)
-        counted = request.method == "POST"
-        self.server.in_flight += counted
+            await _error(refused)(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        counted = scope["method"] == "POST"
+        self.guard.server.in_flight += counted
         try:
-            return await call_next(request)
+            await self.app(scope, receive, sending)
+        except Exception as e:  # noqa: BLE001 - a bug is this request's 500, never the connection's end
+            if started:
+                raise  # a response already under way can only be cut short
+            await _error(ApiError(500, f"internal error: {type(e).__name__}", kind="server_error"))(
+                scope, receive, send
+            )
         finally:
-            self.server.in_flight -= counted
+            self.guard.server.in_flight -= counted
 
 
 def stream(
@@ -219,12 +243,21 @@ class Routes:
             raise ApiError(
                 415, f"the request body must be JSON (Content-Type: application/json, not {kind or 'none'!r})"
             )
-        parts, size = [], 0
-        async for part in request.stream():  # counted while read: a chunked upload has no Content-Length
-            size += len(part)
-            if size > limit:
-                raise ApiError(413, f"the request body is over {limit} bytes")
-            parts.append(part)
+        parts: list[bytes] = []
+
+        async def read() -> None:
+            size = 0
+            async for part in request.stream():  # counted while read: a chunked upload has no Content-Length
+                size += len(part)
+                if size > limit:
+                    raise ApiError(413, f"the request body is over {limit} bytes")
+                parts.append(part)
+
+        seconds = self.server.limits.body_seconds
+        try:
+            await asyncio.wait_for(read(), timeout=seconds)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {seconds:g} s") from None
         raw = b"".join(parts)
         try:
             body = json.loads(raw or b"{}")

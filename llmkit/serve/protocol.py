@@ -39,6 +39,9 @@ class Limits:
     max_prompt_tokens: int = 0
     """The longest prompt, in tokens (0: the model's context less one)."""
     max_body_bytes: int = 1 << 20
+    body_seconds: float = 30.0
+    """The longest a client may take to send its body: a stalled upload holds a place among the
+    requests in flight, so 64 of them locked every other client out with 429s."""
     max_concurrent: int = 64
     max_n: int = 8
 

@@ -150,6 +150,10 @@ def read_exact(stream: BinaryIO, n: int, path: Path) -> bytes:
     return b"".join(parts)
 
 
+LINE_BYTES = 256 << 20
+"""The longest line a corpus may hold: a line is held whole until it ends."""
+
+
 def line_chunks(stream: BinaryIO, chunk_bytes: int, path: Path) -> Iterator[tuple[int, bytes]]:
     """(offset, bytes) pieces of a stream, each ending at a line break (the last may not)."""
     carry, offset = b"", 0
@@ -162,6 +166,11 @@ def line_chunks(stream: BinaryIO, chunk_bytes: int, path: Path) -> Iterator[tupl
         data = carry + block
         cut = data.rfind(b"\n")
         if cut < 0:  # a line longer than a chunk: keep reading until it ends
+            if len(data) > LINE_BYTES:
+                raise DataError(
+                    f"{path}: the line at byte {offset} is over {LINE_BYTES >> 20} MiB (a 2 MB .gz can hold a 2 GiB "
+                    "line): split it, or is this file text?"
+                )
             carry = data
             continue
         yield offset, data[: cut + 1]

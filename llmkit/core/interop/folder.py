@@ -15,10 +15,15 @@ from pathlib import Path
 
 from llmkit.core.errors import CheckpointError
 
+SIZE_LIMITS = {".json": 256 << 20, ".jinja": 1 << 20, ".model": 256 << 20}
+"""The largest metadata file read whole (config.json, tokenizer.json, a chat template, a
+SentencePiece model): a sparse 30 GB config.json must not be read into memory. Weights are
+memory-mapped, never read whole, and have no such limit."""
+
 
 def member(folder: Path, name: str, *, root: Path | None = None) -> Path | None:
     """``folder/name`` when it is a regular file inside ``folder`` (or ``root``), None when absent;
-    refused when the name or a link leads outside."""
+    refused when the name or a link leads outside, or when a file read whole is too large."""
     folder = Path(folder)
     path = folder / name
     if Path(name).is_absolute() or ".." in Path(name).parts:
@@ -31,4 +36,9 @@ def member(folder: Path, name: str, *, root: Path | None = None) -> Path | None:
     real = path.resolve()
     if not real.is_relative_to(allowed):
         raise CheckpointError(f"{path} is a link to {real}, outside the model folder: refused")
-    return path if real.is_file() else None
+    if not real.is_file():
+        return None
+    limit = SIZE_LIMITS.get(real.suffix.lower() if real.suffix else Path(name).suffix.lower())
+    if limit is not None and real.stat().st_size > limit:
+        raise CheckpointError(f"{path} is {real.stat().st_size} bytes, over the {limit >> 20} MiB read for such a file")
+    return path
