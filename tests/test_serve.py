@@ -541,3 +541,114 @@ def test_a_500_leaves_its_kept_alive_connection_usable(trained_run):
     finally:
         web.should_exit = True
         thread.join(timeout=30)
+
+
+def _engine(trained_run):
+    from llmkit.core.store.checkpoint import load_model
+    from llmkit.serve.engine import Engine
+
+    model, ckpt = load_model(trained_run)
+    from llmkit.core.config import EmbedConfig
+
+    engine = Engine(model, ckpt.tokenizer, "cpu", max_batch=4, embed_cfg=EmbedConfig())
+    return engine, ckpt.tokenizer
+
+
+def _submit(engine, results, name, **kw):
+    import threading
+
+    from llmkit.serve.engine import Request
+
+    done, streamed = threading.Event(), []
+
+    def finish(status):
+        return lambda value: (results.append((name, status, value, streamed)), done.set())
+
+    r = Request(on_text=streamed.append, on_done=finish("done"), on_error=finish("error"), **kw)
+    engine.submit(r)
+    return done
+
+
+def test_a_failed_batch_step_fails_only_the_row_that_fails_alone(trained_run, monkeypatch):
+    """One request's failure inside a batch gave every request queued behind it a 500."""
+    from llmkit.core.config import SampleConfig
+    from llmkit.core.decoding import decoder, steps
+
+    engine, tok = _engine(trained_run)
+    cfg = SampleConfig(max_new_tokens=12, temperature=0.0)
+    prompts = {name: tok.encode_text(text) for name, text in [("a", "Le pain"), ("b", "La mer"), ("bad", "Au")]}
+    real_step, real_decode, failed = steps.Slots.step, decoder.Decoder.decode, []
+
+    def step(self):
+        if not failed and self.live == 3:
+            failed.append(1)
+            raise RuntimeError("a row's logits are NaN")  # the batch fails once, with every row in it
+        return real_step(self)
+
+    def decode(self, prompts_, seeds, **kw):
+        if prompts_[0] == prompts["bad"]:
+            raise RuntimeError("this row fails alone too")
+        return real_decode(self, prompts_, seeds, **kw)
+
+    monkeypatch.setattr(steps.Slots, "step", step)
+    monkeypatch.setattr(decoder.Decoder, "decode", decode)
+    results = []
+    events = [
+        _submit(engine, results, n, kind="generate", prompt_ids=ids, cfg=cfg, seed=0) for n, ids in prompts.items()
+    ]
+    engine.start()
+    try:
+        assert all(e.wait(60) for e in events)
+    finally:
+        engine.stop()
+    assert failed, "the batch step never failed: the test proves nothing"
+    by_name = {name: (status, out, streamed) for name, status, out, streamed in results}
+    assert by_name["bad"][0] == "error"
+    for name in ("a", "b"):
+        status, out, streamed = by_name[name]
+        assert status == "done" and out.text == _alone(trained_run, tok.decode(prompts[name]), 12)
+        assert "".join(streamed) == out.text  # what was streamed before the failure is not sent twice
+
+
+def test_a_long_embedding_request_shares_the_model_with_generation(trained_run):
+    """One /v1/embeddings request of 5,000 items blocked all generation for 78 s."""
+    from llmkit.core.config import SampleConfig
+
+    engine, tok = _engine(trained_run)
+    results = []
+    texts = [f"phrase numéro {i} du long lot" for i in range(400)]
+    events = [_submit(engine, results, "embed", kind="embed", texts=texts)]
+    events.append(_submit(engine, results, "chat", kind="generate", prompt_ids=tok.encode_text("Le pain"),
+                          cfg=SampleConfig(max_new_tokens=4, temperature=0.0), seed=0))  # fmt: skip
+    engine.start()
+    try:
+        assert all(e.wait(120) for e in events)
+    finally:
+        engine.stop()
+    assert [name for name, *_ in results] == ["chat", "embed"]  # the short answer did not wait for the long one
+    vectors, _ = results[1][2]
+    assert vectors.shape[0] == len(texts)
+
+
+def test_a_client_that_hangs_up_on_a_non_streamed_request_frees_its_row(trained_run):
+    """A non-streaming client that hung up kept its row decoding; three dropped n=8 requests made
+    the next one wait over 200 s."""
+    httpx = need_module("httpx", "raw HTTP")
+    import socket
+
+    proc, url = _start(trained_run, "--max-batch", "1", "--max-tokens", "200000")
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"prompt": "Le", "max_tokens": 200000, "temperature": 0}).encode()
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+        time.sleep(1.0)  # decoding has started, alone in the batch of one
+        s.close()  # the client goes away
+        start = time.monotonic()
+        r = httpx.post(url + "/v1/completions", json={"prompt": "La", "max_tokens": 4, "temperature": 0}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - start < 15, "the abandoned request's 200,000 tokens were decoded first"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)

@@ -41,6 +41,32 @@ class Request:
     on_done: Callable[[Any], None] = lambda result: None
     on_error: Callable[[BaseException], None] = lambda error: None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    sent: int = 0
+    """Characters of text already streamed (a row decoded again after a failed batch skips them)."""
+    parts: list = field(default_factory=list)
+    """Embeddings or class probabilities of the texts done so far, a part at a time."""
+
+    def stream(self, text: str) -> None:
+        self.sent += len(text)
+        self.on_text(text)
+
+    def resend_from(self, skip: int) -> Callable[[str], None]:
+        """``on_text`` for a second decoding of this request: the first ``skip`` characters were sent."""
+        seen = 0
+
+        def on_text(text: str) -> None:
+            nonlocal seen
+            new = text[max(skip - seen, 0) :]
+            seen += len(text)
+            if new:
+                self.stream(new)
+
+        return on_text
+
+
+PART = 32
+"""Texts embedded or classified per turn of the loop: a long request shares the model with the
+decoding batch (one part, one decoding step, …) instead of holding it for minutes."""
 
 
 class Busy(Exception):
@@ -114,23 +140,27 @@ class Engine:
             while not self._stop.is_set() and not until():
                 try:
                     self._turn()
-                except Exception as e:  # a bug must not take the server down: each caller hears of it
-                    for r in list(self.running.values()) + self.held:
-                        r.on_error(e)
-                    self.running, self.held, self.slots = {}, [], None
+                except Exception:  # noqa: BLE001 - a failed batch step: its rows are decoded again, alone
+                    self._isolate()
+
+    def _isolate(self) -> None:
+        """After a batched step fails, decode each of its rows again by itself: an output does not
+        depend on its batch, so the rows that can finish get the same text as in the batch (their
+        streamed text is not sent twice), and only a row that fails alone hears of the error."""
+        rows, self.running, self.slots = list(self.running.values()), {}, None
+        for r in rows:
+            try:
+                self._alone(r, on_text=r.resend_from(r.sent))
+            except Exception as e:  # noqa: BLE001 - this row's own failure
+                r.on_error(e)
 
     def _turn(self) -> None:
         """Admit what can join, then one decoding step (or wait for work when there is none)."""
-        if self.slots is None or not self.slots.live:
-            first = self._next(0.1)
+        if (self.slots is None or not self.slots.live) and not self.held:
+            first = self._next(0.1)  # nothing to do: wait a moment for work
             if first is None:
                 return
-            if first.cancelled.is_set():
-                return
-            if first.kind != "generate":
-                self._serve_one(first)
-                return
-            self.held.insert(0, first)
+            self.held.append(first)
         self._admit()
         if self.slots is not None and self.slots.live:
             for out in self.slots.step():
@@ -151,7 +181,8 @@ class Engine:
             if r.cancelled.is_set():
                 continue
             if r.kind != "generate":
-                self._serve_one(r)  # embeddings and classification between two decoding steps
+                if not self._serve_part(r):  # one part of embeddings or classes between two decoding steps
+                    keep.append(r)
                 continue
             key = replace(r.cfg, max_new_tokens=1, seed=None)
             if self.slots is None or (not self.slots.live and self.key != key):
@@ -177,7 +208,7 @@ class Engine:
                 r.prompt_ids,
                 r.seed,
                 r.cfg.max_new_tokens,
-                on_text=r.on_text,
+                on_text=r.stream,
                 cancelled=r.cancelled.is_set,
                 record=r.logprobs,
             )
@@ -190,36 +221,49 @@ class Engine:
                 self.stats["largest_batch"] = max(self.stats["largest_batch"], self.slots.live)
         self.held = keep
 
-    def _alone(self, r: Request) -> None:
-        """A request too long for the shared cache: decoded by itself (the context slides)."""
+    def _alone(self, r: Request, on_text: Callable[[str], None] | None = None) -> None:
+        """A request decoded by itself: too long for the shared cache (the context slides), or a row
+        of a batch that failed."""
         decoder = Decoder(self.model, self.tok, r.cfg, self.device)
+        stream = on_text or r.stream
         out = decoder.decode(
             [r.prompt_ids],
             [r.seed],
-            on_text=lambda _, text: r.on_text(text),
+            on_text=lambda _, text: stream(text),
             record_probs=r.logprobs,
             cancelled=lambda _: r.cancelled.is_set(),
         )[0]
         self.stats["requests"] += 1
         r.on_done(out)
 
-    def _serve_one(self, r: Request) -> None:
+    def _serve_part(self, r: Request) -> bool:
+        """Embed or classify the next ``PART`` texts of a request; whether it is finished (then
+        answered). A failure is the request's own."""
+        done = sum(len(p[0]) for p in r.parts)
         try:
+            r.parts.append(self._embed_or_classify(r.kind, r.texts[done : done + PART]))
+            if done + PART < len(r.texts):
+                return False
             if r.kind == "embed":
-                from llmkit.core.jobs.embed import embed_items
+                import numpy as np
 
-                vectors, truncated = embed_items(self.model, self.tok, r.texts, self.embed_cfg, device=self.device)
-                r.on_done((vectors, truncated))
-            elif r.kind == "classify":
-                import torch
-
-                from llmkit.core.tasks.objectives import classify_texts
-
-                logits, truncated = classify_texts(
-                    self.model, self.tok, r.texts, pooling=self.pooling, device=self.device
-                )
-                r.on_done((torch.softmax(logits.float(), -1).tolist(), truncated))
-            else:  # pragma: no cover - the API sends only the kinds above
-                raise ValueError(r.kind)
-        except Exception as e:
+                r.on_done((np.concatenate([p[0] for p in r.parts]), sum(p[1] for p in r.parts)))
+            else:
+                r.on_done(([row for p in r.parts for row in p[0]], sum(p[1] for p in r.parts)))
+        except Exception as e:  # noqa: BLE001 - this request's failure, not the loop's
             r.on_error(e)
+        return True
+
+    def _embed_or_classify(self, kind: str, texts: list[str]):
+        if kind == "embed":
+            from llmkit.core.jobs.embed import embed_items
+
+            return embed_items(self.model, self.tok, texts, self.embed_cfg, device=self.device)
+        if kind == "classify":
+            import torch
+
+            from llmkit.core.tasks.objectives import classify_texts
+
+            logits, truncated = classify_texts(self.model, self.tok, texts, pooling=self.pooling, device=self.device)
+            return torch.softmax(logits.float(), -1).tolist(), truncated
+        raise ValueError(kind)  # pragma: no cover - the API sends only the kinds above
