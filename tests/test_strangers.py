@@ -455,3 +455,44 @@ def test_a_huge_config_json_is_not_read_into_memory(tmp_path):
         f.truncate(1 << 30)
     with pytest.raises(CheckpointError, match="over the 256 MiB"):
         member(folder, "config.json")
+
+
+def test_encode_onto_a_full_disk_is_one_line_not_sigbus(trained_run, tmp_path, monkeypatch):
+    """The .npy output was written through a memory map into a sparse file: a full disk killed
+    encode with SIGBUS and no message."""
+    import errno
+
+    from llmkit.core.config import EmbedConfig
+    from llmkit.core.errors import DataError
+    from llmkit.core.jobs import embed
+    from llmkit.core.store.checkpoint import load_model
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(embed.os, "posix_fallocate", full)
+    model, ckpt = load_model(trained_run)
+    items = embed.ItemSource.from_text("un\ndeux\ntrois\n", "stdin").scan()
+    with pytest.raises(DataError, match="No space left on device"):
+        embed.encode_to_file(model, ckpt.tokenizer, items, tmp_path / "v.npy", EmbedConfig(), model_id="x")
+    assert not (tmp_path / "v.npy").exists()
+
+
+def test_cors_is_off_unless_asked_and_then_only_for_the_origins_named(trained_run):
+    need_module("fastapi", "the HTTP server")
+    from fastapi.testclient import TestClient
+
+    from llmkit.serve.api import Server, create_app
+
+    body = {"prompt": "Le", "max_tokens": 2}
+    with TestClient(create_app(Server(trained_run))) as http:
+        r = http.post("/v1/completions", json=body, headers={"Origin": "https://app.example"})
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    with TestClient(create_app(Server(trained_run, cors_origins=("https://app.example",)))) as http:
+        pre = http.options("/v1/completions", headers={"Origin": "https://app.example",
+                                                         "Access-Control-Request-Method": "POST",
+                                                         "Access-Control-Request-Headers": "content-type"})  # fmt: skip
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://app.example"
+        r = http.post("/v1/completions", json=body, headers={"Origin": "https://app.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        assert http.post("/v1/completions", json=body, headers={"Origin": "https://evil.example"}).status_code == 403

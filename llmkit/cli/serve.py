@@ -32,6 +32,14 @@ def serve(
         int, typer.Option("--max-concurrent", help="Requests in flight at most (then 429).")
     ] = 64,
     max_body: Annotated[int, typer.Option("--max-body", help="Largest request body, in bytes.")] = 1 << 20,
+    cors_origin: Annotated[
+        Optional[list[str]],
+        opt(
+            "Let web pages of this origin call the server (repeatable) [default: none].",
+            "--cors-origin",
+            metavar="ORIGIN",
+        ),
+    ] = None,
     body_timeout: Annotated[
         float, typer.Option("--body-timeout", help="Seconds a client may take to send its request body.")
     ] = 30.0,
@@ -71,6 +79,7 @@ def serve(
         ),  # fmt: skip
         # A loopback server answers its own names only: a page reaching it through another (DNS rebinding) is refused.
         allowed_hosts=LOOPBACK if host in LOOPBACK else None,
+        cors_origins=tuple(cors_origin or ()),
     )
     sock = hosting.listen(host, port)  # a port in use: one line, before anything is served
     console = err_console()

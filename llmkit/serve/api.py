@@ -59,6 +59,11 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="llmkit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     _add_error_handlers(app)
     app.add_middleware(GuardMiddleware, guard=Guard(server))
+    if server.cors_origins:  # off unless asked: a browser then lets those pages read the answers
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(server.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
     routes = Routes(server)
     app.get("/health")(routes.health)
     app.get("/v1/models")(routes.models)
@@ -125,7 +130,10 @@ class Guard:
 
     def refusal(self, request: HttpRequest) -> ApiError | None:
         server = self.server
-        refused = cross_site(request.headers.get("host", ""), request.headers.get("origin"), server.allowed_hosts)
+        origin = request.headers.get("origin")
+        if origin in server.cors_origins:
+            origin = None  # a page of a site the server was told to answer (--cors-origin)
+        refused = cross_site(request.headers.get("host", ""), origin, server.allowed_hosts)
         if refused:
             return ApiError(403, refused, kind="permission_error")
         if server.api_key and request.url.path.startswith("/v1/"):

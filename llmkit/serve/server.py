@@ -34,6 +34,7 @@ class Server:
         name: str | None = None,
         quantize: str | None = None,
         allowed_hosts: tuple[str, ...] | None = None,
+        cors_origins: tuple[str, ...] = (),
     ):
         ckpt = open_checkpoint(checkpoint)
         self.model, self.ckpt = open_model(ckpt, device)
@@ -44,6 +45,7 @@ class Server:
         self.api_key = api_key
         # The names a request's Host may give (None: any; a server beyond loopback has names it cannot know).
         self.allowed_hosts = allowed_hosts
+        self.cors_origins = cors_origins  # web pages of other sites allowed to call it (none unless asked)
         self.name = name or (
             self.ckpt.path.parent.name if self.ckpt.path.name in ("best", "last") else self.ckpt.path.name
         )

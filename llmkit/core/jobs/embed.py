@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import itertools
 import json
+import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -217,6 +219,8 @@ class Writer:
                 f.truncate(8 + len(raw) + self.n * self.dim * np.dtype(self.np_dtype).itemsize)
         else:
             self.out.write_text("", encoding="utf-8")
+        if self.fmt in (".npy", ".safetensors"):
+            _reserve(self.out)
         if self.fmt != ".jsonl":
             items_path(self.out).write_text("", encoding="utf-8")
         self._save_meta()
@@ -359,3 +363,18 @@ def search(index: np.ndarray, query: np.ndarray, k: int) -> list[tuple[int, floa
     scores = a @ q
     top = np.argsort(-scores, kind="stable")[:k]
     return [(int(i), float(scores[i])) for i in top]
+
+
+def _reserve(path: Path) -> None:
+    """Give a preallocated output its disk blocks now: written later through a memory map, a file
+    whose blocks a full disk cannot supply kills the process with SIGBUS, without a message. Here
+    a full disk is one line before any vector is computed."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a filesystem that cannot: write it
+                return
+            path.unlink(missing_ok=True)
+            raise DataError(f"cannot write {path}: {e.strerror} ({size} bytes needed)") from None
