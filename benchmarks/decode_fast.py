@@ -33,10 +33,10 @@ import torch
 from common import SHARED_DATA, emit, hf_llama, machine
 
 from llmkit.core.config import SampleConfig
-from llmkit.core.decoding.decoder.speculative import DraftModel, PromptLookup, guesses_per_pass, speculative_batch
-from llmkit.core.decoding.decoder.steps import decode_batch
+from llmkit.core.decoding.speculative import DraftModel, PromptLookup, guesses_per_pass, speculative_batch
+from llmkit.core.decoding.steps import decode_batch
 from llmkit.core.interop.resolve import open_model
-from llmkit.core.model.transformer.quantize import int8_copy, quantize_int8
+from llmkit.core.model.quantize import int8_copy, quantize_int8
 from llmkit.core.training.loop import mean_token_loss
 
 

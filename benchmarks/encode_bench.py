@@ -23,7 +23,7 @@ import torch
 from common import SHARED_DATA, bag_of_words, emit, hf_llama, logistic_probe, machine, peak_of, read_classify
 
 from llmkit.core.interop.resolve import open_model
-from llmkit.core.model.transformer.heads import pool
+from llmkit.core.model.heads import pool
 
 
 @torch.inference_mode()

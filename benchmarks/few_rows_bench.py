@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from common import emit, machine
 
 from llmkit.core.interop.resolve import open_model
-from llmkit.core.model.transformer.transformer import few_rows
+from llmkit.core.model import few_rows
 
 
 def main() -> None:

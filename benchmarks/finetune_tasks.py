@@ -214,7 +214,7 @@ def translate(ckpt: str, work: Path) -> None:
 
 
 def _scores(hyps: list[str], refs: list[str]) -> dict:
-    from llmkit.core.tasks.objectives.metrics import bleu, chrf
+    from llmkit.core.tasks.metrics import bleu, chrf
 
     return {"chrf": round(chrf(hyps, refs), 2), "bleu": round(bleu(hyps, refs), 2)}
 

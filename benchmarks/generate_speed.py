@@ -18,8 +18,8 @@ import torch
 from common import emit, hf_llama, machine
 
 from llmkit.core.config import ModelConfig, SampleConfig
-from llmkit.core.decoding.decoder.steps import decode_batch
-from llmkit.core.model.transformer.transformer import Transformer
+from llmkit.core.decoding.steps import decode_batch
+from llmkit.core.model.transformer import Transformer
 
 
 def main() -> None:

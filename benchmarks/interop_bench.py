@@ -53,7 +53,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from llmkit.core.config import SampleConfig
-    from llmkit.core.decoding.decoder.steps import decode_batch
+    from llmkit.core.decoding.steps import decode_batch
     from llmkit.core.interop.resolve import open_model
 
     ours, ckpt = open_model(out)

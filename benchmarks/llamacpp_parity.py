@@ -31,7 +31,7 @@ PROMPTS = [
 
 def llmkit_greedy(ckpt: Path, ids: list[int], new: int) -> list[int]:
     from llmkit.core.config import SampleConfig
-    from llmkit.core.decoding.decoder.steps import decode_batch
+    from llmkit.core.decoding.steps import decode_batch
     from llmkit.core.interop.resolve import open_model
 
     model, c = open_model(ckpt, "cpu")

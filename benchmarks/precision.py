@@ -18,7 +18,7 @@ from common import emit, machine
 
 from llmkit.core.config import ModelConfig
 from llmkit.core.host.device import pick_precision
-from llmkit.core.model.transformer.transformer import Transformer
+from llmkit.core.model.transformer import Transformer
 
 
 def timed(fn, rounds: int) -> float:

@@ -1,6 +1,6 @@
 """Run the speed benchmarks and rewrite their tables in docs/benchmarks.md.
 
-    cd benchmarks && ../.venv/bin/python run_all.py [--only startup,loop,loop_avx2,step,decode,rows]
+    cd benchmarks && ../.venv/bin/python run_all.py [--only startup,loop,loop_avx2,step,decode,rows,precision]
                                                     [--target CKPT --draft CKPT] [--rows-models CKPT,CKPT]
                                                     [--loop-seconds 60] [--dry-run]
 
@@ -229,7 +229,24 @@ def loop_avx2(args, m) -> str:
     return loop(args, m, "avx2")
 
 
-SECTIONS = {"startup": startup, "loop": loop, "loop_avx2": loop_avx2, "step": step, "decode": decode, "rows": rows}
+def precision(args, m) -> str:
+    """fp32 against bf16 products and a training step on this CPU (precision.py, seconds)."""
+    cmd = [PY, "precision.py", "--rounds", str(args.rounds)]
+    rows = saved_or_run(args, "precision", cmd)
+    mm = [r for r in rows if r.get("event") == "matmul"]
+    step_row = next(r for r in rows if r.get("event") == "train_step_tiny")
+    lines = [[f"matmul {r['n']}×{r['n']}", f"{r['fp32_gflops']:.1f} GFLOP/s", f"{r['bf16_gflops']:.1f} GFLOP/s",
+              f"{r['bf16_speedup']:.3g}×"] for r in mm]  # fmt: skip
+    lines.append([f"`tiny` forward+backward, batch {step_row['batch']} × {step_row['context']}",
+                  f"{step_row['fp32_s']:.4f} s", f"{step_row['bf16_autocast_s']:.4f} s (autocast)",
+                  f"{step_row['bf16_speedup']:.3g}×"])  # fmt: skip
+    note = f"\nThe speed probe's choice for this shape here: **{step_row['auto_choice']}**.\n"
+    return (header(ran_on(m, rows), f"run_all.py --only precision --rounds {args.rounds}")
+            + table(["measurement", "fp32", "bf16", "bf16 speed-up"], lines) + note)  # fmt: skip
+
+
+SECTIONS = {"startup": startup, "loop": loop, "loop_avx2": loop_avx2, "step": step, "decode": decode, "rows": rows,
+            "precision": precision}  # fmt: skip
 
 
 def replace(doc: str, name: str, text: str) -> str:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from common import emit, hf_llama, machine
 
 from llmkit.core.config import ModelConfig, build_section, load_preset
-from llmkit.core.model.transformer.transformer import Transformer
+from llmkit.core.model.transformer import Transformer
 
 
 def shape(name: str, vocab: int) -> tuple[ModelConfig, int]:
