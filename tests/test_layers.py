@@ -154,3 +154,26 @@ def test_no_function_in_llmkit_is_over_80_lines():
                 if fn.end_lineno - start + 1 > 80:
                     long.append(f"{path.relative_to(ROOT)}:{fn.lineno} {fn.name} ({fn.end_lineno - start + 1} lines)")
     assert not long, "\n".join(long)
+
+
+def test_every_llmkit_import_of_the_benchmarks_scripts_and_examples_resolves():
+    """Benchmarks are not run by the suite: a moved module would break them silently."""
+    import importlib
+
+    broken = []
+    for folder in ("benchmarks", "scripts", "examples"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llmkit"):
+                    try:
+                        module = importlib.import_module(node.module)
+                    except ImportError as e:
+                        broken.append(f"{path.relative_to(ROOT)}:{node.lineno}: {e}")
+                        continue
+                    for alias in node.names:
+                        if not hasattr(module, alias.name):
+                            try:
+                                importlib.import_module(f"{node.module}.{alias.name}")
+                            except ImportError:
+                                broken.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{alias.name}")
+    assert not broken, "\n".join(broken)
