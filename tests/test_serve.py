@@ -487,7 +487,7 @@ def test_stalled_uploads_are_timed_out_and_never_lock_others_out(trained_run):
     httpx = need_module("httpx", "raw HTTP")
     import socket
 
-    proc, url = _start(trained_run, "--max-concurrent", "2", "--body-timeout", "1")
+    proc, url = _start(trained_run, "--max-concurrent", "2", "--request-timeout", "1")
     try:
         host, port = url.removeprefix("http://").split(":")
         stalled = []
@@ -652,3 +652,20 @@ def test_a_client_that_hangs_up_on_a_non_streamed_request_frees_its_row(trained_
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_a_connection_whose_headers_stall_is_closed(trained_run):
+    """uvicorn closes idle connections, but not one that sends part of its headers and stops."""
+    import socket
+
+    proc, url = _start(trained_run, "--request-timeout", "1")
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nX-Slow: ".encode())
+            start = time.monotonic()
+            assert s.recv(4096) == b""  # closed by the server, not by the 10 s timeout of this socket
+            assert time.monotonic() - start < 5
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

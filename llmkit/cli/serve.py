@@ -40,8 +40,11 @@ def serve(
             metavar="ORIGIN",
         ),
     ] = None,
-    body_timeout: Annotated[
-        float, typer.Option("--body-timeout", help="Seconds a client may take to send its request body.")
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout", help="Seconds a client may take to send its request's headers, then its body."
+        ),
     ] = 30.0,
     quantize: Annotated[
         Optional[str], opt("int8: int8 weight-only linear layers (faster decoding; docs/generate.md).", "--quantize")
@@ -55,7 +58,7 @@ def serve(
 
     check_positive(
         max_batch=max_batch, max_tokens=max_tokens, max_concurrent=max_concurrent, max_body=max_body,
-        body_timeout=body_timeout,
+        request_timeout=request_timeout,
     )  # fmt: skip
     check_quantize(quantize)
     if not 0 < port < 65536:
@@ -75,7 +78,7 @@ def serve(
         api_key=key,
         quantize=quantize,
         limits=Limits(
-            max_tokens=max_tokens, max_concurrent=max_concurrent, max_body_bytes=max_body, body_seconds=body_timeout
+            max_tokens=max_tokens, max_concurrent=max_concurrent, max_body_bytes=max_body, body_seconds=request_timeout
         ),  # fmt: skip
         # A loopback server answers its own names only: a page reaching it through another (DNS rebinding) is refused.
         allowed_hosts=LOOPBACK if host in LOOPBACK else None,

@@ -17,7 +17,9 @@ import signal
 import socket
 import threading
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from llmkit.core.errors import ConfigError
 from llmkit.serve.api import Server, create_app
@@ -38,10 +40,48 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+class HeadersInTime(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with a deadline for a request's headers: a connection that
+    sends part of them and stalls is closed after ``seconds`` (uvicorn's keep-alive timeout stops
+    at the first byte, and it has none for headers). The body's deadline is the routes' own."""
+
+    seconds = 30.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._headers_due = self.loop.call_later(self.seconds, self._headers_late)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE and self._headers_due is not None:
+            self._headers_due.cancel()  # this request's headers are in
+            self._headers_due = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self._headers_due is None:
+            self._headers_due = self.loop.call_later(self.seconds, self._headers_late)  # the next request's
+
+    def connection_lost(self, exc) -> None:
+        if self._headers_due is not None:
+            self._headers_due.cancel()
+        super().connection_lost(exc)
+
+    def _headers_late(self) -> None:
+        self._headers_due = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
 def run(server: Server, sock: socket.socket, *, quiet: bool) -> None:
     """Serve on ``sock`` until SIGTERM or Ctrl-C; returns once the requests in flight are done."""
+    protocol = type("Headers", (HeadersInTime,), {"seconds": server.limits.body_seconds})
     config = uvicorn.Config(
-        create_app(server), log_level="warning" if quiet else "info", timeout_graceful_shutdown=30, access_log=not quiet
+        create_app(server),
+        log_level="warning" if quiet else "info",
+        timeout_graceful_shutdown=30,
+        access_log=not quiet,
+        http=protocol,
     )
     web = uvicorn.Server(config)
 
