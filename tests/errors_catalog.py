@@ -162,6 +162,14 @@ def index_made(root: Path) -> None:
     assert r.exit_code == 0, r.output
 
 
+def _zst_frames() -> bytes:
+    """A corpus compressed in two frames (how parallel compressors and appended files write it)."""
+    import zstandard
+
+    c = zstandard.ZstdCompressor()
+    return c.compress("Une première trame de texte.\n".encode() * 300) + c.compress(b"La seconde.\n" * 300)
+
+
 def hf_copy(
     name: str, change, *, index: bool = False, pickle: bool = False, link: bool = False
 ) -> Callable[[Path], None]:
@@ -359,6 +367,12 @@ CASES = [
     Case("--temperature negative", "generate", ["run", "-p", "x", "--temperature", "-1"]),
     Case("--temperature too small to sample", "generate", ["run", "-p", "x", "--temperature", "1e-300"]),
     Case(
+        "a .zst corpus cut short",
+        "pretrain",
+        ["cut.txt.zst", "-o", "out", "--steps", "1"],
+        setup=lambda root: (root / "cut.txt.zst").write_bytes(_zst_frames()[:-25]),
+    ),
+    Case(
         "a JSON-lines corpus with a lone surrogate",
         "pretrain",
         ["sur.jsonl", "-o", "out", "--steps", "1"],
@@ -505,6 +519,14 @@ CASES = [
     Case("encode input missing", "encode", ["run", "nowhere.txt", "-o", "v.npy"]),
     Case("encode output of unknown format", "encode", ["run", "corpus.txt", "-o", "v.parquet"]),
     Case("--layer out of range", "encode", ["run", "corpus.txt", "-o", "v.npy", "--layer", "7"]),
+    Case(
+        "a NaN among the vectors to map",
+        "inspect",
+        ["--embeddings", "nan.npy", "-o", "maps"],
+        setup=lambda root: __import__("numpy").save(
+            root / "nan.npy", __import__("numpy").array([[1.0, 0.0], [float("nan"), 1.0]])
+        ),
+    ),
     Case("unknown pooling", "encode", ["run", "corpus.txt", "-o", "v.npy", "--pooling", "median"]),
     Case("--query without --index", "encode", ["run", "--query", "Bonjour"]),
     Case(
