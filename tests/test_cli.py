@@ -283,3 +283,18 @@ def test_a_budget_without_preset_sizes_the_model(tmp_path):
     r = invoke("pretrain", "-o", tmp_path / "fixed", "--time", "2s", "--set", "model.d_model=64", *quick)
     assert r.exit_code == 0 and "sized to the budget" not in r.stderr
     assert "d_model: 64" in (tmp_path / "fixed" / "config.yaml").read_text()
+
+
+def test_tokenize_encode_of_a_run_does_not_import_torch(trained_run):
+    """`tokenize encode RUN word` took 4 s: it imported torch through the checkpoint module."""
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom llmkit.cli.app import app\n"
+        f"r = CliRunner().invoke(app, ['tokenize', 'encode', {str(trained_run)!r}, 'Bonjour'])\n"
+        "assert r.exit_code == 0 and r.stdout.split(), r.output\n"
+        f"r = CliRunner().invoke(app, ['tokenize', 'encode', {str(trained_run / 'best')!r}, 'Bonjour'])\n"
+        "assert r.exit_code == 0 and r.stdout.split(), r.output\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -183,3 +183,12 @@ def test_file_source_streams_the_same_items_and_names_bad_bytes(tmp_path):
     bad.write_bytes(b"Le pain\n" + "été".encode("latin-1") + b"\n")
     with pytest.raises(embed.DataError, match="not valid UTF-8 at byte offset 8"):
         embed.ItemSource.from_file(bad).scan()
+
+
+def test_a_search_whose_scores_are_all_alike_is_flagged():
+    """Every top-5 hit of a search with SmolLM2 scored 0.9992-0.9997, and nothing said so."""
+    from llmkit.core.jobs.embed import flat_ranking
+
+    assert flat_ranking([(0, 0.9997, "a"), (1, 0.9995, "b"), (2, 0.9992, "c")])
+    assert not flat_ranking([(0, 0.71, "a"), (1, 0.69, "b"), (2, 0.68, "c")])
+    assert not flat_ranking([(0, 0.9997, "a"), (1, 0.9996, "b")])  # two hits say too little

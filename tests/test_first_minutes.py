@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from test_cli import _sets, assert_one_line_error, invoke
 
@@ -175,3 +176,21 @@ def test_pieces_are_separated_when_piped(trained_run):
     assert r.exit_code == 0
     pieces = r.stdout.rstrip("\n").split("\t")
     assert len(pieces) > 1 and "".join(pieces).replace("\u2581", " ") == "Le chat dort."
+
+
+def test_progress_reaches_a_log_when_stderr_is_not_a_terminal(tmp_path, corpus_file):
+    """With stderr sent to a file, a fine-tune's log showed nothing between its start and its end."""
+    import re
+
+    from conftest import TINY_SETS
+
+    sets = [a for s in [*TINY_SETS, "train.report=false", "train.samples=0"] for a in ("--set", s)]
+    env = {**os.environ, "LLMKIT_PROGRESS_SECONDS": "0.5", "LLMKIT_CACHE": str(tmp_path / "cache")}
+    exe = str(Path(sys.executable).parent / "llmkit")
+    with open(tmp_path / "log.txt", "w") as log:
+        r = subprocess.run([exe, "pretrain", str(corpus_file), "--time", "4s", "-o", str(tmp_path / "r"), *sets],
+                           stderr=log, stdout=subprocess.DEVNULL, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 0
+    lines = [ln for ln in (tmp_path / "log.txt").read_text().splitlines() if re.match(r"step \d+: loss", ln)]
+    assert len(lines) >= 2, (tmp_path / "log.txt").read_text()
+    assert all("tok/s" in ln and "left" in ln for ln in lines)

@@ -95,6 +95,16 @@ def _search(checkpoint: Path, query: str, index: Path, *, top_k: int, json_out: 
     dev = pick_device(device or "auto")
     model, ckpt = open_model(checkpoint, dev)
     hits = found.search(model, ckpt, query, top_k, device=dev)
+    if embed.flat_ranking(hits):
+        from llmkit.cli.render import err_console
+
+        low, high = min(h[1] for h in hits), max(h[1] for h in hits)
+        err_console().print(
+            f"[yellow]warning:[/] the {len(hits)} best scores lie within {high - low:.4f} of each other ({low:.4f}–"
+            f"{high:.4f}): these vectors barely tell the items apart (docs/encode.md: centring, another --layer, "
+            "or a model fine-tuned for retrieval)",
+            highlight=False,
+        )
     if json_out:
         for rank, (row, score, text) in enumerate(hits, 1):
             print(json.dumps({"rank": rank, "score": round(score, 6), "id": row, "text": text}, ensure_ascii=False))

@@ -11,7 +11,9 @@ import contextlib
 import functools
 import json
 import math
+import os
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
@@ -79,6 +81,10 @@ class PretrainView:
         self.task = None
         self.fields = {"loss": "-", "val": "-", "tps": "-", "step": "0", "eta": "-:--:--"}
         self.seconds = 0.0  # the time budget, when there is one
+        self.steps = 0  # the step budget, when there is one
+        # Without a terminal (stderr sent to a log file) there is no bar: a plain line every so often.
+        self.every = float(os.environ.get("LLMKIT_PROGRESS_SECONDS", "30"))
+        self.last_line = time.monotonic()
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -223,7 +229,8 @@ class PretrainView:
             )
 
     def on_start(self, d):
-        self.seconds = d.get("seconds") or 0.0
+        self.seconds, self.steps = d.get("seconds") or 0.0, d.get("steps") or 0
+        self.last_line = time.monotonic()
         if self.seconds:
             self.fields["eta"] = self._eta({"elapsed_s": 0.0, "progress": 0.0})
         if not self.live:
@@ -244,10 +251,17 @@ class PretrainView:
         self.task = self.progress.add_task("train", total=1000, **self.fields)
 
     def on_tick(self, d):
-        """Every optimizer step: move the bar by time, not only at logged steps."""
+        """Every optimizer step: move the bar by time, not only at logged steps; without a terminal,
+        a plain progress line every ``LLMKIT_PROGRESS_SECONDS`` (30) seconds."""
         self.fields.update(step=str(d["step"]), eta=self._eta(d))
         if self.progress:
             self.progress.update(self.task, completed=1000 * min(d["progress"], 1.0), **self.fields)
+        elif not self.live and time.monotonic() - self.last_line >= self.every:
+            self.last_line = time.monotonic()
+            of = f"/{self.steps}" if self.steps else ""
+            f = self.fields
+            self.log(f"step {d['step']}{of}: loss {f['loss']}, {f['tps']} tok/s, {d['progress']:.0%} done, "
+                     f"left {f['eta']}")  # fmt: skip
 
     def on_step(self, d):
         self.fields.update(loss=f"{d['loss']:.3f}", tps=human(d["tokens_per_s"]))

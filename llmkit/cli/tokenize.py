@@ -127,9 +127,9 @@ def encode(
     json_out: JsonOpt = False,
 ) -> None:
     """Encode text into token ids (or show its pieces)."""
-    from llmkit.core.interop.resolve import open_tokenizer
+    from llmkit.core.text.tokenizer import Tokenizer
 
-    tok = open_tokenizer(tokenizer)
+    tok = Tokenizer.find_in(tokenizer) or _pretrained_tokenizer(tokenizer)
     if text is None or text == "-":
         text = _read_stdin("text")
     ids = tok.encode(text)
@@ -161,9 +161,9 @@ def decode(
     ] = None,
 ) -> None:
     """Decode token ids (arguments or stdin, separated by spaces or commas) back into text."""
-    from llmkit.core.interop.resolve import open_tokenizer
+    from llmkit.core.text.tokenizer import Tokenizer
 
-    tok = open_tokenizer(tokenizer)
+    tok = Tokenizer.find_in(tokenizer) or _pretrained_tokenizer(tokenizer)
     raw = " ".join(ids) if ids else _read_stdin("ids")
     values = []
     for item in raw.replace(",", " ").replace("[", " ").replace("]", " ").split():
@@ -172,3 +172,11 @@ def decode(
         values.append(int(item))
     text = tok.decode(values)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _pretrained_tokenizer(path: Path):
+    """A pretrained model's tokenizer (a Hugging Face folder, a .gguf, imported once): this path
+    loads torch, which a tokenizer directory or a checkpoint never needs."""
+    from llmkit.core.interop.resolve import open_tokenizer
+
+    return open_tokenizer(path)

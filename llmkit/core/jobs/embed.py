@@ -333,6 +333,17 @@ def check_index(index: Path, vectors: np.ndarray, meta: dict, model, model_id: s
         )
 
 
+FLAT_SPREAD = 0.002
+"""Top scores closer together than this tell the items apart by noise, not by meaning."""
+
+
+def flat_ranking(hits: list[tuple[int, float, str]]) -> bool:
+    """Whether a search's hits score all but the same (with three or more): the vectors then share
+    one dominant direction (a decoder's mean-pooled states do) and the order means little."""
+    scores = [score for _, score, _ in hits]
+    return len(scores) >= 3 and max(scores) - min(scores) < FLAT_SPREAD
+
+
 @dataclass
 class IndexFile:
     """An index written by ``encode_to_file`` (vectors, texts, metadata), and its search."""

@@ -389,9 +389,9 @@ def build_model(
 def find_tokenizer(path: Path) -> Tokenizer:
     """The tokenizer in a tokenizer directory, a run directory's tokenizer/ or any checkpoint."""
     path = Path(path)
-    for where in (path, path / "tokenizer"):
-        if (where / "tokenizer.yaml").is_file():
-            return Tokenizer.load(where)
+    found = Tokenizer.find_in(path)
+    if found is not None:
+        return found
     if path.exists() and path.is_dir() and not any((path / n).exists() for n in ("trainer_state.json", "best", "last")):
         raise CheckpointError(f"{path} holds no tokenizer (tokenizer.model and tokenizer.yaml), run or checkpoint")
     return read_checkpoint(path).tokenizer

@@ -155,6 +155,15 @@ class Tokenizer:
 
     # --- loading and saving -----------------------------------------------------------------------
     @classmethod
+    def find_in(cls, path: Path) -> Tokenizer | None:
+        """The tokenizer of a tokenizer directory, a run's ``tokenizer/`` or a checkpoint, when one
+        is there: read without torch (``tokenize encode`` answers in a fraction of a second)."""
+        for where in (Path(path), Path(path) / "tokenizer"):
+            if (where / "tokenizer.yaml").is_file():
+                return cls.load(where)
+        return None
+
+    @classmethod
     def load(cls, directory: Path) -> Tokenizer:
         directory = Path(directory)
         contract_path = directory / "tokenizer.yaml"
