@@ -29,7 +29,7 @@ def _emitted() -> set[str]:
                 and node.func.value.id == "events"
             ):
                 names.add(node.func.attr)
-    return names - {"ignore"}
+    return names - {"ignore", "notify", "listen"}
 
 
 def test_every_event_core_emits_is_defined_once_with_named_fields():

@@ -194,3 +194,35 @@ def test_progress_reaches_a_log_when_stderr_is_not_a_terminal(tmp_path, corpus_f
     lines = [ln for ln in (tmp_path / "log.txt").read_text().splitlines() if re.match(r"step \d+: loss", ln)]
     assert len(lines) >= 2, (tmp_path / "log.txt").read_text()
     assert all("tok/s" in ln and "left" in ln for ln in lines)
+
+
+def test_the_import_cache_is_visible_listed_cleaned_and_bounded(trained_run, tmp_path):
+    """The first use of a .gguf imported it silently (72 s, 515 MB under ~/.cache) and nothing
+    listed or cleaned that cache."""
+    from conftest import need_module
+
+    need_module("gguf", "GGUF files")
+    from llmkit.core.interop.export import export
+    from llmkit.core.store.checkpoint import read_checkpoint
+
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    export(read_checkpoint(trained_run), a, format="gguf", quant="f32")
+    export(read_checkpoint(trained_run), b, format="gguf", quant="f16")
+    exe = str(Path(sys.executable).parent / "llmkit")
+    env = {**os.environ, "LLMKIT_CACHE": str(tmp_path / "cache")}
+
+    def llmkit(*args, **extra):
+        r = subprocess.run([exe, *args], capture_output=True, text=True, env={**env, **extra}, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    first = llmkit("generate", str(a), "-p", "Le", "-n", "2", "--greedy")
+    assert "importing" in first.stderr and "its first use" in first.stderr and str(tmp_path / "cache") in first.stderr
+    assert "importing" not in llmkit("generate", str(a), "-p", "Le", "-n", "2", "--greedy").stderr
+    listed = [json.loads(line) for line in llmkit("cache", "--json").stdout.splitlines()]
+    assert len(listed) == 1 and listed[0]["source"] == str(a) and listed[0]["bytes"] > 0
+    llmkit("generate", str(b), "-p", "Le", "-n", "2", "--greedy", LLMKIT_CACHE_MAX="1")  # bounded: only b stays
+    listed = [json.loads(line) for line in llmkit("cache", "--json").stdout.splitlines()]
+    assert [e["source"] for e in listed] == [str(b)]
+    assert "1 entry removed" in llmkit("cache", "clean").stdout
+    assert llmkit("cache", "--json").stdout == ""

@@ -74,10 +74,15 @@ def _root(
     ),
 ) -> None:
     """llmkit: from raw text to a working small language model."""
+    from llmkit.cli.render import notice
+    from llmkit.core import events
+
+    events.listen(notice)  # core's notices outside a run (a first-use import) reach stderr
 
 
 def _register() -> None:
     from llmkit.cli import (
+        cache,
         classify,
         encode,
         eval,
@@ -92,6 +97,7 @@ def _register() -> None:
     )
 
     app.add_typer(tokenize.app, name="tokenize", help="Train a SentencePiece tokenizer; encode and decode text.")
+    app.add_typer(cache.app, name="cache", help=cache.__doc__)
     app.command("pretrain", help=pretrain.__doc__)(pretrain.pretrain)
     app.command("finetune", help=finetune.__doc__)(finetune.finetune)
     app.command("generate", help=generate.__doc__)(generate.generate)

@@ -42,6 +42,16 @@ def err_console() -> Console:
     return _console(id(sys.stderr))
 
 
+def notice(event) -> None:
+    """Core's notices outside a run, one line on stderr (registered by the app: ``events.listen``)."""
+    if isinstance(event, events.Importing):
+        err_console().print(
+            f"importing {escape(event.source)} ({event.size / 1e6:,.0f} MB) into {escape(event.into)}: its first use; "
+            "the next ones read it from there (llmkit cache lists and cleans it)",
+            highlight=False,
+        )
+
+
 def human(n: float) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
@@ -107,6 +117,7 @@ class PretrainView:
         events.ReportFailed: "on_report_failed",
         events.FinetuneData: "on_finetune_data",
         events.Save: "skipped: checkpoints are named in the run's summary at the end",
+        events.Importing: "skipped: a notice, printed by the CLI's notice listener (render.notice)",
         events.Import: "skipped: the import command reports its own result",
     }
     """The handler of every kind of event, or why it is not shown (tests/test_events.py checks all

@@ -39,6 +39,22 @@ def ignore(event: Event) -> None:
     """The listener of a job nobody watches."""
 
 
+_NOTICE_LISTENERS: list[EventFn] = []
+
+
+def listen(fn: EventFn) -> None:
+    """Hear the notices core gives outside any run (a pretrained model imported on first use):
+    the CLI registers its printer once; a library user may register a logger."""
+    if fn not in _NOTICE_LISTENERS:
+        _NOTICE_LISTENERS.append(fn)
+
+
+def notify(event: Event) -> None:
+    """Give a notice to every registered listener (none: nobody hears it)."""
+    for fn in _NOTICE_LISTENERS:
+        fn(event)
+
+
 # --- preparing a run ---------------------------------------------------------------------------------
 
 
@@ -130,6 +146,18 @@ class Resume(Event):
     path: str
     step: int
     budget: str
+
+
+@dataclass(frozen=True)
+class Importing(Event):
+    """A pretrained model given where a checkpoint is expected, imported into the cache on its
+    first use (the next uses read the cache)."""
+
+    kind = "importing"
+    source: str
+    into: str
+    size: int
+    """The source's bytes."""
 
 
 @dataclass(frozen=True)

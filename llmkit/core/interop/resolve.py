@@ -116,11 +116,14 @@ def resolve(src: Path) -> Path:
     key = known.read_text().strip() if known.is_file() else ""
     dest = root / f"{src.stem}-{key[:20]}"
     if key and (dest / "trainer_state.json").is_file():
+        os.utime(dest)  # last used: what cleaning keeps
         return dest
     with _locked(root / ".lock"):
         key = content_key(src)
         dest = root / f"{src.stem}-{key[:20]}"
         if not (dest / "trainer_state.json").is_file():  # another process may have imported it meanwhile
+            size = sum(p.stat().st_size for p in _files(src))
+            events.notify(events.Importing(source=str(src), into=str(dest), size=size))
             tmp = dest.with_name(f"{dest.name}.importing{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             try:
@@ -129,9 +132,58 @@ def resolve(src: Path) -> Path:
                 os.replace(tmp, dest)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            bound = os.environ.get("LLMKIT_CACHE_MAX")
+            if bound:  # the cache's size is bounded: the least recently used entries go first
+                clean_cache(keep_bytes=parse_size(bound), spare=dest)
         known.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(known, key)
     return dest
+
+
+def _bytes_of(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def cache_entries() -> list[dict]:
+    """The imported models in the cache, most recently used first: name, path, source, bytes."""
+    root = cache_root()
+    found = []
+    for entry in root.iterdir() if root.is_dir() else ():
+        if entry.is_dir() and (entry / "trainer_state.json").is_file():
+            state = ckpt_io.read_state(entry)
+            found.append({"name": entry.name, "path": str(entry), "source": state.get("imported_from", "?"),
+                          "bytes": _bytes_of(entry), "used": entry.stat().st_mtime})  # fmt: skip
+    return sorted(found, key=lambda e: -e["used"])
+
+
+def clean_cache(*, keep_bytes: int = 0, spare: Path | None = None) -> list[dict]:
+    """Remove imported models, least recently used first, until the cache holds at most
+    ``keep_bytes`` (0: all of them); ``spare`` is never removed. The removed entries."""
+    entries = cache_entries()
+    total, removed = sum(e["bytes"] for e in entries), []
+    for e in reversed(entries):  # the least recently used first
+        if total <= keep_bytes:
+            break
+        if spare is not None and Path(e["path"]) == Path(spare):
+            continue
+        shutil.rmtree(e["path"], ignore_errors=True)
+        total -= e["bytes"]
+        removed.append(e)
+    return removed
+
+
+def parse_size(text: str) -> int:
+    """'5G', '500M', '1.5GB', '123' (bytes) as bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a size (e.g. 5G, 500M)") from None
+    if value < 0:
+        raise ConfigError(f"{text!r} is not a size (e.g. 5G, 500M)")
+    return int(value * units[unit])
 
 
 def resolve_any(path: Path) -> Path:

@@ -67,6 +67,7 @@ class MetricsLog:
         events.FinetuneData: "skipped: before the run's log opens",
         events.Recipe: "skipped: before the run's log opens; config.yaml holds the sized model",
         events.Import: "skipped: an import is not a run",
+        events.Importing: "skipped: an import is not a run",
     }
     """What the log does with every kind of event (tests/test_events.py checks none is left out)."""
 
