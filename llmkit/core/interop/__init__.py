@@ -10,6 +10,7 @@
 - ``tokenizer_io.py``: the tokenizer of a pretrained model (``tokenizer.json``, ``tokenizer.model``,
   or the vocabulary and merges inside a GGUF) as an llmkit tokenizer contract, and llmkit's own
   tokenizers written back in the formats those tools read;
+- ``packages.py``: pretrained models that registry packages install, found by a short name;
 - ``folder.py``: the files of a model folder made by a stranger, never a path or link outside it;
 - ``export.py``: an llmkit checkpoint as a Hugging Face folder or a GGUF file, with a model card.
 

@@ -22,6 +22,7 @@ from llmkit.core.config import cache_home
 from llmkit.core.errors import CheckpointError, ConfigError
 from llmkit.core.events import EventFn
 from llmkit.core.interop import gguf_io, hf
+from llmkit.core.interop.packages import is_package_name, locate
 from llmkit.core.store import checkpoint as ckpt_io
 
 
@@ -44,8 +45,9 @@ def kind_of(path: Path) -> str | None:
 
 
 def import_model(src: Path, dest: Path, *, on_event: EventFn = events.ignore) -> Path:
-    """Write the pretrained model at ``src`` as an llmkit checkpoint at ``dest``."""
-    src = Path(src)
+    """Write the pretrained model at ``src`` (a path, or a model package's short name) as an llmkit
+    checkpoint at ``dest``."""
+    src = locate(str(src)) if is_package_name(Path(src)) else Path(src)
     kind = kind_of(src)
     if kind is None:
         if not src.exists():
@@ -187,8 +189,9 @@ def parse_size(text: str) -> int:
 
 
 def resolve_any(path: Path) -> Path:
-    """A checkpoint, a run directory or a pretrained model, as an llmkit checkpoint directory."""
-    path = Path(path)
+    """A checkpoint, a run directory, a pretrained model or a model package's short name
+    (``smollm2``: see ``packages.MODELS``), as an llmkit checkpoint directory."""
+    path = locate(str(path)) if is_package_name(Path(path)) else Path(path)
     return resolve(path) if kind_of(path) else ckpt_io.resolve_checkpoint(path)
 
 
@@ -205,4 +208,5 @@ def open_model(source: Path | ckpt_io.Checkpoint, device="cpu"):
 def open_tokenizer(path: Path):
     """The tokenizer of a tokenizer directory, a run, a checkpoint or a pretrained model."""
     path = Path(path)
-    return open_checkpoint(path).tokenizer if kind_of(path) else ckpt_io.find_tokenizer(path)
+    pretrained = kind_of(path) or is_package_name(path)
+    return open_checkpoint(path).tokenizer if pretrained else ckpt_io.find_tokenizer(path)
