@@ -362,3 +362,15 @@ def test_resume_from_a_checkpoint_with_another_tokenizer(trained_run, data, tmp_
         ),
         "does not match the checkpoint's: vocab_size",
     )
+
+
+def test_an_epoch_budget_says_so_when_it_stops(trained_run, data, tmp_path):
+    """`finetune --epochs 20` ended with "stopped at step 60: step budget reached"."""
+    args = ["finetune", trained_run, "--task", "classify", "--data", data / "train.jsonl", "--val",
+            data / "dev.jsonl", *FAST, "--set", "train.eval_every=100"]  # fmt: skip
+    r = invoke(*args, "--epochs", 1, "--out", tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    assert "1 epoch done (" in r.stderr and "step budget reached" not in r.stderr, r.stderr
+    r = invoke(*args, "--epochs", 5, "--steps", 1, "--out", tmp_path / "s")  # the steps come first: said as such
+    assert r.exit_code == 0, r.output
+    assert "stopped at step 1: step budget reached" in r.stderr, r.stderr

@@ -92,6 +92,7 @@ class PretrainView:
         self.fields = {"loss": "-", "val": "-", "tps": "-", "step": "0", "eta": "-:--:--"}
         self.seconds = 0.0  # the time budget, when there is one
         self.steps = 0  # the step budget, when there is one
+        self.epochs = (0.0, 0)  # an epoch budget and the steps it makes, when it decides
         # Without a terminal (stderr sent to a log file) there is no bar: a plain line every so often.
         self.every = float(os.environ.get("LLMKIT_PROGRESS_SECONDS", "30"))
         self.last_line = time.monotonic()
@@ -228,6 +229,7 @@ class PretrainView:
         self.log(f"sized to the budget: [bold]{d['reason']}[/]")
 
     def on_model(self, d):
+        self.epochs = (d.get("epochs") or 0.0, d.get("epoch_steps") or 0)
         compiled = ", compiled" if d.get("compiled") else ""
         self.log(
             f"model: {human(d['params'])} parameters on {d['device']}, "
@@ -313,6 +315,9 @@ class PretrainView:
             "interrupted": "interrupted",
             "terminated": "terminated (SIGTERM)",
         }.get(d["reason"], d["reason"])
+        epochs, epoch_steps = self.epochs
+        if d["reason"] == "steps" and epochs and d["step"] >= epoch_steps:  # the epochs made the step budget
+            why = f"{epochs:g} epoch{'s' if epochs != 1 else ''} done ({epoch_steps} steps)"
         self.log(f"stopped at step {d['step']}: {why}")
 
 

@@ -124,6 +124,8 @@ def resolve(src: Path) -> Path:
         key = content_key(src)
         dest = root / f"{src.stem}-{key[:20]}"
         if not (dest / "trainer_state.json").is_file():  # another process may have imported it meanwhile
+            if kind_of(src) == "gguf":
+                gguf_io.check_header(src)  # a damaged or crafted file is refused before it is announced
             size = sum(p.stat().st_size for p in _files(src))
             events.notify(events.Importing(source=str(src), into=str(dest), size=size))
             tmp = dest.with_name(f"{dest.name}.importing{os.getpid()}")

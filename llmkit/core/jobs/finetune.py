@@ -25,6 +25,7 @@ from llmkit.core.jobs.run import (
     RunResult,
     check_launch,
     check_same_model,
+    epoch_steps,
     main_first,
     main_only,
     start_process,
@@ -227,6 +228,7 @@ def finetune(
     task, cfg, summary = main_first(dist, lambda: build_task(cfg, base.tokenizer, data, val, device))
     on_event(events.FinetuneData(summary=summary))
     sequences = summary["train_tokens"] / cfg.model.context if cfg.task.kind == "lm" else summary["train"]
+    epochs = {"epochs": cfg.train.epochs, "epoch_steps": epoch_steps(cfg, sequences, dist.world)}
     cfg = with_epoch_budget(cfg, sequences, dist.world)
     with run_lock(out, dist):
         with new_run_dir(out, dist):
@@ -245,7 +247,7 @@ def finetune(
             on_event=on_event,
             val_tokens=summary.get("val_tokens", 0),
             val_bytes=summary.get("val_bytes", 0),
-            extra={"lora": cfg.lora.enabled},
+            extra={"lora": cfg.lora.enabled, **(epochs if epochs["epochs"] else {})},
             reports={"data": summary},
         )
         finished = result.stop_reason not in ("interrupted", "terminated")

@@ -74,8 +74,15 @@ def with_epoch_budget(cfg: RunConfig, sequences_per_epoch: float, world: int) ->
     (the smaller of that and train.steps when both are given)."""
     if not cfg.train.epochs:
         return cfg
-    epoch_steps = math.ceil(cfg.train.epochs * sequences_per_epoch / cfg.train.global_batch(world))
-    return cfg.replace("train", steps=min(s for s in (cfg.train.steps, epoch_steps) if s))
+    epochs = epoch_steps(cfg, sequences_per_epoch, world)
+    return cfg.replace("train", steps=min(s for s in (cfg.train.steps, epochs) if s))
+
+
+def epoch_steps(cfg: RunConfig, sequences_per_epoch: float, world: int) -> int:
+    """The steps ``train.epochs`` make (0 without an epoch budget): what the stop line names."""
+    if not cfg.train.epochs:
+        return 0
+    return math.ceil(cfg.train.epochs * sequences_per_epoch / cfg.train.global_batch(world))
 
 
 def train_run(
