@@ -669,3 +669,36 @@ def test_a_connection_whose_headers_stall_is_closed(trained_run):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_a_request_that_fails_its_admission_fails_alone(trained_run, monkeypatch):
+    """A failure while a request joined the batch used to fail every request (or, kept waiting,
+    fail again at every turn)."""
+    from llmkit.core.config import SampleConfig
+    from llmkit.core.decoding import steps
+
+    engine, tok = _engine(trained_run)
+    cfg = SampleConfig(max_new_tokens=8, temperature=0.0)
+    bad_ids = tok.encode_text("Au")
+    real_admit = steps.Slots.admit
+
+    def admit(self, jobs):
+        if jobs[0].ids == bad_ids:
+            raise RuntimeError("this prompt breaks the prefill")
+        return real_admit(self, jobs)
+
+    monkeypatch.setattr(steps.Slots, "admit", admit)
+    results = []
+    prompts = {"a": tok.encode_text("Le pain"), "bad": bad_ids, "b": tok.encode_text("La mer")}
+    events = [
+        _submit(engine, results, n, kind="generate", prompt_ids=ids, cfg=cfg, seed=0) for n, ids in prompts.items()
+    ]
+    engine.start()
+    try:
+        assert all(e.wait(60) for e in events)
+    finally:
+        engine.stop()
+    by_name = {name: (status, out) for name, status, out, _ in results}
+    assert by_name["bad"][0] == "error" and len(results) == 3
+    for name in ("a", "b"):
+        assert by_name[name][0] == "done" and by_name[name][1].text == _alone(trained_run, tok.decode(prompts[name]), 8)

@@ -167,59 +167,55 @@ class Engine:
                 self.running.pop(id(out)).on_done(out)
 
     def _admit(self) -> None:
-        from dataclasses import replace
-
-        from llmkit.core.decoding.steps import SlotJob, Slots
-
+        """Everything waiting, in order of arrival: each request admitted (or kept for a later
+        turn) on its own, so one that fails fails alone."""
         while True:  # everything waiting, in order of arrival
             try:
                 self.held.append(self.waiting.get_nowait())
             except queue.Empty:
                 break
-        keep = []
+        keep, failed = [], False
         for r in self.held:
-            if r.cancelled.is_set():
-                continue
-            if r.kind != "generate":
-                if not self._serve_part(r):  # one part of embeddings or classes between two decoding steps
+            try:
+                if self._admit_one(r):
                     keep.append(r)
-                continue
-            key = replace(r.cfg, max_new_tokens=1, seed=None)
-            if self.slots is None or (not self.slots.live and self.key != key):
-                self.slots, self.key = (
-                    Slots(
-                        self.model,
-                        self.max_batch,
-                        r.cfg,
-                        eos_id=self.tok.eos_id,
-                        decode=self.tok.decode,
-                        device=self.device,
-                        length=self.cache_tokens,
-                    ),
-                    key,
-                )
-            if key != self.key or len(r.prompt_ids) + r.cfg.max_new_tokens > self.slots.state.length:
-                if not self.slots.live and key == self.key:  # too long to share a cache: alone
-                    self._alone(r)
-                else:
-                    keep.append(r)
-                continue
-            job = SlotJob(
-                r.prompt_ids,
-                r.seed,
-                r.cfg.max_new_tokens,
-                on_text=r.stream,
-                cancelled=r.cancelled.is_set,
-                record=r.logprobs,
-            )
-            out = self.slots.admit([job])[0]
-            if out is None:
-                keep.append(r)  # no free row, or its prompt is longer than the slots decoded so far
-            else:
-                self.running[id(out)] = r
-                self.stats["requests"] += 1
-                self.stats["largest_batch"] = max(self.stats["largest_batch"], self.slots.live)
+            except Exception as e:  # noqa: BLE001 - this request's failure (its prompt, its settings)
+                r.on_error(e)
+                failed = True
         self.held = keep
+        if failed and self.running:  # a failed admission may have left the shared batch half-written
+            self._isolate()
+
+    def _admit_one(self, r: Request) -> bool:
+        """Put one held request to work (a row of the batch, decoded alone, or a part of its
+        embeddings); whether it stays held for a later turn."""
+        from dataclasses import replace
+
+        from llmkit.core.decoding.steps import SlotJob, Slots
+
+        if r.cancelled.is_set():
+            return False
+        if r.kind != "generate":
+            return not self._serve_part(r)  # one part of embeddings or classes between two decoding steps
+        key = replace(r.cfg, max_new_tokens=1, seed=None)
+        if self.slots is None or (not self.slots.live and self.key != key):
+            self.slots = Slots(self.model, self.max_batch, r.cfg, eos_id=self.tok.eos_id, decode=self.tok.decode,
+                               device=self.device, length=self.cache_tokens)  # fmt: skip
+            self.key = key
+        if key != self.key or len(r.prompt_ids) + r.cfg.max_new_tokens > self.slots.state.length:
+            if not self.slots.live and key == self.key:  # too long to share a cache: alone
+                self._alone(r)
+                return False
+            return True
+        job = SlotJob(r.prompt_ids, r.seed, r.cfg.max_new_tokens, on_text=r.stream, cancelled=r.cancelled.is_set,
+                      record=r.logprobs)  # fmt: skip
+        out = self.slots.admit([job])[0]
+        if out is None:
+            return True  # no free row, or its prompt is longer than the slots decoded so far
+        self.running[id(out)] = r
+        self.stats["requests"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], self.slots.live)
+        return False
 
     def _alone(self, r: Request, on_text: Callable[[str], None] | None = None) -> None:
         """A request decoded by itself: too long for the shared cache (the context slides), or a row
