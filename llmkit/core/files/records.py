@@ -27,7 +27,7 @@ def iter_objects(lines: Iterable[str], name: str, start: int = 1) -> Iterator[tu
             raise DataError(f"{name}: line {n} is not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{name}: line {n} is not a JSON object")
-        if "\\ud" in line.lower():  # an escaped surrogate: valid JSON, but no text when alone
+        if "\\ud" in line or "\\uD" in line:  # an escaped surrogate: valid JSON, but no text when alone
             try:
                 json.dumps(obj, ensure_ascii=False).encode("utf-8")
             except UnicodeEncodeError:

@@ -100,22 +100,22 @@ class ZstdFrames(io.RawIOBase):
     def __init__(self, raw: BinaryIO, zstandard):
         self.raw, self.zstandard = raw, zstandard
         self.frame = None  # the decompression object of the frame being read
-        self.pending = b""
+        self.pending, self.at = b"", 0  # decompressed bytes not yet read, and how far they were read
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self.pending:
+        while self.at == len(self.pending):
             data = self.raw.read(1 << 20)
             if not data:
                 if self.frame is not None and not self.frame.eof:
                     raise OSError("a compressed frame is cut short")
                 return 0
             self._feed(data)
-        n = min(len(buffer), len(self.pending))
-        buffer[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
+        n = min(len(buffer), len(self.pending) - self.at)
+        buffer[:n] = memoryview(self.pending)[self.at : self.at + n]  # no copy of the rest at each read
+        self.at += n
         return n
 
     def _feed(self, data: bytes) -> None:
@@ -125,7 +125,7 @@ class ZstdFrames(io.RawIOBase):
                 self.frame = self.zstandard.ZstdDecompressor().decompressobj()
             out.append(self.frame.decompress(data))
             data = self.frame.unused_data if self.frame.eof else b""
-        self.pending += b"".join(out)
+        self.pending, self.at = b"".join(out), 0  # called only once the previous output is all read
 
     def close(self) -> None:
         self.raw.close()
