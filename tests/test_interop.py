@@ -21,6 +21,7 @@ from llmkit.core.config import EmbedConfig, SampleConfig
 from llmkit.core.decoding.steps import decode_batch
 from llmkit.core.errors import CheckpointError
 from llmkit.core.interop.export import export
+from llmkit.core.interop.families import shift_norms
 from llmkit.core.interop.resolve import import_model
 from llmkit.core.interop.tokenizer_io import write_hf_tokenizer
 from llmkit.core.jobs.embed import embed_items
@@ -47,32 +48,70 @@ ARCHS = {
     "llama-head-dim": dict(model_type="llama", head_dim=32),
     "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=None),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", head_dim=24, tie_word_embeddings=False),
+    # Gemma 3: a head size other than C/H, a query scale other than it, two windowed layers and a
+    # global one with their own RoPE bases (the global one scaled), a window shorter than the texts.
+    "gemma3": dict(
+        model_type="gemma3_text",
+        num_hidden_layers=3,
+        head_dim=24,
+        query_pre_attn_scalar=20,
+        sliding_window=6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    ),
+    # Gemma 2: alternating windows, soft-capped scores and logits (caps small enough to bend them).
+    "gemma2": dict(
+        model_type="gemma2",
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=6,
+        attn_logit_softcapping=0.5,
+        final_logit_softcapping=0.3,
+        attn_implementation="eager",
+    ),
+    "gpt2": dict(model_type="gpt2"),
 }
+WINDOWED = ("gemma3", "gemma2")
+CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma2"}
 
 
 def _hf_model(arch: str, vocab: int):
     transformers = need_module("transformers", "the reference implementation for interop tests")
     spec = dict(ARCHS[arch])
     model_type = spec.pop("model_type")
-    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
-    config = getattr(transformers, f"{cls}Config")(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        **({"tie_word_embeddings": True} | spec),
-    )
+    if model_type == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+        cls = transformers.GPT2LMHeadModel
+    else:
+        sizes = dict(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        )
+        if "rope_parameters" not in spec:
+            sizes["rope_theta"] = 10000.0
+        if model_type == "gemma3_text":
+            config, cls = transformers.Gemma3TextConfig(**(sizes | spec)), transformers.Gemma3ForCausalLM
+        else:
+            name = CLASSES[model_type]
+            config = getattr(transformers, f"{name}Config")(**(sizes | spec))
+            cls = getattr(transformers, f"{name}ForCausalLM")
     torch.manual_seed(0)
-    model = getattr(transformers, f"{cls}ForCausalLM")(config).eval()
+    model = cls(config).eval()
     with torch.no_grad():  # random biases, norms too: a zero or one everywhere would hide a mix-up
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+            if name.endswith("bias") or "norm" in name or ".ln_" in name:
+                p.normal_(0.0 if name.endswith("bias") or "gemma" in model_type else 1.0, 0.1)
     return model
 
 
@@ -115,7 +154,7 @@ def test_encode_equals_mean_pooling_over_transformers_hidden_states(pair):
     for text, vec in zip(texts, ours):
         ids = torch.tensor([ckpt.tokenizer.encode(text)])
         with torch.no_grad():
-            hidden = hf.model(ids).last_hidden_state[0]  # (T, C), after the final norm
+            hidden = hf.base_model(ids).last_hidden_state[0]  # (T, C), after the final norm
         assert np.allclose(vec, hidden.mean(0).numpy(), atol=1e-5)
 
 
@@ -129,7 +168,19 @@ def test_import_export_import_is_bit_identical(pair, tmp_path):
     export(ckpt, tmp_path / "m.gguf", format="gguf", quant="f32")
     gback = import_model(tmp_path / "m.gguf", tmp_path / "gback")
     back = load_file(str(gback / "model.safetensors"))
-    assert first.keys() == back.keys() and all(torch.equal(first[k], back[k]) for k in first)
+    # A GGUF holds each norm's scale (Gemma's 1 + w, as llama.cpp's converter writes it), and
+    # llmkit keeps it so: the same numbers computed, and from then on a GGUF round trip is exact.
+    want = shift_norms(first, ckpt.model_cfg.norm_offset)
+    assert want.keys() == back.keys() and all(torch.equal(want[k], back[k]) for k in want)
+    if ckpt.model_cfg.norm_offset:
+        x = torch.tensor([ckpt.tokenizer.encode(TEXT)])
+        with torch.no_grad():
+            assert torch.equal(load_model(gback)[0](x), hf(x).logits) or (
+                (load_model(gback)[0](x) - hf(x).logits).abs().max().item() < 1e-5
+            )
+        export(read_checkpoint(gback), tmp_path / "m2.gguf", format="gguf", quant="f32")
+        again = load_file(str(import_model(tmp_path / "m2.gguf", tmp_path / "g2") / "model.safetensors"))
+        assert all(torch.equal(back[k], again[k]) for k in back)
     rope = ("rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context")
     got = read_checkpoint(gback).model_cfg
     assert [getattr(got, k) for k in rope] == [getattr(ckpt.model_cfg, k) for k in rope]  # llama3 scaling too
@@ -317,11 +368,18 @@ def test_bad_pretrained_models_are_refused_in_one_line(pair, tmp_path):
 
         return change
 
+    hf_cfg = json.loads((folder / "config.json").read_text())
+    gpt2 = hf_cfg["model_type"] == "gpt2"  # other names for the same fields, and no RoPE to scale
+    act = next(k for k in ("hidden_activation", "activation_function", "hidden_act") if k in hf_cfg)
     cases = [
         (broken("type", config("model_type", "gpt_neox")), "model_type 'gpt_neox' is not supported"),
-        (broken("shape", config("intermediate_size", 80)), "its config makes"),
-        (broken("act", config("hidden_act", "gelu")), "hidden_act 'gelu'"),
-        (broken("rope", config("rope_scaling", {"rope_type": "yarn", "factor": 4.0})), "rope scaling 'yarn'"),
+        (broken("shape", config("n_inner" if gpt2 else "intermediate_size", 80)), "its config makes"),
+        (broken("act", config(act, "gelu")), f"{act} 'gelu'"),
+        *(
+            []
+            if gpt2
+            else [(broken("rope", config("rope_scaling", {"rope_type": "yarn", "factor": 4.0})), "rope scaling 'yarn'")]
+        ),
         (broken("noweights", lambda d: (d / "model.safetensors").unlink()), "has no model.safetensors"),
         (
             broken(
@@ -476,3 +534,33 @@ def test_an_llmkit_gguf_read_as_another_tool_would_gives_the_same_ids(trained_ru
     tok = tokenizer_io.from_gguf(gguf_io.read_fields(gguf_io.open_reader(path)), str(path))
     assert tok.backend_name == "sentencepiece" and not tok.contract["add_bos"]
     assert tok.encode(TEXT) == ckpt.tokenizer.encode(TEXT)
+
+
+@pytest.mark.parametrize("arch", WINDOWED)
+def test_the_window_is_honoured_in_batches_and_changes_the_answer(arch, tmp_path, tokenizer):
+    """Windowed layers see the last `sliding_window` tokens: a model built without the window
+    gives other logits (so the parity above is not vacuous), and rows of different lengths decoded
+    together (left padding, a mask counted in real tokens) give each row's own greedy text."""
+    from dataclasses import replace
+
+    from llmkit.core.model.transformer import Transformer
+
+    hf = _hf_model(arch, tokenizer.vocab_size)
+    hf.save_pretrained(tmp_path / "hf")
+    write_hf_tokenizer(tokenizer, tmp_path / "hf", context=128)
+    model, ckpt = load_model(import_model(tmp_path / "hf", tmp_path / "ckpt"))
+    assert model.cfg.window == 6
+    x = torch.tensor([ckpt.tokenizer.encode(TEXT)])
+    unwindowed = Transformer(replace(model.cfg, window=0))
+    unwindowed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (unwindowed(x) - hf(x).logits).abs().max().item() > 1e-3
+    ids = ckpt.tokenizer.encode(TEXT)
+    prompts = [ids[:9], ids[:3], ids[2:14]]
+    cfg = SampleConfig(max_new_tokens=20, temperature=0)
+    together = decode_batch(model, prompts, cfg, eos_id=None, decode=ckpt.tokenizer.decode)
+    for prompt, out in zip(prompts, together):
+        want = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0
+        )
+        assert out.ids == want[0, len(prompt) :].tolist()

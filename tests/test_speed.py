@@ -184,9 +184,9 @@ def test_bf16_autocast_logits_follow_fp32():
 
 
 def test_fused_rmsnorm_equals_the_written_out_formula():
-    from llmkit.core.model.transformer import RMSNorm
+    from llmkit.core.model.transformer import Norm
 
-    norm = RMSNorm(32, 1e-5)
+    norm = Norm(32, 1e-5)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(4, 7, 32)

@@ -125,6 +125,8 @@ MODEL_LIMITS = {
 """The largest network llmkit builds: far above any model it runs (a 4M vocabulary, a 2M-token
 context, width 65,536, 1,024 layers), far below what a crafted header would ask for (a 10^8-layer
 model, a 2^40-token cache). docs/reliability.md states them."""
+MODEL_CHOICES = {"norm": ("rms", "layer"), "mlp": ("swiglu", "geglu", "gelu"), "positions": ("rope", "learned")}
+"""The named architecture options and their values."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,6 +159,37 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 0
     """The context the model was pretrained with before scaling (llama3)."""
+    # The parts where other families differ from Llama (docs/architecture.md, "one network, named
+    # options"): each default is Llama's, each is one field of a Hugging Face config.
+    norm: str = "rms"
+    """rms (RMSNorm) or layer (LayerNorm with a bias: GPT-2)."""
+    norm_offset: float = 0.0
+    """RMSNorm scales by (norm_offset + weight): 1 for Gemma, which stores weights around zero."""
+    post_norms: bool = False
+    """Norms after attention and after the MLP too, before each residual add (Gemma 2 and 3)."""
+    qk_norm: bool = False
+    """RMSNorm over each query and key head before the rotary embedding (Qwen3, Gemma 3)."""
+    attn_scale: float = 0.0
+    """Queries scaled by attn_scale ** -0.5 (Gemma's query_pre_attn_scalar); 0: the head size."""
+    mlp: str = "swiglu"
+    """swiglu (SiLU-gated: Llama), geglu (GELU-tanh-gated: Gemma) or gelu (ungated GELU-tanh: GPT-2)."""
+    bias: bool = False
+    """Biases on every projection, attention output and MLP included (GPT-2)."""
+    positions: str = "rope"
+    """rope (rotary) or learned (an embedding per position, added to the tokens': GPT-2)."""
+    embed_scale: bool = False
+    """Token embeddings multiplied by sqrt(d_model) (Gemma)."""
+    window: int = 0
+    """Sliding-window attention: a token sees itself and the window - 1 tokens before it; 0: none."""
+    global_every: int = 0
+    """With a window, every global_every-th layer (the last of each group) sees everything
+    (Gemma 3: 6, Gemma 2: 2); 0: every layer is windowed (Mistral)."""
+    rope_local_theta: float = 0.0
+    """RoPE base of the windowed layers (Gemma 3: 10,000); 0: rope_theta."""
+    attn_softcap: float = 0.0
+    """Attention scores squashed to (-cap, cap) by cap * tanh(s / cap) (Gemma 2); 0: none."""
+    logit_softcap: float = 0.0
+    """The same for the output logits (Gemma 2); 0: none."""
 
     def __post_init__(self) -> None:
         for key in ("context", "d_model", "n_layer", "n_head"):
@@ -174,7 +207,7 @@ class ModelConfig:
                 f"{self.d_model} is not divisible by model.n_head={self.n_head}",
             )
         _check(
-            self.head_dim % 2 == 0,
+            self.head_dim % 2 == 0 or self.positions != "rope",
             "model.d_model",
             "head size (d_model / n_head, or model.d_head) must be even for rotary embeddings",
         )
@@ -190,6 +223,24 @@ class ModelConfig:
             f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}",
         )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        for key, allowed in MODEL_CHOICES.items():
+            value = getattr(self, key)
+            _check(value in allowed, f"model.{key}", f"must be {_one_of(allowed)}, not {value!r}")
+        for key in ("norm_offset", "attn_scale", "rope_local_theta", "attn_softcap", "logit_softcap"):
+            value = getattr(self, key)
+            _check(isinstance(value, (int, float)) and 0 <= value < 1e9, f"model.{key}",
+                   f"must be a number in [0, 1e9), not {value!r}")  # fmt: skip
+        _check(
+            0 <= self.window <= MODEL_LIMITS["context"], "model.window", f"must be in [0, context], not {self.window}"
+        )
+        _check(0 <= self.global_every <= self.n_layer or not self.window, "model.global_every",
+               f"must be in [0, n_layer], not {self.global_every}")  # fmt: skip
+
+    def windowed(self, layer: int) -> bool:
+        """Whether ``layer`` attends through the sliding window (else it sees every earlier token)."""
+        if not self.window:
+            return False
+        return not self.global_every or (layer + 1) % self.global_every != 0
 
     @property
     def head_dim(self) -> int:

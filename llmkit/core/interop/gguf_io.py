@@ -1,13 +1,17 @@
 """GGUF files (llama.cpp, Ollama, LM Studio) read and written with the ``gguf`` package.
 
-Reading: the ``llama`` and ``qwen2`` architectures (Llama 1–3, Mistral, SmolLM, TinyLlama and
-Qwen2 all come as these); tensors in F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K are
-dequantised to fp32 by ``gguf.quants`` (llama.cpp's own reference code), and the row permutation
-llama.cpp's converter applies to the query and key projections (its RoPE pairs neighbouring
-dimensions, ours the two halves) is undone. Anything else is refused in one line naming it.
+Reading: the architectures of ``GGUF_ARCHS`` — ``llama`` (Llama 1–3, Mistral, SmolLM, TinyLlama),
+``qwen2``, ``qwen3``, ``gemma2``, ``gemma3`` and ``gpt2``; tensors in F32, F16, BF16, Q8_0, Q5_0,
+Q5_1, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K are dequantised to fp32 by ``gguf.quants`` (llama.cpp's own
+reference code). What llama.cpp's converter changed is undone: the row permutation of Llama's query
+and key projections (its RoPE pairs neighbouring dimensions there, ours the two halves), GPT-2's
+fused query/key/value matrix. Gemma's norm weights are stored as the scale itself (1 + w): llmkit
+keeps them so (``norm_offset`` 0), which computes the very same numbers and keeps a GGUF round
+trip exact. What llama.cpp fixes in code rather than in the file is supplied as it does (Gemma 3's
+layer pattern and local RoPE base, Gemma's query scale). Anything else is refused in one line.
 
-Writing: f32, f16 or q8_0 weights (norms and biases stay f32, as llama.cpp expects), the
-permutation applied, the tokenizer and chat template embedded.
+Writing: f32, f16 or q8_0 weights (norms and biases stay f32, as llama.cpp expects), in the
+layout llama.cpp reads, the tokenizer and chat template embedded.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import mmap
 import os
 import re
 import struct
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +32,12 @@ from llmkit.core.config import ModelConfig
 from llmkit.core.errors import CheckpointError
 from llmkit.core.events import EventFn
 from llmkit.core.interop import tokenizer_io
+from llmkit.core.interop.families import FAMILIES, family_of_model, shift_norms
 from llmkit.core.interop.hf import base_state, write_checkpoint
 from llmkit.core.model.transformer import rope_frequencies
 from llmkit.core.store.checkpoint import build_model
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
-ARCHS = ("llama", "qwen2")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 BLOCK = {
     "attn_q": "attn.q_proj",
     "attn_k": "attn.k_proj",
@@ -46,6 +50,47 @@ BLOCK = {
     "ffn_norm": "mlp_norm",
 }
 TOP = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
+QK_NORMS = {"attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm"}
+GEMMA_NORMS = {"post_attention_norm": "attn_post_norm", "ffn_norm": "mlp_norm", "post_ffw_norm": "mlp_post_norm"}
+GPT2_BLOCK = {
+    "attn_norm": "attn_norm",
+    "attn_output": "attn.o_proj",
+    "ffn_norm": "mlp_norm",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GPT2_TOP = {**TOP, "position_embd.weight": "pos_embed.weight", "output_norm.bias": "norm.bias"}
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    name: str
+    family: str
+    """The Hugging Face family (``families.FAMILIES``) whose options the model takes."""
+    block: dict[str, str]
+    """GGUF tensor in a block -> llmkit's module."""
+    top: dict[str, str] = field(default_factory=lambda: TOP)
+    permuted: bool = False
+    """Query/key rows permuted by llama.cpp's converter (its Llama RoPE pairs neighbours)."""
+
+
+GGUF_ARCHS = {
+    a.name: a
+    for a in (
+        GgufArch("llama", "llama", BLOCK, permuted=True),
+        GgufArch("qwen2", "qwen2", BLOCK),
+        GgufArch("qwen3", "qwen3", {**BLOCK, **QK_NORMS}),
+        GgufArch("gemma2", "gemma2", {**BLOCK, **GEMMA_NORMS}),
+        GgufArch("gemma3", "gemma3_text", {**BLOCK, **GEMMA_NORMS, **QK_NORMS}),
+        GgufArch("gpt2", "gpt2", GPT2_BLOCK, top=GPT2_TOP),
+    )
+}
+ARCHS = tuple(GGUF_ARCHS)
+GEMMA3_GLOBAL_EVERY = 6
+"""llama.cpp's Gemma 3: every sixth layer global, windowed ones at RoPE base 10,000 (in its code,
+not the file, unless a newer converter wrote the keys)."""
+GEMMA3_LOCAL_THETA = 10000.0
+LLMKIT_QUERY_SCALE = "llmkit.attention.query_pre_attn_scalar"
 _GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _OURS_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
 QUANTS = ("f32", "f16", "q8_0")
@@ -64,9 +109,9 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 def read_fields(reader) -> dict[str, Any]:
     """Every metadata key of a GGUF as a Python value (strings, numbers, lists)."""
     out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
+    for key, entry in reader.fields.items():
         try:
-            out[key] = field.contents()
+            out[key] = entry.contents()
         except Exception:  # an exotic type: llmkit reads none of those keys
             continue
     return out
@@ -188,27 +233,49 @@ def _config_from_gguf(f: dict[str, Any], where: str) -> dict[str, Any]:
         return value
 
     d_model, n_head = int(key("embedding_length")), int(key("attention.head_count"))
+    eps = f.get(f"{arch}.attention.layer_norm_rms_epsilon", f.get(f"{arch}.attention.layer_norm_epsilon"))
     section: dict[str, Any] = {
+        **FAMILIES[GGUF_ARCHS[arch].family].options,
         "d_model": d_model,
         "n_layer": int(key("block_count")),
         "n_head": n_head,
         "n_kv_head": int(key("attention.head_count_kv", n_head)),
         "d_ff": int(key("feed_forward_length")),
         "context": int(key("context_length", 2048)),
-        "norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "norm_eps": float(eps if eps is not None else 1e-6),
         "rope_theta": float(key("rope.freq_base", 10000.0)),
         "dropout": 0.0,
-        "attn_bias": arch == "qwen2",
     }
     head = f.get(f"{arch}.attention.key_length")
     if head and int(head) != d_model // n_head:
         section["d_head"] = int(head)
+    if arch in ("gemma2", "gemma3"):
+        _gemma_from_gguf(f, arch, section)
     scaling = f.get(f"{arch}.rope.scaling.type")
     if scaling == "linear":
         section.update(rope_scaling="linear", rope_factor=float(f[f"{arch}.rope.scaling.factor"]))
     elif scaling not in (None, "none"):
         raise CheckpointError(f"{where}: rope scaling {scaling!r} is not supported")
     return section
+
+
+def _gemma_from_gguf(f: dict[str, Any], arch: str, section: dict[str, Any]) -> None:
+    """What llama.cpp's Gemma code assumes: query scale 1/sqrt(head size) (27B: 1/sqrt(C/H)),
+    the window's layer pattern and the local RoPE base (unless the file says otherwise)."""
+    head = section.get("d_head") or section["d_model"] // section["n_head"]
+    big = section["n_layer"] == 62  # Gemma 2/3 27B scale queries by the model width per head
+    scale = f.get(LLMKIT_QUERY_SCALE) or (section["d_model"] // section["n_head"] if big else head)
+    section["attn_scale"] = float(scale)
+    section["norm_offset"] = 0.0  # the file holds 1 + w: kept as the scale itself
+    window = f.get(f"{arch}.attention.sliding_window")
+    if window:
+        every = f.get(f"{arch}.attention.sliding_window_pattern") or (GEMMA3_GLOBAL_EVERY if arch == "gemma3" else 2)
+        section.update(window=int(window), global_every=int(every))
+        if arch == "gemma3":
+            section["rope_local_theta"] = float(f.get(f"{arch}.rope.freq_base_swa") or GEMMA3_LOCAL_THETA)
+    for key, ours in (("attn_logit_softcapping", "attn_softcap"), ("final_logit_softcapping", "logit_softcap")):
+        if f.get(f"{arch}.{key}"):
+            section[ours] = float(f[f"{arch}.{key}"])
 
 
 LLMKIT_ROPE = "llmkit.rope.llama3"
@@ -276,24 +343,30 @@ def import_to(src: Path, dest: Path, *, on_event: EventFn = events.ignore) -> Pa
     section = config_from_gguf(fields, str(src))
     tokenizer = tokenizer_io.from_gguf(fields, str(src))
     section["vocab_size"] = int(fields.get(f"{fields['general.architecture']}.vocab_size") or tokenizer.vocab_size)
+    arch = GGUF_ARCHS[fields["general.architecture"]]
     heads, kv = section["n_head"], section["n_kv_head"]
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             section.update(llama3_from_table(_tensor(t, str(src)), section, fields, str(src)))
             continue
-        ours = TOP.get(t.name)
+        ours = arch.top.get(t.name)
         m = _GGUF_BLOCK.match(t.name)
-        if ours is None and m and m.group(2) in BLOCK:
-            ours = f"blocks.{m.group(1)}.{BLOCK[m.group(2)]}.{m.group(3)}"
+        if ours is None and m and m.group(2) in arch.block:
+            ours = f"blocks.{m.group(1)}.{arch.block[m.group(2)]}.{m.group(3)}"
         if ours is None and t.name.endswith("attn_rot_embd"):
             continue  # rotary tables some old converters stored: llmkit computes its own
+        if m and arch.name == "gpt2" and m.group(2) == "attn_qkv":  # (3C, C) or (3C,): queries, keys, values
+            w = torch.from_numpy(np.ascontiguousarray(_tensor(t, str(src))))
+            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), w.split(section["d_model"], dim=0)):
+                tensors[f"blocks.{m.group(1)}.attn.{part}.{m.group(3)}"] = chunk.contiguous()
+            continue
         if ours is None:
-            raise CheckpointError(f"{src}: tensor {t.name} has no place in a llama/qwen2 model llmkit builds")
+            raise CheckpointError(f"{src}: tensor {t.name} has no place in a {arch.name} model llmkit builds")
         w = _tensor(t, str(src))
-        if m and m.group(2) == "attn_q":
+        if arch.permuted and m and m.group(2) == "attn_q":
             w = _unpermute(w, heads)
-        elif m and m.group(2) == "attn_k":
+        elif arch.permuted and m and m.group(2) == "attn_k":
             w = _unpermute(w, kv)
         tensors[ours] = torch.from_numpy(np.ascontiguousarray(w))
     section["tie_embeddings"] = "lm_head.weight" not in tensors
@@ -307,15 +380,44 @@ def import_to(src: Path, dest: Path, *, on_event: EventFn = events.ignore) -> Pa
 # --- writing ----------------------------------------------------------------------------------------
 
 
-def to_gguf_name(name: str) -> str:
-    for theirs, ours in TOP.items():
+def to_gguf_name(name: str, arch: GgufArch) -> str:
+    for theirs, ours in arch.top.items():
         if name == ours:
             return theirs
     m = _OURS_BLOCK.match(name)
-    inverse = {v: k for k, v in BLOCK.items()}
+    inverse = {v: k for k, v in arch.block.items()}
     if not m or m.group(2) not in inverse:
-        raise CheckpointError(f"no GGUF name for tensor {name!r}")
+        raise CheckpointError(f"no GGUF {arch.name} name for tensor {name!r}")
     return f"blk.{m.group(1)}.{inverse[m.group(2)]}.{m.group(3)}"
+
+
+def gguf_arch_of(m: dict[str, Any]) -> GgufArch:
+    """The GGUF architecture a model is written as: its Hugging Face family's (Mistral is llama)."""
+    family = family_of_model(m).model_type
+    return next(a for a in GGUF_ARCHS.values() if a.family == family)
+
+
+def _gguf_tensors(state: dict[str, torch.Tensor], arch: GgufArch, c) -> dict[str, np.ndarray]:
+    """llmkit's state as GGUF tensors: norms as their scale (1 + w for Gemma), Llama's query/key
+    rows permuted, GPT-2's query/key/value fused."""
+    state = shift_norms(state, c.norm_offset)
+    out: dict[str, np.ndarray] = {}
+    for key, tensor in state.items():
+        data = tensor.detach().float().numpy()
+        if arch.permuted and key.endswith(("attn.q_proj.weight", "attn.q_proj.bias")):
+            data = _permute(data, c.n_head)
+        elif arch.permuted and key.endswith(("attn.k_proj.weight", "attn.k_proj.bias")):
+            data = _permute(data, c.kv_heads)
+        m = _OURS_BLOCK.match(key)
+        if arch.name == "gpt2" and m and m.group(2) in ("attn.q_proj", "attn.k_proj", "attn.v_proj"):
+            if m.group(2) == "attn.q_proj":
+                parts = [
+                    state[key.replace("q_proj", p)].detach().float().numpy() for p in ("q_proj", "k_proj", "v_proj")
+                ]
+                out[f"blk.{m.group(1)}.attn_qkv.{m.group(3)}"] = np.concatenate(parts, axis=0)  # (3C, C) or (3C,)
+            continue
+        out[to_gguf_name(key, arch)] = data
+    return out
 
 
 def export_file(ckpt, dest: Path, *, quant: str = "f16", name: str = "") -> Path:
@@ -330,7 +432,12 @@ def export_file(ckpt, dest: Path, *, quant: str = "f16", name: str = "") -> Path
         )
     model = build_model(ckpt, "cpu", merge=True)
     c = model.cfg
-    arch = "qwen2" if c.attn_bias else "llama"
+    spec = gguf_arch_of(ckpt.config["model"])
+    arch = spec.name
+    state = model.state_dict()
+    if c.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    tensors = _gguf_tensors(state, spec, c)
     dest.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(dest), arch)
     w.add_name(name or ckpt.path.parent.name or "llmkit model")
@@ -340,9 +447,14 @@ def export_file(ckpt, dest: Path, *, quant: str = "f16", name: str = "") -> Path
     w.add_feed_forward_length(c.ff_dim)
     w.add_head_count(c.n_head)
     w.add_head_count_kv(c.kv_heads)
-    w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_rope_dimension_count(c.head_dim)
+    if c.norm == "layer":
+        w.add_layer_norm_eps(c.norm_eps)
+    else:
+        w.add_layer_norm_rms_eps(c.norm_eps)
+    if c.positions == "rope":
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_rope_dimension_count(c.head_dim)
+    _gemma_to_gguf(w, arch, c)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
     w.add_vocab_size(c.vocab_size)
@@ -367,15 +479,7 @@ def export_file(ckpt, dest: Path, *, quant: str = "f16", name: str = "") -> Path
     )
     for key, value in tokenizer_io.gguf_metadata(ckpt.tokenizer).items():
         _add(w, key, value)
-    state = model.state_dict()
-    if c.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    for key, tensor in state.items():
-        data = tensor.detach().float().numpy()
-        if key.endswith("attn.q_proj.weight") or key.endswith("attn.q_proj.bias"):
-            data = _permute(data, c.n_head)
-        elif key.endswith("attn.k_proj.weight") or key.endswith("attn.k_proj.bias"):
-            data = _permute(data, c.kv_heads)
+    for name, data in tensors.items():
         kind = gguf.GGMLQuantizationType.F32
         if data.ndim == 2 and quant != "f32":
             kind = gguf.GGMLQuantizationType.F16 if quant == "f16" else gguf.GGMLQuantizationType.Q8_0
@@ -388,12 +492,27 @@ def export_file(ckpt, dest: Path, *, quant: str = "f16", name: str = "") -> Path
                 gguf.quants.quantize(data, kind) if kind == gguf.GGMLQuantizationType.Q8_0 else data.astype(np.float32)
             )
         )
-        w.add_tensor(to_gguf_name(key), stored, raw_dtype=kind)
+        w.add_tensor(name, stored, raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return dest
+
+
+def _gemma_to_gguf(w, arch: str, c) -> None:
+    """The Gemma keys llama.cpp reads (and llmkit's own where llama.cpp assumes a value)."""
+    if arch not in ("gemma2", "gemma3"):
+        return
+    _add(w, LLMKIT_QUERY_SCALE, float(c.attn_scale or c.head_dim))  # llama.cpp derives it from the sizes
+    if c.window:
+        _add(w, f"{arch}.attention.sliding_window", c.window)
+        _add(w, f"{arch}.attention.sliding_window_pattern", c.global_every)
+    if c.rope_local_theta:
+        _add(w, f"{arch}.rope.freq_base_swa", float(c.rope_local_theta))
+    for key, value in (("attn_logit_softcapping", c.attn_softcap), ("final_logit_softcapping", c.logit_softcap)):
+        if value:
+            _add(w, f"{arch}.{key}", float(value))
 
 
 def _add(w, key: str, value: Any) -> None:

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from llmkit.core.errors import ConfigError, DataError
-from llmkit.core.model.transformer import apply_rope
 
 
 def model_ids(tok, text: str, context: int) -> list[int]:
@@ -114,20 +113,15 @@ def attention(model, tok, text: str) -> Attention:
     ids = model_ids(tok, text, model.cfg.context)
     x = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
     T = x.size(1)
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]  # each (T, D/2)
-    h = model.embed(x)  # (1, T, C)
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
+    # The model's own pieces: each layer's rotary table and mask (a windowed layer's shows its window).
+    ropes, masks = model.layer_inputs(T, 0, T, None, None, x.device)
+    h = model.embeddings(x)  # (1, T, C)
     maps = []
     for block in model.blocks:
-        a = block.attn
-        n = block.attn_norm(h)
-        q = a.q_proj(n).view(1, T, a.n_head, a.head_dim).transpose(1, 2)  # (1, H, T, D)
-        k = a.k_proj(n).view(1, T, a.n_kv, a.head_dim).transpose(1, 2)  # (1, G, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k = k.repeat_interleave(a.n_head // a.n_kv, dim=1)  # (1, H, T, D): each key head serves H/G queries
-        scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(a.head_dim)  # (1, H, T, T)
-        maps.append(torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)[0])  # (H, T, T)
-        h = block(h, (cos, sin), None)  # the block's own forward carries the state on
+        rope, mask = ropes[block.windowed], masks[block.windowed]
+        q, k, _ = block.attn.project(block.attn_norm(h), rope)  # (1, H, T, D), (1, G, T, D)
+        maps.append(block.attn.probabilities(q, k, mask)[0])  # (H, T, T)
+        h = block(h, rope, mask)  # the block's own forward carries the state on
     w = torch.stack(maps).cpu().numpy()  # (L, H, T, T)
     pos = np.arange(T)
     dist = np.abs(pos[:, None] - pos[None, :])  # (T, T)

@@ -1,9 +1,14 @@
 """The transformer: a Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU).
 
+Other families are the same network with named options of ``ModelConfig`` (each default is
+Llama's): Gemma 2/3's four norms per block, (1 + w) norm weights, per-head query/key norms, query
+scale, GELU-tanh gate, sliding-window layers with their own RoPE base and soft-capped scores;
+Qwen3's query/key norms; GPT-2's LayerNorm, learned positions, ungated GELU and biases everywhere.
+
 Shape legend:
     B  batch            T  tokens in this call      S  key slots (T, or the cache length L)
     C  d_model          H  query heads              G  key/value heads (H % G == 0)
-    D  head size (C/H)  V  vocabulary               F  SwiGLU hidden width
+    D  head size (C/H)  V  vocabulary               F  MLP hidden width
 
 ``forward`` returns logits (and the final hidden states on request); losses live in ``training/loop.py``.
 With a :class:`KVCache`, a call processes T new tokens at positions [pos, pos + T) and attends to
@@ -15,6 +20,7 @@ training, padding and decoding) decides what each query sees.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +29,28 @@ from torch import nn
 from llmkit.core.config import ModelConfig
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019): LayerNorm without the mean, cheaper."""
+class Norm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019: LayerNorm without the mean, cheaper), scaled
+    by ``offset + weight``; or, with ``kind="layer"``, LayerNorm with a bias (GPT-2)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, *, kind: str = "rms", offset: float = 0.0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset, self.layer = eps, offset, kind == "layer"
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))  # a scale of one either way
+        self.bias = nn.Parameter(torch.zeros(dim)) if self.layer else None
+
+    @classmethod
+    def of(cls, dim: int, cfg: ModelConfig) -> Norm:
+        return cls(dim, cfg.norm_eps, kind=cfg.norm, offset=cfg.norm_offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer:
+            return F.layer_norm(x, (x.size(-1),), self.weight, self.bias, self.eps)
+        if self.offset:
+            # Gemma's order: scaled in fp32, then cast (its weights sit around zero; 1 + w in bf16 would round).
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (xf * (self.offset + self.weight.float())).type_as(x)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # torch's fused kernel: the same result in one pass forward and one backward, instead of
             # the four element-wise operations below.
@@ -68,9 +87,14 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-def rope_tables(cfg: ModelConfig, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, each (length, D/2) (Su et al. 2021, RoFormer)."""
+def rope_tables(
+    cfg: ModelConfig, length: int | None = None, *, local: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (length, D/2) (Su et al. 2021, RoFormer). ``local``:
+    the windowed layers' tables, with their own base and no context scaling (Gemma 3)."""
     length = length or cfg.context
+    if local:
+        cfg = replace(cfg, rope_theta=cfg.rope_local_theta or cfg.rope_theta, rope_scaling="")
     angles = torch.outer(torch.arange(length, dtype=torch.float32), rope_frequencies(cfg))  # (L, D/2)
     return angles.cos(), angles.sin()
 
@@ -123,16 +147,21 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     """Causal self-attention with rotary positions and grouped-query heads (H queries share G
     key/value heads). Which keys a query may see is the caller's decision, passed in as ``mask``
-    (or ``causal`` for the plain triangle of training): this module only computes."""
+    (None for the plain triangle of training): this module only computes."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.attn_bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.attn_bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        qkv_bias = cfg.attn_bias or cfg.bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.q_norm = Norm(cfg.head_dim, cfg.norm_eps, offset=cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg.head_dim, cfg.norm_eps, offset=cfg.norm_offset) if cfg.qk_norm else None
+        self.scale = cfg.attn_scale**-0.5 if cfg.attn_scale else None  # None: SDPA's 1/sqrt(D)
+        self.softcap = cfg.attn_softcap
 
     def forward(
         self,
@@ -143,11 +172,7 @@ class Attention(nn.Module):
         input_pos: torch.Tensor | None = None,
     ):
         B, T, _ = x.shape
-        cos, sin = rope
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, rope)  # (B, H, T, D), (B, G, T, D), (B, G, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, input_pos, k.to(cache.k.dtype), v.to(cache.v.dtype))  # (B, G, L, D)
             # Only the slots up to the newest can be seen: the mask is that wide (S = pos + T).
@@ -157,49 +182,98 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
         return self.o_proj(y)
 
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+        """Queries (B, H, T, D), keys and values (B, G, T, D) of x (B, T, C): normed per head
+        where the model says so, then rotated (no rotation with learned positions)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """softmax(q k^T / sqrt(D) + mask) v, (B, H, T, D). No dropout on the attention
+        """softmax(q k^T * scale + mask) v, (B, H, T, D). No dropout on the attention
         probabilities (model.dropout acts on the residual branches): with it, SDPA leaves its fused
         kernel for the math path, 2.5x slower on a CPU (docs/benchmarks.md), and Llama-style models
         train without it."""
+        if self.softcap:  # soft-capped scores (Gemma 2): no fused kernel takes them
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, H, S, D)
+            return self.probabilities(q, k, mask).to(v.dtype) @ v  # (B, H, T, D)
         return F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
             is_causal=mask is None,
+            scale=self.scale,
             # Grouped-query attention: each key/value head serves H/G query heads, without copies.
             enable_gqa=self.n_kv != self.n_head,
         )
 
+    def probabilities(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention weights (B, H, T, S) in fp32, written out: what ``attend`` weighs the
+        values by (``inspect`` draws them). k may have G heads (B, G, S, D) or H."""
+        k = k.repeat_interleave(self.n_head // k.size(1), dim=1)  # (B, H, S, D)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * (self.scale or self.head_dim**-0.5)  # (B, H, T, S)
+        if self.softcap:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        if mask is None:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S) causal
+        return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
 
-class SwiGLU(nn.Module):
-    """The gated MLP of PaLM and Llama (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+class MLP(nn.Module):
+    """The feed-forward layer. Gated (Shazeer 2020): down(act(gate(x)) * up(x)), with SiLU
+    (SwiGLU: PaLM, Llama) or GELU-tanh (GeGLU: Gemma); or plain, down(gelu(up(x))) (GPT-2)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
+        self.kind = cfg.mlp
+        gated = cfg.mlp != "gelu"
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias) if gated else None
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, F) -> (B, T, C)
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
+        elif self.kind == "geglu":
+            h = F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)  # (B, T, F)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, F)
+        return self.down_proj(h)  # (B, T, C)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with ``post_norms``
+    (Gemma) each branch's output is normed again before it is added."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.windowed = cfg.windowed(layer)
+        self.attn_norm = Norm.of(cfg.d_model, cfg)
         self.attn = Attention(cfg, layer)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        self.attn_post_norm = Norm.of(cfg.d_model, cfg) if cfg.post_norms else None
+        self.mlp_norm = Norm.of(cfg.d_model, cfg)
+        self.mlp = MLP(cfg)
+        self.mlp_post_norm = Norm.of(cfg.d_model, cfg) if cfg.post_norms else None
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, cache=None, input_pos=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, cache, input_pos))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        a = self.attn(self.attn_norm(x), rope, mask, cache, input_pos)  # (B, T, C)
+        if self.attn_post_norm is not None:
+            a = self.attn_post_norm(a)
+        x = x + self.drop(a)
+        m = self.mlp(self.mlp_norm(x))  # (B, T, C)
+        if self.mlp_post_norm is not None:
+            m = self.mlp_post_norm(m)
+        return x + self.drop(m)
 
 
 class Transformer(nn.Module):
@@ -217,15 +291,27 @@ class Transformer(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.context, cfg.d_model) if cfg.positions == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = Norm.of(cfg.d_model, cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (L, D/2)
-        self.register_buffer("rope_sin", sin, persistent=False)  # (L, D/2)
+        self.set_rope_tables()
         self._init_weights()
+
+    def set_rope_tables(self, device=None) -> None:
+        """The rotary tables (none with learned positions), computed on ``device``: buffers, never
+        saved (a checkpoint holds weights only), (L, D/2) each; the windowed layers' own where
+        their base differs (Gemma 3)."""
+        cfg, rope = self.cfg, self.cfg.positions == "rope"
+        cos, sin = rope_tables(cfg) if rope else (None, None)
+        self.register_buffer("rope_cos", None if cos is None else cos.to(device), persistent=False)  # (L, D/2)
+        self.register_buffer("rope_sin", None if sin is None else sin.to(device), persistent=False)  # (L, D/2)
+        own = rope and cfg.window and cfg.rope_local_theta and cfg.rope_local_theta != cfg.rope_theta
+        cos, sin = rope_tables(cfg, local=True) if own else (None, None)
+        self.register_buffer("rope_local_cos", None if cos is None else cos.to(device), persistent=False)
+        self.register_buffer("rope_local_sin", None if sin is None else sin.to(device), persistent=False)
 
     def _init_weights(self) -> None:
         self.apply(self._init)
@@ -260,21 +346,47 @@ class Transformer(nn.Module):
             raise ValueError(f"positions {pos}..{pos + T} exceed the context of {self.cfg.context}")
         if cache is not None and pos + T > cache.length:
             raise ValueError(f"slots {pos}..{pos + T} exceed the cache's {cache.length}")
-        if positions is None:
-            rope = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]  # each (T, D/2)
-        else:
-            rope = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # each (B, 1, T, D/2)
         input_pos = None
         if cache is not None:
             input_pos = torch.arange(pos, pos + T, device=idx.device)  # (T,) the cache slots written
         S = pos + T if cache is not None else T  # the key slots anyone here can see
+        ropes, masks = self.layer_inputs(T, pos, S, positions, key_valid, idx.device)
+        x = self.embeddings(idx, pos, positions)  # (B, T, C)
+        for block in self.blocks[:n_blocks]:
+            x = block(x, ropes[block.windowed], masks[block.windowed], cache, input_pos)
+        return x
+
+    def embeddings(self, idx: torch.Tensor, pos: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The input of the first block for idx (B, T): token embeddings (B, T, C), scaled by
+        sqrt(C) (Gemma) or plus the learned position embeddings (GPT-2) where the model has them."""
+        x = self.embed(idx)  # (B, T, C)
+        if self.cfg.embed_scale:  # the scale in the weights' dtype, as Gemma rounds it
+            x = x * torch.tensor(math.sqrt(self.cfg.d_model), dtype=x.dtype)
+        if self.pos_embed is not None:
+            T = idx.size(1)
+            where = torch.arange(pos, pos + T, device=idx.device) if positions is None else positions  # (T,) or (B, T)
+            x = x + self.pos_embed(where)  # (B, T, C)
+        return x
+
+    def layer_inputs(
+        self, T: int, pos: int, S: int, positions: torch.Tensor | None, key_valid: torch.Tensor | None, device
+    ):
+        """The rotary tables and attention masks of T queries at slots [pos, pos + T) over S key
+        slots, each a pair (full-attention layers, windowed layers)."""
+        ropes: list = [None, None]
+        if self.rope_cos is not None:
+            tables = [(self.rope_cos, self.rope_sin), (self.rope_local_cos, self.rope_local_sin)]
+            for i, (cos, sin) in enumerate(tables):
+                cos, sin = (cos, sin) if cos is not None else tables[0]
+                if positions is None:
+                    ropes[i] = cos[pos : pos + T], sin[pos : pos + T]  # each (T, D/2)
+                else:
+                    ropes[i] = cos[positions][:, None], sin[positions][:, None]  # each (B, 1, T, D/2)
         if key_valid is not None:
             key_valid = key_valid[:, :S]  # (B, S)
-        mask = attention_mask(T, pos, S, key_valid, idx.device)
-        x = self.embed(idx)  # (B, T, C)
-        for block in self.blocks[:n_blocks]:
-            x = block(x, rope, mask, cache, input_pos)
-        return x
+        mask = attention_mask(T, pos, S, key_valid, device)
+        local = window_mask(T, pos, S, key_valid, self.cfg.window, device, mask) if self.cfg.window else mask
+        return ropes, [mask, local]
 
     def forward(
         self,
@@ -306,6 +418,8 @@ class Transformer(nn.Module):
         elif last_only:
             h = h[:, -1:]  # (B, 1, C)
         logits = self.lm_head(h)  # (B, T, V), or (N, V)
+        if self.cfg.logit_softcap:
+            logits = torch.tanh(logits / self.cfg.logit_softcap) * self.cfg.logit_softcap
         return (logits, h) if return_hidden else logits
 
     def hidden_states(
@@ -358,6 +472,28 @@ def attention_mask(T: int, pos: int, S: int, key_valid: torch.Tensor | None, dev
         return causal[None, None]  # (1, 1, T, S)
     self_key = slots[None, :] == own[:, None]  # (T, S)
     return ((causal & key_valid[:, None, :]) | self_key)[:, None]  # (B, 1, T, S)
+
+
+def window_mask(
+    T: int, pos: int, S: int, key_valid: torch.Tensor | None, window: int, device, mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``mask`` (see ``attention_mask``) narrowed to the last ``window`` tokens of each query,
+    itself included: (B or 1, 1, T, S), or None where the window hides nothing.
+
+    Distances count real tokens, not slots (the valid slots between a key and its query), so a row
+    with masked-out slots inside it (padding, rejected speculative guesses) keeps its full window;
+    without holes this is Hugging Face's ``kv_idx > q_idx - window``.
+    """
+    if mask is None and S <= window:
+        return None
+    if key_valid is None:
+        counts = torch.arange(1, S + 1, device=device)[None]  # (1, S) tokens up to each slot
+    else:
+        counts = key_valid.long().cumsum(-1)  # (B, S)
+    near = counts[:, pos : pos + T, None] - counts[:, None, :] < window  # (B or 1, T, S)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None, None]  # (1, 1, T, S)
+    return mask & near[:, None]
 
 
 def param_groups(model: nn.Module, weight_decay: float, *, names: bool = False) -> list[dict]:

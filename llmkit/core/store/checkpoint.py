@@ -39,7 +39,7 @@ from llmkit.core.errors import CheckpointError, LlmkitError, check_format
 from llmkit.core.model import fast
 from llmkit.core.model.heads import attach_classifier
 from llmkit.core.model.lora import apply_lora, has_lora, load_adapter, merge_lora, split_state
-from llmkit.core.model.transformer import Transformer, rope_tables
+from llmkit.core.model.transformer import Transformer
 from llmkit.core.text.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -371,8 +371,7 @@ def build_model(
     if ckpt.model_cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     # Non-persistent buffers are not in the file: recompute the rotary tables on the device.
-    cos, sin = rope_tables(cfg)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.set_rope_tables(device)
     if ckpt.has_adapter:
         apply_lora(
             model, rank=ckpt.lora.rank, alpha=ckpt.lora.alpha, dropout=ckpt.lora.dropout, targets=ckpt.lora.targets
