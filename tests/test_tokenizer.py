@@ -52,3 +52,24 @@ def test_tampered_model_file_is_refused(tokenizer, tmp_path):
 def test_too_small_vocab_is_one_clear_error(sample_docs):
     with pytest.raises(TokenizerError, match=r"vocab_size 100 is too small for this corpus: it needs at least \d+"):
         train_tokenizer(sample_docs, TokenizerConfig(vocab_size=100), corpus_sha256="x")
+
+
+def test_trie_pattern_finds_the_longest_literal_first():
+    """Pretrained SentencePiece vocabularies (Gemma's) find control pieces and pieces of raw spaces
+    in the text first, longest first, as llama.cpp and transformers do."""
+    import re
+
+    from llmkit.core.text.tokenizer import trie_pattern
+
+    words = ["<eos>", "<end_of_turn>", "<end>", "  ", "   ", "    ", "<unused1>", "<unused12>"]
+    rx = re.compile(trie_pattern(words))
+    text = "a<end_of_turn>b<end>   c<unused12><unused1>  d <eos> <e"
+    assert [m.group() for m in rx.finditer(text)] == [
+        "<end_of_turn>",
+        "<end>",
+        "   ",
+        "<unused12>",
+        "<unused1>",
+        "  ",
+        "<eos>",
+    ]

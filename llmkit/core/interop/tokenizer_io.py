@@ -339,6 +339,7 @@ def _sentencepiece_from_gguf(fields: dict[str, Any], where: str) -> Tokenizer:
                 chat_template=fields.get("tokenizer.chat_template"),
                 add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", True)),
                 model_type="pretrained",
+                special_in_text=True,  # as llama.cpp reads such a vocabulary: control pieces in text are tokens
             ),
         )
     except Exception as e:  # SentencePiece's own check of the rebuilt model
