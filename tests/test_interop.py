@@ -598,6 +598,18 @@ def test_the_window_is_honoured_in_batches_and_changes_the_answer(arch, tmp_path
     unwindowed.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert (unwindowed(x) - hf(x).logits).abs().max().item() > 1e-3
+    # inspect's attention maps are the model's own: windowed layers show the band, the global one does not.
+    from llmkit.core.jobs.introspect import attention
+
+    maps = attention(model, ckpt.tokenizer, TEXT)
+    T = maps.weights.shape[-1]
+    far = np.tril(np.ones((T, T), dtype=bool), -6)  # keys 6 or more tokens back: outside a window of 6
+    for layer, block in enumerate(model.blocks):
+        outside = maps.weights[layer][:, far].max()
+        assert (outside == 0) if block.windowed else (outside > 0)
+    ref = hf(x, output_attentions=True).attentions if arch == "gemma2" else None  # eager: its weights exist
+    if ref is not None:
+        assert np.allclose(maps.weights, torch.stack([a[0] for a in ref]).detach().numpy(), atol=1e-5)
     ids = ckpt.tokenizer.encode(TEXT)
     prompts = [ids[:9], ids[:3], ids[2:14]]
     cfg = SampleConfig(max_new_tokens=20, temperature=0)
