@@ -9,20 +9,22 @@ from pathlib import Path
 from llmkit.core.atomic import atomic_dir, atomic_path
 from llmkit.core.errors import ConfigError
 from llmkit.core.interop import gguf_io, hf
+from llmkit.core.interop.families import family_of_model
 
 
 def model_card(ckpt) -> str:
     """README.md of an exported model: what it is, how it was made, how it scored."""
     m, st, task = ckpt.model_cfg, ckpt.state, ckpt.task
+    architecture = family_of_model(ckpt.config["model"]).architecture
     lines = [
         f"# {ckpt.path.parent.name if ckpt.path.name in ('best', 'last') else ckpt.path.name}",
         "",
-        "A decoder-only language model (Llama architecture) written by `llmkit export`.",
+        f"A decoder-only language model ({architecture}) written by `llmkit export`.",
         "",
         "## Model",
         "",
         f"- {m.n_layer} layers, width {m.d_model}, {m.n_head} attention heads ({m.kv_heads} key/value heads), "
-        f"SwiGLU width {m.ff_dim}, context {m.context} tokens, vocabulary {m.vocab_size}",
+        f"{m.mlp} MLP width {m.ff_dim}, context {m.context} tokens, vocabulary {m.vocab_size}",
         f"- task: {task.kind}" + (f" (template `{task.template}`)" if task.template else ""),
         "",
     ]

@@ -401,12 +401,11 @@ def to_hf(family: Family, state: dict[str, torch.Tensor], norm_offset: float = 0
     """Hugging Face names (and GPT-2's layouts) for llmkit's state dict, whose norms scale by
     ``norm_offset`` + w (the family's own offset is taken off)."""
     state = shift_norms(state, norm_offset - family.options.get("norm_offset", 0.0))
-    inverse_top = family.top
     out: dict[str, torch.Tensor] = {}
     fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for name, tensor in state.items():
-        if name in inverse_top:
-            out[inverse_top[name]] = tensor
+        if name in family.top:
+            out[family.top[name]] = tensor
             continue
         m = _OURS_BLOCK.match(name)
         index, module, kind = m.groups() if m else (None, None, None)

@@ -403,25 +403,25 @@ def _gguf_tensors(state: dict[str, torch.Tensor], arch: GgufArch, c) -> dict[str
     state = shift_norms(state, c.norm_offset)
     out: dict[str, np.ndarray] = {}
     for key, tensor in state.items():
-        data = tensor.detach().float().numpy()
-        if arch.permuted and key.endswith(("attn.q_proj.weight", "attn.q_proj.bias")):
-            data = _permute(data, c.n_head)
-        elif arch.permuted and key.endswith(("attn.k_proj.weight", "attn.k_proj.bias")):
-            data = _permute(data, c.kv_heads)
         m = _OURS_BLOCK.match(key)
         if arch.name == "gpt2" and m and m.group(2) in ("attn.q_proj", "attn.k_proj", "attn.v_proj"):
-            if m.group(2) == "attn.q_proj":
+            if m.group(2) == "attn.q_proj":  # written once, for the three
                 parts = [
                     state[key.replace("q_proj", p)].detach().float().numpy() for p in ("q_proj", "k_proj", "v_proj")
                 ]
                 out[f"blk.{m.group(1)}.attn_qkv.{m.group(3)}"] = np.concatenate(parts, axis=0)  # (3C, C) or (3C,)
             continue
+        data = tensor.detach().float().numpy()
+        if arch.permuted and key.endswith(("attn.q_proj.weight", "attn.q_proj.bias")):
+            data = _permute(data, c.n_head)
+        elif arch.permuted and key.endswith(("attn.k_proj.weight", "attn.k_proj.bias")):
+            data = _permute(data, c.kv_heads)
         out[to_gguf_name(key, arch)] = data
     return out
 
 
 def export_file(ckpt, dest: Path, *, quant: str = "f16", name: str = "") -> Path:
-    """A GGUF llama.cpp and Ollama run: ``llama`` (or ``qwen2`` with attention biases)."""
+    """A GGUF llama.cpp and Ollama run, as the architecture of the model's family (``gguf_arch_of``)."""
     import gguf  # optional dependency (the interop extra)
 
     if quant not in QUANTS:

@@ -201,9 +201,10 @@ class Attention(nn.Module):
         kernel for the math path, 2.5x slower on a CPU (docs/benchmarks.md), and Llama-style models
         train without it."""
         if self.softcap:  # soft-capped scores (Gemma 2): no fused kernel takes them
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, H, S, D)
-            return self.probabilities(q, k, mask).to(v.dtype) @ v  # (B, H, T, D)
+            p = self.probabilities(q, k, mask).to(v.dtype)  # (B, H, T, S)
+            B, G, S, D = v.shape
+            p = p.view(B, G, self.n_head // G, -1, S)  # (B, G, H/G, T, S): each value head serves H/G queries
+            return (p @ v[:, :, None]).view(B, self.n_head, -1, D)  # (B, H, T, D)
         return F.scaled_dot_product_attention(
             q,
             k,
@@ -218,7 +219,8 @@ class Attention(nn.Module):
     def probabilities(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The attention weights (B, H, T, S) in fp32, written out: what ``attend`` weighs the
         values by (``inspect`` draws them). k may have G heads (B, G, S, D) or H."""
-        k = k.repeat_interleave(self.n_head // k.size(1), dim=1)  # (B, H, S, D)
+        if k.size(1) != self.n_head:
+            k = k.repeat_interleave(self.n_head // k.size(1), dim=1)  # (B, H, S, D)
         scores = (q.float() @ k.float().transpose(-1, -2)) * (self.scale or self.head_dim**-0.5)  # (B, H, T, S)
         if self.softcap:
             scores = torch.tanh(scores / self.softcap) * self.softcap
@@ -300,18 +302,18 @@ class Transformer(nn.Module):
         self.set_rope_tables()
         self._init_weights()
 
-    def set_rope_tables(self, device=None) -> None:
-        """The rotary tables (none with learned positions), computed on ``device``: buffers, never
-        saved (a checkpoint holds weights only), (L, D/2) each; the windowed layers' own where
-        their base differs (Gemma 3)."""
+    def set_rope_tables(self) -> None:
+        """The rotary tables (none with learned positions): buffers, never saved (a checkpoint
+        holds weights only), (L, D/2) each; the windowed layers' own where their base differs
+        (Gemma 3)."""
         cfg, rope = self.cfg, self.cfg.positions == "rope"
         cos, sin = rope_tables(cfg) if rope else (None, None)
-        self.register_buffer("rope_cos", None if cos is None else cos.to(device), persistent=False)  # (L, D/2)
-        self.register_buffer("rope_sin", None if sin is None else sin.to(device), persistent=False)  # (L, D/2)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (L, D/2)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (L, D/2)
         own = rope and cfg.window and cfg.rope_local_theta and cfg.rope_local_theta != cfg.rope_theta
         cos, sin = rope_tables(cfg, local=True) if own else (None, None)
-        self.register_buffer("rope_local_cos", None if cos is None else cos.to(device), persistent=False)
-        self.register_buffer("rope_local_sin", None if sin is None else sin.to(device), persistent=False)
+        self.register_buffer("rope_local_cos", cos, persistent=False)  # (L, D/2)
+        self.register_buffer("rope_local_sin", sin, persistent=False)  # (L, D/2)
 
     def _init_weights(self) -> None:
         self.apply(self._init)
@@ -374,14 +376,13 @@ class Transformer(nn.Module):
         """The rotary tables and attention masks of T queries at slots [pos, pos + T) over S key
         slots, each a pair (full-attention layers, windowed layers)."""
         ropes: list = [None, None]
-        if self.rope_cos is not None:
-            tables = [(self.rope_cos, self.rope_sin), (self.rope_local_cos, self.rope_local_sin)]
-            for i, (cos, sin) in enumerate(tables):
-                cos, sin = (cos, sin) if cos is not None else tables[0]
-                if positions is None:
-                    ropes[i] = cos[pos : pos + T], sin[pos : pos + T]  # each (T, D/2)
-                else:
-                    ropes[i] = cos[positions][:, None], sin[positions][:, None]  # each (B, 1, T, D/2)
+        for i, (cos, sin) in enumerate(((self.rope_cos, self.rope_sin), (self.rope_local_cos, self.rope_local_sin))):
+            if cos is None:  # no table of its own: the windowed layers rotate as the others (or nothing does)
+                ropes[i] = ropes[0]
+            elif positions is None:
+                ropes[i] = cos[pos : pos + T], sin[pos : pos + T]  # each (T, D/2)
+            else:
+                ropes[i] = cos[positions][:, None], sin[positions][:, None]  # each (B, 1, T, D/2)
         if key_valid is not None:
             key_valid = key_valid[:, :S]  # (B, S)
         mask = attention_mask(T, pos, S, key_valid, device)

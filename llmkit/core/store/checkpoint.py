@@ -370,8 +370,6 @@ def build_model(
     load_weights(model, ckpt.path)
     if ckpt.model_cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    # Non-persistent buffers are not in the file: recompute the rotary tables on the device.
-    model.set_rope_tables(device)
     if ckpt.has_adapter:
         apply_lora(
             model, rank=ckpt.lora.rank, alpha=ckpt.lora.alpha, dropout=ckpt.lora.dropout, targets=ckpt.lora.targets

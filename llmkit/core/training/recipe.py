@@ -75,7 +75,7 @@ def params(cfg: ModelConfig) -> int:
     """Parameters of a model of this config (the tied LM head counted once), without building it."""
     d, L, V = cfg.d_model, cfg.n_layer, cfg.vocab_size
     attn = d * cfg.n_head * cfg.head_dim * 2 + d * cfg.kv_heads * cfg.head_dim * 2
-    block = attn + 3 * d * cfg.ff_dim + 2 * d
+    block = attn + (2 if cfg.mlp == "gelu" else 3) * d * cfg.ff_dim + 2 * d  # gated MLPs have three matrices
     return V * d * (1 if cfg.tie_embeddings else 2) + L * block + d
 
 
