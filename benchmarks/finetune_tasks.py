@@ -1,15 +1,19 @@
 """`llmkit finetune` on the shared French task data: classification, translation, question answering.
 
     .venv/bin/python benchmarks/finetune_tasks.py CKPT [--only classify,translate,instruct] [--work DIR]
+        [--steps N --batch B] [--set KEY=VALUE ...]
 
-CKPT is a pretrained checkpoint (docs/benchmarks.md uses the 30-minute corpus_fr `small` model).
+CKPT is a pretrained checkpoint, a Hugging Face folder, a .gguf or a registry model's name
+(``gemma3-270m``, ``smollm2-135m``); docs/benchmarks.md gives each figure's exact command.
+
 Every llmkit run is the real command in its own process: wall time and peak RSS come from wait4.
 Only dev splits are scored; the test splits stay untouched.
 
 - classify (theatre17_genre_fr, sib200_topic_fr): full fine-tuning and LoRA, scored on dev by
   `llmkit eval`, beside the majority class and a bag-of-words logistic regression fitted here.
 - translate (translate_fr_en): train on ntrex128 plus tico19_dev minus 200 held-out pairs; chrF and
-  BLEU of greedy translations of those 200, by `llmkit eval`.
+  BLEU of greedy translations of those 200, by `llmkit eval`. One epoch, or ``--steps`` steps of
+  ``--batch`` pairs (what a pretrained base with a large vocabulary can afford on a CPU).
 - instruct (instruct_fr/piaf_qa_fr): question + context -> answer; 10% of the articles (by title)
   held out; exact match and token F1 of greedy answers on 200 of their questions.
 """
@@ -31,6 +35,7 @@ from common import ROOT, SHARED_DATA, bag_of_words, emit, logistic_probe, machin
 
 LLMKIT = [sys.executable, "-m", "llmkit"]
 EXTRA: list[str] = []  # --set flags every fine-tuning run gets (e.g. train.threads from --threads)
+BUDGET: list[str] = ["--epochs", "1"]  # translate and instruct: one epoch, or --steps/--batch
 
 
 def run(args: list[str]) -> tuple[float, float]:
@@ -188,8 +193,7 @@ def translate(ckpt: str, work: Path) -> None:
             str(dev_file),
             "--out",
             str(out),
-            "--epochs",
-            "1",
+            *BUDGET,
             "--quiet",
             "--set",
             "train.eval_every=100",
@@ -241,8 +245,7 @@ def instruct(ckpt: str, work: Path) -> None:
             str(dev),
             "--out",
             str(out),
-            "--epochs",
-            "1",
+            *BUDGET,
             "--quiet",
             "--set",
             "train.eval_every=100",
@@ -275,15 +278,26 @@ def main() -> None:
     parser.add_argument("--sets", default="", help="classify: only these data sets (comma-separated)")
     parser.add_argument("--methods", default="full,lora", help="classify: full and/or lora")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads of each run (0: llmkit's choice)")
+    parser.add_argument("--steps", type=int, default=0, help="translate, instruct: steps instead of one epoch")
+    parser.add_argument("--batch", type=int, default=0, help="translate, instruct: examples per step")
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for every fine-tuning run")
     args = parser.parse_args()
     if args.threads:
         EXTRA.extend(["--set", f"train.threads={args.threads}"])
+    for item in args.set:
+        EXTRA.extend(["--set", item])
+    if args.steps:
+        BUDGET[:] = ["--steps", str(args.steps)]
+    if args.batch:
+        BUDGET.extend(["--set", f"train.batch_size={args.batch}"])
     if not SHARED_DATA.exists():
         sys.exit(f"skipped: {SHARED_DATA} not present")
-    work = Path(args.work)
+    work = Path(args.work).resolve()  # the runs start in the repository root
     work.mkdir(parents=True, exist_ok=True)
     emit(event="machine", **machine())
-    ckpt = str(Path(args.checkpoint).resolve())  # a checkpoint, a Hugging Face folder or a .gguf
+    given = Path(args.checkpoint)
+    # a checkpoint, a Hugging Face folder or a .gguf; otherwise a registry model's name, as the CLI takes it
+    ckpt = str(given.resolve()) if given.exists() else args.checkpoint
     for name in args.only.split(","):
         if name == "classify":
             classify(ckpt, work, tuple(filter(None, args.sets.split(","))), tuple(args.methods.split(",")))

@@ -304,3 +304,94 @@ def test_a_resumed_run_keeps_its_mode_and_fixed_settings_skip_the_probe(bf16_cpu
     # under torchrun every process follows the rule, none probes
     precision, compiled = speed.plan(cfg, cpu, distributed=True, resumed=None)
     assert compiled is False
+
+
+# --- the in-place probe: the run's own model, a slice of its own batch -----------------------------
+
+
+class _Task:
+    """A language-modelling task's surface: a fixed first batch and the loop's loss call."""
+
+    def __init__(self, rows=8):
+        gen = torch.Generator().manual_seed(1)
+        self.x = torch.randint(0, CFG.vocab_size, (rows, CFG.context), generator=gen)  # (B, T)
+        self.y = torch.randint(0, CFG.vocab_size, (rows, CFG.context), generator=gen)  # (B, T)
+
+    def train_batch(self, step, part, parts):
+        return self.x, self.y
+
+    def loss(self, forward, batch):
+        x, y = batch
+        return forward(next_token_loss, x, y), y.numel()
+
+
+def test_the_in_place_probe_builds_nothing_and_leaves_the_model_as_it_was(monkeypatch):
+    monkeypatch.setattr(speed, "Transformer", lambda *a, **k: pytest.fail("the probe built a second model"))
+    model = _model(dropout=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    probe = speed.InPlace(model, _Task(), torch.device("cpu"), "lm")
+    t = probe(CFG, probe.rows, Mode("fp32", False))
+    assert t.tokens_per_s > 0 and not t.error and probe.tokens == speed.PROBE_ROWS * CFG.context
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout draws put back: the run is the same probed or not
+    assert probe.key(CFG).startswith("run|lm|") and probe.key(CFG).endswith("trainable1.00")
+
+
+def test_a_run_never_compiles_cold_on_a_guess(bf16_cpu, monkeypatch):
+    """With the in-place probe, compiled modes left at auto are weighed from cached figures only,
+    however long the budget."""
+    from llmkit.core.config import RunConfig
+
+    calls = []
+    model = _model()
+
+    class Probe(speed.InPlace):
+        def __call__(self, cfg, batch, mode):
+            calls.append(mode.name)
+            self.tokens = 64
+            return Timing({"fp32": 1000.0, "bf16": 2500.0}.get(mode.name, 5000.0))
+
+    probe = Probe(model, _Task(), torch.device("cpu"), "lm")
+    cfg = RunConfig().replace("model", **CFG.__dict__).replace("train", time="10h")
+    precision, compiled = speed.plan(cfg, torch.device("cpu"), distributed=False, resumed=None, probe=probe)
+    assert calls == ["fp32", "bf16"] and (precision.name, compiled) == ("bf16", False)
+    assert "rows of the first batch" in precision.reason
+    # asked for explicitly, compilation is measured in place, and the figure serves later auto runs
+    speed.plan(cfg.replace("train", compile="true"), torch.device("cpu"), distributed=False, resumed=None, probe=probe)
+    assert "bf16+compile" in calls
+    calls.clear()
+    precision, compiled = speed.plan(cfg, torch.device("cpu"), distributed=False, resumed=None, probe=probe)
+    assert calls == [] and compiled is True and "cached" in precision.reason
+
+
+def test_a_busy_figure_never_replaces_a_quiet_one(bf16_cpu, monkeypatch):
+    state = {"busy": False}
+    monkeypatch.setattr(speed, "busy", lambda: state["busy"])
+
+    def timer(cfg, batch, mode):
+        rate = {"fp32": 1000.0, "bf16": 2000.0}[mode.name] / (4 if state["busy"] else 1)
+        return Timing(rate, busy=state["busy"])
+
+    assert _choose(timer, budget_s=60).precision == "bf16"  # quiet figures recorded
+    state["busy"] = True
+    again = _choose(FakeTimer(), budget_s=60)  # busy now: the quiet figures are read, nothing measured
+    assert again.precision == "bf16" and "cached" in again.reason
+    # a cache that only holds busy figures is measured again once the machine is quiet
+    entry = json.loads(machine.cache_path().read_text())
+    for shape in entry[machine.machine_key()].values():
+        for fig in shape.values():
+            fig["busy"] = True
+    machine.write_cache(entry)
+    state["busy"] = False
+    timer2 = FakeTimer(fp32=(1000, 0), bf16=(3000, 0))
+    assert _choose(timer2, budget_s=60).precision == "bf16" and timer2.calls == ["fp32", "bf16"]
+
+
+def test_torchrun_says_why_it_does_not_probe(bf16_cpu):
+    from llmkit.core.config import RunConfig
+
+    cfg = RunConfig().replace("model", vocab_size=97)
+    precision, _ = speed.plan(cfg, torch.device("cpu"), distributed=True, resumed=None)
+    assert "under torchrun the ranks follow this rule" in precision.reason

@@ -114,7 +114,8 @@ def train_run(
     extra = extra or {}
     fast.for_training(model)
     resumed = ckpt_io.read_state(resume_from) if resume_from is not None else None
-    precision, compiled = speed.plan(cfg, device, distributed=dist.enabled, resumed=resumed)
+    probe = speed.InPlace(model, task, device, kind) if not dist.enabled and resumed is None else None
+    precision, compiled = speed.plan(cfg, device, distributed=dist.enabled, resumed=resumed, probe=probe)
     params = model.num_params()
     trainable = trainable_parameters(model)
     optimizer, state = start_training(model, cfg, dist, resume_from, on_event)

@@ -3,22 +3,32 @@ on this machine for this shape — measured, not guessed, and remembered.
 
 The answer depends on the processor (bf16 matmuls are 4x fp32 on a CPU with AVX512-BF16 or AMX,
 and 10-100x slower on one without), on the shape (small widths are bound by element-wise work,
-which compilation fuses) and on the torch build, so no fixed rule gets it right everywhere. The
-probe builds a throwaway model of the run's shape, times a few optimizer steps in each candidate
-mode and caches the figures in ``<cache>/speed.json``, keyed by the machine (CPU model, the flags
-that matter, torch version, threads) and the shape; a second run of the same shape pays nothing.
+which compilation fuses) and on the torch build, so no fixed rule gets it right everywhere.
 
-A compiled mode costs its compilation once per process. The probe records both the first
-compilation (cold caches) and a second one (torch's on-disk caches warm: what a real run then
-pays), and the choice weighs that cost against the run's budget: compilation is taken when it
-yields more tokens within the budget than the fastest eager mode. Compiled modes are only probed
-when the budget is long enough to repay a cold compilation (``COMPILE_PROBE_MIN_S``), or when
-their figures are already cached. A mode must beat plain fp32 by ``MARGIN`` to be chosen, so a
-tie in noisy timings does not flip a run's numerics.
+A run is probed in place (``InPlace``): forward and backward of the run's own model on the first
+few rows of its own first batch, in each candidate precision, with the gradients dropped and the
+random state put back afterwards. It never builds a second model, so its memory stays within the
+run's own (a pretrained model of a billion parameters costs no copy), and it takes seconds. The
+budget-sized recipe, which has to time shapes before any model exists, times a throwaway model of
+each small shape instead (``time_mode``).
+
+Figures are cached in ``<cache>/speed.json``, keyed by the machine (CPU model, the flags that
+matter, torch version, threads) and the shape, with the number of other tasks running when they
+were measured: a figure taken on a busy machine is measured again once the machine is quiet, and
+never replaces a quiet one.
+
+A compiled mode costs its compilation once per process, and the choice weighs that cost against
+the run's budget: compilation is taken when it yields more tokens within the budget than the
+fastest eager mode. A run never compiles cold on a guess: its compiled figures come from the
+cache (a run that asked for ``train.compile=true`` records them), and only the recipe's throwaway
+probe times compilation itself, for budgets long enough to repay it (``COMPILE_PROBE_MIN_S``). A
+mode must beat plain fp32 by ``MARGIN`` to be chosen, so a tie in noisy timings does not flip a
+run's numerics.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -29,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.core.config import ModelConfig, OptimConfig
-from llmkit.core.host.device import Precision, cpu_has_native_bf16, pick_precision
+from llmkit.core.host.device import Precision, autocast, busy_cores, cpu_has_native_bf16, pick_precision
 from llmkit.core.host.machine import machine_key, read_cache, shape_key, write_cache
 from llmkit.core.model import fast
 from llmkit.core.model.transformer import Transformer
@@ -39,6 +49,13 @@ MARGIN = 1.05
 """A mode other than eager fp32 must be this much faster (tokens within the budget) to be chosen."""
 COMPILE_PROBE_MIN_S = 300.0
 """Shorter runs never probe compilation cold (it takes tens of seconds); cached figures still count."""
+PROBE_ROWS = 4
+"""Rows of the run's first batch the in-place probe times (the ratio of two modes is what counts)."""
+
+
+def busy() -> bool:
+    """Whether other work holds at least half the cores now (figures measured then are provisional)."""
+    return busy_cores() >= max(1, (os.cpu_count() or 1) // 2)
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,8 @@ class Timing:
     cold_compile_s: float = 0.0
     error: str = ""
     """Why the mode cannot run here (a compiler missing, say); then it is never chosen."""
+    busy: bool = False
+    """Measured while other work held the cores: measured again when the machine is quiet."""
 
 
 @dataclass
@@ -122,8 +141,70 @@ def time_mode(cfg: ModelConfig, batch: int, mode: Mode, steps: int = 4) -> Timin
         if mode.compiled:
             torch._dynamo.reset()
     return Timing(
-        batch * cfg.context / statistics.median(times), compile_s=warm, cold_compile_s=cold if mode.compiled else 0.0
+        batch * cfg.context / statistics.median(times),
+        compile_s=warm,
+        cold_compile_s=cold if mode.compiled else 0.0,
+        busy=busy(),
     )
+
+
+def _head(batch: Any, rows: int) -> Any:
+    """The first ``rows`` rows of a task's batch: tensors and lists are cut, counts kept."""
+    if isinstance(batch, tuple):
+        return tuple(_head(part, rows) for part in batch)
+    if isinstance(batch, (torch.Tensor, list)):
+        return batch[:rows]
+    return batch
+
+
+class InPlace:
+    """Times a training step of the run's own model on the first rows of its own first batch:
+    forward and backward in a mode, no optimizer step. Peak memory is the run's own (smaller: a
+    slice of its batch), nothing is built twice, and the model comes out as it went in (gradients
+    dropped, torch's random state restored)."""
+
+    def __init__(self, model: torch.nn.Module, task: Any, device: torch.device, kind: str, rows: int = PROBE_ROWS):
+        self.model, self.task, self.device, self.kind = model, task, device, kind
+        self.batch = _head(task.train_batch(0, 0, 1), rows)
+        self.rows = rows
+        self.tokens = 0  # real tokens in the slice, known after the first timed step
+        self.seconds = 0.0  # time spent measuring
+
+    def key(self, cfg: ModelConfig) -> str:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        share = trainable / max(sum(p.numel() for p in self.model.parameters()), 1)
+        return f"run|{self.kind}|{shape_key(cfg, self.rows)}|trainable{share:.2f}"
+
+    def __call__(self, cfg: ModelConfig, batch: int, mode: Mode) -> Timing:
+        start = time.perf_counter()
+        rng = torch.get_rng_state()
+        net = torch.compile(self.model) if mode.compiled else self.model
+        forward = lambda fn, *a: fn(net, *a)  # noqa: E731 - the loop's forward, without DDP
+
+        def step() -> int:
+            with autocast(self.device, Precision(mode.precision, "")):
+                loss, tokens = self.task.loss(forward, self.batch)
+            loss.backward()
+            return tokens
+
+        try:
+            t0 = time.perf_counter()
+            step()  # compiles, or warms the allocator
+            cold = time.perf_counter() - t0
+            t0 = time.perf_counter()  # one timed step: the probe must cost seconds, even for a large model
+            self.tokens = step()
+            seconds = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - a mode that cannot run here is recorded, not fatal
+            return Timing(0.0, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            torch.set_rng_state(rng)
+            if mode.compiled:
+                torch._dynamo.reset()
+            self.seconds += time.perf_counter() - start
+        rate = self.tokens / seconds
+        return Timing(rate, compile_s=cold if mode.compiled else 0.0, cold_compile_s=cold if mode.compiled else 0.0,
+                      busy=busy())  # fmt: skip
 
 
 def candidates(compile_ok: bool) -> list[Mode]:
@@ -138,20 +219,34 @@ class _Timings:
     """This machine's recorded timings of one shape: read from the cache, measured when missing,
     written back once (``save``) if anything was measured."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, timer: Callable[[ModelConfig, int, Mode], Timing]):
+    def __init__(self, cfg: ModelConfig, batch: int, timer: Callable[[ModelConfig, int, Mode], Timing], key: str = ""):
         self.cfg, self.batch, self.timer = cfg, batch, timer
         self.data = read_cache()
-        self.entry = self.data.setdefault(machine_key(), {}).setdefault(shape_key(cfg, batch), {})
+        self.entry = self.data.setdefault(machine_key(), {}).setdefault(key or shape_key(cfg, batch), {})
         self.taken: dict[str, Timing] = {}
         self.measured = False
+        self.quiet: bool | None = None  # read once, when a busy figure asks whether to measure again
 
     def known(self, mode: Mode) -> bool:
         return mode.name in self.entry
 
+    def _stale(self, mode: Mode) -> bool:
+        """A figure measured on a busy machine, while the machine is quiet now: measure again."""
+        if not self.entry[mode.name].get("busy"):
+            return False
+        if self.quiet is None:
+            self.quiet = not busy()
+        return self.quiet
+
     def take(self, mode: Mode) -> Timing:
-        if mode.name not in self.entry:
-            self.entry[mode.name] = asdict(self.timer(self.cfg, self.batch, mode))
+        if mode.name not in self.entry or self._stale(mode):
+            fresh = self.timer(self.cfg, self.batch, mode)
+            old = self.entry.get(mode.name)
+            if old is None or old.get("busy") or not fresh.busy:  # a busy figure never replaces a quiet one
+                self.entry[mode.name] = asdict(fresh)
             self.measured = True
+            self.taken[mode.name] = fresh
+            return fresh
         self.taken[mode.name] = Timing(**self.entry[mode.name])
         return self.taken[mode.name]
 
@@ -174,19 +269,24 @@ def choose(
     batch: int,
     *,
     budget_s: float | None,
-    tokens_per_step: int,
+    tokens_per_step: int | Callable[[], int],
     steps: int = 0,
     precision: str = "auto",
     compile: str = "auto",
     timer: Callable[[ModelConfig, int, Mode], Timing] = time_mode,
+    key: str = "",
+    cold_compile: bool = True,
 ) -> Choice:
     """The fastest mode for a CPU run of this shape within its budget (seconds of wall-clock, or
-    ``steps`` optimizer steps of ``tokens_per_step`` tokens when there is no time budget).
+    ``steps`` optimizer steps of ``tokens_per_step`` tokens when there is no time budget; a
+    callable when the tokens of a step are known only once the eager modes are timed).
 
     ``precision`` and ``compile`` restrict the choice to what the config fixed (``auto`` leaves
-    it free). Timings come from the cache when present; missing ones are measured and stored.
+    it free). Timings come from the cache (under ``key``, or the shape's) when present; missing
+    ones are measured and stored. Without ``cold_compile`` a compiled mode left at ``auto`` is
+    weighed only from cached figures, never compiled to find out.
     """
-    timings = _Timings(cfg, batch, timer)
+    timings = _Timings(cfg, batch, timer, key)
     modes = [
         m
         for m in candidates(compile != "false")
@@ -198,9 +298,11 @@ def choose(
 
     def worth_probing(mode: Mode) -> bool:
         """A compiled mode is timed when fixed by the config, already known, or the run is long."""
-        return compile != "auto" or timings.known(mode) or (budget_s is not None and budget_s >= COMPILE_PROBE_MIN_S)
+        long = cold_compile and budget_s is not None and budget_s >= COMPILE_PROBE_MIN_S
+        return compile != "auto" or timings.known(mode) or long
 
-    if len(modes) == 1 or (len(eager) == 1 and budget_s is not None and not any(map(worth_probing, compiled))):
+    sized = budget_s is not None or not cold_compile  # whether worth_probing can answer before any timing
+    if len(modes) == 1 or (len(eager) == 1 and sized and not any(map(worth_probing, compiled))):
         only = modes[0] if len(modes) == 1 else eager[0]
         why = "CPU has no native bf16 units" if precision == "auto" and not cpu_has_native_bf16() else "as configured"
         return Choice(only.precision, only.compiled, why, {})
@@ -209,7 +311,8 @@ def choose(
         timings.take(mode)
     eager_best = max(eager, key=lambda m: timings.taken[m.name].tokens_per_s, default=None)
     if budget_s is None and steps and eager_best is not None:
-        budget_s = steps * tokens_per_step / max(timings.taken[eager_best.name].tokens_per_s, 1e-9)
+        per_step = tokens_per_step() if callable(tokens_per_step) else tokens_per_step
+        budget_s = steps * per_step / max(timings.taken[eager_best.name].tokens_per_s, 1e-9)
     for mode in compiled:
         # compilation speeds both precisions alike: one cold compile (the faster precision's) is enough
         if worth_probing(mode) and (
@@ -236,17 +339,24 @@ def choose(
             best = challenger
     rates = ", ".join(f"{n} {t.tokens_per_s:,.0f}" if not t.error else f"{n} unavailable" for n, t in taken.items())
     where = "measured" if measured else "cached"
+    if measured and isinstance(timer, InPlace):
+        where += f" on {timer.rows} rows of the first batch in {timer.seconds:.1f} s"
+    if any(t.busy for t in taken.values()):
+        where += ", machine busy: measured again when it is quiet"
     reason = f"fastest here ({where}, tokens/s: {rates})"
     if best.compiled:
         reason += f"; compilation {taken[best.name].compile_s:.0f} s"
     return Choice(best.precision, best.compiled, reason, taken)
 
 
-def plan(cfg, device: torch.device, *, distributed: bool, resumed: dict[str, Any] | None) -> tuple[Precision, bool]:
+def plan(
+    cfg, device: torch.device, *, distributed: bool, resumed: dict[str, Any] | None, probe: InPlace | None = None
+) -> tuple[Precision, bool]:
     """(precision, compile) for a run of ``cfg`` (a RunConfig) on ``device``.
 
     A resumed run keeps the mode it started with (resume is exact only under the same numerics);
-    a single CPU process with ``train.dtype`` or ``train.compile`` left at auto asks the probe;
+    a single CPU process with ``train.dtype`` or ``train.compile`` left at auto asks the probe
+    (``probe``, the run's own model in place; without one, a throwaway model of the shape);
     anything else follows the device rule (``device.pick_precision``) and the config.
     """
     t = cfg.train
@@ -257,19 +367,37 @@ def plan(cfg, device: torch.device, *, distributed: bool, resumed: dict[str, Any
             compiled if t.compile == "auto" else t.compile == "true"
         )
     if device.type != "cpu" or distributed or (t.dtype != "auto" and t.compile != "auto"):
-        return pick_precision(t.dtype, device, cfg.model.d_model), t.compile == "true"
+        rule = pick_precision(t.dtype, device, cfg.model.d_model)
+        if distributed and device.type == "cpu" and t.dtype == "auto":  # why torchrun may differ from one process
+            rule = Precision(rule.name, f"{rule.reason}; under torchrun the ranks follow this rule, not a probe")
+        return rule, t.compile == "true"
     if t.dtype != "auto":
         pick_precision(t.dtype, device, cfg.model.d_model)  # an impossible request is refused here
     precision = t.dtype
     tokens_per_step = t.global_batch(1) * cfg.model.context
     steps = t.steps or (-(-t.tokens // tokens_per_step) if t.tokens else 0)
+    if probe is None:
+        choice = choose(
+            cfg.model,
+            t.batch_size,
+            budget_s=t.time_s or None,
+            tokens_per_step=tokens_per_step,
+            steps=steps,
+            precision=precision,
+            compile=t.compile,
+        )
+        return Precision(choice.precision, choice.reason), choice.compiled
     choice = choose(
         cfg.model,
-        t.batch_size,
+        probe.rows,
         budget_s=t.time_s or None,
-        tokens_per_step=tokens_per_step,
+        # a step holds its rows' real tokens (a fine-tuning row is rarely a full context)
+        tokens_per_step=lambda: t.global_batch(1) * probe.tokens // max(probe.rows, 1),
         steps=steps,
         precision=precision,
         compile=t.compile,
+        timer=probe,
+        key=probe.key(cfg.model),
+        cold_compile=False,
     )
     return Precision(choice.precision, choice.reason), choice.compiled
