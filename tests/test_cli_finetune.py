@@ -374,3 +374,36 @@ def test_an_epoch_budget_says_so_when_it_stops(trained_run, data, tmp_path):
     r = invoke(*args, "--epochs", 5, "--steps", 1, "--out", tmp_path / "s")  # the steps come first: said as such
     assert r.exit_code == 0, r.output
     assert "stopped at step 1: step budget reached" in r.stderr, r.stderr
+
+
+def test_eval_streams_outputs_resumes_and_takes_several_files(translator, data, tmp_path):
+    """A translator's eval writes each output as it is decoded; stopped half-way (here: the file
+    cut after two lines and a torn third), it continues without decoding those again, and ends
+    with the same scores and outputs as one uninterrupted run. Several files: together and apart."""
+    rows = [json.loads(line) for line in (data / "pairs.jsonl").read_text().splitlines()]
+    write_jsonl(tmp_path / "a.jsonl", rows[:4])
+    write_jsonl(tmp_path / "b.jsonl", rows[4:])
+    files = (tmp_path / "a.jsonl", tmp_path / "b.jsonl")
+    whole = invoke("eval", translator, *files, "--json", "--outputs", tmp_path / "whole.jsonl", "--batch-size", 2)
+    assert whole.exit_code == 0, whole.output
+    report = json.loads(whole.stdout)
+    assert report["examples"] == 6 and report["resumed"] == 0
+    assert {f["examples"] for f in report["per_file"].values()} == {4, 2}
+    streamed = [json.loads(line) for line in (tmp_path / "whole.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in streamed) == list(range(6))
+    assert {r["file"] for r in streamed} == {str(f) for f in files}
+    assert all(r["output"] == report["outputs"][r["index"]]["output"] for r in streamed)
+    assert "decoded 6/6" in whole.stderr
+    # stopped after two outputs, the third line torn by the stop
+    lines = (tmp_path / "whole.jsonl").read_text().splitlines()
+    (tmp_path / "part.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:15])
+    again = invoke("eval", translator, *files, "--json", "--outputs", tmp_path / "part.jsonl", "--resume")
+    assert again.exit_code == 0, again.output
+    resumed = json.loads(again.stdout)
+    assert resumed["resumed"] == 2 and resumed["chrf"] == report["chrf"] and resumed["outputs"] == report["outputs"]
+    assert len((tmp_path / "part.jsonl").read_text().splitlines()) == 6
+    # an existing file is never overwritten, and one from other examples is refused
+    assert_one_line_error(invoke("eval", translator, *files, "--outputs", tmp_path / "part.jsonl"), "--resume")
+    other = invoke("eval", translator, tmp_path / "b.jsonl", "--outputs", tmp_path / "part.jsonl", "--resume")
+    assert_one_line_error(other, "another example")
+    assert_one_line_error(invoke("eval", translator, *files, "--resume"), "--outputs")

@@ -21,7 +21,7 @@ def evaluate(
     data: Annotated[
         list[str],
         typer.Argument(
-            help="Text files (language model) or one JSONL/CSV/TSV file of examples.",
+            help="Text files (language model) or JSONL/CSV/TSV files of examples (measured together, and each apart).",
             show_default=False,
             metavar="DATA",
         ),
@@ -50,15 +50,32 @@ def evaluate(
     limit: Annotated[int, typer.Option("--limit", help="Measure the first N examples only (0: all).")] = 0,
     show: Annotated[int, typer.Option("--show", help="Print this many outputs beside their references.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 16,
+    outputs: Annotated[
+        Optional[Path],
+        opt(
+            "Write each generated output (translate, instruct) to this JSONL file as it is decoded [default: none].",
+            "--outputs",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an evaluation stopped half-way from its --outputs file.")
+    ] = False,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads (0: one per free core).")] = 0,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
 ) -> None:
     from llmkit.cli.render import err_console, eval_tables
-    from llmkit.core.host.device import pick_device
+    from llmkit.core.errors import ConfigError
+    from llmkit.core.host.device import pick_device, set_threads
     from llmkit.core.jobs.evaluate import evaluate_checkpoint
 
-    check_positive(batch_size=batch_size, limit=limit, show=show, allow_zero=("limit", "show"))
+    check_positive(
+        batch_size=batch_size, limit=limit, show=show, threads=threads, allow_zero=("limit", "show", "threads")
+    )
+    if resume and outputs is None:
+        raise ConfigError("--resume continues an evaluation from its --outputs file: name it")
+    set_threads(threads)
     console = err_console()
     fields = {
         "text_field": text_field,
@@ -75,6 +92,8 @@ def evaluate(
         batch_size=batch_size,
         limit=limit,
         device=pick_device(device or "auto"),
+        outputs=outputs,
+        resume=resume,
         on_progress=lambda s: None if quiet else console.print(f"[dim]{s} …[/]"),
     )
     if json_out:

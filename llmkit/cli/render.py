@@ -464,6 +464,15 @@ def eval_tables(report: dict[str, Any], *, show: int = 0) -> list[Table]:
         if key in report:
             t.add_row(name, fmt.format(report[key]))
     tables = [t]
+    if report.get("per_file"):  # several files: each one's share
+        f = Table(title="per file", title_justify="left")
+        f.add_column("file")
+        keys = [(k, name, fmt) for k, name, fmt in rows if k in next(iter(report["per_file"].values()))]
+        for _, name, _ in keys:
+            f.add_column(name, justify="right")
+        for file, scores in report["per_file"].items():
+            f.add_row(escape(file), *(fmt.format(scores[k]) for k, _, fmt in keys))
+        tables.append(f)
     if "confusion" in report:
         tables.extend(classification_tables(report))
     if show and report.get("outputs"):

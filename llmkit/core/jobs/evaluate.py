@@ -7,11 +7,16 @@
   extractive-QA scores), plus the response loss.
 
 The task, its fields and template come from the checkpoint; a field can be renamed for one file.
+Several files of examples are measured together (and each apart). Generated outputs can stream to
+a JSON-lines file as they are decoded (``outputs``); an evaluation stopped half-way continues from
+that file (``resume``) without decoding again what it holds.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +37,7 @@ from llmkit.core.tasks.objectives import (
     pair_loss,
     response_scores,
 )
-from llmkit.core.text.examples import drop_unseen, pair_sequence, read_examples
+from llmkit.core.text.examples import ExampleSet, drop_unseen, pair_sequence, read_examples
 from llmkit.core.text.token_cache import Source, load_source
 from llmkit.core.training.loop import mean_token_loss
 
@@ -51,6 +56,32 @@ def _lm_windows(stream: np.ndarray, context: int, batch_size: int):
         yield x, y
 
 
+def _previous_outputs(path: Path, items: list) -> dict[int, str]:
+    """The outputs an earlier, stopped evaluation wrote to ``path``, by example index; a line cut
+    by the stop is dropped (and the file truncated before it), anything else that does not match
+    these examples is refused."""
+    done: dict[int, str] = {}
+    lines = path.read_bytes().split(b"\n")
+    keep = 0
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except ValueError:
+            if n >= len(lines) - 1:  # the last line, cut by the stop: decoded again
+                break
+            raise ConfigError(f"{path}: line {n} is damaged; choose another --outputs file") from None
+        i = row.get("index")
+        if not isinstance(i, int) or not 0 <= i < len(items) or row.get("prompt") != items[i].prompt:
+            raise ConfigError(f"{path}: line {n} holds the output of another example; choose another --outputs file")
+        done[i] = row.get("output", "")
+        keep += len(raw) + 1
+    with path.open("r+b") as f:
+        f.truncate(keep)
+    return done
+
+
 def evaluate_checkpoint(
     checkpoint: Path,
     data: list[str],
@@ -59,9 +90,17 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     limit: int = 0,
     device="cpu",
+    outputs: Path | None = None,
+    resume: bool = False,
     on_progress: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """The checkpoint's task metrics on ``data``; ``limit`` caps the examples (0: all)."""
+    """The checkpoint's task metrics on ``data``; ``limit`` caps the examples (0: all).
+
+    For translation and instruct models, ``outputs`` receives one JSON line per example as it is
+    decoded (index, file, line, prompt, output, reference); with ``resume`` an existing file is
+    continued, otherwise it must not exist. ``on_progress`` hears a line per decoded batch."""
+    if outputs is not None and outputs.exists() and not resume:
+        raise ConfigError(f"{outputs} exists: pass --resume to continue that evaluation, or choose another file")
     model, ckpt = open_model(checkpoint, device)
     tok, task = ckpt.tokenizer, ckpt.task
     given = {k: v for k, v in (fields or {}).items() if v is not None}
@@ -84,13 +123,18 @@ def evaluate_checkpoint(
                 "perplexity": math.exp(min(loss, 50)),
                 "bits_per_byte": bits_per_byte(loss, tokens, n_bytes),
             }
-        if len(data) != 1:
-            raise ConfigError(f"a {task.kind} checkpoint is measured on one file of examples (got {len(data)})")
-        examples = read_examples(Path(data[0]), task)
-        report["blank"] = examples.blank
+        items, origin, blank = [], [], 0
+        for name in data:  # several files are measured together; each one's share is reported too
+            examples = read_examples(Path(name), task)
+            items += examples.examples
+            origin += [name] * len(examples.examples)
+            blank += examples.blank
+        report["blank"] = blank
+        if limit:
+            items, origin = items[:limit], origin[:limit]
         if task.kind == "classify":
-            examples, unseen = drop_unseen(examples, task.labels)
-            items = examples.examples[:limit] if limit else examples.examples
+            kept, unseen = drop_unseen(ExampleSet(Path(data[0]), items, blank), task.labels)
+            items = kept.examples
             index = {label: i for i, label in enumerate(task.labels)}
             logits, cut = classify_texts(
                 model, tok, [e.text for e in items], pooling=task.pooling, batch_size=batch_size, device=device
@@ -98,10 +142,22 @@ def evaluate_checkpoint(
             out = classification_report(logits, [index[e.label] for e in items], task.labels)
             out["loss"] = out.pop("val_loss")
             return {**report, **out, "unseen": dict(unseen), "truncated": cut}
-        items = examples.examples[:limit] if limit else examples.examples
         seqs = [pair_sequence(tok, task.prompt_template, e.turns, context) for e in items]
         loss = pair_loss(model, seqs, mask_prompt=task.mask_prompt, batch_size=batch_size, device=device)
-        on_progress(f"decoding {len(items)} prompts")
+        done = _previous_outputs(outputs, items) if outputs is not None and outputs.exists() else {}
+        progress = _Progress(len(items), len(done), on_progress)
+
+        def stream(batch: list[tuple[int, str]]) -> None:
+            if outputs is not None:  # appended and flushed per batch: a stop loses one batch at most
+                rows = [{"index": i, "file": origin[i], "line": items[i].line, "prompt": items[i].prompt,
+                         "output": text, "reference": items[i].response} for i, text in batch]  # fmt: skip
+                with outputs.open("a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            progress(len(batch))
+
+        on_progress(
+            f"decoding {len(items) - len(done)} prompts" + (f" ({len(done)} already in {outputs})" if done else "")
+        )
         hyps = decode_responses(
             model,
             tok,
@@ -110,14 +166,45 @@ def evaluate_checkpoint(
             max_new_tokens=task.max_new_tokens,
             batch_size=batch_size,
             device=device,
+            done=done,
+            on_batch=stream,
         )
-        scores = response_scores(task.kind, hyps, [e.response for e in items])
+        refs = [e.response for e in items]
+        scores = response_scores(task.kind, hyps, refs)
+        if len(data) > 1:
+            report["per_file"] = {
+                name: {
+                    "examples": len(mine),
+                    **response_scores(task.kind, [hyps[i] for i in mine], [refs[i] for i in mine]),
+                }
+                for name in data
+                if (mine := [i for i, f in enumerate(origin) if f == name])
+            }
         return {
             **report,
             "examples": len(items),
+            "resumed": len(done),
             "loss": loss,
             "perplexity": math.exp(min(loss, 50)),
             **scores,
             "truncated": sum(s.truncated for s in seqs),
             "outputs": [{"prompt": e.prompt, "output": h, "reference": e.response} for e, h in zip(items, hyps)],
         }
+
+
+class _Progress:
+    """A line per decoded batch: examples done, rate and time left (at most every 10 s after the first)."""
+
+    def __init__(self, total: int, done: int, say: Callable[[str], None]):
+        self.total, self.done, self.say = total, done, say
+        self.start, self.fresh, self.last = time.monotonic(), 0, 0.0
+
+    def __call__(self, n: int) -> None:
+        self.done, self.fresh = self.done + n, self.fresh + n
+        now = time.monotonic()
+        if self.done < self.total and now - self.last < 10 and self.last:
+            return
+        self.last = now
+        rate = self.fresh / max(now - self.start, 1e-9)
+        left = (self.total - self.done) / max(rate, 1e-9)
+        self.say(f"decoded {self.done}/{self.total} ({rate:.2f} examples/s, {left:.0f} s left)")

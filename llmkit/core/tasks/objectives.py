@@ -16,6 +16,7 @@ micro-batch m are a pure function of (seed, s, m), so resume is exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -260,16 +261,33 @@ def pair_loss(model, seqs: list[Sequence], *, mask_prompt: bool, batch_size: int
 
 
 def decode_responses(
-    model, tok, template: str, examples: list[Example], *, max_new_tokens: int, batch_size: int, device
+    model,
+    tok,
+    template: str,
+    examples: list[Example],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device,
+    done: dict[int, str] | None = None,
+    on_batch: Callable[[list[tuple[int, str]]], None] | None = None,
 ) -> list[str]:
-    """Greedy responses to each example's prompt (the template applied), in input order."""
+    """Greedy responses to each example's prompt (the template applied), in input order.
+
+    ``done`` holds responses already decoded (by index: a resumed evaluation), which are not
+    decoded again; ``on_batch`` receives each batch's (index, response) pairs as they come."""
+    done = done or {}
     prompts = [encode_prompt(tok, template, e.turns[:-1]) for e in examples]
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
-    out = [""] * len(prompts)
-    for idx in _by_length(prompts, batch_size):
+    out = [done.get(i, "") for i in range(len(prompts))]
+    todo = [i for i in range(len(prompts)) if i not in done]
+    for rows in _by_length([prompts[i] for i in todo], batch_size):
+        idx = [todo[r] for r in rows]
         texts = decode_batch(model, [prompts[i] for i in idx], cfg, eos_id=tok.eos_id, decode=tok.decode, device=device)
         for i, o in zip(idx, texts):
             out[i] = o.text.strip()
+        if on_batch is not None:
+            on_batch([(i, out[i]) for i in idx])
     return out
 
 
