@@ -1,6 +1,6 @@
 """Under torchrun on the CPU (gloo): 2 processes train like 1 with the same global batch, resume
 exactly after a kill, shard with FSDP into an ordinary checkpoint, and fail with the failing
-rank's message. Each test launches real `torchrun` processes, so they are marked slow."""
+rank's message; `--processes N` launches torchrun itself, and two "nodes" on loopback train as one. Each test launches real `torchrun` processes, so they are marked slow."""
 
 from __future__ import annotations
 
@@ -197,3 +197,68 @@ def test_a_failing_rank_stops_the_job_with_its_message(tok, tmp_path):
     assert "error: [rank 1] cannot read the corpus on this node" in r.stderr
     assert "Traceback" not in r.stderr.split("error: [rank 1]")[0]  # the rank's own message, one line
     assert time.time() - t0 < 120  # rank 0 does not wait forever at the barrier
+
+
+def test_processes_launches_torchrun_itself(one_process, tok, tmp_path):
+    """`--processes 2` is `torchrun --standalone --nproc_per_node=2 -m llmkit …`: the same run."""
+    out = tmp_path / "self-launched"
+    r = run(1, *pretrain_args(out, tok, "--steps", 6, "--processes", 2))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out / "best")
+    assert_close(weights(one_process), weights(out))
+    assert "Traceback" not in r.stderr and "W1" not in r.stderr  # none of torchrun's own lines
+
+
+def test_processes_says_one_line_when_ranks_fail(tok, tmp_path):
+    r = run(1, *pretrain_args(tmp_path / "out", tok, "--steps", 6, "--processes", 2, "--resume", tmp_path / "none"))
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert sorted(lines[:2]) == [f"error: [rank {i}] checkpoint not found: {tmp_path / 'none'}" for i in (0, 1)]
+    assert lines[2:] == ["error: 2 processes launched; a rank failed (its message is above)"]  # no torchrun report
+    under = subprocess.run(
+        [sys.executable, "-m", "llmkit", *map(str, pretrain_args(tmp_path / "o2", tok, "--processes", 2))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WORLD_SIZE": "2"},
+    )
+    assert under.returncode == 1 and "under torchrun, leave it out" in under.stderr
+
+
+def test_two_nodes_on_loopback_train_like_one(one_process, tok, tmp_path):
+    """torchrun across machines, played by two launchers on this one: --nnodes 2, a node rank each,
+    the first node's address and port as the meeting point."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two-nodes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "-m",
+                "llmkit",
+                *map(str, pretrain_args(out, tok, "--steps", 6)),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    results = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], results
+    assert results[0][0].strip() == str(out / "best")  # node 0 holds rank 0: it prints the result
+    assert_close(weights(one_process), weights(out))

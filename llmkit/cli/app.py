@@ -29,8 +29,16 @@ def _fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
+ARGV: list[str] = []
+"""The command line after the program name, as given: what ``--processes`` launches again."""
+
+
 class LlmkitGroup(TyperGroup):
     """Turns LlmkitError (and OS errors on user paths) into one red line on stderr, exit code 1."""
+
+    def parse_args(self, ctx, args):
+        ARGV[:] = list(args)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         if os.environ.get("LLMKIT_DEBUG"):

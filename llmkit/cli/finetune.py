@@ -16,6 +16,7 @@ from llmkit.cli.options import (
     ConfigOpt,
     DeviceOpt,
     JsonOpt,
+    ProcessesOpt,
     QuietOpt,
     SetOpt,
     TrainSeedOpt,
@@ -23,6 +24,7 @@ from llmkit.cli.options import (
     default,
     opt,
     out_opt,
+    relaunch_under_torchrun,
 )
 from llmkit.core.config import FINETUNE_DEFAULTS, FINETUNE_EPOCHS, LORA_LR
 from llmkit.core.config import LoRAConfig as L
@@ -115,6 +117,7 @@ def finetune(
         Optional[int], opt("Examples per optimizer step over all processes.", "--global-batch-size")
     ] = None,
     strategy: Annotated[Optional[str], opt("Under torchrun: ddp (default) or fsdp (sharded).", "--strategy")] = None,
+    processes: ProcessesOpt = 1,
     lr: Annotated[
         Optional[float],
         opt(f"Peak learning rate [default: {FINETUNE_DEFAULTS['optim']['lr']:g}, {LORA_LR:g} with --lora].", "--lr"),
@@ -132,6 +135,7 @@ def finetune(
     from llmkit.core.jobs.finetune import finetune as run_finetune
     from llmkit.core.jobs.finetune import plan
 
+    relaunch_under_torchrun(processes)
     check_positive(steps=steps, batch_size=batch_size, lr=lr, epochs=epochs, context=context)
     if not data:
         raise ConfigError("--data is required: the training examples (JSONL, CSV or TSV; text for --task lm)")

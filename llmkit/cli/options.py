@@ -108,3 +108,30 @@ def require_kind(ckpt, kinds: tuple[str, ...], what: str, hint: str = "") -> Non
     if ckpt.kind not in kinds:
         fits = COMMAND_FOR_KIND.get(ckpt.kind, "the command for that task")
         raise CheckpointError(f"{ckpt.path} is a {ckpt.kind} checkpoint, not {what}: use {fits}{hint}")
+
+
+ProcessesOpt = Annotated[
+    int,
+    typer.Option(
+        "--processes",
+        help="Train with N processes on this machine: llmkit launches torchrun itself (1: no torchrun).",
+    ),
+]
+
+
+def relaunch_under_torchrun(processes: int) -> None:
+    """``--processes N`` > 1 outside torchrun: run the same command under torchrun, exit with its
+    code. Inside torchrun (or with N = 1) nothing happens; N given under torchrun is refused."""
+    import os
+
+    from llmkit.core.errors import ConfigError
+
+    check_positive(processes=processes)
+    if processes == 1:
+        return
+    if os.environ.get("WORLD_SIZE"):
+        raise ConfigError("--processes launches torchrun itself: under torchrun, leave it out")
+    from llmkit.cli import app
+    from llmkit.cli.launch import launch
+
+    raise typer.Exit(launch(processes, app.ARGV))

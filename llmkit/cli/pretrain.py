@@ -17,6 +17,7 @@ from llmkit.cli.options import (
     ConfigOpt,
     DeviceOpt,
     JsonOpt,
+    ProcessesOpt,
     QuietOpt,
     SetOpt,
     TrainSeedOpt,
@@ -24,6 +25,7 @@ from llmkit.cli.options import (
     default,
     out_opt,
     preset_default,
+    relaunch_under_torchrun,
 )
 from llmkit.core.config import DataConfig, TrainConfig
 
@@ -132,6 +134,7 @@ def pretrain(
         Optional[str],
         typer.Option("--strategy", help="Under torchrun: ddp (default) or fsdp (sharded).", show_default=False),
     ] = None,
+    processes: ProcessesOpt = 1,
     lr: Annotated[
         Optional[float],
         typer.Option("--lr", help="Peak learning rate" + preset_default("optim", "lr"), show_default=False),
@@ -155,6 +158,7 @@ def pretrain(
     from llmkit.cli.render import PretrainView, end_interrupted, print_result, sample_block, training_view
     from llmkit.core.jobs.pretrain import plan
 
+    relaunch_under_torchrun(processes)
     check_positive(steps=steps, batch_size=batch_size, lr=lr)
     flags = {
         "train": {
