@@ -162,10 +162,8 @@ def translate(ckpt: str, work: Path) -> None:
     dev, rest = tico[:200], tico[200:]
     ntrex = [json.loads(line) for line in (root / "ntrex128.jsonl").read_text().splitlines()]
     chat = _chat_model(ckpt)
-    # A chat model reads the instruction it is asked zero-shot, in its own format, when fine-tuned too.
-    src = (lambda r: ZERO_SHOT.format(src=r["src"])) if chat else (lambda r: r["src"])  # noqa: E731
-    train = _jsonl(work / "translate.train.jsonl", [{"src": src(r), "tgt": r["tgt"]} for r in ntrex + rest])
-    dev_file = _jsonl(work / "translate.dev.jsonl", [{"src": src(r), "tgt": r["tgt"]} for r in dev])
+    train = _jsonl(work / "translate.train.jsonl", [{"src": r["src"], "tgt": r["tgt"]} for r in ntrex + rest])
+    dev_file = _jsonl(work / "translate.dev.jsonl", [{"src": r["src"], "tgt": r["tgt"]} for r in dev])
     emit(
         task="translate",
         data="translate_fr_en",
@@ -199,7 +197,9 @@ def translate(ckpt: str, work: Path) -> None:
             "train.eval_every=100",
             "--set",
             "task.eval_limit=50",
-            *(["--set", "task.template=chat"] if chat else []),
+            # A chat model reads the instruction it is asked zero-shot, in its own format, when
+            # fine-tuned too: the template carries it, the data stays plain pairs.
+            *(["--template", "chat:" + ZERO_SHOT.format(src="{prompt}")] if chat else []),
         ]
     )
     report = evaluate(out / "best", dev_file)

@@ -655,3 +655,35 @@ def test_a_gguf_export_loads_in_transformers_gguf_reader(pair, tmp_path, request
     assert len(same) >= len(want) // 3  # embeddings, MLPs and norms at least
     for k in same:  # Gemma's norms go through 1 + w and back: equal up to that rounding
         assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6), k
+
+
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)
+def test_plain_pairs_with_the_instruction_in_a_chat_template(pair, tmp_path):
+    """`--template "chat:INSTRUCTION {prompt}"`: plain {"src","tgt"} rows are trained, scored and
+    answered inside the model's chat format with the instruction, which no row has to carry."""
+    from test_cli import invoke
+
+    from llmkit.core.text.examples import encode_prompt
+
+    _, ckpt, _, _ = pair
+    rows = [{"src": f"le {w} dort", "tgt": f"the {e} sleeps"} for w, e in (("chat", "cat"), ("roi", "king"))] * 4
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = "chat:Translate into English.\n\n{prompt}"
+    out = tmp_path / "fr-en"
+    r = invoke("finetune", ckpt.path, "--task", "translate", "-d", data, "--val", data, "--template", template,
+               "--steps", 2, "-o", out, "--set", "train.batch_size=4", "--set", "train.dtype=fp32")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    got = read_checkpoint(out / "best")
+    assert got.task.prompt_template == template
+    ids = encode_prompt(got.tokenizer, template, [("user", "le chat dort")])
+    want = "<|im_start|>user\nTranslate into English.\n\nle chat dort<|im_end|>\n<|im_start|>assistant\n"
+    assert got.tokenizer.decode(ids) == want
+    report = json.loads(invoke("eval", out / "best", data, "--json", "--limit", 2).stdout)
+    assert report["examples"] == 2 and "chrf" in report
+    g = invoke("generate", out / "best", "-p", "le chat dort", "-n", 2, "--greedy", "--json")
+    assert g.exit_code == 0, g.output
+    bad = invoke(
+        "finetune", ckpt.path, "--task", "translate", "-d", data, "--template", "chat:no marker", "-o", tmp_path / "x"
+    )
+    assert bad.exit_code == 1 and "{prompt}" in bad.output

@@ -451,8 +451,9 @@ class TaskConfig:
     mask_prompt: bool = True
     """instruct/translate: the loss covers the response only."""
     template: str = ""
-    """The prompt template ({prompt} marks the input); 'chat' uses the model's own chat template;
-    '' means the task's default (the chat template for instruct when the model has one)."""
+    """The prompt template ({prompt} marks the input); 'chat' uses the model's own chat template,
+    'chat:TEXT' too with each input put through TEXT first (an instruction, say); '' means the
+    task's default (the chat template for instruct when the model has one)."""
     val_fraction: float = 0.1
     """Share of the training examples held out when no --val file is given."""
     eval_limit: int = 200
@@ -477,9 +478,10 @@ class TaskConfig:
             f"must be none or balanced, not {self.class_weights!r}",
         )
         _check(
-            not self.template or self.template == "chat" or self.template.count("{prompt}") == 1,
+            not self.template or self.template == "chat" or self.template.removeprefix("chat:").count("{prompt}") == 1,
             "task.template",
-            "must contain {prompt} exactly once (or be 'chat': the model's chat template)",
+            "must contain {prompt} exactly once (or be 'chat': the model's chat template, or "
+            "'chat:TEXT' with {prompt} in TEXT: an instruction inside the model's chat format)",
         )
         _check(0.0 < self.val_fraction < 0.5, "task.val_fraction", "must be in (0, 0.5)")
         _check(self.eval_limit > 0, "task.eval_limit", "must be positive")

@@ -28,7 +28,7 @@ from llmkit.core.config import TaskConfig
 from llmkit.core.errors import DataError
 from llmkit.core.files.corpus import read_text
 from llmkit.core.files.records import iter_rows as iter_table
-from llmkit.core.text.templates import CHAT
+from llmkit.core.text.templates import chat_instruction
 from llmkit.core.text.templates import render as render_chat
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
@@ -184,8 +184,11 @@ def fill(template: str, prompt: str) -> str:
 def encode_prompt(tok, template: str, turns: list[tuple[str, str]]) -> list[int]:
     """Token ids of everything before the response: system text, then each user turn through the
     template, earlier assistant turns followed by EOS. With the template ``chat``, the model's own
-    chat template renders the whole conversation, ending with the assistant's opening."""
-    if template == CHAT:  # the template writes the BOS a model expects (its bos_token), if any
+    chat template renders the whole conversation, ending with the assistant's opening; with
+    ``chat:TEXT``, each user turn goes through TEXT (``{prompt}`` marks it) first."""
+    instruction = chat_instruction(template)
+    if instruction is not None:  # the chat template writes the BOS a model expects (its bos_token), if any
+        turns = [(role, fill(instruction, c) if role == "user" else c) for role, c in turns]
         return tok.encode(render_chat(tok, turns, add_generation_prompt=True))
     ids: list[int] = [tok.bos_id] if tok.expects_bos else []
     for role, content in turns:

@@ -22,6 +22,18 @@ CHAT = "chat"
 """task.template's value for "the model's own chat template"."""
 
 
+def chat_instruction(template: str) -> str | None:
+    """For a template in the model's chat format, the text each user turn goes through first:
+    ``chat`` alone gives ``{prompt}`` (the turn as it is), ``chat:Translate into English.\n\n{prompt}``
+    puts the instruction in the template rather than in every row of the data. None for a plain
+    template."""
+    if template == CHAT:
+        return "{prompt}"
+    if template.startswith(CHAT + ":"):
+        return template[len(CHAT) + 1 :]
+    return None
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled(template: str):
     from jinja2.exceptions import TemplateError  # optional dependency (the interop extra)
