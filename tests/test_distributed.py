@@ -1,6 +1,7 @@
 """Under torchrun on the CPU (gloo): 2 processes train like 1 with the same global batch, resume
 exactly after a kill, shard with FSDP into an ordinary checkpoint, and fail with the failing
-rank's message; `--processes N` launches torchrun itself, and two "nodes" on loopback train as one. Each test launches real `torchrun` processes, so they are marked slow."""
+rank's message; `--processes N` launches torchrun itself, and two "nodes" on loopback train as
+one. Each test launches real `torchrun` processes, so they are marked slow."""
 
 from __future__ import annotations
 
