@@ -407,3 +407,29 @@ def test_eval_streams_outputs_resumes_and_takes_several_files(translator, data, 
     other = invoke("eval", translator, tmp_path / "b.jsonl", "--outputs", tmp_path / "part.jsonl", "--resume")
     assert_one_line_error(other, "another example")
     assert_one_line_error(invoke("eval", translator, *files, "--resume"), "--outputs")
+
+
+def test_split_keeps_groups_whole_and_is_the_same_every_time(tmp_path):
+    rows = [{"title": f"article {i // 3}", "question": f"q{i}", "answer": f"a{i}"} for i in range(30)]
+    write_jsonl(tmp_path / "qa.jsonl", rows)
+    r = invoke("split", tmp_path / "qa.jsonl", "--dev", "20%", "--test", 3, "--by", "title", "-o", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    sides = {
+        s: [json.loads(x) for x in (tmp_path / "a" / f"qa.{s}.jsonl").read_text().splitlines()]
+        for s in ("train", "dev", "test")
+    }
+    assert sum(map(len, sides.values())) == 30 and len(sides["dev"]) == 6 and len(sides["test"]) == 3
+    titles = [{row["title"] for row in side} for side in sides.values()]
+    assert not (titles[0] & titles[1]) and not (titles[0] & titles[2]) and not (titles[1] & titles[2])
+    again = invoke("split", tmp_path / "qa.jsonl", "--dev", "20%", "--test", 3, "--by", "title", "-o", tmp_path / "b")
+    assert again.exit_code == 0
+    assert (tmp_path / "a" / "qa.dev.jsonl").read_text() == (tmp_path / "b" / "qa.dev.jsonl").read_text()
+    # CSV keeps its header; outputs are never overwritten; impossible sizes are one line
+    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"phrase {i},{i % 2}\n" for i in range(10)))
+    assert invoke("split", tmp_path / "t.csv", "--dev", 2).exit_code == 0
+    assert (tmp_path / "t.dev.csv").read_text().splitlines()[0] == "text,label"
+    assert len((tmp_path / "t.train.csv").read_text().splitlines()) == 9
+    assert_one_line_error(invoke("split", tmp_path / "t.csv", "--dev", 2), "exists")
+    assert_one_line_error(invoke("split", tmp_path / "qa.jsonl", "--dev", 30, "-o", tmp_path / "c"), "nothing left")
+    assert_one_line_error(invoke("split", tmp_path / "qa.jsonl", "--dev", "abc", "-o", tmp_path / "c"), "--dev")
+    assert_one_line_error(invoke("split", tmp_path / "qa.jsonl", "--by", "nope", "-o", tmp_path / "c"), "nope")

@@ -101,6 +101,7 @@ def _register() -> None:
         pretrain,
         report,
         serve,
+        split,
         tokenize,
     )
 
@@ -112,6 +113,7 @@ def _register() -> None:
     app.command("encode", help=encode.__doc__)(encode.encode)
     app.command("classify", help=classify.__doc__)(classify.classify)
     app.command("eval", help=eval.__doc__)(eval.evaluate)
+    app.command("split", help=split.__doc__)(split.split)
     app.command("import", help=interop.import_model.__doc__)(interop.import_model)
     app.command("export", help=interop.export_model.__doc__)(interop.export_model)
     app.command("serve", help=serve.__doc__)(serve.serve)
