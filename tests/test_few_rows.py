@@ -126,3 +126,33 @@ def test_decoding_through_either_layout_gives_the_same_greedy_text(monkeypatch):
     assert len(calls) >= 40 * 8  # every step's products went the other way
     calls.clear()
     assert transposed == decode(frozenset()) and not calls
+
+
+def test_a_layout_probed_on_a_busy_machine_is_probed_again_once_quiet(monkeypatch):
+    """A layout timed while other work held the cores is provisional: used, but timed again when
+    the machine is quiet, and a busy timing never replaces a quiet one."""
+    state, probed, real = {"busy": True}, [], few_rows.probe
+    monkeypatch.setattr(few_rows, "machine_busy", lambda: state["busy"])
+
+    def fake(ws):
+        probed.append(state["busy"])
+        return {**real(ws), "faster": [1] if state["busy"] else [1, 8]}
+
+    monkeypatch.setattr(few_rows, "probe", fake)
+    key = "few_rows|" + machine.shape_key(CFG, 0)
+    data = machine.read_cache()
+    data.get(machine.machine_key(), {}).pop(key, None)
+    machine.write_cache(data)
+
+    def rows_of_a_new_model():
+        model = Transformer(CFG).eval()
+        fast.for_decoding(model)
+        return next(m.fast_rows for m in model.modules() if isinstance(m, FewRowLinear))
+
+    assert rows_of_a_new_model() == {1} and probed == [True]
+    assert machine.read_cache()[machine.machine_key()][key]["busy"] is True
+    assert rows_of_a_new_model() == {1} and probed == [True]  # still busy: the provisional answer
+    state["busy"] = False
+    assert rows_of_a_new_model() == {1, 5, 6, 7, 8} and probed == [True, False]  # quiet: timed again
+    state["busy"] = True
+    assert rows_of_a_new_model() == {1, 5, 6, 7, 8} and probed == [True, False]  # the quiet answer stands

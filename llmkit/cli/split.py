@@ -22,7 +22,7 @@ def split(
     out: Annotated[Optional[Path], opt("Folder of the outputs [default: the file's folder].", "--out", "-o")] = None,
 ) -> None:
     from llmkit.cli.render import err_console
-    from llmkit.core.files.split import split_file
+    from llmkit.core.text.split import split_file
 
     written = split_file(data, out or data.parent, dev=dev, test=test, by=by, seed=seed)
     console = err_console()

@@ -96,6 +96,12 @@ def busy_cores(samples: int = 5, interval: float = 0.02) -> int:
     return max(sorted(counts)[len(counts) // 2] - 1, 0)
 
 
+def machine_busy() -> bool:
+    """Whether other work holds at least half the cores now: a speed measured then is provisional
+    (the speed probe and the decoding layout probe measure again once the machine is quiet)."""
+    return busy_cores() >= max(1, (os.cpu_count() or 1) // 2)
+
+
 def set_threads(n: int) -> tuple[int, str]:
     """Set torch's CPU threads: ``n`` when given; else one per core that is free now.
 

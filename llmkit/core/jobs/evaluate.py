@@ -142,54 +142,49 @@ def evaluate_checkpoint(
             out = classification_report(logits, [index[e.label] for e in items], task.labels)
             out["loss"] = out.pop("val_loss")
             return {**report, **out, "unseen": dict(unseen), "truncated": cut}
-        seqs = [pair_sequence(tok, task.prompt_template, e.turns, context) for e in items]
-        loss = pair_loss(model, seqs, mask_prompt=task.mask_prompt, batch_size=batch_size, device=device)
-        done = _previous_outputs(outputs, items) if outputs is not None and outputs.exists() else {}
-        progress = _Progress(len(items), len(done), on_progress)
+        return {**report, **_generated(model, tok, task, items, origin, data, batch_size, device, outputs, on_progress)}
 
-        def stream(batch: list[tuple[int, str]]) -> None:
-            if outputs is not None:  # appended and flushed per batch: a stop loses one batch at most
-                rows = [{"index": i, "file": origin[i], "line": items[i].line, "prompt": items[i].prompt,
-                         "output": text, "reference": items[i].response} for i, text in batch]  # fmt: skip
-                with outputs.open("a", encoding="utf-8") as f:
-                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            progress(len(batch))
 
-        on_progress(
-            f"decoding {len(items) - len(done)} prompts" + (f" ({len(done)} already in {outputs})" if done else "")
-        )
-        hyps = decode_responses(
-            model,
-            tok,
-            task.prompt_template,
-            items,
-            max_new_tokens=task.max_new_tokens,
-            batch_size=batch_size,
-            device=device,
-            done=done,
-            on_batch=stream,
-        )
-        refs = [e.response for e in items]
-        scores = response_scores(task.kind, hyps, refs)
-        if len(data) > 1:
-            report["per_file"] = {
-                name: {
-                    "examples": len(mine),
-                    **response_scores(task.kind, [hyps[i] for i in mine], [refs[i] for i in mine]),
-                }
-                for name in data
-                if (mine := [i for i, f in enumerate(origin) if f == name])
+def _generated(model, tok, task, items, origin, data, batch_size, device, outputs, on_progress) -> dict[str, Any]:
+    """A translator's or instruct model's scores: the loss of the references, then greedy outputs
+    (streamed to ``outputs``, those it already holds kept) scored against them, per file too."""
+    seqs = [pair_sequence(tok, task.prompt_template, e.turns, model.cfg.context) for e in items]
+    loss = pair_loss(model, seqs, mask_prompt=task.mask_prompt, batch_size=batch_size, device=device)
+    done = _previous_outputs(outputs, items) if outputs is not None and outputs.exists() else {}
+    progress = _Progress(len(items), len(done), on_progress)
+
+    def stream(batch: list[tuple[int, str]]) -> None:
+        if outputs is not None:  # appended and flushed per batch: a stop loses one batch at most
+            rows = [{"index": i, "file": origin[i], "line": items[i].line, "prompt": items[i].prompt,
+                     "output": text, "reference": items[i].response} for i, text in batch]  # fmt: skip
+            with outputs.open("a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        progress(len(batch))
+
+    on_progress(f"decoding {len(items) - len(done)} prompts" + (f" ({len(done)} already in {outputs})" if done else ""))
+    hyps = decode_responses(model, tok, task.prompt_template, items, max_new_tokens=task.max_new_tokens,
+                            batch_size=batch_size, device=device, done=done, on_batch=stream)  # fmt: skip
+    refs = [e.response for e in items]
+    out: dict[str, Any] = {}
+    if len(data) > 1:
+        out["per_file"] = {
+            name: {
+                "examples": len(mine),
+                **response_scores(task.kind, [hyps[i] for i in mine], [refs[i] for i in mine]),
             }
-        return {
-            **report,
-            "examples": len(items),
-            "resumed": len(done),
-            "loss": loss,
-            "perplexity": math.exp(min(loss, 50)),
-            **scores,
-            "truncated": sum(s.truncated for s in seqs),
-            "outputs": [{"prompt": e.prompt, "output": h, "reference": e.response} for e, h in zip(items, hyps)],
+            for name in data
+            if (mine := [i for i, f in enumerate(origin) if f == name])
         }
+    return {
+        **out,
+        "examples": len(items),
+        "resumed": len(done),
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50)),
+        **response_scores(task.kind, hyps, refs),
+        "truncated": sum(s.truncated for s in seqs),
+        "outputs": [{"prompt": e.prompt, "output": h, "reference": e.response} for e, h in zip(items, hyps)],
+    }
 
 
 class _Progress:

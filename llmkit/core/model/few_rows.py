@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.core.host import machine
+from llmkit.core.host.device import machine_busy
 
 MARGIN = 1.1
 """The transposed layout must be this much faster to be taken (timings on a shared machine are noisy)."""
@@ -108,7 +109,7 @@ def probe(weights: list[torch.Tensor]) -> dict:
         timings[str(rows)] = {"linear_ms": round(plain * 1e3, 3), "transposed_ms": round(other * 1e3, 3)}
         if other * MARGIN < plain:
             faster.append(rows)
-    return {"rows": list(PROBED_ROWS), "faster": faster, "timings": timings}
+    return {"rows": list(PROBED_ROWS), "faster": faster, "timings": timings, "busy": machine_busy()}
 
 
 def fast_rows(faster: list[int]) -> frozenset[int]:
@@ -139,10 +140,14 @@ def tune(model: nn.Module) -> None:
     data = machine.read_cache()
     here = data.setdefault(machine.machine_key(), {})
     entry = here.get(key)
-    if entry is None or entry.get("rows") != list(PROBED_ROWS):  # none yet, or probed otherwise
+    stale = entry is None or entry.get("rows") != list(PROBED_ROWS)  # none yet, or probed otherwise
+    if stale or (entry.get("busy") and not machine_busy()):  # a busy machine's answer is provisional
         with torch.inference_mode():
-            entry = here[key] = probe(weights)
-        machine.write_cache(data)
+            fresh = probe(weights)
+        if stale or not fresh["busy"]:  # a busy answer never replaces a quiet one
+            here[key] = fresh
+            machine.write_cache(data)
+        entry = fresh
     rows = fast_rows(entry["faster"])
     for m in layers:
         m.fast_rows, m.tuned_in = rows, threading.get_ident()

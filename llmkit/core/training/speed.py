@@ -28,7 +28,6 @@ run's numerics.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -39,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.core.config import ModelConfig, OptimConfig
-from llmkit.core.host.device import Precision, autocast, busy_cores, cpu_has_native_bf16, pick_precision
+from llmkit.core.host.device import Precision, autocast, cpu_has_native_bf16, pick_precision
+from llmkit.core.host.device import machine_busy as busy
 from llmkit.core.host.machine import machine_key, read_cache, shape_key, write_cache
 from llmkit.core.model import fast
 from llmkit.core.model.transformer import Transformer
@@ -51,11 +51,6 @@ COMPILE_PROBE_MIN_S = 300.0
 """Shorter runs never probe compilation cold (it takes tens of seconds); cached figures still count."""
 PROBE_ROWS = 4
 """Rows of the run's first batch the in-place probe times (the ratio of two modes is what counts)."""
-
-
-def busy() -> bool:
-    """Whether other work holds at least half the cores now (figures measured then are provisional)."""
-    return busy_cores() >= max(1, (os.cpu_count() or 1) // 2)
 
 
 @dataclass(frozen=True)

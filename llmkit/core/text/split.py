@@ -12,6 +12,7 @@ Each output keeps the input's format: JSONL rows as JSON objects, CSV/TSV with t
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from pathlib import Path
@@ -86,8 +87,6 @@ def split_file(
 def _render(rows: list[dict], kind: str, header: list[str]) -> str:
     if kind == "jsonl":
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=header, delimiter="\t" if kind == "tsv" else ",", lineterminator="\n")
     writer.writeheader()
