@@ -80,3 +80,38 @@ def test_pretraining_the_quick_start_model_with_defaults_under_load(tmp_path, mo
     got = _compare(["pretrain", "--preset", "tiny", "--steps", "3"], tmp_path, monkeypatch)
     assert got["first_step_s"] <= 60
     assert got["peak_mb"] <= 2 * got["fixed_peak_mb"]
+
+
+def test_sigterm_and_ctrl_c_stop_a_run_during_the_speed_probe(tmp_path):
+    """The probe is ordinary work of the run's process: a signal during it ends the run at once
+    with the signal's exit code (143, 130), no kill -9 needed. The probe is slowed down here (it
+    signals when it starts, then times a long step) so the signal lands inside it."""
+    script = tmp_path / "slow_probe.py"
+    script.write_text(
+        "import sys, time, pathlib, torch\n"
+        "from llmkit.core.training import speed\n"
+        "def slow(self, cfg, batch, mode):\n"
+        f"    pathlib.Path({str(tmp_path / 'probing')!r}).touch()\n"
+        "    end = time.time() + 120\n"
+        "    while time.time() < end:\n"
+        "        torch.randn(256, 256) @ torch.randn(256, 256)\n"
+        "    return speed.Timing(1.0)\n"
+        "speed.InPlace.__call__ = slow\n"
+        "speed.cpu_has_native_bf16 = lambda: True  # two candidate modes: the probe runs on any CPU\n"
+        "from llmkit.cli.app import main\n"
+        "sys.argv = ['llmkit', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    env = {**os.environ, "LLMKIT_CACHE": str(tmp_path / "cache")}
+    for sig, code in ((15, 143), (2, 130)):
+        (tmp_path / "probing").unlink(missing_ok=True)
+        args = ["pretrain", "--preset", "tiny", "--steps", "3", "--out", str(tmp_path / f"run{sig}"), "--quiet"]
+        proc = subprocess.Popen([sys.executable, str(script), *args], env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not (tmp_path / "probing").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert (tmp_path / "probing").exists(), proc.stderr.read() if proc.poll() is not None else "no probe"
+        sent = time.time()
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == code
+        assert time.time() - sent < 10
