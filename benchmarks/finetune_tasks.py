@@ -36,6 +36,7 @@ from common import ROOT, SHARED_DATA, bag_of_words, emit, logistic_probe, machin
 LLMKIT = [sys.executable, "-m", "llmkit"]
 EXTRA: list[str] = []  # --set flags every fine-tuning run gets (e.g. train.threads from --threads)
 BUDGET: list[str] = ["--epochs", "1"]  # translate and instruct: one epoch, or --steps/--batch
+BASE: dict[str, str] = {}  # which base and settings every result row names (run_all.py's bases table)
 
 
 def run(args: list[str]) -> tuple[float, float]:
@@ -80,10 +81,14 @@ def classify(ckpt: str, work: Path, sets: tuple[str, ...] = (), methods: tuple[s
         (xtr_t, ytr), (xdv_t, ydv) = read_classify(name, "train"), read_classify(name, "dev")
         majority = Counter(ytr).most_common(1)[0][0]
         emit(
-            task="classify", data=name, method="majority", accuracy=round(sum(y == majority for y in ydv) / len(ydv), 4)
+            **BASE,
+            task="classify",
+            data=name,
+            method="majority",
+            accuracy=round(sum(y == majority for y in ydv) / len(ydv), 4),
         )
         xtr, xdv = bag_of_words(xtr_t, xdv_t)
-        emit(task="classify", data=name, method="bag-of-words logreg", **logistic_probe(xtr, ytr, xdv, ydv))
+        emit(**BASE, task="classify", data=name, method="bag-of-words logreg", **logistic_probe(xtr, ytr, xdv, ydv))
         for method, extra in (("full", []), ("lora", ["--lora"])):
             if method not in methods:
                 continue
@@ -112,6 +117,7 @@ def classify(ckpt: str, work: Path, sets: tuple[str, ...] = (), methods: tuple[s
             )
             report = evaluate(out / "best", dev)
             emit(
+                **BASE,
                 task="classify",
                 data=name,
                 method=f"llmkit {method}",
@@ -165,6 +171,7 @@ def translate(ckpt: str, work: Path) -> None:
     train = _jsonl(work / "translate.train.jsonl", [{"src": r["src"], "tgt": r["tgt"]} for r in ntrex + rest])
     dev_file = _jsonl(work / "translate.dev.jsonl", [{"src": r["src"], "tgt": r["tgt"]} for r in dev])
     emit(
+        **BASE,
         task="translate",
         data="translate_fr_en",
         method="copy source (baseline)",
@@ -172,6 +179,7 @@ def translate(ckpt: str, work: Path) -> None:
     )
     if chat:  # a chat model is asked in its own format, zero-shot, then fine-tuned in that format
         emit(
+            **BASE,
             task="translate",
             data="translate_fr_en",
             method="llmkit zero-shot (chat)",
@@ -204,6 +212,7 @@ def translate(ckpt: str, work: Path) -> None:
     )
     report = evaluate(out / "best", dev_file)
     emit(
+        **BASE,
         task="translate",
         data="translate_fr_en",
         method="llmkit full",
@@ -255,6 +264,7 @@ def instruct(ckpt: str, work: Path) -> None:
     )
     report = evaluate(out / "best", dev)
     emit(
+        **BASE,
         task="instruct",
         data="piaf_qa_fr",
         method="llmkit full",
@@ -281,6 +291,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="translate, instruct: steps instead of one epoch")
     parser.add_argument("--batch", type=int, default=0, help="translate, instruct: examples per step")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for every fine-tuning run")
+    parser.add_argument("--label", default="", help="the base's name in the rows (default: CKPT's name)")
     args = parser.parse_args()
     if args.threads:
         EXTRA.extend(["--set", f"train.threads={args.threads}"])
@@ -295,6 +306,8 @@ def main() -> None:
     work = Path(args.work).resolve()  # the runs start in the repository root
     work.mkdir(parents=True, exist_ok=True)
     emit(event="machine", **machine())
+    BASE["base"] = args.label or Path(args.checkpoint).name
+    BASE["settings"] = " ".join(args.set)
     given = Path(args.checkpoint)
     # a checkpoint, a Hugging Face folder or a .gguf; otherwise a registry model's name, as the CLI takes it
     ckpt = str(given.resolve()) if given.exists() else args.checkpoint

@@ -1,14 +1,15 @@
 """Run the speed benchmarks and rewrite their tables in docs/benchmarks.md.
 
-    cd benchmarks && ../.venv/bin/python run_all.py [--only startup,loop,loop_avx2,step,decode,rows,precision]
+    cd benchmarks && ../.venv/bin/python run_all.py [--only startup,loop,loop_avx2,step,decode,rows,precision,bases]
                                                     [--target CKPT --draft CKPT] [--rows-models CKPT,CKPT]
                                                     [--loop-seconds 60] [--dry-run]
 
 Each section runs its script in a child process (one JSON line per result), renders a markdown
 table, and replaces the text between ``<!-- run_all:NAME -->`` and ``<!-- /run_all:NAME -->`` in
 docs/benchmarks.md, headed by the machine it ran on (CPU model, cores, flags, torch) and the
-command. Sections without their inputs (``decode`` needs --target, ``rows`` --rows-models) are
-left as they were, and say so. ``--dry-run`` prints the tables instead of writing them.
+command. Sections without their inputs (``decode`` needs --target, ``rows`` --rows-models,
+``bases`` the saved runs of finetune_tasks.py) are left as they were, and say so. ``--dry-run``
+prints the tables instead of writing them.
 """
 
 from __future__ import annotations
@@ -245,8 +246,42 @@ def precision(args, m) -> str:
             + table(["measurement", "fp32", "bf16", "bf16 speed-up"], lines) + note)  # fmt: skip
 
 
+def _score(r: dict) -> str:
+    if "accuracy" in r:
+        return f"accuracy {r['accuracy']:.3f}" + (f", macro-F1 {r['macro_f1']:.3f}" if "macro_f1" in r else "")
+    if "chrf" in r:
+        return f"chrF {r['chrf']:.1f}, BLEU {r['bleu']:.1f}"
+    return f"exact match {r['exact_match']:.1f}, token F1 {r['token_f1']:.1f}"
+
+
+def bases(args, m) -> str | None:
+    """The French tasks by pretrained base, from saved finetune_tasks.py runs (``--from bases=A,B``:
+    hours of CPU each, so never run from here): the baselines once, then each base's fine-tunes."""
+    files = [f for item in args.saved if item.startswith("bases=") for f in item.split("=", 1)[1].split(",")]
+    if not files:
+        return None
+    every = [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.startswith("{")]
+    results = [r for r in every if "task" in r]
+    plain = ("majority", "bag-of-words logreg", "copy source (baseline)")
+    seen, lines = set(), []
+    for r in results:
+        if r["method"] in plain:
+            if (r["data"], r["method"]) not in seen:
+                seen.add((r["data"], r["method"]))
+                lines.append(["—", r["data"], r["method"], _score(r), "", "", "", ""])
+            continue
+        steps = f"{r['steps']} ({r['best_step']})" if "steps" in r else ""
+        trainable = f"{r['trainable'] / 1e6:.1f}M" if "trainable" in r else ""
+        lines.append([r.get("base", "?"), r["data"], r["method"] + (f" `{r['settings']}`" if r.get("settings") else ""),
+                      _score(r), steps, trainable, f"{r['seconds']:,.0f} s" if "seconds" in r else "",
+                      f"{r['peak_rss_mb']:,.0f} MB" if "peak_rss_mb" in r else ""])  # fmt: skip
+    command = "run_all.py --only bases --from bases=" + ",".join(files)
+    head = ["base", "data (dev split)", "method", "scores", "steps (best)", "trained", "time", "peak RSS"]
+    return header(ran_on(m, every), command) + table(head, lines)
+
+
 SECTIONS = {"startup": startup, "loop": loop, "loop_avx2": loop_avx2, "step": step, "decode": decode, "rows": rows,
-            "precision": precision}  # fmt: skip
+            "precision": precision, "bases": bases}  # fmt: skip
 
 
 def replace(doc: str, name: str, text: str) -> str:
@@ -260,7 +295,7 @@ def replace(doc: str, name: str, text: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default=",".join(SECTIONS))
+    ap.add_argument("--only", default=",".join(SECTIONS))  # bases renders only from --from bases=FILES
     ap.add_argument("--target", type=Path, help="decode: the checkpoint to decode (e.g. a small model you trained)")
     ap.add_argument("--draft", type=Path, help="decode: a smaller checkpoint with the same tokenizer")
     ap.add_argument("--rows-models", help="rows: checkpoints whose few-row products to time, comma-separated")
