@@ -433,3 +433,50 @@ def test_split_keeps_groups_whole_and_is_the_same_every_time(tmp_path):
     assert_one_line_error(invoke("split", tmp_path / "qa.jsonl", "--dev", 30, "-o", tmp_path / "c"), "nothing left")
     assert_one_line_error(invoke("split", tmp_path / "qa.jsonl", "--dev", "abc", "-o", tmp_path / "c"), "--dev")
     assert_one_line_error(invoke("split", tmp_path / "qa.jsonl", "--by", "nope", "-o", tmp_path / "c"), "nope")
+
+
+def test_zero_shot_labels_are_scored_by_their_likelihood(trained_run, tmp_path):
+    """`classify --labels` and `eval --labels` on a language model: each label's score is the sum of
+    its tokens' log-probabilities after the prompt (checked against a full forward pass), divided
+    by its characters or tokens; the best score is the answer."""
+    import torch
+
+    from llmkit.core.store.checkpoint import load_model
+    from llmkit.core.tasks.zeroshot import label_scores
+
+    model, ckpt = load_model(trained_run)
+    tok, labels = ckpt.tokenizer, ["été", "hiver", "printemps"]
+    texts = ["Il fait chaud.", "La neige."]  # short: the tiny model's context is 32 tokens
+    template = "{text} Saison : {label}"
+    got, cut = label_scores(model, tok, texts, labels, template=template, normalize="sum", device="cpu")
+    assert cut == 0 and got.shape == (2, 3)
+    for i, text in enumerate(texts):
+        prompt = ([tok.bos_id] if tok.expects_bos else []) + tok.encode(f"{text} Saison :")
+        for j, label in enumerate(labels):
+            cont = tok.encode(" " + label)
+            ids = torch.tensor([prompt + cont])
+            with torch.no_grad():
+                logp = model(ids[:, :-1])[0].float().log_softmax(-1)  # (T, V)
+            want = sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(cont))
+            assert abs(got[i, j].item() - want) < 1e-4
+    per_char, _ = label_scores(model, tok, texts, labels, template=template, normalize="char", device="cpu")
+    assert torch.allclose(per_char, got / torch.tensor([3.0, 5.0, 9.0]))
+    long = "Le soleil brille sur la plage et les enfants jouent dans les vagues tout l'après-midi. " * 3
+    _, cut = label_scores(model, tok, [long], labels, template=template, device="cpu")
+    assert cut == 1  # the prompt keeps its end (next to the label), and the scores still come
+    # the CLI: the best-scored label, every label's probability; eval gives a classifier's report
+    r = invoke("classify", trained_run, "--labels", ",".join(labels), "--template", template, "--json",
+               "--normalize", "sum", *texts)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["label"] for x in rows] == [labels[int(k)] for k in got.argmax(-1)]
+    assert all(abs(sum(x["probs"].values()) - 1) < 1e-4 for x in rows)
+    write_jsonl(tmp_path / "dev.jsonl", [{"text": t, "label": lab} for t, lab in zip(texts, ["été", "hiver"])])
+    e = invoke("eval", trained_run, tmp_path / "dev.jsonl", "--labels", ",".join(labels), "--json")
+    assert e.exit_code == 0, e.output
+    report = json.loads(e.stdout)
+    assert report["examples"] == 2 and "accuracy" in report and report["zero_shot"]["normalize"] == "char"
+    # refused in one line: one label, a template without {label} at its end, a classifier
+    assert_one_line_error(invoke("classify", trained_run, "--labels", "été", "x"), "two different")
+    bad = invoke("classify", trained_run, "--labels", "a,b", "--template", "{label}: {text}", "x")
+    assert_one_line_error(bad, "{label}")

@@ -1,8 +1,10 @@
-"""Classify texts with a fine-tuned classifier: one label per text, with its probability.
+"""Classify texts with a fine-tuned classifier, or zero-shot with any language model and
+--labels: one label per text, with its probability.
 
 Texts come as arguments, or from --input (one per line, JSONL with --field, CSV/TSV with
 --column, or - for stdin). Output: one tab-separated line per text (label, probability, text),
-or --json objects with every label's probability.
+or --json objects with every label's probability. With --labels, each label is scored by the
+model's likelihood of it after the text put through --template (no training).
 """
 
 from __future__ import annotations
@@ -34,6 +36,18 @@ def classify(
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Labels shown per text (the most likely first).")] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per forward pass.")] = 32,
+    labels: Annotated[
+        Optional[str],
+        typer.Option(
+            "--labels", help="Zero-shot: comma-separated labels, scored by the model's likelihood.", show_default=False
+        ),
+    ] = None,
+    template: Annotated[
+        str, typer.Option("--template", help="Zero-shot prompt: {text}, and {label} at its end.")
+    ] = "Texte : {text}\nCatégorie : {label}",
+    normalize: Annotated[
+        str, typer.Option("--normalize", help="Zero-shot scores per label: char, token or sum of log-probabilities.")
+    ] = "char",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
@@ -48,14 +62,26 @@ def classify(
     if bool(texts) == (input is not None):
         raise ConfigError("give texts as arguments or --input FILE (one of the two)")
     ckpt = open_checkpoint(checkpoint)
-    require_kind(ckpt, ("classify",), "a classifier", hint=" (or llmkit finetune --task classify)")
+    if labels is None:
+        hint = " (or llmkit finetune --task classify, or --labels for zero-shot)"
+        require_kind(ckpt, ("classify",), "a classifier", hint=hint)
+    elif ckpt.kind == "classify":
+        raise ConfigError("--labels scores labels with a language model; this classifier has its own labels")
     items = list(texts) if texts else list(read_items(input, field, column))
     dev = pick_device(device or "auto")
     model, ckpt = open_model(ckpt, dev)
-    labels = ckpt.task.labels
-    logits, truncated = classify_texts(
-        model, ckpt.tokenizer, items, pooling=ckpt.task.pooling, batch_size=batch_size, device=dev
-    )
+    if labels is None:
+        names = ckpt.task.labels
+        logits, truncated = classify_texts(
+            model, ckpt.tokenizer, items, pooling=ckpt.task.pooling, batch_size=batch_size, device=dev
+        )
+    else:
+        from llmkit.core.tasks.zeroshot import label_scores, parse_labels
+
+        names = parse_labels(labels)
+        logits, truncated = label_scores(model, ckpt.tokenizer, items, list(names), template=template,
+                                         normalize=normalize, batch_size=batch_size, device=dev)  # fmt: skip
+    labels = names
     probs = logits.softmax(-1)
     k = min(top_k, len(labels))
     for text, row in zip(items, probs.tolist()):

@@ -61,6 +61,16 @@ def evaluate(
         bool, typer.Option("--resume", help="Continue an evaluation stopped half-way from its --outputs file.")
     ] = False,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads (0: one per free core).")] = 0,
+    labels: Annotated[
+        Optional[str],
+        opt("Zero-shot: measure a language model as a classifier of these comma-separated labels.", "--labels"),
+    ] = None,
+    template: Annotated[
+        str, typer.Option("--template", help="Zero-shot prompt: {text}, and {label} at its end.")
+    ] = "Texte : {text}\nCatégorie : {label}",
+    normalize: Annotated[
+        str, typer.Option("--normalize", help="Zero-shot scores per label: char, token or sum of log-probabilities.")
+    ] = "char",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
@@ -69,6 +79,7 @@ def evaluate(
     from llmkit.core.errors import ConfigError
     from llmkit.core.host.device import pick_device, set_threads
     from llmkit.core.jobs.evaluate import evaluate_checkpoint
+    from llmkit.core.tasks.zeroshot import parse_labels
 
     check_positive(
         batch_size=batch_size, limit=limit, show=show, threads=threads, allow_zero=("limit", "show", "threads")
@@ -94,6 +105,9 @@ def evaluate(
         device=pick_device(device or "auto"),
         outputs=outputs,
         resume=resume,
+        zero_shot=None
+        if labels is None
+        else {"labels": parse_labels(labels), "template": template, "normalize": normalize},  # fmt: skip
         on_progress=lambda s: None if quiet else console.print(f"[dim]{s} …[/]"),
     )
     if json_out:

@@ -37,6 +37,7 @@ from llmkit.core.tasks.objectives import (
     pair_loss,
     response_scores,
 )
+from llmkit.core.tasks.zeroshot import label_scores
 from llmkit.core.text.examples import ExampleSet, drop_unseen, pair_sequence, read_examples
 from llmkit.core.text.token_cache import Source, load_source
 from llmkit.core.training.loop import mean_token_loss
@@ -92,18 +93,26 @@ def evaluate_checkpoint(
     device="cpu",
     outputs: Path | None = None,
     resume: bool = False,
+    zero_shot: dict[str, Any] | None = None,
     on_progress: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """The checkpoint's task metrics on ``data``; ``limit`` caps the examples (0: all).
 
     For translation and instruct models, ``outputs`` receives one JSON line per example as it is
     decoded (index, file, line, prompt, output, reference); with ``resume`` an existing file is
-    continued, otherwise it must not exist. ``on_progress`` hears a line per decoded batch."""
+    continued, otherwise it must not exist. ``on_progress`` hears a line per decoded batch.
+
+    ``zero_shot`` ({labels, template, normalize}) measures a language model as a classifier of
+    labelled rows, each label scored by its likelihood (``tasks.zeroshot``)."""
     if outputs is not None and outputs.exists() and not resume:
         raise ConfigError(f"{outputs} exists: pass --resume to continue that evaluation, or choose another file")
     model, ckpt = open_model(checkpoint, device)
     tok, task = ckpt.tokenizer, ckpt.task
     given = {k: v for k, v in (fields or {}).items() if v is not None}
+    if zero_shot is not None:
+        if task.kind == "classify":
+            raise ConfigError("--labels scores labels with a language model; this classifier has its own labels")
+        task = replace(task, kind="classify", labels=tuple(zero_shot["labels"]))
     if given:
         task = replace(task, **given)
     context = model.cfg.context
@@ -136,9 +145,15 @@ def evaluate_checkpoint(
             kept, unseen = drop_unseen(ExampleSet(Path(data[0]), items, blank), task.labels)
             items = kept.examples
             index = {label: i for i, label in enumerate(task.labels)}
-            logits, cut = classify_texts(
-                model, tok, [e.text for e in items], pooling=task.pooling, batch_size=batch_size, device=device
-            )
+            texts = [e.text for e in items]
+            if zero_shot is not None:
+                how = {k: zero_shot[k] for k in ("template", "normalize")}
+                logits, cut = label_scores(model, tok, texts, list(task.labels), **how, batch_size=batch_size,
+                                           device=device)  # fmt: skip
+                report["zero_shot"] = how
+            else:
+                logits, cut = classify_texts(model, tok, texts, pooling=task.pooling, batch_size=batch_size,
+                                             device=device)  # fmt: skip
             out = classification_report(logits, [index[e.label] for e in items], task.labels)
             out["loss"] = out.pop("val_loss")
             return {**report, **out, "unseen": dict(unseen), "truncated": cut}
