@@ -475,7 +475,7 @@ def test_zero_shot_labels_are_scored_by_their_likelihood(trained_run, tmp_path):
     e = invoke("eval", trained_run, tmp_path / "dev.jsonl", "--labels", ",".join(labels), "--json")
     assert e.exit_code == 0, e.output
     report = json.loads(e.stdout)
-    assert report["examples"] == 2 and "accuracy" in report and report["zero_shot"]["normalize"] == "char"
+    assert report["examples"] == 2 and "accuracy" in report and report["zero_shot"]["normalize"] == "sum"
     # refused in one line: one label, a template without {label} at its end, a classifier
     assert_one_line_error(invoke("classify", trained_run, "--labels", "été", "x"), "two different")
     bad = invoke("classify", trained_run, "--labels", "a,b", "--template", "{label}: {text}", "x")

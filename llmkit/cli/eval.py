@@ -70,7 +70,7 @@ def evaluate(
     ] = "Texte : {text}\nCatégorie : {label}",
     normalize: Annotated[
         str, typer.Option("--normalize", help="Zero-shot scores per label: char, token or sum of log-probabilities.")
-    ] = "char",
+    ] = "sum",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
