@@ -15,7 +15,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, check_positive, require_kind
+from llmkit.cli.options import (
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    ZeroShotNormalizeOpt,
+    ZeroShotTemplateOpt,
+    check_positive,
+    require_kind,
+)
 from llmkit.core.errors import ConfigError
 
 
@@ -42,12 +50,8 @@ def classify(
             "--labels", help="Zero-shot: comma-separated labels, scored by the model's likelihood.", show_default=False
         ),
     ] = None,
-    template: Annotated[
-        str, typer.Option("--template", help="Zero-shot prompt: {text}, and {label} at its end.")
-    ] = "Texte : {text}\nCatégorie : {label}",
-    normalize: Annotated[
-        str, typer.Option("--normalize", help="Zero-shot scores per label: char, token or sum of log-probabilities.")
-    ] = "sum",
+    template: ZeroShotTemplateOpt = None,
+    normalize: ZeroShotNormalizeOpt = "sum",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
@@ -76,11 +80,12 @@ def classify(
             model, ckpt.tokenizer, items, pooling=ckpt.task.pooling, batch_size=batch_size, device=dev
         )
     else:
-        from llmkit.core.tasks.zeroshot import label_scores, parse_labels
+        from llmkit.core.tasks.zeroshot import DEFAULT_TEMPLATE, label_scores, parse_labels
 
         names = parse_labels(labels)
-        logits, truncated = label_scores(model, ckpt.tokenizer, items, list(names), template=template,
-                                         normalize=normalize, batch_size=batch_size, device=dev)  # fmt: skip
+        how = {"template": template or DEFAULT_TEMPLATE, "normalize": normalize}
+        logits, truncated = label_scores(model, ckpt.tokenizer, items, list(names), **how, batch_size=batch_size,
+                                         device=dev)  # fmt: skip
     labels = names
     probs = logits.softmax(-1)
     k = min(top_k, len(labels))

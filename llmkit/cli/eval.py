@@ -13,7 +13,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, check_positive, opt
+from llmkit.cli.options import (
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    ZeroShotNormalizeOpt,
+    ZeroShotTemplateOpt,
+    check_positive,
+    opt,
+)
 
 
 def evaluate(
@@ -65,12 +73,8 @@ def evaluate(
         Optional[str],
         opt("Zero-shot: measure a language model as a classifier of these comma-separated labels.", "--labels"),
     ] = None,
-    template: Annotated[
-        str, typer.Option("--template", help="Zero-shot prompt: {text}, and {label} at its end.")
-    ] = "Texte : {text}\nCatégorie : {label}",
-    normalize: Annotated[
-        str, typer.Option("--normalize", help="Zero-shot scores per label: char, token or sum of log-probabilities.")
-    ] = "sum",
+    template: ZeroShotTemplateOpt = None,
+    normalize: ZeroShotNormalizeOpt = "sum",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
@@ -79,7 +83,7 @@ def evaluate(
     from llmkit.core.errors import ConfigError
     from llmkit.core.host.device import pick_device, set_threads
     from llmkit.core.jobs.evaluate import evaluate_checkpoint
-    from llmkit.core.tasks.zeroshot import parse_labels
+    from llmkit.core.tasks.zeroshot import DEFAULT_TEMPLATE, parse_labels
 
     check_positive(
         batch_size=batch_size, limit=limit, show=show, threads=threads, allow_zero=("limit", "show", "threads")
@@ -107,7 +111,11 @@ def evaluate(
         resume=resume,
         zero_shot=None
         if labels is None
-        else {"labels": parse_labels(labels), "template": template, "normalize": normalize},  # fmt: skip
+        else {
+            "labels": parse_labels(labels),
+            "template": template or DEFAULT_TEMPLATE,
+            "normalize": normalize,
+        },  # fmt: skip
         on_progress=lambda s: None if quiet else console.print(f"[dim]{s} …[/]"),
     )
     if json_out:

@@ -135,3 +135,16 @@ def relaunch_under_torchrun(processes: int) -> None:
     from llmkit.cli.launch import launch
 
     raise typer.Exit(launch(processes, app.ARGV))
+
+
+ZeroShotTemplateOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--template",
+        help="Zero-shot prompt: {text}, and {label} at its end [default: 'Texte : {text}\\nCatégorie : {label}'].",
+        show_default=False,
+    ),
+]
+ZeroShotNormalizeOpt = Annotated[
+    str, typer.Option("--normalize", help="Zero-shot scores per label: sum, char or token of log-probabilities.")
+]
