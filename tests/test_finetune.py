@@ -255,3 +255,24 @@ def test_continued_pretraining(trained_run, corpus_file, tmp_path):
     assert ckpt.kind == "lm" and ckpt.task.init_from.endswith("best")
     evals = [d for k, d in events if k == "eval"]
     assert math.isfinite(evals[-1]["val_bpb"]) and evals[-1]["metric"] == "val_loss"
+
+
+def test_a_large_pretrained_base_gets_a_gentler_default_rate(trained_run, tmp_path, monkeypatch):
+    """3e-4 suits the small models llmkit pretrains; a base of 100M parameters or more starts at
+    5e-5 (at 3e-4 Gemma 3 270M forgot what it knew, docs/benchmarks.md). LoRA keeps 1e-3, and a
+    rate the user gives always wins."""
+    import llmkit.core.jobs.finetune as job
+    from llmkit.core.config import LARGE_BASE_LR, LORA_LR
+
+    def lr(sets=(), flags=None, size=0):
+        if size:
+            monkeypatch.setattr(job.recipe, "params", lambda cfg: size)
+        flags = {"task": {"kind": "classify"}, **(flags or {})}
+        return plan(trained_run, tmp_path / "x", resume=None, config_file=None, sets=list(sets), flags=flags)[
+            0
+        ].optim.lr
+
+    assert lr() == 3e-4  # the tiny test model
+    assert lr(size=135_000_000) == LARGE_BASE_LR
+    assert lr(size=135_000_000, flags={"lora": {"enabled": True}}) == LORA_LR
+    assert lr(["optim.lr=2e-4"], size=135_000_000) == 2e-4

@@ -26,7 +26,7 @@ from llmkit.cli.options import (
     out_opt,
     relaunch_under_torchrun,
 )
-from llmkit.core.config import FINETUNE_DEFAULTS, FINETUNE_EPOCHS, LORA_LR
+from llmkit.core.config import FINETUNE_DEFAULTS, FINETUNE_EPOCHS, LARGE_BASE_LR, LARGE_BASE_PARAMS, LORA_LR
 from llmkit.core.config import LoRAConfig as L
 from llmkit.core.config import TaskConfig as T
 from llmkit.core.errors import ConfigError
@@ -120,7 +120,11 @@ def finetune(
     processes: ProcessesOpt = 1,
     lr: Annotated[
         Optional[float],
-        opt(f"Peak learning rate [default: {FINETUNE_DEFAULTS['optim']['lr']:g}, {LORA_LR:g} with --lora].", "--lr"),
+        opt(
+            f"Peak learning rate [default: {FINETUNE_DEFAULTS['optim']['lr']:g}; {LARGE_BASE_LR:g} for a base of "
+            f"{LARGE_BASE_PARAMS / 1e6:.0f}M parameters or more; {LORA_LR:g} with --lora].",
+            "--lr",
+        ),
     ] = None,
     device: DeviceOpt = None,
     seed: TrainSeedOpt = None,

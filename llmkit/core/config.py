@@ -712,6 +712,11 @@ FINETUNE_DEFAULTS = {
 }
 LORA_LR = 1e-3
 """Fine-tuning's rate with LoRA: adapters start at zero and are small, so they take a higher one."""
+LARGE_BASE_PARAMS = 100_000_000
+LARGE_BASE_LR = 5e-5
+"""Full fine-tuning's rate for a base of LARGE_BASE_PARAMS or more: a pretrained model of hundreds
+of millions of parameters forgets what it knew at 3e-4 (Gemma 3 270M on SIB-200: 0.74 accuracy at
+3e-4, val loss rising from step 25; 0.83 by step 100 at 5e-5, docs/benchmarks.md)."""
 FINETUNE_EPOCHS = 3.0
 """Fine-tuning's budget when none is given."""
 

@@ -17,7 +17,16 @@ from typing import Any
 import torch
 
 from llmkit.core import events
-from llmkit.core.config import FINETUNE_DEFAULTS, FINETUNE_EPOCHS, LORA_LR, SECTIONS, RunConfig, resolve_run_config
+from llmkit.core.config import (
+    FINETUNE_DEFAULTS,
+    FINETUNE_EPOCHS,
+    LARGE_BASE_LR,
+    LARGE_BASE_PARAMS,
+    LORA_LR,
+    SECTIONS,
+    RunConfig,
+    resolve_run_config,
+)
 from llmkit.core.errors import ConfigError, DataError
 from llmkit.core.events import EventFn
 from llmkit.core.interop.resolve import open_checkpoint
@@ -50,6 +59,7 @@ from llmkit.core.text.examples import (
 )
 from llmkit.core.text.mix import check_fits, load_corpus, plan_sources
 from llmkit.core.text.tokenizer import check_compatible
+from llmkit.core.training import recipe
 
 
 def plan(
@@ -82,8 +92,9 @@ def plan(
         if resume_from is not None:
             return {}
         chat = cfg.task.kind == "instruct" and base.tokenizer.chat_template  # a chat model keeps its format
+        large = recipe.params(base.model_cfg) >= LARGE_BASE_PARAMS  # a pretrained model's gentler rate
         return {
-            "optim": {"lr": LORA_LR} if cfg.lora.enabled else {},
+            "optim": {"lr": LORA_LR} if cfg.lora.enabled else {"lr": LARGE_BASE_LR} if large else {},
             "train": {} if cfg.train.has_budget else {"epochs": FINETUNE_EPOCHS},
             "task": {"init_from": str(base.path), **({"template": "chat"} if chat else {})},
         }
