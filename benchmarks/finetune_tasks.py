@@ -260,6 +260,8 @@ def instruct(ckpt: str, work: Path) -> None:
             "train.eval_every=100",
             "--set",
             "task.max_new_tokens=32",
+            "--set",
+            "task.eval_limit=50",  # validation while training decodes 50 answers; eval below scores all 200
         ]
     )
     report = evaluate(out / "best", dev)
