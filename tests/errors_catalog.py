@@ -515,6 +515,39 @@ CASES = [
     Case("--top-k 0", "classify", ["clf", "Bonjour", "--top-k", "0"]),
     Case("eval data missing", "eval", ["run", "nowhere.txt"]),
     Case("eval --batch-size 0", "eval", ["run", "corpus.txt", "--batch-size", "0"]),
+    Case("eval --resume without --outputs", "eval", ["run", "corpus.txt", "--resume"]),
+    Case(
+        "eval --outputs file already there",
+        "eval",
+        ["run", "corpus.txt", "--outputs", "out.jsonl"],
+        setup=write("out.jsonl", "{}\n"),
+    ),
+    Case("--labels with one label", "classify", ["run", "Bonjour", "--labels", "sport"]),
+    Case(
+        "zero-shot template without {label} at its end",
+        "classify",
+        ["run", "Bonjour", "--labels", "a,b", "--template", "{label} : {text}"],
+    ),  # fmt: skip
+    Case("--labels given to a classifier", "classify", ["clf", "Bonjour", "--labels", "a,b"]),
+    # split
+    Case(
+        "split --dev taking every row",
+        "split",
+        ["pairs.jsonl", "--dev", "100", "-o", "sp"],
+        setup=write("pairs.jsonl", PAIRS),
+    ),  # fmt: skip
+    Case(
+        "split --dev not a size",
+        "split",
+        ["pairs.jsonl", "--dev", "ten", "-o", "sp"],
+        setup=write("pairs.jsonl", PAIRS),
+    ),  # fmt: skip
+    Case(
+        "split --by a missing field",
+        "split",
+        ["pairs.jsonl", "--by", "title", "-o", "sp"],
+        setup=write("pairs.jsonl", PAIRS),
+    ),  # fmt: skip
     # encode
     Case("encode input missing", "encode", ["run", "nowhere.txt", "-o", "v.npy"]),
     Case("encode output of unknown format", "encode", ["run", "corpus.txt", "-o", "v.parquet"]),
