@@ -309,7 +309,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     emit(event="machine", **machine())
     BASE["base"] = args.label or Path(args.checkpoint).name
-    BASE["settings"] = " ".join(args.set)
+    budget = [f"--steps {args.steps}"] * bool(args.steps) + [f"--batch {args.batch}"] * bool(args.batch)
+    BASE["settings"] = " ".join([*budget, *args.set])
     given = Path(args.checkpoint)
     # a checkpoint, a Hugging Face folder or a .gguf; otherwise a registry model's name, as the CLI takes it
     ckpt = str(given.resolve()) if given.exists() else args.checkpoint

@@ -260,7 +260,11 @@ def bases(args, m) -> str | None:
     files = [f for item in args.saved if item.startswith("bases=") for f in item.split("=", 1)[1].split(",")]
     if not files:
         return None
-    every = [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.startswith("{")]
+    every = []
+    for item in files:  # FILE, or BASE:FILE for rows saved before finetune_tasks.py named their base
+        base, _, name = item.rpartition(":")
+        rows = [json.loads(line) for line in Path(name).read_text().splitlines() if line.startswith("{")]
+        every += [{"base": base, **r} if base and "task" in r else r for r in rows]
     results = [r for r in every if "task" in r]
     plain = ("majority", "bag-of-words logreg", "copy source (baseline)")
     seen, lines = set(), []
