@@ -332,7 +332,11 @@ def test_the_in_place_probe_builds_nothing_and_leaves_the_model_as_it_was(monkey
     rng = torch.get_rng_state()
     probe = speed.InPlace(model, _Task(), torch.device("cpu"), "lm")
     t = probe(CFG, probe.rows, Mode("fp32", False))
-    assert t.tokens_per_s > 0 and not t.error and probe.tokens == speed.PROBE_ROWS * CFG.context
+    assert t.tokens_per_s > 0 and not t.error and probe.tokens == 8 * CFG.context  # a cheap batch: all of it
+    monkeypatch.setattr(speed, "PROBE_FULL_BATCH_FLOPS", 0)  # a large model's batch: its first rows only
+    sliced = speed.InPlace(model, _Task(), torch.device("cpu"), "lm")
+    sliced(CFG, sliced.rows, Mode("fp32", False))
+    assert sliced.rows == speed.PROBE_ROWS and sliced.tokens == speed.PROBE_ROWS * CFG.context
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(torch.get_rng_state(), rng)  # dropout draws put back: the run is the same probed or not

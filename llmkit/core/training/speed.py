@@ -5,8 +5,8 @@ The answer depends on the processor (bf16 matmuls are 4x fp32 on a CPU with AVX5
 and 10-100x slower on one without), on the shape (small widths are bound by element-wise work,
 which compilation fuses) and on the torch build, so no fixed rule gets it right everywhere.
 
-A run is probed in place (``InPlace``): forward and backward of the run's own model on the first
-few rows of its own first batch, in each candidate precision, with the gradients dropped and the
+A run is probed in place (``InPlace``): forward and backward of the run's own model on its own
+first batch (a large model's first few rows), in each candidate precision, with the gradients dropped and the
 random state put back afterwards. It never builds a second model, so its memory stays within the
 run's own (a pretrained model of a billion parameters costs no copy), and it takes seconds. The
 budget-sized recipe, which has to time shapes before any model exists, times a throwaway model of
@@ -50,7 +50,11 @@ MARGIN = 1.05
 COMPILE_PROBE_MIN_S = 300.0
 """Shorter runs never probe compilation cold (it takes tens of seconds); cached figures still count."""
 PROBE_ROWS = 4
-"""Rows of the run's first batch the in-place probe times (the ratio of two modes is what counts)."""
+"""Rows of a large model's first batch the in-place probe times (the ratio of two modes is what counts)."""
+PROBE_FULL_BATCH_FLOPS = 2e11
+"""Below this much training compute per batch (6 x parameters x tokens) the probe times the whole
+batch: bf16's gain grows with the matrices' rows, and a slice of a small model's batch made fp32
+look faster than it is (4 rows of the quick-start model: fp32 24k tokens/s, bf16 16k)."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,16 @@ def _head(batch: Any, rows: int) -> Any:
     return batch
 
 
+def _rows(batch: Any) -> int:
+    """Rows of a task's batch: its first part is a (B, T) tensor or a list of B rows."""
+    return len(batch[0])
+
+
+def _tokens(batch: Any) -> int:
+    first = batch[0]
+    return first.numel() if isinstance(first, torch.Tensor) else sum(map(len, first))
+
+
 class InPlace:
     """Times a training step of the run's own model on the first rows of its own first batch:
     forward and backward in a mode, no optimizer step. Peak memory is the run's own (smaller: a
@@ -160,7 +174,11 @@ class InPlace:
 
     def __init__(self, model: torch.nn.Module, task: Any, device: torch.device, kind: str, rows: int = PROBE_ROWS):
         self.model, self.task, self.device, self.kind = model, task, device, kind
-        self.batch = _head(task.train_batch(0, 0, 1), rows)
+        first = task.train_batch(0, 0, 1)
+        params = sum(p.numel() for p in model.parameters())
+        if 6 * params * _tokens(first) < PROBE_FULL_BATCH_FLOPS:  # cheap: the whole batch, as the run computes it
+            rows = _rows(first)
+        self.batch = _head(first, rows)
         self.rows = rows
         self.tokens = 0  # real tokens in the slice, known after the first timed step
         self.seconds = 0.0  # time spent measuring
