@@ -530,24 +530,14 @@ CASES = [
     ),  # fmt: skip
     Case("--labels given to a classifier", "classify", ["clf", "Bonjour", "--labels", "a,b"]),
     # split
-    Case(
-        "split --dev taking every row",
-        "split",
-        ["pairs.jsonl", "--dev", "100", "-o", "sp"],
-        setup=write("pairs.jsonl", PAIRS),
-    ),  # fmt: skip
-    Case(
-        "split --dev not a size",
-        "split",
-        ["pairs.jsonl", "--dev", "ten", "-o", "sp"],
-        setup=write("pairs.jsonl", PAIRS),
-    ),  # fmt: skip
-    Case(
-        "split --by a missing field",
-        "split",
-        ["pairs.jsonl", "--by", "title", "-o", "sp"],
-        setup=write("pairs.jsonl", PAIRS),
-    ),  # fmt: skip
+    *(
+        Case(name, "split", ["pairs.jsonl", *args, "-o", "sp"], setup=write("pairs.jsonl", PAIRS))
+        for name, args in (
+            ("split --dev taking every row", ["--dev", "100"]),
+            ("split --dev not a size", ["--dev", "ten"]),
+            ("split --by a missing field", ["--by", "title"]),
+        )
+    ),
     # encode
     Case("encode input missing", "encode", ["run", "nowhere.txt", "-o", "v.npy"]),
     Case("encode output of unknown format", "encode", ["run", "corpus.txt", "-o", "v.parquet"]),

@@ -113,6 +113,11 @@ def step_fn(cfg: ModelConfig, batch: int, mode: Mode) -> Callable[[], None]:
     return step
 
 
+def _failed(e: Exception) -> Timing:
+    """A mode that cannot run here (a compiler missing, say): recorded with the error's first line."""
+    return Timing(0.0, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+
+
 def time_mode(cfg: ModelConfig, batch: int, mode: Mode, steps: int = 4) -> Timing:
     """Tokens/s of ``step_fn`` steps in ``mode``; for compiled modes also the cold and warm
     compilation times."""
@@ -135,7 +140,7 @@ def time_mode(cfg: ModelConfig, batch: int, mode: Mode, steps: int = 4) -> Timin
             step()
             times.append(time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - a mode that cannot run here is recorded, not fatal
-        return Timing(0.0, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+        return _failed(e)
     finally:
         if mode.compiled:
             torch._dynamo.reset()
@@ -208,7 +213,7 @@ class InPlace:
             self.tokens = step()
             seconds = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - a mode that cannot run here is recorded, not fatal
-            return Timing(0.0, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+            return _failed(e)
         finally:
             self.model.zero_grad(set_to_none=True)
             torch.set_rng_state(rng)
