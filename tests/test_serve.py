@@ -702,3 +702,145 @@ def test_a_request_that_fails_its_admission_fails_alone(trained_run, monkeypatch
     assert by_name["bad"][0] == "error" and len(results) == 3
     for name in ("a", "b"):
         assert by_name[name][0] == "done" and by_name[name][1].text == _alone(trained_run, tok.decode(prompts[name]), 8)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "meteo",
+        "description": "Le temps qu'il fait dans une ville.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "ville": {"enum": ["Paris", "Lyon", "Brest"]},
+                "jours": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["ville"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "heure", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.fixture(scope="module")
+def wide_client(tmp_path_factory, tokenizer):
+    """A random model with room for a tools prompt (1,024 tokens of context), served."""
+    openai = need_module("openai", "the official client the server must satisfy")
+    need_module("fastapi", "the HTTP server")
+    import torch
+
+    from llmkit.core.config import ModelConfig
+    from llmkit.core.model.transformer import Transformer
+    from llmkit.core.store.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, context=1024, d_model=32, n_layer=2, n_head=2, n_kv_head=1)
+    fields = ("vocab_size", "context", "d_model", "n_layer", "n_head", "n_kv_head")
+    path = save_checkpoint(tmp_path_factory.mktemp("wide") / "run", model=Transformer(cfg), tokenizer=tokenizer,
+                           config={"model": {k: getattr(cfg, k) for k in fields}}, state={"step": 1})  # fmt: skip
+    proc, url = _start(path, "--max-tokens", "256")
+    yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def _check_call(call):
+    jsonschema = need_module("jsonschema", "the reference validator of JSON schemas")
+    tools = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CLOCK)}
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name in tools
+    jsonschema.validate(json.loads(call.function.arguments), tools[call.function.name])
+
+
+def test_structured_answers_through_the_openai_client(wide_client):
+    """response_format (json_schema through the client's parse() helper, json_object) and tool
+    calls (required, a named function, auto; streamed too) from a model that never writes JSON by
+    chance: every answer parses."""
+    pydantic = need_module("pydantic", "the openai client's parse() helper")
+    from typing import Literal
+
+    class Ville(pydantic.BaseModel):
+        nom: Literal["Paris", "Lyon", "Marseille"]
+        rang: int = pydantic.Field(ge=1, le=9)
+        capitale: bool
+
+    for seed in range(3):
+        r = wide_client.chat.completions.parse(
+            model="run", messages=[{"role": "user", "content": "Une ville ?"}], response_format=Ville, seed=seed,
+            max_tokens=200, temperature=1.0,
+        )  # fmt: skip
+        ville = r.choices[0].message.parsed
+        assert isinstance(ville, Ville) and 1 <= ville.rang <= 9
+    r = wide_client.completions.create(model="run", prompt="{", max_tokens=200, n=4, seed=1, extra_body={
+        "response_format": {"type": "json_object"}, "top_k": 5})  # fmt: skip
+    for choice in r.choices:
+        if choice.finish_reason == "stop":
+            assert isinstance(json.loads(choice.text), dict)
+    messages = [{"role": "user", "content": "Quel temps fait-il à Brest ?"}]
+
+    def ask(tools, choice, **kw):
+        return wide_client.chat.completions.create(
+            model="run",
+            messages=messages,
+            tools=tools,
+            tool_choice=choice,
+            max_tokens=200,
+            seed=2,
+            temperature=1.0,
+            **kw,
+        )
+
+    for choice, names in (("required", {"meteo", "heure"}), ({"type": "function", "function": {"name": "heure"}},
+                                                                {"heure"})):  # fmt: skip
+        r = ask([WEATHER, CLOCK], choice)
+        assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+        for call in r.choices[0].message.tool_calls:
+            _check_call(call)
+            assert call.function.name in names
+    streamed, whole = ask([WEATHER], "required", stream=True), ask([WEATHER], "required")
+    deltas = [c.choices[0] for c in streamed if c.choices]
+    calls = [tc for d in deltas for tc in (d.delta.tool_calls or [])]
+    assert deltas[-1].finish_reason == "tool_calls" and not "".join(d.delta.content or "" for d in deltas)
+    assert [(c.function.name, c.function.arguments) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in whole.choices[0].message.tool_calls
+    ]
+    for seed in range(4):  # auto: a call that parses, or a plain answer
+        r = wide_client.chat.completions.create(
+            model="run", messages=messages, tools=[WEATHER], max_tokens=32, seed=seed
+        )
+        message = r.choices[0].message
+        if message.tool_calls:
+            _check_call(message.tool_calls[0])
+        else:
+            assert not (message.content or "").startswith("<")
+
+
+def test_a_conversation_with_earlier_calls_and_their_results_is_answered(wide_client):
+    messages = [
+        {"role": "user", "content": "Quel temps fait-il à Lyon ?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "meteo", "arguments": '{"ville": "Lyon"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Soleil, 21 °C"},
+    ]  # fmt: skip
+    r = wide_client.chat.completions.create(model="run", messages=messages, tools=[WEATHER], tool_choice="none",
+                                       max_tokens=8, temperature=0)  # fmt: skip
+    assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.tool_calls is None
+
+
+def test_structures_the_engine_cannot_compile_are_400s_in_openai_shape(server):
+    httpx = need_module("httpx", "raw requests")
+    head = {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": "run", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+    for extra, param in (
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objet"}}}},
+         "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "absent"}}}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+    ):  # fmt: skip
+        r = httpx.post(server + "/v1/chat/completions", json={**chat, **extra}, headers=head, timeout=30)
+        assert r.status_code == 400, (extra, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and error["type"] == "invalid_request_error" and "\n" not in error["message"]
+    assert httpx.get(server + "/health", timeout=5).status_code == 200

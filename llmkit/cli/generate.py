@@ -1,4 +1,5 @@
-"""Generate text from a checkpoint: greedy, sampling, penalties, beam search, stop strings.
+"""Generate text from a checkpoint: greedy, sampling, penalties, beam search, stop strings, and
+structured outputs (--choices, --regex, --json-schema, --json-object).
 
 One prompt streams its continuation to stdout as it is decoded; many prompts (--prompt-file or
 stdin) are decoded in batches. On an instruct or translate checkpoint each prompt goes through the
@@ -129,6 +130,15 @@ def generate(
             "--quantize",
         ),
     ] = None,
+    choices: Annotated[
+        Optional[str],
+        opt("Answer with exactly one of these: A|B|C, or @FILE with one choice per line.", "--choices"),
+    ] = None,
+    regex: Annotated[Optional[str], opt("Answer with a match of this regular expression.", "--regex")] = None,
+    json_schema: Annotated[
+        Optional[Path], opt("Answer with JSON that fits this JSON schema (a file).", "--json-schema")
+    ] = None,
+    json_object: Annotated[bool, typer.Option("--json-object", help="Answer with a JSON object (any).")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
@@ -169,6 +179,9 @@ def generate(
         }
     )
     check_quantize(quantize)
+    from llmkit.core.decoding.structure import from_options
+
+    structure = from_options(choices, regex, json_schema, json_object)  # a bad schema fails before the model loads
     prompts = None if interactive else _prompts(prompt, prompt_file, field)
     dev = pick_device(device or "auto")
     model, ckpt = open_model(ckpt, dev)
@@ -199,7 +212,7 @@ def generate(
         raise ConfigError(f"--chat: {ckpt.path} has no chat template")
     template = None if raw else Prompts.template_for(ckpt.task, ckpt.tokenizer, chat=use_chat)
     view = GenerateView(
-        Decoder(model, ckpt.tokenizer, cfg, dev, template=template, draft=draft_model),
+        Decoder(model, ckpt.tokenizer, cfg, dev, template=template, draft=draft_model, structure=structure),
         console=err_console(),
         quiet=quiet,
     )

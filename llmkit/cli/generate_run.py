@@ -48,13 +48,14 @@ class GenerateView:
             progress = Progress(console=self.console, transient=True)
             progress.start()
             task = progress.add_task("generating", total=total)
-        blank = 0
+        blank, incomplete = 0, 0
         try:
             if stream:
                 self._write(0, self._shown(prompts[0]))
             for batch in self.decoder.run(prompts, on_text=self._write if stream else None, record_probs=show_probs):
                 self._warn_truncated([out for _, out in batch])
                 blank += sum(not out.text.strip() for _, out in batch)
+                incomplete += sum(out.complete is False for _, out in batch)
                 for job, out in batch:
                     self._emit(
                         prompts[job.prompt], job.sample, out, json_out=json_out, streamed=stream, show_probs=show_probs
@@ -64,6 +65,15 @@ class GenerateView:
         finally:
             if progress:
                 progress.stop()
+        if incomplete:
+            from llmkit.core.decoding.structure import StructureError  # only a structured run gets here
+
+            d = self.decoder
+            raise StructureError(
+                f"{'the output' if total == 1 else f'{incomplete} of {total} outputs'} ran out of tokens "
+                f"(--max-new-tokens {d.cfg.max_new_tokens}) before {d.structure.structure.describe()} was "
+                "complete: raise --max-new-tokens"
+            )
         if blank == total and not self.quiet:
             self.console.print(
                 f"[yellow]warning:[/] {'every output was' if total > 1 else 'the output is'} empty: the model ended "
@@ -86,6 +96,8 @@ class GenerateView:
                 row["score"] = out.score
             if out.drafted:
                 row.update(drafted=out.drafted, accepted=out.accepted)
+            if out.complete is not None:
+                row["complete"] = out.complete
             if show_probs:
                 row["probs"] = [
                     {

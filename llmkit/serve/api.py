@@ -30,11 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit.serve.protocol import (
     ApiError,
+    HeldText,
     Limits,
+    chat_message,
     finish_reason,
     n_of,
     number,
     sampling,
+    shape_of,
     sse,
     texts,
     top_logprobs,
@@ -43,8 +46,9 @@ from llmkit.serve.protocol import (
 )
 from llmkit.serve.server import Server
 
-ChunkFn = Callable[[int, str, Any, Any], dict]
-"""(choice index, text delta, finish reason or None, the finished output or None) -> a chunk."""
+ChunkFn = Callable[[int, str, Any, Any], dict | None]
+"""(choice index, text delta, finish reason or None, the finished output or None) -> a chunk (None:
+nothing to send yet)."""
 
 
 def create_app(server: Server) -> FastAPI:
@@ -197,15 +201,21 @@ def stream(
     make_chunk: ChunkFn,
     first: Callable[[int], dict] | None = None,
     usage_head: dict | None = None,
+    structure=None,
 ) -> StreamingResponse:
     """Server-sent events: each output's text as it is decoded, then (``usage_head`` given) a chunk
     with the usage, then [DONE]."""
+
+    def chunks(i, text, finish, out):
+        chunk = make_chunk(i, text, finish, out)
+        return [] if chunk is None else [sse(chunk)]
 
     async def events():
         outs = [None] * len(jobs)
         queues = [asyncio.Queue() for _ in jobs]
         tasks = [
-            asyncio.ensure_future(server.run(ids, cfg, s, logprobs, request, q)) for (ids, s), q in zip(jobs, queues)
+            asyncio.ensure_future(server.run(ids, cfg, s, logprobs, request, q, structure=structure))
+            for (ids, s), q in zip(jobs, queues)
         ]
         try:
             for i in range(len(jobs) if first else 0):
@@ -214,12 +224,15 @@ def stream(
             while pending:
                 for i in list(pending):
                     while not queues[i].empty():
-                        yield sse(make_chunk(i, queues[i].get_nowait(), None, None))
+                        for event in chunks(i, queues[i].get_nowait(), None, None):
+                            yield event
                     if tasks[i].done():
                         out = tasks[i].result()
                         while not queues[i].empty():
-                            yield sse(make_chunk(i, queues[i].get_nowait(), None, None))
-                        yield sse(make_chunk(i, "", finish_reason(out), out))
+                            for event in chunks(i, queues[i].get_nowait(), None, None):
+                                yield event
+                        for event in chunks(i, "", finish_reason(out), out):
+                            yield event
                         outs[i] = out
                         pending.discard(i)
                 if pending:
@@ -315,6 +328,7 @@ class Routes:
         self.need_lm()
         prompts = texts(body.get("prompt", ""), "prompt")
         cfg = sampling(body, server.limits, 16)
+        structure = server.compile(shape_of(body, chat=False))
         top = top_logprobs(body, "logprobs")
         n, ids = n_of(body, server.limits), [server.completion_ids(p) for p in prompts]
         jobs = [(ids[i], s) for i in range(len(prompts)) for s in range(n)]
@@ -344,8 +358,9 @@ class Routes:
                 request,
                 lambda *a: {**head, "choices": [choice(*a)]},
                 usage_head=head if wants_usage(body) else None,
+                structure=structure,
             )
-        outs = await server.run_all(jobs, cfg, top is not None, request)
+        outs = await server.run_all(jobs, cfg, top is not None, request, structure)
         return {
             **head,
             "choices": [choice(i, o.text, finish_reason(o), o) for i, o in enumerate(outs)],
@@ -355,8 +370,10 @@ class Routes:
     async def chat(self, request: HttpRequest):
         server, body = self.server, await self.body_of(request)
         self.need_lm()
-        ids = server.chat_ids(body.get("messages"))
+        shape = shape_of(body, chat=True)
+        ids = server.chat_ids(body.get("messages"), shape)
         cfg = sampling(body, server.limits, min(server.limits.max_tokens, server.context - len(ids)))
+        structure = server.compile(shape)
         want, top = bool(body.get("logprobs")), top_logprobs(body, "top_logprobs") or 0
         jobs = [(ids, s) for s in range(n_of(body, server.limits))]
         head = self.head("chatcmpl", "chat.completion.chunk" if body.get("stream") else "chat.completion")
@@ -365,12 +382,7 @@ class Routes:
             return {"content": [server.token_entry(p, top) for p in out.probs]} if want else None
 
         if body.get("stream"):
-
-            def chunk(i, text, finish, out):
-                choice = {"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish}
-                if out is not None and want:
-                    choice["logprobs"] = logprobs_of(out)  # the whole answer's, with the last chunk
-                return {**head, "choices": [choice]}
+            chunk = self.chat_chunks(head, shape, len(jobs), logprobs_of if want else None)
 
             def opening(i):
                 return {
@@ -378,23 +390,39 @@ class Routes:
                     "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
                 }
 
-            return stream(
-                server, jobs, cfg, want, request, chunk, first=opening, usage_head=head if wants_usage(body) else None
-            )
-        outs = await server.run_all(jobs, cfg, want, request)
-        return {
-            **head,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": o.text},
-                    "finish_reason": finish_reason(o),
-                    "logprobs": logprobs_of(o),
-                }
-                for i, o in enumerate(outs)
-            ],
-            "usage": usage([j[0] for j in jobs], outs),
-        }
+            return stream(server, jobs, cfg, want, request, chunk, first=opening,
+                          usage_head=head if wants_usage(body) else None, structure=structure)  # fmt: skip
+        outs = await server.run_all(jobs, cfg, want, request, structure)
+        choices = []
+        for i, o in enumerate(outs):
+            message, finish = chat_message(o.text, shape, finish_reason(o))
+            choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": logprobs_of(o)})
+        return {**head, "choices": choices, "usage": usage([j[0] for j in jobs], outs)}
+
+    @staticmethod
+    def chat_chunks(head: dict, shape, n: int, logprobs_of) -> ChunkFn:
+        """The streamed chunks of a chat answer: content deltas as they come; when the answer may be
+        a tool call, text held until it cannot begin one, and a call sent whole with the last chunk."""
+        held = [HeldText() for _ in range(n)]
+
+        def chunk(i, text, finish, out):
+            if shape.calls:
+                text = held[i].push(text)
+            delta: dict[str, Any] = {"content": text} if text else {}
+            if out is not None and shape.calls:
+                message, finish = chat_message(out.text, shape, finish)
+                if "tool_calls" in message:
+                    delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]}
+                elif not held[i].free and held[i].seen:
+                    delta = {"content": held[i].seen}  # a short answer that looked like a call's start
+            if not delta and finish is None:
+                return None
+            choice = {"index": i, "delta": delta, "finish_reason": finish}
+            if out is not None and logprobs_of is not None:
+                choice["logprobs"] = logprobs_of(out)  # the whole answer's, with the last chunk
+            return {**head, "choices": [choice]}
+
+        return chunk
 
     async def embeddings(self, request: HttpRequest):
         server, body = self.server, await self.body_of(request)

@@ -37,6 +37,8 @@ class Request:
     seed: int = 0
     texts: list[str] = field(default_factory=list)
     logprobs: bool = False
+    structure: Any = None
+    """The compiled structure the answer is held to (``core.decoding.structure``), or None."""
     on_text: Callable[[str], None] = lambda text: None
     on_done: Callable[[Any], None] = lambda result: None
     on_error: Callable[[BaseException], None] = lambda error: None
@@ -208,7 +210,7 @@ class Engine:
                 return False
             return True
         job = SlotJob(r.prompt_ids, r.seed, r.cfg.max_new_tokens, on_text=r.stream, cancelled=r.cancelled.is_set,
-                      record=r.logprobs)  # fmt: skip
+                      record=r.logprobs, structure=r.structure)  # fmt: skip
         out = self.slots.admit([job])[0]
         if out is None:
             return True  # no free row, or its prompt is longer than the slots decoded so far
@@ -220,7 +222,8 @@ class Engine:
     def _alone(self, r: Request, on_text: Callable[[str], None] | None = None) -> None:
         """A request decoded by itself: too long for the shared cache (the context slides), or a row
         of a batch that failed."""
-        decoder = Decoder(self.model, self.tok, r.cfg, self.device)
+        structure = r.structure.structure if r.structure is not None else None
+        decoder = Decoder(self.model, self.tok, r.cfg, self.device, structure=structure)
         stream = on_text or r.stream
         out = decoder.decode(
             [r.prompt_ids],

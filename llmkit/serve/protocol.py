@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmkit.core.config import SampleConfig, sample_config
+from llmkit.core.decoding.structure import Structure, StructureError
+from llmkit.core.decoding.tools import OPEN, Tool, parse_calls, read_tools, tool_structure
 from llmkit.core.errors import LlmkitError
 
 OPENAI_FIELDS = {
@@ -29,7 +31,7 @@ OPENAI_FIELDS = {
     "seed": "seed",
 }
 LLMKIT_FIELDS = ("top_k", "min_p", "repetition_penalty", "no_repeat_ngram")
-UNSUPPORTED = {"best_of": 1, "echo": False, "suffix": None, "tools": None, "functions": None}
+UNSUPPORTED = {"best_of": 1, "echo": False, "suffix": None, "functions": None}
 
 
 @dataclass
@@ -159,3 +161,97 @@ def sse(payload: dict | str) -> str:
 def busy(e: Exception) -> ApiError:
     """The engine's queue is full: 503, the one answer for every route."""
     return ApiError(503, f"the server is busy ({e})", kind="server_error")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a request asks its answer to be: a structure (``response_format``), and the tools it
+    may call (``tools``, ``tool_choice``)."""
+
+    answer: Structure | None = None
+    tools: tuple[Tool, ...] = ()
+    choice: str = "none"
+    parallel: bool = True
+
+    @property
+    def calls(self) -> bool:
+        """Whether the answer may be a tool call."""
+        return bool(self.tools) and self.choice != "none"
+
+    def structure(self) -> Structure | None:
+        """Everything the answer is held to, as one structure (None: free text)."""
+        if not self.calls:
+            return self.answer
+        return tool_structure(list(self.tools), self.choice, self.answer, parallel=self.parallel)
+
+
+def shape_of(body: dict, *, chat: bool) -> Shape:
+    """``response_format`` and (chat only) ``tools`` / ``tool_choice`` / ``parallel_tool_calls``."""
+    try:
+        answer = _response_format(body.get("response_format"))
+        if body.get("tools") is None:
+            if body.get("tool_choice") not in (None, "none", "auto"):
+                raise ApiError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+            return Shape(answer)
+        if not chat:
+            raise ApiError(400, "'tools' belong to /v1/chat/completions", param="tools")
+        tools = read_tools(body["tools"])
+    except StructureError as e:
+        raise ApiError(400, str(e), param="tools" if body.get("tools") is not None else "response_format") from None
+    choice = body.get("tool_choice", "auto")
+    if isinstance(choice, dict):
+        fn = choice.get("function") if choice.get("type") == "function" else None
+        choice = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(choice, str):
+        raise ApiError(400, "'tool_choice' must be auto, none, required or {'type': 'function', 'function': "
+                       "{'name': ...}}", param="tool_choice")  # fmt: skip
+    if choice not in ("auto", "none", "required") and choice not in {t.name for t in tools}:
+        raise ApiError(400, f"'tool_choice' names {choice!r}, which is not one of the tools", param="tool_choice")
+    return Shape(answer, tuple(tools), choice, body.get("parallel_tool_calls") is not False)
+
+
+def _response_format(value: Any) -> Structure | None:
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Structure.json_object("response_format")
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise ApiError(400, "response_format.json_schema must be {'name': ..., 'schema': {...}}",
+                           param="response_format")  # fmt: skip
+        return Structure.json_schema(spec.get("schema", {}), "response_format.json_schema")
+    raise ApiError(400, "response_format.type must be text, json_object or json_schema", param="response_format")
+
+
+def chat_message(text: str, shape: Shape, finish: str) -> tuple[dict[str, Any], str]:
+    """The assistant's message of an answer (its tool calls read out of the text), and its finish reason."""
+    content, calls = parse_calls(text) if shape.calls else (text, [])
+    if not calls:
+        return {"role": "assistant", "content": text}, finish
+    tool_calls = [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+    ]
+    return {"role": "assistant", "content": content or None, "tool_calls": tool_calls}, "tool_calls"
+
+
+class HeldText:
+    """Streaming an answer that may be a tool call: text is held while it could still begin one
+    (``<tool_call>``), then sent as it comes if it does not; a call is sent whole at the end, as
+    ``tool_calls`` deltas."""
+
+    def __init__(self):
+        self.seen, self.free = "", False
+
+    def push(self, text: str) -> str:
+        """The part of ``text`` that can be shown now."""
+        if self.free:
+            return text
+        self.seen += text
+        if OPEN.startswith(self.seen) or self.seen.startswith(OPEN):
+            return ""
+        self.free = True
+        return self.seen

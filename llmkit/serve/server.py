@@ -11,13 +11,15 @@ from typing import Any
 
 from llmkit.core.config import EmbedConfig, SampleConfig
 from llmkit.core.decoding.decoder import Prompts
+from llmkit.core.decoding.structure import Compiled, StructureError, compile_structure
+from llmkit.core.decoding.tools import call_text, reads_tools
 from llmkit.core.errors import LlmkitError
 from llmkit.core.interop.resolve import open_checkpoint, open_model
 from llmkit.core.model.quantize import quantize_int8
 from llmkit.serve.engine import Busy, Engine, Request
-from llmkit.serve.protocol import ApiError, Limits, busy
+from llmkit.serve.protocol import ApiError, Limits, Shape, busy
 
-ROLES = ("system", "user", "assistant", "developer")
+ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
 class Server:
@@ -86,11 +88,27 @@ class Server:
         except LlmkitError as e:  # a lone surrogate, a template that refuses: this request's failure
             raise ApiError(400, str(e), param="prompt") from None
 
-    def chat_ids(self, messages: Any) -> list[int]:
+    def chat_ids(self, messages: Any, shape: Shape | None = None) -> list[int]:
+        """A conversation's prompt; the tools it may call shown to the model (``Prompts.turns``)."""
+        turns = turns_of(messages)
+        own_format = self.chat_prompts.template == "chat" and reads_tools(self.tok.chat_template)
+        if not own_format:  # a tool's result is news from the user's side for a template without tools
+            turns = [("user", f"<tool_response>{c}</tool_response>") if r == "tool" else (r, c) for r, c in turns]
         try:
-            return self._fit(self.chat_prompts.turns(turns_of(messages)))
+            tools = list(shape.tools) if shape is not None and shape.calls else None
+            return self._fit(self.chat_prompts.turns(turns, tools))
         except LlmkitError as e:
             raise ApiError(400, str(e), param="messages") from None
+
+    def compile(self, shape: Shape) -> Compiled | None:
+        """The structure a request's answer is held to, compiled for this model's tokenizer; a 400
+        naming the fault when the engine cannot compile it."""
+        try:
+            structure = shape.structure()
+            return None if structure is None else compile_structure(structure, self.tok, self.tok.eos_id)
+        except StructureError as e:
+            param = "tools" if shape.calls else "response_format"
+            raise ApiError(400, str(e), param=param, code="invalid_schema") from None
 
     def token_entry(self, step, top: int) -> dict[str, Any]:
         text = self.tok.token_text(step.token)
@@ -123,8 +141,10 @@ class Server:
         logprobs: bool,
         http_request=None,
         stream_to: asyncio.Queue | None = None,
+        structure: Compiled | None = None,
     ):
-        """One output, decoded by the engine; text deltas go to ``stream_to`` as they come."""
+        """One output, decoded by the engine (held to ``structure``); text deltas go to ``stream_to``
+        as they come."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
 
@@ -138,6 +158,7 @@ class Server:
             cfg=cfg,
             seed=Engine.seed(cfg.seed, sample),
             logprobs=logprobs,
+            structure=structure,
             on_text=(lambda t: loop.call_soon_threadsafe(stream_to.put_nowait, t)) if stream_to else (lambda t: None),
             on_done=lambda out: loop.call_soon_threadsafe(settle, done.set_result, out),
             on_error=lambda e: loop.call_soon_threadsafe(settle, done.set_exception, e),
@@ -155,9 +176,13 @@ class Server:
             if not done.done():
                 r.cancelled.set()
 
-    async def run_all(self, jobs: list[tuple[list[int], int]], cfg: SampleConfig, logprobs: bool, http_request):
+    async def run_all(
+        self, jobs: list[tuple[list[int], int]], cfg: SampleConfig, logprobs: bool, http_request, structure=None
+    ):
         """Every (prompt ids, sample) job, decoded side by side."""
-        return await asyncio.gather(*(self.run(ids, cfg, s, logprobs, http_request) for ids, s in jobs))
+        return await asyncio.gather(
+            *(self.run(ids, cfg, s, logprobs, http_request, structure=structure) for ids, s in jobs)
+        )
 
     async def run_other(self, kind: str, texts: list[str]):
         """Embeddings or class probabilities of ``texts``, from the engine."""
@@ -182,6 +207,14 @@ def turns_of(messages: Any) -> list[tuple[str, str]]:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}] needs a role (system, user or assistant)", param="messages")
         content = m.get("content")
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        if calls:  # an earlier call, written as the model writes one
+            if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                      for c in calls):  # fmt: skip
+                raise ApiError(400, f"messages[{i}].tool_calls must be a list of calls", param="messages")
+            written = "\n".join(call_text(str(c["function"].get("name")), c["function"].get("arguments", {}))
+                                for c in calls)  # fmt: skip
+            content = (content or "") + written
         if isinstance(content, list):  # [{"type": "text", "text": ...}]
             texts = [part.get("text", "") for part in content if isinstance(part, dict)]
             content = "".join(texts) if all(isinstance(t, str) for t in texts) else None

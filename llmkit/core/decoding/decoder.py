@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from llmkit.core.config import SampleConfig
 from llmkit.core.decoding.speculative import DraftModel, PromptLookup, guesses_per_pass, speculative_batch
 from llmkit.core.decoding.steps import Output, beam_search, decode_batch, random_seed, row_seed
+from llmkit.core.decoding.structure import Structure, compile_structure
+from llmkit.core.decoding.tools import Tool, instructions, reads_tools
 from llmkit.core.errors import ConfigError
 from llmkit.core.text.examples import encode_prompt
 
@@ -45,9 +47,18 @@ class Prompts:
             return encode_prompt(self.tok, self.template, [("user", text)])
         return self.tok.encode_text(text)
 
-    def turns(self, turns: list[tuple[str, str]]) -> list[int]:
+    def turns(self, turns: list[tuple[str, str]], tools: list[Tool] | None = None) -> list[int]:
+        """A conversation's ids; with ``tools`` the model is shown the functions it may call: by its
+        chat template where that has a tool format, else in a system message (``tools.py``)."""
+        if tools and not (self.template == "chat" and reads_tools(self.tok.chat_template)):
+            text = instructions(tools)
+            if turns and turns[0][0] == "system":
+                text, turns = f"{turns[0][1]}\n\n{text}", turns[1:]
+            turns = [("system", text), *turns]
+            tools = None
         if self.template is not None:
-            return encode_prompt(self.tok, self.template, turns)
+            shown = [t.as_openai() for t in tools] if tools else None
+            return encode_prompt(self.tok, self.template, turns, tools=shown)
         return self.tok.encode_text("".join(f"{content}\n" for _, content in turns))
 
     @staticmethod
@@ -71,10 +82,26 @@ class Decoder:
     """Decoding settings bound to a model and its tokenizer (and template, for instruct and
     translate checkpoints)."""
 
-    def __init__(self, model, tokenizer, cfg: SampleConfig, device, *, template: str | None = None, draft=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        cfg: SampleConfig,
+        device,
+        *,
+        template: str | None = None,
+        draft=None,
+        structure: Structure | None = None,
+    ):
         self.model, self.tok, self.cfg, self.device, self.template = model, tokenizer, cfg, device, template
         self.prompts = Prompts(tokenizer, template)
         self.base_seed = cfg.seed if cfg.seed is not None else random_seed()
+        self.structure = None  # structured outputs: the compiled structure every output keeps to
+        if structure is not None:
+            if draft is not None or cfg.lookup or cfg.num_beams > 1:
+                way = "--draft" if draft is not None else "--lookup" if cfg.lookup else "--num-beams"
+                raise ConfigError(f"{structure.source} cannot be combined with {way}: it constrains batched decoding")
+            self.structure = compile_structure(structure, tokenizer, tokenizer.eos_id)
         self.proposers = None  # speculative decoding: n -> a proposer for each of n rows
         if draft is not None or cfg.lookup:
             why = (
@@ -150,6 +177,7 @@ class Decoder:
             record_probs=record_probs,
             on_text=on_text,
             cancelled=cancelled,
+            structure=self.structure,
         )
 
     def jobs(self, n_prompts: int) -> list[Job]:

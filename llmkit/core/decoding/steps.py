@@ -26,6 +26,7 @@ import torch
 
 from llmkit.core.config import SampleConfig
 from llmkit.core.decoding.sampling import NGramIndex, pick, process_logits, token_counts
+from llmkit.core.decoding.structure import Compiled, Matcher, constrain
 from llmkit.core.model import fast
 from llmkit.core.model.transformer import KVCache, Transformer, pad_batch
 
@@ -53,6 +54,9 @@ class Output:
     score: float | None = None  # beam search: the length-normalised log-probability
     drafted: int = 0  # speculative decoding: tokens guessed, and how many the model kept
     accepted: int = 0
+    complete: bool | None = None
+    """Structured outputs: whether the text is a whole valid answer (False: the budget ran out
+    inside it); None when no structure was asked for."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -278,9 +282,11 @@ class Rows:
         decode: Callable[[list[int]], str],
         seeds: list[int],
         device,
+        structure: Compiled | None = None,
     ):
         B = len(rows)
         self.cfg, self.outs = cfg, outs
+        self.matchers: list[Matcher] | None = [structure.matcher() for _ in range(B)] if structure else None
         self.history = [list(r) for r in rows]  # every row's full token list, for penalties and sliding
         self.streams = [TextStream(decode, cfg.stop) for _ in range(B)]
         self.alive = torch.ones(B, dtype=torch.bool, device=device)
@@ -292,7 +298,12 @@ class Rows:
         self.ngrams = [NGramIndex(cfg.no_repeat_ngram, r) for r in rows] if cfg.no_repeat_ngram else None
 
     def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token logits (B, V) -> (the processed logits, the chosen token of each row (B,))."""
+        """Next-token logits (B, V) -> (the processed logits, the chosen token of each row (B,)).
+        A structure masks the tokens that would break it first, so penalties and filters only
+        ever choose among valid ones."""
+        if self.matchers is not None:
+            alive = self.alive.tolist()
+            logits = constrain(logits, [m if alive[b] else None for b, m in enumerate(self.matchers)])
         banned = [g.banned() for g in self.ngrams] if self.ngrams else None
         processed = process_logits(logits, self.cfg, counts=self.counts, banned=banned)
         if self.gens is None:
@@ -323,6 +334,13 @@ class Rows:
             self.alive[b] = False
             out.finish_reason = "stop"
             return False
+        if self.matchers is not None:
+            matcher = self.matchers[b]
+            matcher.accept(t)
+            if matcher.stopped:  # the answer is whole and nothing may follow: no step spent on the end
+                self.alive[b] = False
+                out.finish_reason = "stop"
+                return False
         return True
 
     def advance(
@@ -347,6 +365,8 @@ class Rows:
                 on_text(b, rest)
             out.text = self.streams[b].text
             out.seconds = seconds
+            if self.matchers is not None:
+                out.complete = self.matchers[b].complete and not self.matchers[b].error
 
 
 @torch.inference_mode()
@@ -362,12 +382,14 @@ def decode_batch(
     record_probs: bool = False,
     on_text: Callable[[int, str], None] | None = None,
     cancelled: Callable[[int], bool] | None = None,
+    structure: Compiled | None = None,
 ) -> list[Output]:
     """Greedy or sampled decoding of several prompts at once (see the module docstring).
 
     ``seeds`` gives each row its own generator (default: ``row_seed(cfg.seed, row)``); ``on_text(row,
     text)`` receives each row's newly visible text as it is decoded, for streaming; a row for which
-    ``cancelled(row)`` turns true stops there (finish_reason "cancelled": its client went away).
+    ``cancelled(row)`` turns true stops there (finish_reason "cancelled": its client went away);
+    ``structure`` keeps every row's text inside it (``structure.py``).
     """
     context = model.cfg.context
     window = max(context // 2, 1)
@@ -379,7 +401,7 @@ def decode_batch(
     if seeds is None:
         base = cfg.seed if cfg.seed is not None else random_seed()
         seeds = [row_seed(base, b) for b in range(len(rows))]
-    state = Rows(rows, outs, cfg, model.cfg.vocab_size, decode, seeds, device)
+    state = Rows(rows, outs, cfg, model.cfg.vocab_size, decode, seeds, device, structure)
     t0 = time.perf_counter()
     batch = DecodeState(model, len(rows), device, max(map(len, rows)) + cfg.max_new_tokens)
     logits = batch.prefill(rows)
@@ -413,6 +435,8 @@ class SlotJob:
     cancelled: Callable[[], bool] | None = None
     record: bool = False
     """Keep each token's probability and alternatives (``Output.probs``)."""
+    structure: Compiled | None = None
+    """The shape the answer must have (structured outputs)."""
 
 
 @dataclass
@@ -474,7 +498,16 @@ class Slots:
 
     def _slot(self, job: SlotJob) -> _Slot:
         out = Output(prompt_ids=list(job.ids))
-        rows = Rows([job.ids], [out], self.cfg, self.model.cfg.vocab_size, self.decode_fn, [job.seed], self.device)
+        rows = Rows(
+            [job.ids],
+            [out],
+            self.cfg,
+            self.model.cfg.vocab_size,
+            self.decode_fn,
+            [job.seed],
+            self.device,
+            job.structure,
+        )
         return _Slot(rows, out, job.max_new, job.on_text, job.cancelled, job.record, time.perf_counter())
 
     @torch.inference_mode()

@@ -181,15 +181,16 @@ def fill(template: str, prompt: str) -> str:
     return template.replace("{prompt}", prompt)
 
 
-def encode_prompt(tok, template: str, turns: list[tuple[str, str]]) -> list[int]:
+def encode_prompt(tok, template: str, turns: list[tuple[str, str]], *, tools: list | None = None) -> list[int]:
     """Token ids of everything before the response: system text, then each user turn through the
     template, earlier assistant turns followed by EOS. With the template ``chat``, the model's own
-    chat template renders the whole conversation, ending with the assistant's opening; with
-    ``chat:TEXT``, each user turn goes through TEXT (``{prompt}`` marks it) first."""
+    chat template renders the whole conversation, ending with the assistant's opening (``tools``
+    given to a template with a tool format); with ``chat:TEXT``, each user turn goes through TEXT
+    (``{prompt}`` marks it) first."""
     instruction = chat_instruction(template)
     if instruction is not None:  # the chat template writes the BOS a model expects (its bos_token), if any
         turns = [(role, fill(instruction, c) if role == "user" else c) for role, c in turns]
-        return tok.encode(render_chat(tok, turns, add_generation_prompt=True))
+        return tok.encode(render_chat(tok, turns, add_generation_prompt=True, tools=tools))
     ids: list[int] = [tok.bos_id] if tok.expects_bos else []
     for role, content in turns:
         if role == "system":

@@ -50,8 +50,9 @@ def _compiled(template: str):
         raise DataError(f"the model's chat template does not compile: {e}") from None
 
 
-def render(tok, turns: list[tuple[str, str]], *, add_generation_prompt: bool = True) -> str:
-    """The conversation ``turns`` [(role, content)] as the model's chat template writes it."""
+def render(tok, turns: list[tuple[str, str]], *, add_generation_prompt: bool = True, tools: list | None = None) -> str:
+    """The conversation ``turns`` [(role, content)] as the model's chat template writes it (with
+    ``tools``, OpenAI's function list, for a template that has a tool format)."""
     from jinja2.exceptions import TemplateError  # optional dependency (the interop extra)
 
     template = tok.chat_template
@@ -61,6 +62,8 @@ def render(tok, turns: list[tuple[str, str]], *, add_generation_prompt: bool = T
     compiled = _compiled(template)
     variables = dict(messages=messages, add_generation_prompt=add_generation_prompt,
                      bos_token=tok.id_to_piece(tok.bos_id), eos_token=tok.id_to_piece(tok.eos_id))  # fmt: skip
+    if tools:
+        variables["tools"] = tools
     try:
         return _bounded(lambda: compiled.generate(**variables))
     except TemplateError as e:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -37,6 +38,7 @@ from llmkit.core.files.stream import sample_lines
 FORMAT_VERSION = 1
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 WHITESPACE_SYMBOLS = ("\n", "\t")
+METASPACE = "\u2581"  # SentencePiece's "▁": a space inside a piece
 # Fields that must agree between a checkpoint's tokenizer and one handed to a command.
 CONTRACT_FIELDS = (
     "vocab_size",
@@ -117,6 +119,18 @@ class _SentencePiece:
         i = self.sp.piece_to_id(piece)
         return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
 
+    def token_bytes(self) -> list[bytes | None]:
+        sp, out = self.sp, []
+        for i in range(sp.get_piece_size()):
+            piece = sp.id_to_piece(i)
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                out.append(None)
+            elif i in self.byte_ids:
+                out.append(bytes([int(piece[3:5], 16)]))  # "<0xC3>"
+            else:
+                out.append(piece.replace(METASPACE, " ").encode("utf-8"))
+        return out
+
 
 def trie_pattern(words: list[str]) -> str:
     """A regular expression matching any of ``words``, longest first, written as a trie: the
@@ -171,6 +185,36 @@ class _HFTokenizers:
     def piece_to_id(self, piece: str) -> int | None:
         return self.tk.token_to_id(piece)
 
+    def token_bytes(self) -> list[bytes | None]:
+        decoder = json.dumps(json.loads(self.tk.to_str()).get("decoder"))
+        byte_level = '"ByteLevel"' in decoder  # GPT-2's scheme: each byte drawn as a printable character
+        unbyte = {c: b for b, c in _bytes_to_unicode().items()}
+        special = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+        out: list[bytes | None] = []
+        for i in range(self.size()):
+            piece = self.tk.id_to_token(i)
+            if piece is None or i in special:
+                out.append(None)
+            elif byte_level:
+                out.append(bytes(unbyte[c] for c in piece) if all(c in unbyte for c in piece) else piece.encode())
+            elif re.fullmatch(r"<0x[0-9A-F]{2}>", piece):  # a byte-fallback piece
+                out.append(bytes([int(piece[3:5], 16)]))
+            else:
+                out.append(piece.replace(METASPACE, " ").encode("utf-8"))
+        return out
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte as one printable character (the printable ASCII and
+    Latin-1 ones as themselves, the rest shifted past U+0100)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shift = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shift)
+            shift += 1
+    return table
+
 
 BACKENDS = {"sentencepiece": _SentencePiece, "hf": _HFTokenizers}
 
@@ -194,6 +238,7 @@ class Tokenizer:
         if contract.get("special_in_text") and self.backend_name == "sentencepiece":
             self.backend.match_literals()
         self._byte_ids = self.backend.byte_ids
+        self._token_bytes: list[bytes | None] | None = None
 
     @property
     def sp(self):
@@ -331,6 +376,13 @@ class Tokenizer:
 
     def is_byte(self, i: int) -> bool:
         return i in self._byte_ids
+
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each token id stands for, in id order (None: a control or special token, which
+        no text spells). What a grammar engine needs to know which tokens can continue a text."""
+        if self._token_bytes is None:
+            self._token_bytes = self.backend.token_bytes()
+        return self._token_bytes
 
 
 def check_text(text: str) -> None:
