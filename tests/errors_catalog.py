@@ -522,6 +522,29 @@ CASES = [
         ["run", "corpus.txt", "--outputs", "out.jsonl"],
         setup=write("out.jsonl", "{}\n"),
     ),
+    # structured outputs
+    Case("two structures at once", "generate", ["run", "-p", "x", "--choices", "a|b", "--regex", "[0-9]+"]),
+    Case(
+        "a JSON schema the engine cannot compile",
+        "generate",
+        ["run", "-p", "x", "--json-schema", "s.json"],
+        setup=write("s.json", '{"type": "objet"}'),
+    ),
+    Case(
+        "a schema file that is not JSON",
+        "generate",
+        ["run", "-p", "x", "--json-schema", "s.json"],
+        setup=write("s.json", "{type: object}"),
+    ),  # fmt: skip
+    Case("a regular expression that does not compile", "generate", ["run", "-p", "x", "--regex", "(a"]),
+    Case("a structure with beam search", "generate", ["run", "-p", "x", "--choices", "a|b", "--num-beams", "2"]),
+    Case("a budget that ends inside the JSON", "generate", ["run", "-p", "x", "--json-object", "-n", "1"]),
+    Case(
+        "structured outputs without the grammar engine",
+        "generate",
+        ["run", "-p", "x", "--choices", "a|b"],
+        hide=("llguidance",),
+    ),  # fmt: skip
     Case("--labels with one label", "classify", ["run", "Bonjour", "--labels", "sport"]),
     Case(
         "zero-shot template without {label} at its end",
@@ -729,7 +752,7 @@ def documented(doc: str) -> dict[str, tuple[int, str]]:
     """{case name: (exit code, message)} from the table of docs/errors.md."""
     out = {}
     for line in doc.splitlines():
-        m = re.match(r"^\| (.+?) \| `llmkit ([a-z]+)[^|]*` \| (\d) \| `(.*)` \|$", line)
+        m = re.match(r"^\| (.+?) \| `llmkit ([a-z]+)(?:[^|]|\\\|)*` \| (\d) \| `(.*)` \|$", line)
         if m:
             out[m.group(1)] = (int(m.group(3)), m.group(4).replace("\\|", "|"))
     return out

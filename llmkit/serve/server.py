@@ -93,7 +93,7 @@ class Server:
         turns = turns_of(messages)
         own_format = self.chat_prompts.template == "chat" and reads_tools(self.tok.chat_template)
         if not own_format:  # a tool's result is news from the user's side for a template without tools
-            turns = [("user", f"<tool_response>{c}</tool_response>") if r == "tool" else (r, c) for r, c in turns]
+            turns = [("user", f"The function returned: {c}") if r == "tool" else (r, c) for r, c in turns]
         try:
             tools = list(shape.tools) if shape is not None and shape.calls else None
             return self._fit(self.chat_prompts.turns(turns, tools))

@@ -269,8 +269,13 @@ class Grammars:
 
 
 def _engine_message(message: str) -> str:
-    """llguidance's error without its internal context lines."""
-    return _one_line(re.sub(r"\s*\n\s*", " ", message))
+    """llguidance's error in one line, without its parser's context (for a regular expression:
+    the fault alone, ``unclosed group``, not the grammar it was wrapped in)."""
+    flat = " ".join(message.split())
+    if "regex parse error" in flat:
+        fault = flat.split("error:")[-1].split("|")[0]
+        return "not a valid regular expression: " + re.sub(r"\s+\d+\s*$", "", fault).strip()
+    return _one_line(flat)
 
 
 def compile_structure(structure: Structure, tokenizer, eos_id: int | None) -> Compiled:
