@@ -328,7 +328,9 @@ class Routes:
         self.need_lm()
         prompts = texts(body.get("prompt", ""), "prompt")
         cfg = sampling(body, server.limits, 16)
-        structure = server.compile(shape_of(body, chat=False))
+        structure = await asyncio.to_thread(
+            server.compile, shape_of(body, chat=False)
+        )  # off the event loop: a first compile reads the vocabulary
         top = top_logprobs(body, "logprobs")
         n, ids = n_of(body, server.limits), [server.completion_ids(p) for p in prompts]
         jobs = [(ids[i], s) for i in range(len(prompts)) for s in range(n)]
@@ -373,7 +375,7 @@ class Routes:
         shape = shape_of(body, chat=True)
         ids = server.chat_ids(body.get("messages"), shape)
         cfg = sampling(body, server.limits, min(server.limits.max_tokens, server.context - len(ids)))
-        structure = server.compile(shape)
+        structure = await asyncio.to_thread(server.compile, shape)
         want, top = bool(body.get("logprobs")), top_logprobs(body, "top_logprobs") or 0
         jobs = [(ids, s) for s in range(n_of(body, server.limits))]
         head = self.head("chatcmpl", "chat.completion.chunk" if body.get("stream") else "chat.completion")
