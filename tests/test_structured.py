@@ -290,3 +290,70 @@ def test_generate_cli_choices_regex_schema_and_refusals(trained_run, tmp_path):
     (tmp_path / "c.txt").write_text("A | B\nC\n", encoding="utf-8")
     r = run.invoke(app, ["generate", str(trained_run), "-p", "", "--choices", f"@{tmp_path / 'c.txt'}", "--seed", "2"])
     assert r.exit_code == 0 and r.stdout.strip() in ("A | B", "C"), r.output
+
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "meteo",
+        "description": "La météo d'une ville.",
+        "parameters": {
+            "type": "object",
+            "properties": {"ville": {"enum": ["Paris", "Brest"]}},
+            "required": ["ville"],
+            "additionalProperties": False,
+        },
+    },
+}
+WITH_TOOLS = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>{% endif %}"
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def _with_template(tokenizer, template):
+    from llmkit.core.text.tokenizer import Tokenizer
+
+    return Tokenizer(tokenizer.model_bytes, {**tokenizer.contract, "chat_template": template})
+
+
+def test_tools_reach_the_model_through_its_template_or_a_system_message(tokenizer):
+    need_module("jinja2", "chat templates")
+    from llmkit.core.decoding.decoder import Prompts
+    from llmkit.core.decoding.tools import read_tools
+
+    tools = read_tools([TOOL])
+    own = _with_template(tokenizer, WITH_TOOLS)
+    text = own.decode(Prompts(own, "chat").turns([("user", "Il pleut ?")], tools))
+    assert "<tools>meteo;</tools>" in text and "You can call" not in text  # the template's own format
+    plain = _with_template(tokenizer, WITH_TOOLS.split("{% endif %}", 1)[1])  # the same without tools
+    text = plain.decode(Prompts(plain, "chat").turns([("system", "Sois bref."), ("user", "Il pleut ?")], tools))
+    assert text.startswith("<system>Sois bref.\n\nYou can call these functions:") and '"name": "meteo"' in text
+    assert "<tool_call>" in text and text.count("<system>") == 1
+
+
+def test_tool_calls_are_held_to_their_schemas_and_read_back(random_model, tokenizer):
+    from llmkit.core.decoding.tools import call_text, parse_calls, read_tools, tool_structure
+
+    no_args = {"type": "object", "properties": {}, "additionalProperties": False}
+    tools = read_tools([TOOL, {"type": "function", "function": {"name": "heure", "parameters": no_args}}])
+    outs = _decode(random_model, tokenizer, tool_structure(tools, "required", parallel=False),
+                   [[tokenizer.bos_id]] * 12, seeds=list(range(12)), max_new_tokens=120)  # fmt: skip
+    for out in outs:
+        assert out.complete, out.text
+        content, calls = parse_calls(out.text)
+        assert content == "" and len(calls) == 1 and calls[0].name in ("meteo", "heure")
+        if calls[0].name == "meteo":
+            assert json.loads(calls[0].arguments)["ville"] in ("Paris", "Brest")
+    assert {parse_calls(o.text)[1][0].name for o in outs} == {"meteo", "heure"}
+    written = call_text("meteo", '{"ville": "Paris"}')
+    assert parse_calls("Voici : " + written)[1][0].arguments == '{"ville": "Paris"}'
+    assert parse_calls("<tool_call>pas du JSON</tool_call>") == ("<tool_call>pas du JSON</tool_call>", [])
+    compiled = compile_structure(tool_structure(tools, "meteo"), tokenizer, tokenizer.eos_id)
+    loose = compiled.matcher()  # one style: the compact form is not a call
+    assert not (loose.m.consume_tokens(tokenizer.encode('<tool_call>{"name":"meteo"')) and loose.complete)
+    with pytest.raises(StructureError, match="not one of the tools"):
+        tool_structure(tools, "absente")
+    with pytest.raises(StructureError, match="same name"):
+        read_tools([TOOL, TOOL])
