@@ -170,28 +170,14 @@ def test_continuous_batching_keeps_each_row_to_its_own_structure(random_model, t
 
 
 def test_penalties_filters_and_stop_strings_still_apply(random_model, tokenizer):
-    schema = SCHEMAS["array of enums"]
-    outs = _decode(
-        random_model,
-        tokenizer,
-        Structure.json_schema(schema),
-        [[tokenizer.bos_id]] * 10,
-        seeds=list(range(10)),
-        repetition_penalty=1.3,
-        top_p=0.9,
-        min_p=0.05,
-        frequency_penalty=0.5,
-    )
+    structure = Structure.json_schema(SCHEMAS["array of enums"])
+
+    def draw(n, **sample):
+        return _decode(random_model, tokenizer, structure, [[tokenizer.bos_id]] * n, seeds=list(range(n)), **sample)
+
+    outs = draw(10, repetition_penalty=1.3, top_p=0.9, min_p=0.05, frequency_penalty=0.5)
     assert all(json.loads(o.text)["genres"] for o in outs)
-    stopped = _decode(
-        random_model,
-        tokenizer,
-        Structure.json_schema(schema),
-        [[tokenizer.bos_id]] * 5,
-        seeds=list(range(5)),
-        stop=("comédie",),
-    )
-    for out in stopped:
+    for out in draw(5, stop=("comédie",)):
         assert "comédie" not in out.text
 
 
