@@ -64,19 +64,10 @@ class LLGuidance:
     def __init__(self, tk: Tokenizer):
         import llguidance
 
+        from llmkit.core.decoding.structure import Grammars
+
         self.ll = llguidance
-        table = tk.token_bytes()
-        special = [i for i, b in enumerate(table) if b is None]
-
-        class Wrapped:
-            eos_token_id, bos_token_id = tk.eos_id, tk.bos_id
-            tokens = [b if b is not None else tk.id_to_piece(i).encode() for i, b in enumerate(table)]
-            special_token_ids = special
-
-            def __call__(self, text: bytes) -> list[int]:
-                return tk.encode(text.decode("utf-8", errors="replace"))
-
-        self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Wrapped()))
+        self.tokenizer = Grammars(tk, (tk.eos_id,)).tokenizer  # llmkit's own view of the vocabulary
         self.V = tk.vocab_size
 
     def compile(self, kind, spec):

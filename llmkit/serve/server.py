@@ -12,7 +12,7 @@ from typing import Any
 from llmkit.core.config import EmbedConfig, SampleConfig
 from llmkit.core.decoding.decoder import Prompts
 from llmkit.core.decoding.structure import Compiled, StructureError, compile_structure
-from llmkit.core.decoding.tools import call_text, reads_tools
+from llmkit.core.decoding.tools import call_text
 from llmkit.core.errors import LlmkitError
 from llmkit.core.interop.resolve import open_checkpoint, open_model
 from llmkit.core.model.quantize import quantize_int8
@@ -91,8 +91,9 @@ class Server:
     def chat_ids(self, messages: Any, shape: Shape | None = None) -> list[int]:
         """A conversation's prompt; the tools it may call shown to the model (``Prompts.turns``)."""
         turns = turns_of(messages)
-        own_format = self.chat_prompts.template == "chat" and reads_tools(self.tok.chat_template)
-        if not own_format:  # a tool's result is news from the user's side for a template without tools
+        if (
+            not self.chat_prompts.shows_tools
+        ):  # a tool's result is news from the user's side for a template without tools
             turns = [("user", f"The function returned: {c}") if r == "tool" else (r, c) for r, c in turns]
         try:
             tools = list(shape.tools) if shape is not None and shape.calls else None

@@ -47,10 +47,15 @@ class Prompts:
             return encode_prompt(self.tok, self.template, [("user", text)])
         return self.tok.encode_text(text)
 
+    @property
+    def shows_tools(self) -> bool:
+        """Whether the model's own chat template renders tools (and tool results) itself."""
+        return self.template == "chat" and reads_tools(self.tok.chat_template)
+
     def turns(self, turns: list[tuple[str, str]], tools: list[Tool] | None = None) -> list[int]:
         """A conversation's ids; with ``tools`` the model is shown the functions it may call: by its
         chat template where that has a tool format, else in a system message (``tools.py``)."""
-        if tools and not (self.template == "chat" and reads_tools(self.tok.chat_template)):
+        if tools and not self.shows_tools:
             text = instructions(tools)
             if turns and turns[0][0] == "system":
                 text, turns = f"{turns[0][1]}\n\n{text}", turns[1:]

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from llmkit.core.decoding.structure import Structure, StructureError
+from llmkit.core.decoding.structure import JSON_STYLE, Structure, StructureError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 CALL_RE = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.S)
@@ -76,7 +76,7 @@ def tool_structure(tools: list[Tool], choice: str, answer: Structure | None = No
                 "required": ["name", "arguments"], "additionalProperties": False}  # fmt: skip
 
     one = {"anyOf": [schema(t) for t in called]} if len(called) > 1 else schema(called[0])
-    style = ', "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}'
+    style = f', "x-guidance": {json.dumps(JSON_STYLE)}'  # the one JSON style of structure.py, inside %json
     lines = [
         f"call: {json.dumps(OPEN)} %json {json.dumps(one)[:-1]}{style}}} {json.dumps(CLOSE)}",
         'calls: call ("\\n" call)*' if parallel and not named else "calls: call",
