@@ -2,6 +2,10 @@
 
     cd benchmarks && ../.venv/bin/python recipe_vs_nanogpt.py shakespeare --time 3m
     cd benchmarks && ../.venv/bin/python recipe_vs_nanogpt.py corpus_fr --time 30m
+    cd benchmarks && ../.venv/bin/python recipe_vs_nanogpt.py corpus_fr --time 30m --nanogpt-only --cores 1,0
+
+(the last: nanoGPT alone on core 0, beside ``levers.py corpus_fr --time 10m --cores 1``: issue 32's
+"in 10 minutes what nanoGPT reaches in 30", both sides measured at the same time.)
 
 In one job, at the same time, each on its own core with one thread:
 - llmkit: ``llmkit pretrain CORPUS --time T`` with no preset (the model sized to the budget,
@@ -131,6 +135,8 @@ def main() -> None:
     ap.add_argument("which", choices=sorted(CORPORA))
     ap.add_argument("--time", default="3m")
     ap.add_argument("--cores", default="0,1", help="llmkit's core, nanoGPT's core")
+    ap.add_argument("--nanogpt-only", action="store_true",
+                    help="run nanoGPT's side alone (its core), e.g. its 30 minutes beside levers.py's 10")  # fmt: skip
     args = ap.parse_args()
     if not SHARED_DATA.exists():
         sys.exit(f"skipped: {SHARED_DATA} not present")
@@ -143,6 +149,13 @@ def main() -> None:
         theirs = mp.get_context("spawn").Process(
             target=nanogpt_side, args=(train, val, vocab, val_bytes, seconds, int(their_core), work / "ng.json", work)
         )
+        if args.nanogpt_only:
+            theirs.start()
+            theirs.join()
+            ng = json.loads((work / "ng.json").read_text())
+            emit(event="nanogpt", corpus=args.which, budget=args.time,
+                 nanogpt={k: (round(v, 4) if isinstance(v, float) else v) for k, v in ng.items()})  # fmt: skip
+            return
         run = work / "llmkit"
         cmd = [
             "taskset",

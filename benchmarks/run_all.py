@@ -1,6 +1,7 @@
 """Run the speed benchmarks and rewrite their tables in docs/benchmarks.md.
 
-    cd benchmarks && ../.venv/bin/python run_all.py [--only startup,loop,loop_avx2,step,decode,rows,precision,bases]
+    cd benchmarks && ../.venv/bin/python run_all.py
+                        [--only startup,loop,loop_avx2,step,decode,rows,precision,bases,levers]
                                                     [--target CKPT --draft CKPT] [--rows-models CKPT,CKPT]
                                                     [--loop-seconds 60] [--dry-run]
 
@@ -8,8 +9,8 @@ Each section runs its script in a child process (one JSON line per result), rend
 table, and replaces the text between ``<!-- run_all:NAME -->`` and ``<!-- /run_all:NAME -->`` in
 docs/benchmarks.md, headed by the machine it ran on (CPU model, cores, flags, torch) and the
 command. Sections without their inputs (``decode`` needs --target, ``rows`` --rows-models,
-``bases`` the saved runs of finetune_tasks.py) are left as they were, and say so. ``--dry-run``
-prints the tables instead of writing them.
+``bases`` and ``levers`` the saved runs of finetune_tasks.py and levers.py) are left as they were,
+and say so. ``--dry-run`` prints the tables instead of writing them.
 """
 
 from __future__ import annotations
@@ -284,8 +285,30 @@ def bases(args, m) -> str | None:
     return header(ran_on(m, every), command) + table(head, lines)
 
 
+def levers(args, m) -> str | None:
+    """The speedrun's levers against the budget-sized recipe, from saved levers.py runs (``--from
+    levers=A,B``, one file per corpus and budget: half an hour to hours each, never run from here)."""
+    files = [f for item in args.saved if item.startswith("levers=") for f in item.split("=", 1)[1].split(",")]
+    if not files:
+        return None
+    every, lines = [], []
+    for name in files:
+        rows = [json.loads(line) for line in Path(name).read_text().splitlines() if line.startswith("{")]
+        every += rows
+        for r in (r for r in rows if r.get("event") == "lever"):
+            sets = " ".join(f"`{s}`" for s in r["sets"]) or "(the recipe as it is)"
+            delta = "" if r["lever"] == "base" else f"{r['delta_bpb']:+.3f}"
+            lines.append([f"{r['corpus']}, {r['budget']}", r["lever"], sets,
+                          f"{r['val_bpb']:.3f} (±{r['val_bpb_spread'] / 2:.3f})", delta,
+                          f"{r['tokens_per_s']:,} ({r['speed_ratio']:.2f}x)", ", ".join(r["shape"])])  # fmt: skip
+    command = "run_all.py --only levers --from levers=" + ",".join(files)
+    head = ["corpus, budget", "lever", "options", "bits/byte (half the seeds' spread)", "vs recipe", "tokens/s",
+            "shape"]  # fmt: skip
+    return header(ran_on(m, every), command) + table(head, lines)
+
+
 SECTIONS = {"startup": startup, "loop": loop, "loop_avx2": loop_avx2, "step": step, "decode": decode, "rows": rows,
-            "precision": precision, "bases": bases}  # fmt: skip
+            "precision": precision, "bases": bases, "levers": levers}  # fmt: skip
 
 
 def replace(doc: str, name: str, text: str) -> str:

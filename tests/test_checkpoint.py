@@ -10,7 +10,8 @@ from llmkit.core.config import OptimConfig
 from llmkit.core.errors import CheckpointError
 from llmkit.core.model.transformer import Transformer
 from llmkit.core.store import checkpoint as ck
-from llmkit.core.training.loop import lm_loss, make_optimizer
+from llmkit.core.training.loop import lm_loss
+from llmkit.core.training.optim import make_optimizer
 
 
 def _save(tmp_path, tokenizer, cfg, name="ckpt", optimizer=True):

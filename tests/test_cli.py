@@ -276,10 +276,13 @@ def test_a_budget_without_preset_sizes_the_model(tmp_path):
     saved = (tmp_path / "auto" / "config.yaml").read_text()
     shape = recipe.LADDER[0]  # three seconds buy the smallest shape
     assert f"d_model: {shape.d_model}" in saved and f"n_layer: {shape.n_layer}" in saved
-    # A token budget sizes too; a value the user set stays; a preset or a model.* setting turns it off.
-    r = invoke("pretrain", "-o", tmp_path / "tok", "--tokens", "20k", "--lr", "0.0007", *quick)
+    # A token budget sizes too; a value the user set stays (an architecture option included); a
+    # preset or a setting of the model's size turns it off.
+    r = invoke("pretrain", "-o", tmp_path / "tok", "--tokens", "20k", "--lr", "0.0007", "--set", "model.mlp=relu2",
+               *quick)  # fmt: skip
     assert r.exit_code == 0 and "sized to the budget" in r.stderr, r.output
-    assert "lr: 0.0007" in (tmp_path / "tok" / "config.yaml").read_text()
+    saved = (tmp_path / "tok" / "config.yaml").read_text()
+    assert "lr: 0.0007" in saved and "mlp: relu2" in saved
     r = invoke("pretrain", "-o", tmp_path / "fixed", "--time", "2s", "--set", "model.d_model=64", *quick)
     assert r.exit_code == 0 and "sized to the budget" not in r.stderr
     assert "d_model: 64" in (tmp_path / "fixed" / "config.yaml").read_text()

@@ -24,17 +24,22 @@ def _weights(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def test_resume_is_exact(tmp_path, corpus_file):
-    straight = _run(tmp_path / "a", corpus_file, sets=["model.dropout=0.1"])
+SPEEDRUN = ["optim.optimizer=muon", "optim.schedule=wsd", "model.mlp=relu2", "model.zero_init=true"]
+
+
+@pytest.mark.parametrize("levers", [[], SPEEDRUN], ids=["adamw", "muon"])
+def test_resume_is_exact(tmp_path, corpus_file, levers):
+    sets = ["model.dropout=0.1", *levers]
+    straight = _run(tmp_path / "a", corpus_file, sets=sets)
     assert straight.stop_reason == "steps"
 
     def interrupt_at_two(event):
         if event.kind == "step" and event.step == 2:
             raise KeyboardInterrupt
 
-    first = _run(tmp_path / "b", corpus_file, sets=["model.dropout=0.1"], on_event=interrupt_at_two)
+    first = _run(tmp_path / "b", corpus_file, sets=sets, on_event=interrupt_at_two)
     assert first.stop_reason == "interrupted" and first.state.step == 2
-    resumed = _run(tmp_path / "b", corpus_file, sets=["model.dropout=0.1"], resume="auto")
+    resumed = _run(tmp_path / "b", corpus_file, sets=sets, resume="auto")
     assert resumed.state.step == 4
     a, b = _weights(tmp_path / "a" / "last"), _weights(tmp_path / "b" / "last")
     assert a.keys() == b.keys()

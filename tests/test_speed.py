@@ -16,7 +16,8 @@ from llmkit.core.config import ModelConfig, OptimConfig
 from llmkit.core.host import machine
 from llmkit.core.model.transformer import Transformer
 from llmkit.core.training import speed
-from llmkit.core.training.loop import make_optimizer, mean_token_loss, next_token_loss, target_loss
+from llmkit.core.training.loop import mean_token_loss, next_token_loss, target_loss
+from llmkit.core.training.optim import make_optimizer
 from llmkit.core.training.speed import Mode, Timing
 
 CFG = ModelConfig(vocab_size=97, context=16, d_model=32, n_layer=2, n_head=2, n_kv_head=1)

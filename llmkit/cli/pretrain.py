@@ -28,6 +28,7 @@ from llmkit.cli.options import (
     relaunch_under_torchrun,
 )
 from llmkit.core.config import DataConfig, TrainConfig
+from llmkit.core.training.recipe import SHAPE_KEYS
 
 
 def given_keys(sets: list[str], flags: dict) -> frozenset[str]:
@@ -181,14 +182,15 @@ def pretrain(
         },
     }
     # No preset but a time or token budget: the model is sized to it (core/training/recipe.py), unless
-    # the model's shape is already given (--set model.*, a config file) or comes from --init.
+    # the model's shape is already given (--set model.d_model and the like, a config file) or comes
+    # from --init. Architecture options (--set model.mlp=relu2) are kept on the sized shape.
     given = given_keys(set_ or [], flags)
     sized = (
         preset is None
         and bool(time or tokens)
         and init is None
         and config is None
-        and not any(k.startswith("model.") for k in given)
+        and not any(k in SHAPE_KEYS for k in given)
     )
     name = "auto" if sized else (preset or "tiny")
     out = out or Path("runs") / name

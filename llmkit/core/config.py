@@ -125,7 +125,11 @@ MODEL_LIMITS = {
 """The largest network llmkit builds: far above any model it runs (a 4M vocabulary, a 2M-token
 context, width 65,536, 1,024 layers), far below what a crafted header would ask for (a 10^8-layer
 model, a 2^40-token cache). docs/reliability.md states them."""
-MODEL_CHOICES = {"norm": ("rms", "layer"), "mlp": ("swiglu", "geglu", "gelu"), "positions": ("rope", "learned")}
+MODEL_CHOICES = {
+    "norm": ("rms", "layer"),
+    "mlp": ("swiglu", "geglu", "gelu", "relu2"),
+    "positions": ("rope", "learned"),
+}
 """The named architecture options and their values."""
 
 
@@ -172,7 +176,9 @@ class ModelConfig:
     attn_scale: float = 0.0
     """Queries scaled by attn_scale ** -0.5 (Gemma's query_pre_attn_scalar); 0: the head size."""
     mlp: str = "swiglu"
-    """swiglu (SiLU-gated: Llama), geglu (GELU-tanh-gated: Gemma) or gelu (ungated GELU-tanh: GPT-2)."""
+    """swiglu (SiLU-gated: Llama), geglu (GELU-tanh-gated: Gemma), gelu (ungated GELU-tanh: GPT-2)
+    or relu2 (ungated squared ReLU: the modded-nanogpt speedruns; width 4 x d_model by default, the
+    parameters of a SwiGLU of 8/3)."""
     bias: bool = False
     """Biases on every projection, attention output and MLP included (GPT-2)."""
     positions: str = "rope"
@@ -190,6 +196,9 @@ class ModelConfig:
     """Attention scores squashed to (-cap, cap) by cap * tanh(s / cap) (Gemma 2); 0: none."""
     logit_softcap: float = 0.0
     """The same for the output logits (Gemma 2); 0: none."""
+    zero_init: bool = False
+    """Start each block's output projections (attention's o_proj, the MLP's down_proj) at zero, so
+    every block begins as the identity (the speedruns); false: GPT-2's depth-scaled normal init."""
 
     def __post_init__(self) -> None:
         for key in ("context", "d_model", "n_layer", "n_head"):
@@ -251,10 +260,20 @@ class ModelConfig:
         return self.n_kv_head or self.n_head
 
     @property
+    def gated_mlp(self) -> bool:
+        return self.mlp in ("swiglu", "geglu")
+
+    @property
     def ff_dim(self) -> int:
         if self.d_ff:
             return self.d_ff
+        if self.mlp == "relu2":
+            return 4 * self.d_model
         return -(-(8 * self.d_model // 3) // 64) * 64
+
+
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,6 +290,16 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables."""
+    optimizer: str = "adamw"
+    """adamw, or muon: the blocks' weight matrices follow Muon (momentum orthogonalised by
+    Newton-Schulz, its step scaled to AdamW's size so lr carries over), everything else AdamW."""
+    muon_momentum: float = 0.95
+    """Muon's (Nesterov) momentum."""
+    schedule: str = "cosine"
+    """cosine (warmup, then cosine decay to lr x min_lr_ratio) or wsd (warmup, constant, then a
+    linear warm-down to lr x min_lr_ratio over the last ``cooldown`` of the budget)."""
+    cooldown: float = 0.4
+    """The share of the budget the wsd schedule spends decaying."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", f"must be positive, not {self.lr}")
@@ -279,6 +308,10 @@ class OptimConfig:
         _check(self.weight_decay >= 0, "optim.weight_decay", "must not be negative")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
         _check(self.grad_clip >= 0, "optim.grad_clip", "must not be negative")
+        _check(self.optimizer in OPTIMIZERS, "optim.optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        _check(0 <= self.muon_momentum < 1, "optim.muon_momentum", "must be in [0, 1)")
+        _check(self.schedule in SCHEDULES, "optim.schedule", f"must be one of {', '.join(SCHEDULES)}")
+        _check(0 < self.cooldown <= 1, "optim.cooldown", "must be in (0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True)

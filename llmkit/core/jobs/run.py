@@ -31,7 +31,8 @@ from llmkit.core.store.metrics_log import MetricsLog
 from llmkit.core.store.rundir import Checkpointer, load_training_state, outcome
 from llmkit.core.training import speed
 from llmkit.core.training.distributed import Dist, shard
-from llmkit.core.training.loop import Task, Trainer, TrainState, make_optimizer
+from llmkit.core.training.loop import Task, Trainer, TrainState
+from llmkit.core.training.optim import make_optimizer
 
 
 @dataclass

@@ -232,13 +232,13 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """The feed-forward layer. Gated (Shazeer 2020): down(act(gate(x)) * up(x)), with SiLU
-    (SwiGLU: PaLM, Llama) or GELU-tanh (GeGLU: Gemma); or plain, down(gelu(up(x))) (GPT-2)."""
+    (SwiGLU: PaLM, Llama) or GELU-tanh (GeGLU: Gemma); or plain, down(act(up(x))), with GELU-tanh
+    (GPT-2) or squared ReLU (So et al. 2021, "Primer"; the modded-nanogpt speedruns)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind = cfg.mlp
-        gated = cfg.mlp != "gelu"
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias) if gated else None
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias) if cfg.gated_mlp else None
         self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
 
@@ -247,6 +247,8 @@ class MLP(nn.Module):
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
         elif self.kind == "geglu":
             h = F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)  # (B, T, F)
+        elif self.kind == "relu2":
+            h = F.relu(self.up_proj(x)).square()  # (B, T, F)
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, F)
         return self.down_proj(h)  # (B, T, C)
@@ -317,10 +319,14 @@ class Transformer(nn.Module):
 
     def _init_weights(self) -> None:
         self.apply(self._init)
-        # GPT-2's scaled init: residual projections shrink with depth so activations stay O(1).
+        # GPT-2's scaled init: residual projections shrink with depth so activations stay O(1);
+        # or zero, so each block starts as the identity and its gradient still reaches it.
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+                if self.cfg.zero_init:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
 
     @staticmethod
     def _init(module: nn.Module) -> None:

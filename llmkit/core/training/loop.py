@@ -6,10 +6,11 @@ classifier; chrF and BLEU for a translator), a *save* callback writes checkpoint
 callback receives progress (``step``, ``eval``, ``save``, ``stop``) for the CLI's progress bar,
 ``metrics.jsonl`` and tests. The best checkpoint is chosen by the metric the caller names.
 
-What it does: AdamW with decoupled weight decay, linear warmup then cosine decay, gradient
-accumulation and clipping, autocast, validation every N steps, best checkpoint, early stopping
-with patience, budgets in steps, tokens or wall-clock time, a clean stop on NaN/inf (the last good
-checkpoint stays as it was) and on Ctrl-C (a checkpoint is written so ``--resume auto`` goes on).
+What it does: the optimizer and schedule of ``optim.py`` (AdamW or Muon; warmup, then cosine or
+warm-down), gradient accumulation and clipping, autocast, validation every N steps, best
+checkpoint, early stopping with patience, budgets in steps, tokens or wall-clock time, a clean
+stop on NaN/inf (the last good checkpoint stays as it was) and on Ctrl-C (a checkpoint is written
+so ``--resume auto`` goes on).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from llmkit.core.errors import Terminated
 from llmkit.core.events import EventFn
 from llmkit.core.host.device import Precision, autocast
 from llmkit.core.host.signals import uninterruptible
-from llmkit.core.model.transformer import param_groups
 from llmkit.core.training.distributed import Dist
+from llmkit.core.training.optim import lr_at
 
 Forward = Callable[..., Any]
 """``forward(fn, *args)`` computes ``fn(model, *args)`` through whatever wraps the model (a
@@ -77,29 +78,6 @@ class TrainState:
         if fields.get("best_val_loss") is None:
             fields["best_val_loss"] = math.inf
         return cls(**fields)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    # torch's fused AdamW (one kernel over all tensors, 2% of a small CPU step) where every
-    # parameter is a plain tensor on a CPU or GPU; sharded (DTensor) weights keep the default.
-    fused = bool(params) and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None
-    )
-
-
-def lr_at(cfg: OptimConfig, step: int, progress: float) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio as progress -> 1.
-
-    ``progress`` is the share of the budget used (steps, tokens or time: whichever is furthest),
-    so a run stopped by --time still finishes its decay at the deadline.
-    """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    p = min(max(progress, 0.0), 1.0)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * p))
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

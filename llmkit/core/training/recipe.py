@@ -61,6 +61,12 @@ class Shape:
         )
 
 
+SHAPE_KEYS = frozenset(
+    f"model.{k}" for k in ("d_model", "n_layer", "n_head", "n_kv_head", "context", "d_ff", "d_head", "vocab_size")
+)
+"""The settings that make a model's size: one given by the user means the user chose the model, and
+the recipe steps aside (the other model options, e.g. the MLP's kind, apply to the sized shape)."""
+
 LADDER = (
     Shape("d128-l4", 128, 4, 4, 2, 128, 16, 2e-3, 50),
     Shape("d192-l6", 192, 6, 6, 2, 128, 16, 1.5e-3, 100),
@@ -75,7 +81,7 @@ def params(cfg: ModelConfig) -> int:
     """Parameters of a model of this config (the tied LM head counted once), without building it."""
     d, L, V = cfg.d_model, cfg.n_layer, cfg.vocab_size
     attn = d * cfg.n_head * cfg.head_dim * 2 + d * cfg.kv_heads * cfg.head_dim * 2
-    block = attn + (2 if cfg.mlp == "gelu" else 3) * d * cfg.ff_dim + 2 * d  # gated MLPs have three matrices
+    block = attn + (3 if cfg.gated_mlp else 2) * d * cfg.ff_dim + 2 * d  # gated MLPs have three matrices
     return V * d * (1 if cfg.tie_embeddings else 2) + L * block + d
 
 

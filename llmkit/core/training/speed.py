@@ -43,7 +43,7 @@ from llmkit.core.host.device import machine_busy as busy
 from llmkit.core.host.machine import machine_key, read_cache, shape_key, write_cache
 from llmkit.core.model import fast
 from llmkit.core.model.transformer import Transformer
-from llmkit.core.training.loop import make_optimizer
+from llmkit.core.training.optim import make_optimizer
 
 MARGIN = 1.05
 """A mode other than eager fp32 must be this much faster (tokens within the budget) to be chosen."""

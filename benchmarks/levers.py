@@ -1,0 +1,119 @@
+"""The speedrun's levers, each tried on the budget-sized recipe against the recipe without it.
+
+    cd benchmarks && ../.venv/bin/python levers.py shakespeare --time 3m --seeds 0,1
+    cd benchmarks && ../.venv/bin/python levers.py corpus_fr --time 30m --levers base,muon --seeds 0
+
+Every run is ``llmkit pretrain CORPUS --time T --seed S`` with no preset (the model sized to the
+budget) plus the lever's ``--set`` options, one thread pinned to one core; two runs go at a time,
+one per core, so each lever and the baseline meet the same machine. Each run is scored as
+recipe_vs_nanogpt.py scores llmkit (bits per byte over every window of the held-out tails) and its
+training tokens/s is read from its own trainer state. One JSON line per run, then one per lever
+with the mean over seeds and its difference from the baseline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from common import ROOT, SHARED_DATA, emit, machine
+from recipe_vs_nanogpt import CORPORA, llmkit_score
+
+LEVERS = {
+    "base": [],
+    "muon": ["optim.optimizer=muon"],
+    "wsd": ["optim.schedule=wsd"],
+    "relu2": ["model.mlp=relu2"],
+    "qk_norm": ["model.qk_norm=true"],
+    "zero_init": ["model.zero_init=true"],
+    "untied_softcap": ["model.tie_embeddings=false", "model.logit_softcap=15"],
+}
+"""Each lever as the ``--set`` options that turn it on (value embeddings, U-net skips and
+sequence-length warm-up are not options of llmkit yet)."""
+
+
+def run_one(corpus: Path, budget: str, seed: int, sets: list[str], core: int, out: Path, cache: Path) -> dict:
+    cmd = ["taskset", "-c", str(core), sys.executable, "-m", "llmkit", "pretrain", str(corpus), "-o", str(out),
+           "--time", budget, "--seed", str(seed), "--quiet", "--set", "train.threads=1"]  # fmt: skip
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "LLMKIT_CACHE": str(cache)}  # one probe figure shared by every run of the job
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
+    score = llmkit_score(out, corpus)
+    state = json.loads((out / "last" / "trainer_state.json").read_text())
+    score["tokens_per_s"] = round(state["tokens_seen"] / max(state["elapsed_s"], 1e-9))
+    return score
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("which", choices=sorted(CORPORA))
+    ap.add_argument("--time", default="3m")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, from {', '.join(LEVERS)}, "
+                    "or NAME=key=value+key=value for a combination")  # fmt: skip
+    ap.add_argument("--cores", default="0,1")
+    args = ap.parse_args()
+    if not SHARED_DATA.exists():
+        sys.exit(f"skipped: {SHARED_DATA} not present")
+    levers = {}
+    for item in args.levers.split(","):
+        name, _, options = item.partition("=")
+        levers[name] = options.split("+") if options else LEVERS[name]
+    levers.setdefault("base", [])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    emit(event="machine", **machine())
+    corpus = CORPORA[args.which]
+    # Seed-major order, the baseline first: each pair of runs on the two cores is of one seed.
+    jobs = [(name, seed) for seed in seeds for name in levers]
+    results: dict[tuple[str, int], dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work, lock = Path(tmp), threading.Lock()
+
+        def worker(core: int) -> None:
+            while True:
+                with lock:
+                    if not jobs:
+                        return
+                    name, seed = jobs.pop(0)
+                row = run_one(corpus, args.time, seed, levers[name], core, work / f"{name}-{seed}", work / "cache")
+                row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+                with lock:
+                    results[name, seed] = row
+                    emit(event="run", lever=name, sets=levers[name], seed=seed, core=core, budget=args.time, **row)
+
+        threads = [threading.Thread(target=worker, args=(int(c),)) for c in args.cores.split(",")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    base = statistics.mean(results["base", s]["val_bpb"] for s in seeds)
+    base_speed = statistics.mean(results["base", s]["tokens_per_s"] for s in seeds)
+    for name in levers:
+        bpb = [results[name, s]["val_bpb"] for s in seeds]
+        speed = statistics.mean(results[name, s]["tokens_per_s"] for s in seeds)
+        emit(
+            event="lever",
+            corpus=args.which,
+            budget=args.time,
+            lever=name,
+            sets=levers[name],
+            seeds=len(seeds),
+            val_bpb=round(statistics.mean(bpb), 4),
+            val_bpb_spread=round(max(bpb) - min(bpb), 4),
+            delta_bpb=round(statistics.mean(bpb) - base, 4),
+            tokens_per_s=round(speed),
+            speed_ratio=round(speed / base_speed, 3),
+            shape=sorted({results[name, s]["shape"] for s in seeds}),
+        )
+
+
+if __name__ == "__main__":
+    main()
