@@ -4,7 +4,9 @@
     cd benchmarks && ../.venv/bin/python levers.py corpus_fr --time 30m --levers base,muon --seeds 0
 
 Every run is ``llmkit pretrain CORPUS --time T --seed S`` with no preset (the model sized to the
-budget) plus the lever's ``--set`` options, one thread pinned to one core; two runs go at a time,
+budget) plus the lever's ``--set`` options, one thread pinned to one core. ``base`` is the recipe
+without the levers it adopted (AdamW, a cosine, SwiGLU: ``PLAIN``), and every lever is set on top
+of it; ``recipe`` is the recipe as it is (the adopted levers on). Two runs go at a time,
 one per core, so each lever and the baseline meet the same machine. Each run is scored as
 recipe_vs_nanogpt.py scores llmkit (bits per byte over every window of the held-out tails) and its
 training tokens/s is read from its own trainer state. One JSON line per run, then one per lever
@@ -26,8 +28,12 @@ from pathlib import Path
 from common import ROOT, SHARED_DATA, emit, machine
 from recipe_vs_nanogpt import CORPORA, llmkit_score
 
+PLAIN = ["optim.optimizer=adamw", "optim.schedule=cosine", "model.mlp=swiglu"]
+"""The recipe as it was before the levers: what each lever is measured against (a later --set wins)."""
+
 LEVERS = {
     "base": [],
+    "recipe": None,  # the recipe as llmkit runs it now, PLAIN left out
     "muon": ["optim.optimizer=muon"],
     "wsd": ["optim.schedule=wsd"],
     "relu2": ["model.mlp=relu2"],
@@ -63,13 +69,15 @@ def main() -> None:
     args = ap.parse_args()
     if not SHARED_DATA.exists():
         sys.exit(f"skipped: {SHARED_DATA} not present")
-    levers = {}
+    levers, own = {}, {}
     for item in args.levers.split(","):
         name, _, options = item.partition("=")
-        levers[name] = options.split("+") if options else LEVERS[name]
-    levers.setdefault("base", [])
+        sets = options.split("+") if options else LEVERS[name]
+        levers[name], own[name] = ([], []) if sets is None else (PLAIN + sets, sets)
+    levers.setdefault("base", PLAIN)
+    own.setdefault("base", [])
     seeds = [int(s) for s in args.seeds.split(",")]
-    emit(event="machine", **machine())
+    emit(event="machine", **machine(), command=" ".join(["levers.py", *sys.argv[1:]]))
     corpus = CORPORA[args.which]
     # Seed-major order, the baseline first: each pair of runs on the two cores is of one seed.
     jobs = [(name, seed) for seed in seeds for name in levers]
@@ -87,7 +95,7 @@ def main() -> None:
                 row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
                 with lock:
                     results[name, seed] = row
-                    emit(event="run", lever=name, sets=levers[name], seed=seed, core=core, budget=args.time, **row)
+                    emit(event="run", lever=name, sets=own[name], seed=seed, core=core, budget=args.time, **row)
 
         threads = [threading.Thread(target=worker, args=(int(c),)) for c in args.cores.split(",")]
         for t in threads:
@@ -104,7 +112,7 @@ def main() -> None:
             corpus=args.which,
             budget=args.time,
             lever=name,
-            sets=levers[name],
+            sets=own[name],
             seeds=len(seeds),
             val_bpb=round(statistics.mean(bpb), 4),
             val_bpb_spread=round(max(bpb) - min(bpb), 4),

@@ -296,15 +296,19 @@ def levers(args, m) -> str | None:
         rows = [json.loads(line) for line in Path(name).read_text().splitlines() if line.startswith("{")]
         every += rows
         for r in (r for r in rows if r.get("event") == "lever"):
-            sets = " ".join(f"`{s}`" for s in r["sets"]) or "(the recipe as it is)"
+            sets = " ".join(f"`{s}`" for s in r["sets"]) or {
+                "base": "the recipe before its levers: AdamW, cosine, SwiGLU",
+                "recipe": "the recipe as llmkit runs it: Muon, wsd, relu2",
+            }.get(r["lever"], "")
             delta = "" if r["lever"] == "base" else f"{r['delta_bpb']:+.3f}"
-            lines.append([f"{r['corpus']}, {r['budget']}", r["lever"], sets,
-                          f"{r['val_bpb']:.3f} (±{r['val_bpb_spread'] / 2:.3f})", delta,
+            lines.append([f"{r['corpus']}, {r['budget']}", f"{r['lever']} ({r['seeds']})", sets,
+                          f"{r['val_bpb']:.3f} ± {r['val_bpb_spread'] / 2:.3f}", delta,
                           f"{r['tokens_per_s']:,} ({r['speed_ratio']:.2f}x)", ", ".join(r["shape"])])  # fmt: skip
     command = "run_all.py --only levers --from levers=" + ",".join(files)
-    head = ["corpus, budget", "lever", "options", "bits/byte (half the seeds' spread)", "vs recipe", "tokens/s",
-            "shape"]  # fmt: skip
-    return header(ran_on(m, every), command) + table(head, lines)
+    runs = [f"`{r['command']}`" for r in every if r.get("event") == "machine" and r.get("command")]
+    head = ["corpus, budget", "lever (seeds)", "options, on top of base", "bits/byte (± half the spread)",
+            "vs base", "tokens/s", "shape"]  # fmt: skip
+    return header(ran_on(m, every), command) + table(head, lines) + "\nThe runs: " + "; ".join(runs) + ".\n"
 
 
 SECTIONS = {"startup": startup, "loop": loop, "loop_avx2": loop_avx2, "step": step, "decode": decode, "rows": rows,

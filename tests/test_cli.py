@@ -276,6 +276,9 @@ def test_a_budget_without_preset_sizes_the_model(tmp_path):
     saved = (tmp_path / "auto" / "config.yaml").read_text()
     shape = recipe.LADDER[0]  # three seconds buy the smallest shape
     assert f"d_model: {shape.d_model}" in saved and f"n_layer: {shape.n_layer}" in saved
+    # with the levers that paid on the recipe (docs/benchmarks.md, "Pretraining levers"), said aloud
+    assert "optimizer: muon" in saved and "schedule: wsd" in saved and "mlp: relu2" in saved
+    assert "trained with optim.optimizer=muon" in r.stderr
     # A token budget sizes too; a value the user set stays (an architecture option included); a
     # preset or a setting of the model's size turns it off.
     r = invoke("pretrain", "-o", tmp_path / "tok", "--tokens", "20k", "--lr", "0.0007", "--set", "model.mlp=relu2",

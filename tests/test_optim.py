@@ -104,8 +104,15 @@ def test_relu2_mlp_has_swiglus_parameters_and_zero_init_starts_each_block_as_the
 
 @pytest.mark.parametrize(
     "field, value, words",
-    [("optimizer", "sgd", "adamw, muon"), ("schedule", "linear", "cosine, wsd"), ("cooldown", 0.0, "(0, 1]")],
+    [("optimizer", "sgd", "adamw or muon"), ("schedule", "linear", "cosine or wsd"), ("cooldown", 0.0, "(0, 1]")],
 )
 def test_a_bad_optimizer_setting_is_named(field, value, words):
     with pytest.raises(ConfigError, match=rf"optim\.{field}.*{re.escape(words)}"):
         OptimConfig(**{field: value})
+
+
+def test_muon_with_sharded_weights_is_refused_before_any_process_starts():
+    from llmkit.core.config import resolve_run_config
+
+    with pytest.raises(ConfigError, match="muon needs each weight matrix whole.*--strategy ddp"):
+        resolve_run_config(sets=["optim.optimizer=muon", "train.strategy=fsdp"])

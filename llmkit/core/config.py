@@ -308,9 +308,10 @@ class OptimConfig:
         _check(self.weight_decay >= 0, "optim.weight_decay", "must not be negative")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
         _check(self.grad_clip >= 0, "optim.grad_clip", "must not be negative")
-        _check(self.optimizer in OPTIMIZERS, "optim.optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        named = f"must be {_one_of(OPTIMIZERS)}, not {self.optimizer!r}"
+        _check(self.optimizer in OPTIMIZERS, "optim.optimizer", named)
         _check(0 <= self.muon_momentum < 1, "optim.muon_momentum", "must be in [0, 1)")
-        _check(self.schedule in SCHEDULES, "optim.schedule", f"must be one of {', '.join(SCHEDULES)}")
+        _check(self.schedule in SCHEDULES, "optim.schedule", f"must be {_one_of(SCHEDULES)}, not {self.schedule!r}")
         _check(0 < self.cooldown <= 1, "optim.cooldown", "must be in (0, 1]")
 
 
@@ -776,6 +777,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            not (self.optim.optimizer == "muon" and self.train.strategy == "fsdp"),
+            "optim.optimizer",
+            "muon needs each weight matrix whole, and --strategy fsdp shards them: use --strategy ddp",
+        )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}

@@ -199,7 +199,9 @@ def size_to_budget(cfg: RunConfig, vocab: int, data: Corpus, given: frozenset[st
         cfg, vocab, seconds=cfg.train.time_s or None, tokens=cfg.train.tokens or None, rate=speed.eager_rate
     )
     cfg = recipe.apply(cfg, sizing, given)
-    on_event(events.Recipe(shape=sizing.shape.name, reason=sizing.reason(), table=sizing.table))
+    levers = recipe.levers_in(cfg)
+    reason = sizing.reason() + (f"; trained with {levers}" if levers else "")
+    on_event(events.Recipe(shape=sizing.shape.name, reason=reason, table=sizing.table))
     check_fits(data, cfg.model.context)
     return cfg
 

@@ -140,15 +140,33 @@ def size_for_budget(
     return Sizing(chosen, expected, table)
 
 
+LEVERS = {"optim": {"optimizer": "muon", "schedule": "wsd"}, "model": {"mlp": "relu2"}}
+"""What the recipe trains its shape with: the speedruns' levers that paid on it, each measured
+against the recipe without it (docs/benchmarks.md, "Pretraining levers"): Muon, the warm-down
+schedule and the squared-ReLU MLP. QK-norm did nothing at these sizes, zero-initialised projections
+cost, an untied soft-capped head paid too little for its 10% of speed; the presets keep AdamW, the
+cosine and SwiGLU, as do fine-tuning and LoRA."""
+
+
 def apply(cfg: RunConfig, sizing: Sizing, given: frozenset[str] = frozenset()) -> RunConfig:
-    """The config with the chosen shape; ``given`` ("section.key") are the user's and stay."""
+    """The config with the chosen shape and the recipe's levers; ``given`` ("section.key") are the
+    user's and stay."""
     s = sizing.shape
-    for section, keys in (
-        ("model", ("d_model", "n_layer", "n_head", "n_kv_head", "context")),
-        ("train", ("batch_size",)),
-        ("optim", ("lr", "warmup_steps")),
-    ):
-        values = {k: getattr(s, k) for k in keys if f"{section}.{k}" not in given}
+    chosen = {
+        "model": {k: getattr(s, k) for k in ("d_model", "n_layer", "n_head", "n_kv_head", "context")},
+        "train": {"batch_size": s.batch_size},
+        "optim": {"lr": s.lr, "warmup_steps": s.warmup_steps},
+    }
+    for section in chosen:
+        values = {
+            k: v for k, v in {**chosen[section], **LEVERS.get(section, {})}.items() if f"{section}.{k}" not in given
+        }
         if values:
             cfg = cfg.replace(section, **values)
     return cfg
+
+
+def levers_in(cfg: RunConfig) -> str:
+    """The recipe's levers a config trains with, as its ``--set`` options ('' for none)."""
+    on = [f"{s}.{k}={v}" for s, values in LEVERS.items() for k, v in values.items() if getattr(getattr(cfg, s), k) == v]
+    return ", ".join(on)
