@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, from {', '.join(LEVERS)}, "
                     "or NAME=key=value+key=value for a combination")  # fmt: skip
     ap.add_argument("--cores", default="0,1")
+    ap.add_argument("--no-base", action="store_true", help="skip the base runs (measured by an earlier job)")
     args = ap.parse_args()
     if not SHARED_DATA.exists():
         sys.exit(f"skipped: {SHARED_DATA} not present")
@@ -74,8 +75,9 @@ def main() -> None:
         name, _, options = item.partition("=")
         sets = options.split("+") if options else LEVERS[name]
         levers[name], own[name] = ([], []) if sets is None else (PLAIN + sets, sets)
-    levers.setdefault("base", PLAIN)
-    own.setdefault("base", [])
+    if not args.no_base:
+        levers.setdefault("base", PLAIN)
+        own.setdefault("base", [])
     seeds = [int(s) for s in args.seeds.split(",")]
     emit(event="machine", **machine(), command=" ".join(["levers.py", *sys.argv[1:]]))
     corpus = CORPORA[args.which]
@@ -102,8 +104,9 @@ def main() -> None:
             t.start()
         for t in threads:
             t.join()
-    base = statistics.mean(results["base", s]["val_bpb"] for s in seeds)
-    base_speed = statistics.mean(results["base", s]["tokens_per_s"] for s in seeds)
+    based = "base" in levers
+    base = statistics.mean(results["base", s]["val_bpb"] for s in seeds) if based else None
+    base_speed = statistics.mean(results["base", s]["tokens_per_s"] for s in seeds) if based else None
     for name in levers:
         bpb = [results[name, s]["val_bpb"] for s in seeds]
         speed = statistics.mean(results[name, s]["tokens_per_s"] for s in seeds)
@@ -116,9 +119,9 @@ def main() -> None:
             seeds=len(seeds),
             val_bpb=round(statistics.mean(bpb), 4),
             val_bpb_spread=round(max(bpb) - min(bpb), 4),
-            delta_bpb=round(statistics.mean(bpb) - base, 4),
+            delta_bpb=round(statistics.mean(bpb) - base, 4) if based else None,
             tokens_per_s=round(speed),
-            speed_ratio=round(speed / base_speed, 3),
+            speed_ratio=round(speed / base_speed, 3) if based else None,
             shape=sorted({results[name, s]["shape"] for s in seeds}),
         )
 

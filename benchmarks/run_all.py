@@ -295,15 +295,21 @@ def levers(args, m) -> str | None:
     for name in files:
         rows = [json.loads(line) for line in Path(name).read_text().splitlines() if line.startswith("{")]
         every += rows
+        for r in (r for r in rows if r.get("event") == "nanogpt"):  # recipe_vs_nanogpt.py --nanogpt-only
+            ng = r["nanogpt"]
+            lines.append([f"{r['corpus']}, {r['budget']}", "nanoGPT (1)", "its CPU recipe: 4 × 128, context 64, chars",
+                          f"{ng['val_bpb']:.3f}", "", f"{ng['tokens_per_s']:,}", ""])  # fmt: skip
         for r in (r for r in rows if r.get("event") == "lever"):
             sets = " ".join(f"`{s}`" for s in r["sets"]) or {
                 "base": "the recipe before its levers: AdamW, cosine, SwiGLU",
                 "recipe": "the recipe as llmkit runs it: Muon, wsd, relu2",
             }.get(r["lever"], "")
-            delta = "" if r["lever"] == "base" else f"{r['delta_bpb']:+.3f}"
+            delta = "" if r["lever"] == "base" or r["delta_bpb"] is None else f"{r['delta_bpb']:+.3f}"
+            ratio = f" ({r['speed_ratio']:.2f}x)" if r["speed_ratio"] is not None else ""
+            spread = f" ± {r['val_bpb_spread'] / 2:.3f}" if r["seeds"] > 1 else ""
             lines.append([f"{r['corpus']}, {r['budget']}", f"{r['lever']} ({r['seeds']})", sets,
-                          f"{r['val_bpb']:.3f} ± {r['val_bpb_spread'] / 2:.3f}", delta,
-                          f"{r['tokens_per_s']:,} ({r['speed_ratio']:.2f}x)", ", ".join(r["shape"])])  # fmt: skip
+                          f"{r['val_bpb']:.3f}{spread}", delta,
+                          f"{r['tokens_per_s']:,}{ratio}", ", ".join(r["shape"])])  # fmt: skip
     command = "run_all.py --only levers --from levers=" + ",".join(files)
     runs = [f"`{r['command']}`" for r in every if r.get("event") == "machine" and r.get("command")]
     head = ["corpus, budget", "lever (seeds)", "options, on top of base", "bits/byte (± half the spread)",
