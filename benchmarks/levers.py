@@ -28,8 +28,12 @@ from pathlib import Path
 from common import ROOT, SHARED_DATA, emit, machine
 from recipe_vs_nanogpt import CORPORA, llmkit_score
 
-PLAIN = ["optim.optimizer=adamw", "optim.schedule=cosine", "model.mlp=swiglu"]
-"""The recipe as it was before the levers: what each lever is measured against (a later --set wins)."""
+from llmkit.core.config import SECTIONS, default_of
+from llmkit.core.training import recipe
+
+PLAIN = [f"{s}.{k}={default_of(SECTIONS[s], k)}" for s, values in recipe.LEVERS.items() for k in values]
+"""The recipe without the levers it adopted (each at its config default: AdamW, cosine, SwiGLU): what
+each lever is measured against (a later --set wins)."""
 
 LEVERS = {
     "base": [],

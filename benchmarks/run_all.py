@@ -285,6 +285,13 @@ def bases(args, m) -> str | None:
     return header(ran_on(m, every), command) + table(head, lines)
 
 
+def levers_on() -> list[str]:
+    """The recipe's adopted levers as --set options (core/training/recipe.py's LEVERS)."""
+    from llmkit.core.training.recipe import LEVERS
+
+    return [f"{s}.{k}={v}" for s, values in LEVERS.items() for k, v in values.items()]
+
+
 def levers(args, m) -> str | None:
     """The speedrun's levers against the budget-sized recipe, from saved levers.py runs (``--from
     levers=A,B``, one file per corpus and budget: half an hour to hours each, never run from here)."""
@@ -302,7 +309,7 @@ def levers(args, m) -> str | None:
         for r in (r for r in rows if r.get("event") == "lever"):
             sets = " ".join(f"`{s}`" for s in r["sets"]) or {
                 "base": "the recipe before its levers: AdamW, cosine, SwiGLU",
-                "recipe": "the recipe as llmkit runs it: Muon, wsd, relu2",
+                "recipe": "the recipe as llmkit runs it: " + " ".join(f"`{s}`" for s in levers_on()),
             }.get(r["lever"], "")
             delta = "" if r["lever"] == "base" or r["delta_bpb"] is None else f"{r['delta_bpb']:+.3f}"
             ratio = f" ({r['speed_ratio']:.2f}x)" if r["speed_ratio"] is not None else ""

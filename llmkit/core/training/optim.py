@@ -30,12 +30,18 @@ singular values up fast rather than to converge exactly; 0.7-1.2 in place of 1 c
 NS_STEPS = 5
 
 
-def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
+def ns_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where this machine multiplies it natively (a GPU, AVX512-BF16 or AMX: 1.3-2.4x fp32 on
+    the blocks' matrices here); fp32 elsewhere, where bf16 products are emulated and far slower."""
+    return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
+
+
+def orthogonalize(
+    g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Approximately U V^T for g = U S V^T: every singular value brought near 1."""
     a, b, c = NS_COEFFICIENTS
-    # bf16 where this machine multiplies it natively (a GPU, AVX512-BF16 or AMX: 1.3-2.4x fp32 on
-    # the blocks' matrices here); fp32 elsewhere, where bf16 products are emulated and far slower.
-    x = g.to(torch.bfloat16 if g.is_cuda or cpu_has_native_bf16() else torch.float32)
+    x = g.to(dtype or ns_dtype(g.device))
     wide = x.size(0) > x.size(1)
     if wide:
         x = x.T  # (cols, rows): the Gram matrix below is the smaller side's
@@ -51,6 +57,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float, momentum: float):
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "momentum": momentum, "muon": False})
+        self.ns_dtype: dict[torch.device, torch.dtype] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -72,7 +79,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p)
             buf = state["momentum_buffer"]
             buf.mul_(mu).add_(p.grad)
-            update = orthogonalize(p.grad.add(buf, alpha=mu))  # Nesterov: look one momentum step ahead
+            dtype = self.ns_dtype.setdefault(p.device, ns_dtype(p.device))  # decided once, not per matrix and step
+            update = orthogonalize(p.grad.add(buf, alpha=mu), dtype=dtype)  # Nesterov: one momentum step ahead
             p.mul_(1 - lr * decay)
             p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
 
