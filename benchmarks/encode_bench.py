@@ -95,7 +95,8 @@ def speed(ckpt: str, rounds: int = 5) -> None:
     tok = c.tokenizer
     peer = hf_llama(model).model  # the LlamaModel trunk
     texts = read_classify("sib200_topic_fr", "train")[0] * 2
-    from llmkit.core.jobs.embed import EmbedConfig, embed_items
+    from llmkit.core.config import EmbedConfig
+    from llmkit.core.tasks.retrieval import embed_items
 
     def hf_mean(texts):
         return peer_mean_pool(peer, [r[:128] for r in tok.encode_batch(texts)], model.cfg.d_model, batch=32)

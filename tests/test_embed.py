@@ -9,10 +9,11 @@ from test_cli import assert_one_line_error
 from typer.testing import CliRunner
 
 from llmkit.cli.app import app
-from llmkit.core.config import POOLINGS
+from llmkit.core.config import POOLINGS, EmbedConfig
 from llmkit.core.jobs import embed
-from llmkit.core.jobs.embed import EmbedConfig, embed_batch, embed_items, encode_to_file, load_index
+from llmkit.core.jobs.embed import encode_to_file, load_index
 from llmkit.core.model.transformer import Transformer
+from llmkit.core.tasks.retrieval import embed_batch, embed_items, top_k
 
 ITEMS = [
     "Le pain de campagne sort du four.",
@@ -117,7 +118,7 @@ def test_search_returns_the_item_itself_first(model, tokenizer, tmp_path):
     vectors, texts, _ = load_index(out)
     for i, text in enumerate(ITEMS):
         q, _ = embed_items(model, tokenizer, [text], EmbedConfig())
-        assert embed.search(vectors, q[0], 3)[0][0] == i
+        assert top_k(q, vectors, 3)[1][0, 0] == i
 
 
 # --- CLI ---------------------------------------------------------------------------------------

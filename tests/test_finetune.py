@@ -237,13 +237,18 @@ def test_lora_resume_is_exact(trained_run, pairs, tmp_path):
         "train.keep_checkpoints=0",
         "task.eval_limit=2",
     )
-    straight, _ = run_finetune(trained_run, tmp_path / "a", [pairs], "train.steps=4", *sets, task="translate")
-    first, _ = run_finetune(trained_run, tmp_path / "b", [pairs], "train.steps=4", *sets, task="translate", stop_at=2)
+    assert_resume_is_exact(trained_run, pairs, tmp_path, ("train.steps=4", *sets), "translate", "adapter.safetensors")
+
+
+def assert_resume_is_exact(base, data, tmp_path, sets, task, weights):
+    """Four steps straight, and two + two interrupted and resumed, give identical ``weights``."""
+    straight, _ = run_finetune(base, tmp_path / "a", [data], *sets, task=task)
+    first, _ = run_finetune(base, tmp_path / "b", [data], *sets, task=task, stop_at=2)
     assert first.stop_reason == "interrupted"
-    resumed, events = run_finetune(trained_run, tmp_path / "b", [pairs], "train.steps=4", *sets, resume="auto")
+    resumed, events = run_finetune(base, tmp_path / "b", [data], *sets, resume="auto")
     assert any(k == "resume" for k, _ in events)
-    a = load_file(str(straight.last / "adapter.safetensors"))
-    b = load_file(str(resumed.last / "adapter.safetensors"))
+    a = load_file(str(straight.last / weights))
+    b = load_file(str(resumed.last / weights))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 

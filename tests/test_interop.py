@@ -24,8 +24,8 @@ from llmkit.core.interop.export import export
 from llmkit.core.interop.families import shift_norms
 from llmkit.core.interop.resolve import import_model
 from llmkit.core.interop.tokenizer_io import write_hf_tokenizer
-from llmkit.core.jobs.embed import embed_items
 from llmkit.core.store.checkpoint import load_model, read_checkpoint
+from llmkit.core.tasks.retrieval import embed_items
 
 TEXT = "Bonjour ! L'été 2024, à Paris : le chat dort sur le canapé.\n\tThe cat  sleeps — 42 fois 🙂"
 CHATML = (

@@ -149,8 +149,8 @@ def test_embeddings_equal_llmkit_encode(client, trained_run):
     import numpy as np
 
     from llmkit.core.config import EmbedConfig
-    from llmkit.core.jobs.embed import embed_items
     from llmkit.core.store.checkpoint import load_model
+    from llmkit.core.tasks.retrieval import embed_items
 
     texts = ["Le chat dort.", "La mer est calme ce matin."]
     r = client.embeddings.create(model="run", input=texts)

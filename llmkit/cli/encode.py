@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmkit.cli.options import DeviceOpt, JsonOpt, QuietOpt, check_positive
+from llmkit.core.config import EXACT_BELOW
 from llmkit.core.config import EmbedConfig as E
 from llmkit.core.errors import ConfigError, DataError
 
@@ -39,9 +40,23 @@ def encode(
     column: Annotated[
         Optional[str], typer.Option("--column", help="CSV/TSV column holding the text.", show_default=False)
     ] = None,
-    pooling: Annotated[str, typer.Option("--pooling", help="mean, last, max or first (over real tokens).")] = E.pooling,
+    pooling: Annotated[
+        Optional[str],
+        typer.Option(
+            "--pooling",
+            help=f"mean, last, max or first (over real tokens) [default: an embedding model's own, else {E.pooling}].",
+            show_default=False,
+        ),
+    ] = None,
     layer: Annotated[int, typer.Option("--layer", help="Hidden layer: 0 embeddings … n_layer (= -1) final.")] = E.layer,
-    normalize: Annotated[bool, typer.Option("--normalize", help="Unit-length vectors.")] = E.normalize,
+    normalize: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--normalize/--no-normalize",
+            help="Unit-length vectors [default: yes for an embedding model (finetune --task embed), else no].",
+            show_default=False,
+        ),
+    ] = None,
     max_length: Annotated[
         int, typer.Option("--max-length", help="Truncate items to this many tokens (0: the context).")
     ] = E.max_length,
@@ -58,6 +73,17 @@ def encode(
         Optional[Path], typer.Option("--index", help="An index written by llmkit encode.", show_default=False)
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Neighbours to show.")] = 5,
+    ann: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--ann/--no-ann",
+            help=f"Also build an approximate-nearest-neighbour index (OUT.ann) [default: from {EXACT_BELOW:,} items].",
+            show_default=False,
+        ),
+    ] = None,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="Search: read every vector even where an OUT.ann index exists.")
+    ] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
@@ -66,26 +92,30 @@ def encode(
     if query is not None:
         if index is None:
             raise ConfigError("--query needs --index (a file written by llmkit encode)")
-        _search(checkpoint, query, index, top_k=top_k, json_out=json_out, device=device)
+        _search(checkpoint, query, index, top_k=top_k, json_out=json_out, device=device, exact=exact)
         return
     if input is None or out is None:
         raise ConfigError("give INPUT and -o OUT (or --query with --index to search)")
-    settings = E(pooling=pooling, layer=layer, normalize=normalize, max_length=max_length, dtype=dtype)
+    given = {"pooling": pooling, "layer": layer, "normalize": normalize, "max_length": max_length, "dtype": dtype}
+    E(**{k: v for k, v in given.items() if v is not None})  # a bad value is refused before the model loads
     _encode(
         checkpoint,
         input,
         out,
-        settings,
+        given,
         field=field,
         column=column,
         batch_size=batch_size,
         resume=resume,
         quiet=quiet,
         device=device,
+        ann=ann,
     )
 
 
-def _search(checkpoint: Path, query: str, index: Path, *, top_k: int, json_out: bool, device: str | None) -> None:
+def _search(
+    checkpoint: Path, query: str, index: Path, *, top_k: int, json_out: bool, device: str | None, exact: bool
+) -> None:
     """The items of a saved index nearest to ``query``, as a table or JSON lines."""
     from llmkit.core.host.device import pick_device
     from llmkit.core.interop.resolve import open_model
@@ -94,7 +124,7 @@ def _search(checkpoint: Path, query: str, index: Path, *, top_k: int, json_out: 
     found = embed.IndexFile.open(index)  # a bad index fails before the model loads
     dev = pick_device(device or "auto")
     model, ckpt = open_model(checkpoint, dev)
-    hits = found.search(model, ckpt, query, top_k, device=dev)
+    hits = found.search(model, ckpt, query, top_k, device=dev, exact=True if exact else None)
     if embed.flat_ranking(hits):
         from llmkit.cli.render import err_console
 
@@ -116,7 +146,7 @@ def _encode(
     checkpoint: Path,
     input: str,
     out: Path,
-    settings,
+    given: dict,
     *,
     field: str | None,
     column: str | None,
@@ -124,9 +154,12 @@ def _encode(
     resume: bool,
     quiet: bool,
     device: str | None,
+    ann: bool | None,
 ) -> None:
-    """Every item of ``input`` as a vector in ``out``, with a progress bar and a closing line."""
+    """Every item of ``input`` as a vector in ``out``, with a progress bar and a closing line; then
+    the approximate index when asked, or by default from EXACT_BELOW items."""
     from llmkit.cli.render import err_console
+    from llmkit.core.config import embed_settings
     from llmkit.core.host.device import pick_device
     from llmkit.core.interop.resolve import open_model
     from llmkit.core.jobs import embed
@@ -135,9 +168,12 @@ def _encode(
         raise ConfigError(
             f"output {out}: unsupported extension {out.suffix or '(none)'}; use {', '.join(embed.FORMATS)}"
         )
+    if ann and out.suffix.lower() == ".jsonl":
+        raise ConfigError("--ann indexes vectors stored in .npy or .safetensors, not .jsonl")
     items = read_items(input, field, column)
     dev = pick_device(device or "auto")
     model, ckpt = open_model(checkpoint, dev)
+    settings = embed_settings(ckpt.task, **given)  # an embedding model's own pooling and prefixes
     embed.check_layer(model, settings.layer)
     console = err_console()
     progress = None
@@ -188,7 +224,23 @@ def _encode(
             f"layer {settings.layer}) at {rate:.1f} items/s{note}",
             highlight=False,
         )
+    if ann or (ann is None and meta["rows_done"] >= EXACT_BELOW and out.suffix.lower() != ".jsonl"):
+        _build_ann(out, resume=resume, quiet=quiet)
     typer.echo(str(out))
+
+
+def _build_ann(out: Path, *, resume: bool, quiet: bool) -> None:
+    from llmkit.cli.render import err_console
+    from llmkit.core.jobs import ann, embed
+
+    t0 = time.perf_counter()
+    settings = ann.build_index(out, embed.vectors_of(out), resume=resume)
+    if not quiet:
+        err_console().print(
+            f"index {ann.ann_path(out)}: {settings['rows_indexed']} rows, HNSW ({settings['library']}, "
+            f"{settings['dtype']}, {settings['connectivity']} links) in {time.perf_counter() - t0:.1f} s",
+            highlight=False,
+        )
 
 
 def read_items(spec: str, field: str | None, column: str | None):

@@ -55,6 +55,30 @@ def evaluate(
         Optional[str],
         opt("Field of the reference translation [default: the one the checkpoint was trained with].", "--tgt-field"),
     ] = None,
+    query_field: Annotated[
+        Optional[str], opt("Field of the query [default: the one the checkpoint was trained with].", "--query-field")
+    ] = None,
+    positive_field: Annotated[
+        Optional[str],
+        opt("Field of the relevant passage [default: the one the checkpoint was trained with].", "--positive-field"),
+    ] = None,
+    retrieval: Annotated[
+        bool,
+        typer.Option(
+            "--retrieval", help="Measure a language model as an encoder: search the pairs' passages for each query."
+        ),
+    ] = False,
+    center: Annotated[
+        bool, typer.Option("--center", help="Retrieval: remove the corpus mean from the vectors before cosine.")
+    ] = False,
+    corpus: Annotated[
+        Optional[list[Path]],
+        opt("Retrieval: more passages to search, one per line (or JSONL 'text'); repeatable.", "--corpus"),
+    ] = None,
+    pooling: Annotated[
+        Optional[str],
+        opt("Retrieval: mean or last [default: an embedding model's own; mean for a language model].", "--pooling"),
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", help="Measure the first N examples only (0: all).")] = 0,
     show: Annotated[int, typer.Option("--show", help="Print this many outputs beside their references.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 16,
@@ -99,7 +123,12 @@ def evaluate(
         "response_field": response_field,
         "src_field": src_field,
         "tgt_field": tgt_field,
+        "query_field": query_field,
+        "positive_field": positive_field,
     }
+    wants_retrieval = retrieval or center or corpus or pooling
+    if wants_retrieval and labels is not None:
+        raise ConfigError("--labels (zero-shot classification) and retrieval options measure different things")
     report = evaluate_checkpoint(
         checkpoint,
         data,
@@ -116,6 +145,7 @@ def evaluate(
             "template": template or DEFAULT_TEMPLATE,
             "normalize": normalize,
         },  # fmt: skip
+        retrieval={"center": center, "corpus": corpus, "pooling": pooling} if wants_retrieval else None,
         on_progress=lambda s: None if quiet else console.print(f"[dim]{s} …[/]"),
     )
     if json_out:

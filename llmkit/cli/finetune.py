@@ -1,4 +1,5 @@
-"""Fine-tune a checkpoint: --task classify, instruct, translate or lm (continued pretraining).
+"""Fine-tune a checkpoint: --task classify, instruct, translate, embed (vectors for search) or lm
+(continued pretraining).
 
 DATA is JSONL, CSV or TSV (text files for --task lm). Without --val, a fixed share of DATA is held
 out for validation. --lora trains low-rank adapters instead of every weight; --freeze-trunk trains
@@ -26,7 +27,14 @@ from llmkit.cli.options import (
     out_opt,
     relaunch_under_torchrun,
 )
-from llmkit.core.config import FINETUNE_DEFAULTS, FINETUNE_EPOCHS, LARGE_BASE_LR, LARGE_BASE_PARAMS, LORA_LR
+from llmkit.core.config import (
+    EMBED_LR,
+    FINETUNE_DEFAULTS,
+    FINETUNE_EPOCHS,
+    LARGE_BASE_LR,
+    LARGE_BASE_PARAMS,
+    LORA_LR,
+)
 from llmkit.core.config import LoRAConfig as L
 from llmkit.core.config import TaskConfig as T
 from llmkit.core.errors import ConfigError
@@ -37,7 +45,7 @@ def finetune(
         Path, typer.Argument(help="The checkpoint (or run directory) to start from.", show_default=False)
     ],
     task: Annotated[
-        Optional[str], opt("classify, instruct, translate or lm (taken from the run on --resume).", "--task")
+        Optional[str], opt("classify, instruct, translate, embed or lm (taken from the run on --resume).", "--task")
     ] = None,
     data: Annotated[
         Optional[list[str]],
@@ -67,8 +75,20 @@ def finetune(
     template: Annotated[
         Optional[str], opt("Prompt template, {prompt} marks the input (instruct, translate).", "--template")
     ] = None,
+    query_field: Annotated[
+        Optional[str], opt("Field of the query (embed)." + default(T, "query_field"), "--query-field")
+    ] = None,
+    positive_field: Annotated[
+        Optional[str],
+        opt("Field of the passage that answers it (embed)." + default(T, "positive_field"), "--positive-field"),
+    ] = None,
+    negative_field: Annotated[
+        Optional[str],
+        opt("Field of passages that do not, optional (embed)." + default(T, "negative_field"), "--negative-field"),
+    ] = None,
     pooling: Annotated[
-        Optional[str], opt("Classifier input: last (token) or mean." + default(T, "pooling"), "--pooling")
+        Optional[str],
+        opt("Classifier or embedding input: last (token) or mean [default: last; mean for embed].", "--pooling"),
     ] = None,
     class_weights: Annotated[
         Optional[str],
@@ -122,7 +142,7 @@ def finetune(
         Optional[float],
         opt(
             f"Peak learning rate [default: {FINETUNE_DEFAULTS['optim']['lr']:g}; {LARGE_BASE_LR:g} for a base of "
-            f"{LARGE_BASE_PARAMS / 1e6:.0f}M parameters or more; {LORA_LR:g} with --lora].",
+            f"{LARGE_BASE_PARAMS / 1e6:.0f}M parameters or more ({EMBED_LR:g} for embed); {LORA_LR:g} with --lora].",
             "--lr",
         ),
     ] = None,
@@ -152,6 +172,9 @@ def finetune(
             "response_field": response_field,
             "src_field": src_field,
             "tgt_field": tgt_field,
+            "query_field": query_field,
+            "positive_field": positive_field,
+            "negative_field": negative_field,
             "template": template,
             "pooling": pooling,
             "class_weights": class_weights,

@@ -97,6 +97,7 @@ COMMAND_FOR_KIND = {
     "instruct": "llmkit generate",
     "translate": "llmkit generate",
     "classify": "llmkit classify (or llmkit encode for its embeddings)",
+    "embed": "llmkit encode (and llmkit encode --query to search what it wrote)",
 }
 """The command that uses a checkpoint of each kind, for refusals that say where to go instead."""
 

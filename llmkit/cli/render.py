@@ -240,6 +240,8 @@ class PretrainView:
             self.log(
                 f"{'[yellow]busy machine:[/] ' if busy else ''}{d['threads']} CPU thread(s) ({d['threads_reason']})"
             )
+        if d.get("recompute"):
+            self.log(f"recomputing activations in the backward pass ({d['recompute_reason']})")
 
     def on_start(self, d):
         self.seconds, self.steps = d.get("seconds") or 0.0, d.get("steps") or 0
@@ -357,6 +359,9 @@ def metric_line(d: dict[str, Any]) -> str:
         ("bleu", "BLEU", "{:.2f}"),
         ("exact_match", "exact match", "{:.1f}"),
         ("token_f1", "token F1", "{:.1f}"),
+        ("recall@1", "recall@1", "{:.3f}"),
+        ("mrr@10", "MRR@10", "{:.3f}"),
+        ("ndcg@10", "nDCG@10", "{:.3f}"),
     ):
         if key in d:
             parts.append(f"{name} {fmt.format(d[key])}")
@@ -378,6 +383,9 @@ class FinetuneView(PretrainView):
             self.log("labels: " + ", ".join(f"{escape(k)} ({n})" for k, n in d["labels"].items()))
         if d.get("template"):
             self.log(f"template: {escape(repr(d['template']))}")
+        if d["kind"] == "embed":
+            negatives = f", {d['negatives']} hard negatives" if d["negatives"] else ", in-batch negatives only"
+            self.log(f"retrieval: validation searches {d['corpus']} distinct passages{negatives}")
         if d["blank"]:
             self.log(f"[yellow]warning:[/] skipped {d['blank']} blank row(s)")
         if d.get("truncated"):
@@ -459,6 +467,13 @@ def eval_tables(report: dict[str, Any], *, show: int = 0) -> list[Table]:
         ("bleu", "BLEU", "{:.2f}"),
         ("exact_match", "exact match (%)", "{:.2f}"),
         ("token_f1", "token F1 (%)", "{:.2f}"),
+        ("queries", "queries", "{:,}"),
+        ("corpus", "passages searched", "{:,}"),
+        ("recall@1", "recall@1", "{:.4f}"),
+        ("recall@10", "recall@10", "{:.4f}"),
+        ("mrr@10", "MRR@10", "{:.4f}"),
+        ("ndcg@10", "nDCG@10", "{:.4f}"),
+        ("spread@10", "score spread, top 1 to 10", "{:.4f}"),
     ]
     for key, name, fmt in rows:
         if key in report:

@@ -49,6 +49,10 @@ def serve(
     quantize: Annotated[
         Optional[str], opt("int8: int8 weight-only linear layers (faster decoding; docs/generate.md).", "--quantize")
     ] = None,
+    index: Annotated[
+        Optional[Path],
+        opt("Vectors written by llmkit encode (and their OUT.ann) that POST /v1/search searches.", "--index"),
+    ] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -83,6 +87,7 @@ def serve(
         # A loopback server answers its own names only: a page reaching it through another (DNS rebinding) is refused.
         allowed_hosts=LOOPBACK if host in LOOPBACK else None,
         cors_origins=tuple(cors_origin or ()),
+        index=index,
     )
     sock = hosting.listen(host, port)  # a port in use: one line, before anything is served
     console = err_console()

@@ -33,9 +33,13 @@ CLASSIFIER_POOLINGS = ("last", "mean")
 """The poolings a classification head reads."""
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The linear layers of a block, by attribute name: what LoRA may adapt."""
-METRICS = ("val_loss", "accuracy", "macro_f1", "chrf", "bleu", "exact_match", "token_f1")
+RETRIEVAL_METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
+"""What a retrieval evaluation reports for each query, averaged (``tasks.retrieval``)."""
+METRICS = ("val_loss", "accuracy", "macro_f1", "chrf", "bleu", "exact_match", "token_f1", *RETRIEVAL_METRICS)
 """Validation metrics a run can select its best checkpoint by."""
 HIGHER_IS_BETTER = frozenset(METRICS) - {"val_loss"}
+RECOMPUTE = ("auto", "on", "off")
+"""train.recompute: activation recomputation chosen by memory, always, or never."""
 STRATEGIES = ("ddp", "fsdp")
 """Data-parallel strategies under torchrun."""
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -326,6 +330,10 @@ class TrainConfig:
     x processes). Keeps its meaning under any number of processes that divides it evenly."""
     strategy: str = "ddp"
     """Under torchrun: ddp (replicated weights, DistributedDataParallel) or fsdp (sharded, FSDP2)."""
+    recompute: str = "auto"
+    """Recompute each block's activations in the backward pass instead of keeping them: about a
+    third more compute for a fraction of the memory. auto: on when a micro-batch's activations
+    would take more than half the memory available as the run starts; on; off."""
     steps: int = 0
     """Stop after this many optimizer steps (0: no step limit)."""
     tokens: int = 0
@@ -372,6 +380,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "train.batch_size", f"must be positive, not {self.batch_size}")
         _check(self.grad_accum > 0, "train.grad_accum", f"must be positive, not {self.grad_accum}")
+        _check(self.recompute in RECOMPUTE, "train.recompute", f"must be {_one_of(RECOMPUTE)}, not {self.recompute!r}")
         _check(self.steps >= 0, "train.steps", f"must not be negative, not {self.steps}")
         _check(self.tokens >= 0, "train.tokens", f"must not be negative, not {self.tokens}")
         _check(self.eval_every > 0, "train.eval_every", "must be positive")
@@ -454,12 +463,21 @@ BUDGET_KEYS = ("steps", "tokens", "time", "epochs")
 """train keys that together make the stopping budget: one given replaces the others of a base."""
 
 
-TASK_KINDS = ("lm", "classify", "instruct", "translate")
+TASK_KINDS = ("lm", "classify", "instruct", "translate", "embed")
 DEFAULT_TEMPLATES = {
     "instruct": "### Instruction :\n{prompt}\n\n### Réponse :\n",
     "translate": "Texte :\n{prompt}\nTraduction :\n",
 }
-DEFAULT_METRICS = {"lm": "val_loss", "classify": "macro_f1", "instruct": "val_loss", "translate": "chrf"}
+DEFAULT_METRICS = {
+    "lm": "val_loss",
+    "classify": "macro_f1",
+    "instruct": "val_loss",
+    "translate": "chrf",
+    "embed": "ndcg@10",
+}
+EMBED_PREFIXES = {"query_prefix": "query: ", "passage_prefix": "passage: "}
+"""An embedding run's default instruction prefixes (the E5 convention): a question and the passage
+that answers it are different kinds of text, and the model is told which one it reads."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -467,17 +485,27 @@ class TaskConfig:
     """What a checkpoint was trained to do; later commands read it instead of asking for flags."""
 
     kind: str = "lm"
-    """lm (next-token prediction), classify, instruct or translate."""
+    """lm (next-token prediction), classify, instruct, translate or embed (retrieval vectors)."""
     text_field: str = "text"
     label_field: str = "label"
     prompt_field: str = "prompt"
     response_field: str = "response"
     src_field: str = "src"
     tgt_field: str = "tgt"
+    query_field: str = "query"
+    positive_field: str = "positive"
+    negative_field: str = "negative"
     labels: tuple[str, ...] = ()
     """The classifier's label map (index -> label), taken from the training data."""
     pooling: str = "last"
-    """Classifier input: the hidden state of the last real token, or the mean over real tokens."""
+    """Classifier or embedding input: the hidden state of the last real token, or the mean over
+    real tokens (an embedding run's default)."""
+    query_prefix: str = ""
+    """embed: text put before every query (a question, a search) when it is encoded."""
+    passage_prefix: str = ""
+    """embed: text put before every passage (a document of the collection) when it is encoded."""
+    temperature: float = 0.05
+    """embed: the contrastive loss's temperature (cosine similarities are divided by it)."""
     class_weights: str = "none"
     """none, or balanced (weights inversely proportional to class frequency)."""
     freeze_trunk: bool = False
@@ -518,6 +546,7 @@ class TaskConfig:
             "'chat:TEXT' with {prompt} in TEXT: an instruction inside the model's chat format)",
         )
         _check(0.0 < self.val_fraction < 0.5, "task.val_fraction", "must be in (0, 0.5)")
+        _check(0.0 < self.temperature <= 1.0, "task.temperature", f"must be in (0, 1], not {self.temperature}")
         _check(self.eval_limit > 0, "task.eval_limit", "must be positive")
         _check(self.max_new_tokens > 0, "task.max_new_tokens", "must be positive")
         _check(
@@ -690,12 +719,33 @@ class EmbedConfig:
     """Stored vectors: float32 or float16."""
     pad_side: str = "right"
     """Padding side inside a batch (the vectors are the same either way)."""
+    prefix: str = ""
+    """Text put before every item (an embedding model's passage prefix)."""
+    query_prefix: str = ""
+    """Text put before a search query (an embedding model's query prefix)."""
 
     def __post_init__(self) -> None:
         _check(self.pooling in POOLINGS, "--pooling", f"must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
         _check(self.dtype in EMBED_DTYPES, "--dtype", f"must be {_one_of(EMBED_DTYPES)}, not {self.dtype!r}")
         _check(self.max_length >= 0, "--max-length", f"must not be negative, not {self.max_length}")
         _check(self.pad_side in ("left", "right"), "pad_side", "must be left or right")
+
+
+def embed_settings(task: TaskConfig, **given: Any) -> EmbedConfig:
+    """How a checkpoint's texts become vectors: an embedding model's own pooling, prefixes and unit
+    length (recorded by ``finetune --task embed``), otherwise EmbedConfig's defaults; ``given``
+    (options the user set, None = not set) wins over both."""
+    own = (
+        {"pooling": task.pooling, "normalize": True, "prefix": task.passage_prefix, "query_prefix": task.query_prefix}
+        if task.kind == "embed"
+        else {}
+    )
+    return EmbedConfig(**{**own, **{k: v for k, v in given.items() if v is not None}})
+
+
+EXACT_BELOW = 100_000
+"""Vectors under which ``encode`` builds no approximate index by default: exact search is as fast
+there (docs/benchmarks.md, "Approximate nearest neighbours")."""
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "num_samples")
@@ -751,6 +801,11 @@ LARGE_BASE_LR = 5e-5
 """Full fine-tuning's rate for a base of LARGE_BASE_PARAMS or more: a pretrained model of hundreds
 of millions of parameters forgets what it knew at 3e-4 (Gemma 3 270M on SIB-200: 0.74 accuracy at
 3e-4, val loss rising from step 25; 0.83 by step 100 at 5e-5, docs/benchmarks.md)."""
+EMBED_LR = 2e-4
+"""An embedding run's rate for a large base: contrastive training must first spread vectors that
+all point one way (SmolLM2's PIAF passages: the first ten hits within 0.02 cosine), and at
+LARGE_BASE_LR it barely starts (nDCG@10 0.26 after 8 steps of 32 pairs, against 0.43 after 6 at
+2e-4: docs/benchmarks.md "Retrieval")."""
 FINETUNE_EPOCHS = 3.0
 """Fine-tuning's budget when none is given."""
 

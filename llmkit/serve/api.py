@@ -2,10 +2,10 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true`` as
 server-sent events), ``POST /v1/embeddings``, ``POST /v1/classify`` (classifier checkpoints),
-``GET /v1/models``, ``GET /health`` and the chat page at ``/``. ``protocol.py`` owns the request
-fields and response shapes, ``server.py`` the model, its prompts and its engine; this module wires
-them into FastAPI: the error handlers, the guard every request passes, and the routes. Nothing a
-client sends takes the server down.
+``POST /v1/search`` (the nearest items of ``--index``), ``GET /v1/models``, ``GET /health`` and the
+chat page at ``/``. ``protocol.py`` owns the request fields and response shapes, ``server.py`` the
+model, its prompts and its engine; this module wires them into FastAPI: the error handlers, the
+guard every request passes, and the routes. Nothing a client sends takes the server down.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ ChunkFn = Callable[[int, str, Any, Any], dict | None]
 """(choice index, text delta, finish reason or None, the finished output or None) -> a chunk (None:
 nothing to send yet)."""
 
+INPUT_TYPES = ("query", "document", "passage")
+"""/v1/embeddings' input_type: a search query, or a text of the collection (the default)."""
+MAX_TOP_K = 100
+"""/v1/search's largest top_k."""
+
 
 def create_app(server: Server) -> FastAPI:
     """The FastAPI application over a loaded :class:`Server`."""
@@ -75,6 +80,7 @@ def create_app(server: Server) -> FastAPI:
     app.post("/v1/chat/completions")(routes.chat)
     app.post("/v1/embeddings")(routes.embeddings)
     app.post("/v1/classify")(routes.classify)
+    app.post("/v1/search")(routes.search)
     app.get("/", response_class=HTMLResponse)(routes.page)
     return app
 
@@ -432,6 +438,13 @@ class Routes:
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise ApiError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
+        # An embedding model reads a question and a passage differently: input_type (as in Cohere's
+        # and Voyage's APIs) says which; documents by default, as OpenAI's API has no such field.
+        kind = body.get("input_type") or "document"
+        if kind not in INPUT_TYPES:
+            raise ApiError(400, f"input_type must be one of {', '.join(INPUT_TYPES)}", param="input_type")
+        cfg = server.embed_cfg
+        items = [(cfg.query_prefix if kind == "query" else cfg.prefix) + t for t in items]
         vectors, _ = await server.run_other("embed", items)
         tokens = sum(len(server.tok.encode(t)) for t in items)
         return {
@@ -450,6 +463,23 @@ class Routes:
             ],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+
+    async def search(self, request: HttpRequest):
+        """The items of the server's --index nearest a query, encoded behind the query prefix."""
+        server, body = self.server, await self.body_of(request)
+        if server.index is None:
+            raise ApiError(400, "this server has no index to search: start it with llmkit serve … --index VECTORS")
+        query = body.get("query")
+        if not isinstance(query, str) or not query.strip():
+            raise ApiError(400, "'query' must be a non-empty string", param="query")
+        k = number(body, "top_k", int, 1) or 5
+        if k > MAX_TOP_K:
+            raise ApiError(400, f"'top_k' is at most {MAX_TOP_K}", param="top_k")
+        vectors, _ = await server.run_other("embed", [server.embed_cfg.query_prefix + query])
+        scores, rows = await asyncio.to_thread(server.search, vectors, k)  # a read of the index: off the event loop
+        hits = [{"rank": i, "score": round(s, 6), "id": r, "text": server.index.texts[r]}
+                for i, (s, r) in enumerate(zip(scores, rows), 1)]  # fmt: skip
+        return {"object": "list", "model": server.name, "data": hits}
 
     async def classify(self, request: HttpRequest):
         server, body = self.server, await self.body_of(request)

@@ -255,7 +255,7 @@ class Engine:
 
     def _embed_or_classify(self, kind: str, texts: list[str]):
         if kind == "embed":
-            from llmkit.core.jobs.embed import embed_items
+            from llmkit.core.tasks.retrieval import embed_items
 
             return embed_items(self.model, self.tok, texts, self.embed_cfg, device=self.device)
         if kind == "classify":

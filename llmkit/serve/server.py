@@ -6,16 +6,20 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from llmkit.core.config import EmbedConfig, SampleConfig
+from llmkit.core.config import SampleConfig, embed_settings
 from llmkit.core.decoding.decoder import Prompts
 from llmkit.core.decoding.structure import Compiled, StructureError, compile_structure
 from llmkit.core.decoding.tools import call_text
-from llmkit.core.errors import LlmkitError
+from llmkit.core.errors import ConfigError, LlmkitError
 from llmkit.core.interop.resolve import open_checkpoint, open_model
+from llmkit.core.jobs.ann import Ann
+from llmkit.core.jobs.embed import IndexFile, check_index, index_settings, model_hash
 from llmkit.core.model.quantize import quantize_int8
+from llmkit.core.tasks.retrieval import top_k
 from llmkit.serve.engine import Busy, Engine, Request
 from llmkit.serve.protocol import ApiError, Limits, Shape, busy
 
@@ -37,6 +41,7 @@ class Server:
         quantize: str | None = None,
         allowed_hosts: tuple[str, ...] | None = None,
         cors_origins: tuple[str, ...] = (),
+        index: Path | None = None,
     ):
         ckpt = open_checkpoint(checkpoint)
         self.model, self.ckpt = open_model(ckpt, device)
@@ -57,6 +62,8 @@ class Server:
         # format where it has one: the same policy as `llmkit generate` (and `--chat`).
         self.prompts = Prompts(self.tok, Prompts.template_for(task, self.tok, chat=False))
         self.chat_prompts = Prompts(self.tok, Prompts.template_for(task, self.tok, chat=True))
+        self.embed_cfg = embed_settings(task)  # an embedding model's pooling, unit length and prefixes
+        self.index = None if index is None else self._open_index(Path(index))
         self.engine = Engine(
             self.model,
             self.tok,
@@ -64,11 +71,32 @@ class Server:
             max_batch=max_batch,
             max_waiting=self.limits.max_concurrent,
             cache_tokens=self.limits.max_tokens + 512,
-            embed_cfg=EmbedConfig(),
+            embed_cfg=replace(self.embed_cfg, prefix=""),  # the route puts each text behind its prefix
             pooling=task.pooling if self.kind == "classify" else "last",
         )
         self.in_flight = 0
         self.created = int(time.time())
+
+    def _open_index(self, path: Path) -> IndexFile:
+        """The vectors /v1/search searches (and their approximate index), refused at start-up when
+        another model, or other settings than this server encodes with, made them."""
+        found = IndexFile.open(path)
+        check_index(path, found.vectors, found.meta, self.model, model_hash(self.ckpt.path))
+        built = index_settings(found.meta)
+        for key in ("pooling", "layer", "normalize", "max_length", "prefix", "query_prefix"):
+            if getattr(built, key) != getattr(self.embed_cfg, key):
+                raise ConfigError(
+                    f"index {path} was encoded with {key}={getattr(built, key)!r}; this server encodes with "
+                    f"{getattr(self.embed_cfg, key)!r} (encode it again with the defaults)"
+                )
+        self.ann = Ann(path, found.meta) if "ann" in found.meta else None
+        return found
+
+    def search(self, vector, k: int) -> tuple[list[float], list[int]]:
+        """The index's k rows nearest a query vector (1, C): through the approximate index when
+        there is one, else exact."""
+        scores, rows = self.ann.search(vector, k) if self.ann is not None else top_k(vector, self.index.vectors, k)
+        return scores[0].tolist(), rows[0].tolist()
 
     # --- prompts ----------------------------------------------------------------------------------
     def _fit(self, ids: list[int]) -> list[int]:

@@ -26,14 +26,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.numpy import load_file
 
 from llmkit.core.atomic import atomic_write
 from llmkit.core.config import EmbedConfig
 from llmkit.core.errors import ConfigError, DataError
 from llmkit.core.files.records import iter_records
-from llmkit.core.model.heads import pooled_hidden
+from llmkit.core.jobs.ann import Ann
+from llmkit.core.tasks.retrieval import as_query, embed_items, top_k
 
 FORMATS = (".npy", ".safetensors", ".jsonl")
 CHUNK = 2048
@@ -112,35 +112,6 @@ def input_format(path: str, field: str | None, column: str | None) -> str:
     return "lines"
 
 
-# --- pooling and encoding -------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def embed_batch(model, rows: list[list[int]], s: EmbedConfig, device="cpu") -> torch.Tensor:
-    """Token rows -> pooled vectors (B, C); padding on ``s.pad_side``."""
-    vec = pooled_hidden(model, rows, pooling=s.pooling, layer=s.layer, side=s.pad_side, device=device)  # (B, C)
-    if s.normalize:
-        vec = torch.nn.functional.normalize(vec, dim=-1)
-    return vec
-
-
-def embed_items(
-    model, tokenizer, items: list[str], s: EmbedConfig, *, batch_size: int = 32, device="cpu"
-) -> tuple[np.ndarray, int]:
-    """Vectors (N, C) for items in input order, and how many items were truncated to max_length."""
-    limit = min(s.max_length or model.cfg.context, model.cfg.context)
-    bos = [tokenizer.bos_id] if tokenizer.expects_bos else []  # as the model saw texts in training
-    rows = [bos + r for r in tokenizer.encode_batch(items)]
-    truncated = sum(len(r) > limit for r in rows)
-    rows = [r[:limit] or [tokenizer.bos_id] for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # longest first: similar lengths together
-    out = np.zeros((len(rows), model.cfg.d_model), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        out[idx] = embed_batch(model, [rows[i] for i in idx], s, device).cpu().numpy()
-    return out, truncated
-
-
 # --- output ----------------------------------------------------------------------------------------
 
 
@@ -184,6 +155,7 @@ class Writer:
                 "normalize",
                 "dtype",
                 "max_length",
+                "prefix",
                 "format",
                 "input_hash",
             ):
@@ -310,6 +282,16 @@ def load_index(out: Path) -> tuple[np.ndarray, list[str], dict]:
     return np.asarray(vectors, dtype=np.float32), texts, meta
 
 
+def vectors_of(out: Path) -> np.ndarray:
+    """The vectors written to OUT (.npy memory-mapped; .safetensors read), rows done only."""
+    meta = json.loads(meta_path(out).read_text())
+    if out.suffix == ".npy":
+        return np.load(out, mmap_mode="r")[: meta["rows_done"]]
+    if out.suffix == ".safetensors":
+        return load_file(str(out))["embeddings"][: meta["rows_done"]]
+    raise ConfigError(f"{out}: an index is built over .npy or .safetensors vectors")
+
+
 def check_layer(model, layer: int) -> None:
     """Refuse a --layer this model does not have, naming the range it has."""
     n = model.cfg.n_layer
@@ -320,7 +302,12 @@ def check_layer(model, layer: int) -> None:
 def index_settings(meta: dict) -> EmbedConfig:
     """The settings an index was built with: a query must be encoded the same way."""
     return EmbedConfig(
-        pooling=meta["pooling"], layer=meta["layer"], normalize=meta["normalize"], max_length=meta["max_length"]
+        pooling=meta["pooling"],
+        layer=meta["layer"],
+        normalize=meta["normalize"],
+        max_length=meta["max_length"],
+        prefix=meta.get("prefix", ""),  # indexes written before prefixes existed had none
+        query_prefix=meta.get("query_prefix", ""),
     )
 
 
@@ -357,23 +344,22 @@ class IndexFile:
     def open(cls, path: Path) -> IndexFile:
         return cls(Path(path), *load_index(path))
 
-    def search(self, model, ckpt, query: str, k: int, *, device="cpu") -> list[tuple[int, float, str]]:
-        """The ``k`` items nearest to ``query`` (encoded as the index was): [(row, score, text)], best
-        first. An index another model built is refused: its vectors live in another space."""
+    def search(
+        self, model, ckpt, query: str, k: int, *, device="cpu", exact: bool | None = None
+    ) -> list[tuple[int, float, str]]:
+        """The ``k`` items nearest to ``query`` (encoded as the index was, behind its query prefix):
+        [(row, score, text)], best first. An index another model built is refused: its vectors live
+        in another space. The approximate index beside the vectors answers when there is one
+        (``exact`` None), or must (False); True reads every vector."""
         settings = index_settings(self.meta)
         check_layer(model, settings.layer)
         check_index(self.path, self.vectors, self.meta, model, model_hash(ckpt.path))
-        vec, _ = embed_items(model, ckpt.tokenizer, [query], settings, device=device)
-        return [(row, score, self.texts[row]) for row, score in search(self.vectors, vec[0], k)]
-
-
-def search(index: np.ndarray, query: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """Cosine nearest neighbours of one query vector: [(row, score)], best first."""
-    a = index / np.maximum(np.linalg.norm(index, axis=1, keepdims=True), 1e-12)
-    q = query / max(float(np.linalg.norm(query)), 1e-12)
-    scores = a @ q
-    top = np.argsort(-scores, kind="stable")[:k]
-    return [(int(i), float(scores[i])) for i in top]
+        vec, _ = embed_items(model, ckpt.tokenizer, [query], as_query(settings), device=device)
+        if exact is False or (exact is None and "ann" in self.meta):
+            scores, rows = Ann(self.path, self.meta).search(vec, k)
+        else:
+            scores, rows = top_k(vec, self.vectors, k)
+        return [(int(row), float(score), self.texts[row]) for row, score in zip(rows[0], scores[0])]
 
 
 def _reserve(path: Path) -> None:

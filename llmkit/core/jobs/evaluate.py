@@ -4,7 +4,9 @@
 - classifier, on labelled rows: loss, accuracy, macro-F1, per-class scores, confusion matrix;
 - translator, on src/tgt pairs: chrF and BLEU of greedy translations, plus the reference loss;
 - instruct model, on prompt/response pairs: exact match and token F1 of greedy answers (the
-  extractive-QA scores), plus the response loss.
+  extractive-QA scores), plus the response loss;
+- embedding model (or any model with ``retrieval``), on query/positive pairs or bitext: recall@1/@10,
+  MRR@10 and nDCG@10 of exact search over the pairs' passages (and ``corpus``, distractors).
 
 The task, its fields and template come from the checkpoint; a field can be renamed for one file.
 Several files of examples are measured together (and each apart). Generated outputs can stream to
@@ -25,10 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmkit.core.config import DataConfig
+from llmkit.core.config import DataConfig, embed_settings
 from llmkit.core.errors import ConfigError
 from llmkit.core.files.corpus import resolve_files
 from llmkit.core.interop.resolve import open_model
+from llmkit.core.jobs.embed import ItemSource
 from llmkit.core.tasks.metrics import bits_per_byte
 from llmkit.core.tasks.objectives import (
     classification_report,
@@ -37,6 +40,7 @@ from llmkit.core.tasks.objectives import (
     pair_loss,
     response_scores,
 )
+from llmkit.core.tasks.retrieval import RetrievalSet, encode_set, retrieval_report
 from llmkit.core.tasks.zeroshot import label_scores
 from llmkit.core.text.examples import ExampleSet, drop_unseen, pair_sequence, read_examples
 from llmkit.core.text.token_cache import Source, load_source
@@ -94,6 +98,7 @@ def evaluate_checkpoint(
     outputs: Path | None = None,
     resume: bool = False,
     zero_shot: dict[str, Any] | None = None,
+    retrieval: dict[str, Any] | None = None,
     on_progress: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """The checkpoint's task metrics on ``data``; ``limit`` caps the examples (0: all).
@@ -103,7 +108,11 @@ def evaluate_checkpoint(
     continued, otherwise it must not exist. ``on_progress`` hears a line per decoded batch.
 
     ``zero_shot`` ({labels, template, normalize}) measures a language model as a classifier of
-    labelled rows, each label scored by its likelihood (``tasks.zeroshot``)."""
+    labelled rows, each label scored by its likelihood (``tasks.zeroshot``).
+
+    ``retrieval`` ({center, corpus, pooling}) measures any model as an encoder of query/passage pairs (an
+    embedding checkpoint is always measured so): ``center`` removes the corpus mean from the
+    vectors, ``corpus`` adds the texts of these files to the passages searched."""
     if outputs is not None and outputs.exists() and not resume:
         raise ConfigError(f"{outputs} exists: pass --resume to continue that evaluation, or choose another file")
     model, ckpt = open_model(checkpoint, device)
@@ -113,6 +122,12 @@ def evaluate_checkpoint(
         if task.kind == "classify":
             raise ConfigError("--labels scores labels with a language model; this classifier has its own labels")
         task = replace(task, kind="classify", labels=tuple(zero_shot["labels"]))
+    if retrieval is not None and task.kind not in ("embed", "lm"):
+        raise ConfigError(f"--retrieval measures a model's vectors; this {task.kind} checkpoint has its own task")
+    if retrieval is not None or task.kind == "embed":
+        # A language model's vectors are its mean-pooled states (as `encode` pools by default).
+        own = task.pooling if task.kind == "embed" else "mean"
+        task = replace(task, kind="embed", pooling=(retrieval or {}).get("pooling") or own)
     if given:
         task = replace(task, **given)
     context = model.cfg.context
@@ -141,6 +156,16 @@ def evaluate_checkpoint(
         report["blank"] = blank
         if limit:
             items, origin = items[:limit], origin[:limit]
+        if task.kind == "embed":
+            how = retrieval or {}
+            extra = [t for path in how.get("corpus") or [] for t in ItemSource.from_file(Path(path))]
+            rset = RetrievalSet.from_examples(items, extra)
+            on_progress(f"encoding {len(rset.queries)} queries and {len(rset.corpus)} passages")
+            settings = embed_settings(task)
+            queries, corpus = encode_set(model, tok, rset, settings, batch_size=batch_size, device=device)
+            center = bool(how.get("center"))
+            scores = retrieval_report(queries, corpus, rset, center=center)
+            return {**report, **scores, "pooling": settings.pooling, "center": center}
         if task.kind == "classify":
             kept, unseen = drop_unseen(ExampleSet(Path(data[0]), items, blank), task.labels)
             items = kept.examples

@@ -2,9 +2,10 @@
 
 Tasks: ``classify`` (a head on the pooled hidden state), ``instruct`` and ``translate``
 (prompt -> response through a template, loss on the response), ``lm`` (continued pretraining on
-text). Full fine-tuning, a frozen trunk (linear probe) or LoRA adapters. The run directory is the
-same as pretraining's (core/jobs/run.py), and every checkpoint carries the task, its template and label
-map, so ``generate``, ``classify``, ``encode`` and ``eval`` need no flags to use it.
+text), ``embed`` (query -> passage pairs, contrastive: vectors for search). Full fine-tuning, a
+frozen trunk (linear probe) or LoRA adapters. The run directory is the same as pretraining's
+(core/jobs/run.py), and every checkpoint carries the task, its template and label map, so
+``generate``, ``classify``, ``encode`` and ``eval`` need no flags to use it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 
 from llmkit.core import events
 from llmkit.core.config import (
+    EMBED_LR,
+    EMBED_PREFIXES,
     FINETUNE_DEFAULTS,
     FINETUNE_EPOCHS,
     LARGE_BASE_LR,
@@ -47,6 +50,7 @@ from llmkit.core.store import checkpoint as ckpt_io
 from llmkit.core.store.lock import run_lock
 from llmkit.core.store.rundir import new_run_dir, resume_source
 from llmkit.core.tasks.objectives import ClassifyTask, LMTask, PairTask, balanced_weights
+from llmkit.core.tasks.retrieval import EmbedTask
 from llmkit.core.text.examples import (
     ExampleSet,
     classify_ids,
@@ -74,7 +78,7 @@ def plan(
     """The run config, the checkpoint fine-tuning starts from, and the one to resume (if any)."""
     base = open_checkpoint(checkpoint)
     if not flags.get("task", {}).get("kind") and resume is None:
-        raise ConfigError("--task is required: classify, instruct, translate or lm")
+        raise ConfigError("--task is required: classify, instruct, translate, embed or lm")
     resume_from = resume_source(out, resume)
     layers: dict[str, Any] = {k: base.config[k] for k in ("tokenizer", "data", "model") if k in base.config}
     if resume_from is not None:
@@ -93,10 +97,19 @@ def plan(
             return {}
         chat = cfg.task.kind == "instruct" and base.tokenizer.chat_template  # a chat model keeps its format
         large = recipe.params(base.model_cfg) >= LARGE_BASE_PARAMS  # a pretrained model's gentler rate
+        # An embedding run pools the mean of the real tokens (a decoder's last token has read the
+        # whole text, but its state is shaped to predict the next token, not to sum the text up).
+        embed = {"pooling": "mean", **EMBED_PREFIXES} if cfg.task.kind == "embed" else {}
+        if cfg.lora.enabled:
+            optim = {"lr": LORA_LR}
+        elif large:
+            optim = {"lr": EMBED_LR if embed else LARGE_BASE_LR}
+        else:
+            optim = {}
         return {
-            "optim": {"lr": LORA_LR} if cfg.lora.enabled else {"lr": LARGE_BASE_LR} if large else {},
+            "optim": optim,
             "train": {} if cfg.train.has_budget else {"epochs": FINETUNE_EPOCHS},
-            "task": {"init_from": str(base.path), **({"template": "chat"} if chat else {})},
+            "task": {"init_from": str(base.path), **({"template": "chat"} if chat else {}), **embed},
         }
 
     cfg = resolve_run_config(base=layers, config_file=config_file, sets=sets, flags=flags, defaults=defaults)
@@ -173,6 +186,16 @@ def build_task(cfg: RunConfig, tok, data: list[str], val: Path | None, device) -
         )
         task = ClassifyTask(
             (list(rows), y), (list(dev_rows), [index[e.label] for e in dev.examples]), labels, cfg, device, weights
+        )
+        return task, cfg, summary
+    if cfg.task.kind == "embed":
+        task = EmbedTask(train.examples, dev.examples, cfg, tok, device)
+        summary.update(
+            val=len(dev.examples),
+            corpus=len(task.dev.corpus),
+            negatives=sum(len(e.negatives) for e in train.examples),
+            context=context,
+            **context_report(task.lengths, context),  # the passages: the long side of a pair
         )
         return task, cfg, summary
     template = cfg.task.prompt_template

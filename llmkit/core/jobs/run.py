@@ -29,7 +29,7 @@ from llmkit.core.model.lora import trainable_parameters
 from llmkit.core.store import checkpoint as ckpt_io
 from llmkit.core.store.metrics_log import MetricsLog
 from llmkit.core.store.rundir import Checkpointer, load_training_state, outcome
-from llmkit.core.training import speed
+from llmkit.core.training import memory, speed
 from llmkit.core.training.distributed import Dist, shard
 from llmkit.core.training.loop import Task, Trainer, TrainState
 from llmkit.core.training.optim import make_optimizer
@@ -114,6 +114,11 @@ def train_run(
     """
     extra = extra or {}
     fast.for_training(model)
+    recompute, why = memory.plan_recompute(cfg.train.recompute, cfg.model, task.batch_tokens(cfg.train.batch_size),
+                                           device)  # fmt: skip
+    if recompute:
+        fast.recompute(model)
+    extra = {**extra, "recompute": recompute, "recompute_reason": why}
     resumed = ckpt_io.read_state(resume_from) if resume_from is not None else None
     probe = speed.InPlace(model, task, device, kind) if not dist.enabled and resumed is None else None
     precision, compiled = speed.plan(cfg, device, distributed=dist.enabled, resumed=resumed, probe=probe)

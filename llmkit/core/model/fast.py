@@ -9,11 +9,14 @@ the machines llmkit meets lives here, applied to a built model by the code that 
 - ``for_training``: under bf16 autocast on a CPU, attention alone runs in fp32 — torch's CPU
   attention kernel is ~4x slower backward in bf16 (docs/benchmarks.md), and fp32 is also the more
   precise of the two;
-- ``building``: modules built without initialising weights that a checkpoint overwrites next.
+- ``building``: modules built without initialising weights that a checkpoint overwrites next;
+- ``recompute``: blocks that keep only their input for the backward pass and run their forward
+  again there (activation checkpointing) — memory, not speed: chosen by ``train.recompute``, not
+  by the switch below.
 
 Each is a swap of a module's class (``nn.Linear`` -> ``FewRowLinear``, ``Attention`` ->
 ``Fp32CpuAttention``): the same parameters, the same state dict, so checkpoints, LoRA, int8 and
-interop see no difference. ``LLMKIT_PLAIN=1`` turns all three off: in fp32 every output is
+interop see no difference. ``LLMKIT_PLAIN=1`` turns the first three off: in fp32 every output is
 identical either way (``tests/test_model.py``), only slower.
 """
 
@@ -25,9 +28,10 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llmkit.core.model import few_rows
-from llmkit.core.model.transformer import Attention, Transformer
+from llmkit.core.model.transformer import Attention, Block, Transformer
 
 
 def enabled() -> bool:
@@ -61,6 +65,25 @@ def for_training(model: nn.Module) -> nn.Module:
         for m in model.modules():
             if type(m) is Attention:
                 m.__class__ = Fp32CpuAttention
+    return model
+
+
+class RecomputedBlock(Block):
+    """A block whose activations are recomputed in the backward pass (training only): what it
+    keeps for backward is its input, (B, T, C), instead of every intermediate of attention and MLP.
+    The gradients are the same: the forward runs again with the same inputs and RNG state."""
+
+    def forward(self, x, rope, mask, cache=None, input_pos=None):
+        if not (self.training and torch.is_grad_enabled() and cache is None):
+            return super().forward(x, rope, mask, cache, input_pos)
+        return checkpoint(super().forward, x, rope, mask, use_reentrant=False)
+
+
+def recompute(model: nn.Module) -> nn.Module:
+    """Every block of ``model`` recomputes its activations in the backward pass."""
+    for m in model.modules():
+        if type(m) is Block:
+            m.__class__ = RecomputedBlock
     return model
 
 

@@ -42,6 +42,10 @@ class LMTask:
     def __init__(self, data: Corpus, cfg: RunConfig, device: torch.device):
         self.data, self.cfg, self.device = data, cfg, device
 
+    def batch_tokens(self, batch_size: int) -> int:
+        """The most padded tokens a micro-batch holds (what its activations scale with)."""
+        return batch_size * self.cfg.model.context
+
     def train_batch(self, step: int, part: int, parts: int):
         rng = batch_generator(self.cfg.train.seed, step)
         B, T = self.cfg.train.batch_size, self.cfg.model.context
@@ -209,6 +213,9 @@ class ClassifyTask:
         self.weights = class_weights.to(device) if class_weights is not None else None
         self.order = batch_order([len(r) for r in self.rows], cfg, labelled=True)
 
+    def batch_tokens(self, batch_size: int) -> int:
+        return batch_size * max(map(len, self.rows))
+
     def train_batch(self, step: int, part: int, parts: int):
         B = self.cfg.train.batch_size
         idx = self.order((step * parts + part) * B, B)
@@ -311,6 +318,9 @@ class PairTask:
         self.seqs, self.dev, self.dev_examples = train, dev, dev_examples
         self.cfg, self.tok, self.device = cfg, tok, device
         self.order = batch_order([len(s.ids) for s in self.seqs], cfg)
+
+    def batch_tokens(self, batch_size: int) -> int:
+        return batch_size * max(len(s.ids) for s in self.seqs)
 
     def train_batch(self, step: int, part: int, parts: int):
         B = self.cfg.train.batch_size

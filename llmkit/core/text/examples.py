@@ -4,7 +4,8 @@ token sequences.
 Files are JSONL, CSV or TSV (by extension); fields are mapped by the task config
 (``text_field``/``label_field`` for classify, ``prompt_field``/``response_field`` or
 ``instruction``/``input``/``output`` or a ``messages`` list for instruct, ``src_field``/``tgt_field``
-for translate). Every error names the file and line. Blank rows are skipped and counted; long
+for translate, ``query_field``/``positive_field`` (optional ``negative_field``) or bitext
+``src_field``/``tgt_field`` for embed). Every error names the file and line. Blank rows are skipped and counted; long
 examples are truncated and counted; callers report the counts.
 
 Prompt/response examples are rendered with the task's template (``{prompt}`` marks the input):
@@ -36,13 +37,16 @@ FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
 @dataclass
 class Example:
-    """One example: a text and its label (classify), or chat turns [(role, content)] whose last
-    turn is the response (instruct, translate)."""
+    """One example: a text and its label (classify), chat turns [(role, content)] whose last turn
+    is the response (instruct, translate), or a query (``text``) with the passages that answer it
+    and, optionally, passages that do not (embed)."""
 
     line: int
     text: str = ""
     label: str = ""
     turns: list[tuple[str, str]] = field(default_factory=list)
+    positives: tuple[str, ...] = ()
+    negatives: tuple[str, ...] = ()
 
     @property
     def prompt(self) -> str:
@@ -119,6 +123,32 @@ def _turns(row: dict, task: TaskConfig, path: Path, n: int) -> list[tuple[str, s
     )
 
 
+def _texts(row: dict, key: str, path: Path, n: int, flag: str, *, required: bool) -> tuple[str, ...]:
+    """A field holding one text or a list of texts (an embedding row's positives or negatives)."""
+    if key not in row or row[key] is None:
+        if required:
+            _need(row, key, path, n, flag)
+        return ()
+    value = row[key]
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, str) for v in values):
+        raise DataError(f"{path}: line {n}: field {key!r} must be a text or a list of texts")
+    return tuple(v for v in values if v.strip())
+
+
+def _retrieval_example(row: dict, task: TaskConfig, path: Path, n: int) -> Example:
+    """A query and its passages: {query, positive, negative?}, or a bitext pair {src, tgt}."""
+    if task.query_field not in row and task.src_field in row:  # a translation pair: find the one from the other
+        return Example(n, text=str(_need(row, task.src_field, path, n, "--src-field")),
+                       positives=_texts(row, task.tgt_field, path, n, "--tgt-field", required=True))  # fmt: skip
+    return Example(
+        n,
+        text=str(_need(row, task.query_field, path, n, "--query-field")),
+        positives=_texts(row, task.positive_field, path, n, "--positive-field", required=True),
+        negatives=_texts(row, task.negative_field, path, n, "--negative-field", required=False),
+    )
+
+
 def read_examples(path: Path, task: TaskConfig) -> ExampleSet:
     """All examples of a task file, blank ones skipped and counted."""
     path = Path(path)
@@ -131,6 +161,12 @@ def read_examples(path: Path, task: TaskConfig) -> ExampleSet:
                 blank += 1
                 continue
             examples.append(Example(n, text=text, label=label))
+        elif task.kind == "embed":
+            example = _retrieval_example(row, task, path, n)
+            if not example.text.strip() or not example.positives:
+                blank += 1
+                continue
+            examples.append(example)
         else:
             turns = _turns(row, task, path, n)
             if not all(c.strip() for r, c in turns if r != "system"):

@@ -51,6 +51,9 @@ class Task(Protocol):
     def evaluate(self, net: torch.nn.Module) -> dict[str, Any]:
         """Validation metrics: always ``val_loss``, plus the task's own (``macro_f1``, ``chrf``, …)."""
 
+    def batch_tokens(self, batch_size: int) -> int:
+        """The most padded tokens a micro-batch of ``batch_size`` examples holds (``memory.py``)."""
+
 
 @dataclass
 class TrainState:
