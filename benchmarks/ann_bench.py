@@ -79,7 +79,7 @@ def run_usearch(vectors, queries, work: Path, dtype: str, threads: int):
         view.expansion_search = ef  # a saved graph does not keep it
         return np.asarray(view.search(q, K, threads=1).keys).reshape(1, -1)
 
-    return build, size_of(path), search, (64, 128, 256, 512)
+    return build, size_of(path), search, (64, 128, 256, 512, 1024, 2048)
 
 
 def run_faiss_hnsw(vectors, queries, work: Path, threads: int):
@@ -100,7 +100,7 @@ def run_faiss_hnsw(vectors, queries, work: Path, threads: int):
         index.hnsw.efSearch = ef
         return index.search(q / np.linalg.norm(q, axis=1, keepdims=True), K)[1]
 
-    return build, size_of(path), search, (64, 128, 256, 512)
+    return build, size_of(path), search, (64, 128, 256, 512, 1024, 2048)
 
 
 def run_faiss_ivf(vectors, queries, work: Path, threads: int):
@@ -127,7 +127,7 @@ def run_faiss_ivf(vectors, queries, work: Path, threads: int):
         index.nprobe = nprobe
         return index.search(q / np.linalg.norm(q, axis=1, keepdims=True), K)[1]
 
-    return build, size_of(path), search, (16, 32, 64, 128)
+    return build, size_of(path), search, (16, 32, 64, 128, 256)
 
 
 def emit(name, knob, build, size, times, rec, base) -> None:

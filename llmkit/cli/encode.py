@@ -237,8 +237,9 @@ def _build_ann(out: Path, *, resume: bool, quiet: bool) -> None:
     settings = ann.build_index(out, embed.vectors_of(out), resume=resume)
     if not quiet:
         err_console().print(
-            f"index {ann.ann_path(out)}: {settings['rows_indexed']} rows, HNSW ({settings['library']}, "
-            f"{settings['dtype']}, {settings['connectivity']} links) in {time.perf_counter() - t0:.1f} s",
+            f"index {ann.ann_path(out)}: {settings['rows_indexed']} rows in {settings['cells']} cells "
+            f"({settings['library']} {settings['index']}, {settings['nprobe']} read per query) in "
+            f"{time.perf_counter() - t0:.1f} s",
             highlight=False,
         )
 

@@ -743,9 +743,10 @@ def embed_settings(task: TaskConfig, **given: Any) -> EmbedConfig:
     return EmbedConfig(**{**own, **{k: v for k, v in given.items() if v is not None}})
 
 
-EXACT_BELOW = 100_000
-"""Vectors under which ``encode`` builds no approximate index by default: exact search is as fast
-there (docs/benchmarks.md, "Approximate nearest neighbours")."""
+EXACT_BELOW = 50_000
+"""Vectors under which ``encode`` builds no approximate index by default: exact search of them
+takes about 10 ms on one core (41 ms for 200,000 of dimension 576: docs/benchmarks.md,
+"Approximate nearest neighbours"), within what a search through the index may take."""
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "num_samples")
