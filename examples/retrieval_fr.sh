@@ -26,4 +26,4 @@ $LLMKIT eval "$OUT/embed" "$OUT/recherche.dev.jsonl" --corpus "$OUT/passages.txt
 
 echo "== the passages as vectors, with an approximate index beside them, then a search"
 $LLMKIT encode "$OUT/embed" "$OUT/passages.txt" -o "$OUT/passages.npy" --ann -q
-$LLMKIT encode "$OUT/embed" --query "Quel savant a soigné la rage ?" --index "$OUT/passages.npy" --top-k 3
+$LLMKIT encode "$OUT/embed" --query "Qui a découvert le radium ?" --index "$OUT/passages.npy" --top-k 3
