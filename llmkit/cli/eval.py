@@ -73,7 +73,11 @@ def evaluate(
     ] = False,
     corpus: Annotated[
         Optional[list[Path]],
-        opt("Retrieval: more passages to search, one per line (or JSONL 'text'); repeatable.", "--corpus"),
+        opt(
+            "Retrieval: more passages to search, one per line (or JSONL 'text'); repeatable [default: none].",
+            "--corpus",
+            metavar="FILE",
+        ),
     ] = None,
     pooling: Annotated[
         Optional[str],
