@@ -19,7 +19,7 @@ from llmkit.core.interop.resolve import open_checkpoint, open_model
 from llmkit.core.jobs.ann import Ann
 from llmkit.core.jobs.embed import IndexFile, check_index, index_settings, model_hash
 from llmkit.core.model.quantize import quantize_int8
-from llmkit.core.tasks.retrieval import top_k
+from llmkit.core.tasks.retrieval import top_k, unit_rows
 from llmkit.serve.engine import Busy, Engine, Request
 from llmkit.serve.protocol import ApiError, Limits, Shape, busy
 
@@ -90,12 +90,14 @@ class Server:
                     f"{getattr(self.embed_cfg, key)!r} (encode it again with the defaults)"
                 )
         self.ann = Ann(path, found.meta) if "ann" in found.meta else None
+        # Exact search: the unit rows made once, not copied and normalised again for every query.
+        self.unit = None if self.ann is not None else unit_rows(found.vectors)
         return found
 
     def search(self, vector, k: int) -> tuple[list[float], list[int]]:
         """The index's k rows nearest a query vector (1, C): through the approximate index when
         there is one, else exact."""
-        scores, rows = self.ann.search(vector, k) if self.ann is not None else top_k(vector, self.index.vectors, k)
+        scores, rows = self.ann.search(vector, k) if self.ann is not None else top_k(vector, self.unit, k)
         return scores[0].tolist(), rows[0].tolist()
 
     # --- prompts ----------------------------------------------------------------------------------

@@ -92,12 +92,21 @@ class RetrievalSet:
         return cls([e.text for e in examples], list(rows), relevant)
 
 
+def unit_rows(corpus: np.ndarray) -> torch.Tensor:
+    """The corpus as unit rows (N, C), fp32: one copy (a memory map is read-only). A caller that
+    searches many times (the server) keeps it and passes it to ``top_k``."""
+    docs = torch.from_numpy(np.array(corpus, dtype=np.float32))
+    return docs / docs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 @torch.autocast("cpu", enabled=False)  # scores in fp32 even when called inside a bf16 training step
-def top_k(queries: np.ndarray, corpus: np.ndarray, k: int, *, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def top_k(
+    queries: np.ndarray, corpus: np.ndarray | torch.Tensor, k: int, *, block: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine search: scores and corpus rows (Q, k) of each query's k nearest, best first.
-    Queries go in blocks so the score matrix held is (block, N), whatever the number of queries."""
-    docs = torch.from_numpy(np.array(corpus, dtype=np.float32))  # (N, C): one copy (a memory map is read-only)
-    docs /= docs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    ``corpus`` is vectors, or ``unit_rows`` of them made once. Queries go in blocks so the score
+    matrix held is (block, N), whatever the number of queries."""
+    docs = corpus if isinstance(corpus, torch.Tensor) else unit_rows(corpus)  # (N, C)
     k = min(k, docs.size(0))
     scores, rows = [], []
     for start in range(0, len(queries), block):
